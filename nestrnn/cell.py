@@ -1,0 +1,114 @@
+"""NestedLSTMCell: one step of a Nested LSTM, the counterpart of ``torch.nn.LSTMCell``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nestrnn.activations import get_activation
+from nestrnn.init import check_init_options, init_lstm_level
+from nestrnn.memory.build import MemorySpec, build_memory
+from nestrnn.state import check_input, memory_spec_for_depth, prepare_state
+from nestrnn.step import outer_step
+
+
+class NestedLSTMCell(nn.Module):
+    """One step of a Nested LSTM; with ``depth=1`` exactly ``nn.LSTMCell``.
+
+    Args: ``input_size, hidden_size, bias`` as in ``nn.LSTMCell``; ``depth``, ``memory``,
+    ``forget_bias`` and ``recurrent_init`` as in :class:`nestrnn.NestedLSTM`.
+
+    Inputs: ``input`` (N, H_in) or (H_in,), ``hx = (h, c)`` or None: h (N, H); c (N, H) when
+    ``depth == 1``, else (depth, N, H). Unbatched: drop N.
+    Outputs: ``(h', c')`` of the same shapes.
+
+    Parameters ``weight_ih`` (4H, H_in), ``weight_hh`` (4H, H), ``bias_ih``, ``bias_hh`` (4H,);
+    the memory function is the submodule ``memory``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        depth: int | None = None,
+        memory: MemorySpec | None = None,
+        *,
+        forget_bias: float | None = 1.0,
+        recurrent_init: str = "orthogonal",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for value, name in ((input_size, "input_size"), (hidden_size, "hidden_size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_init_options(forget_bias, recurrent_init)
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.forget_bias, self.recurrent_init = forget_bias, recurrent_init
+        kwargs = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **kwargs))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **kwargs))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        spec = memory_spec_for_depth(depth) if memory is None else memory
+        inherited = {"bias": bias, "forget_bias": forget_bias, "recurrent_init": recurrent_init}
+        self.memory = build_memory(spec, hidden_size, inherited).to(**kwargs)
+        self.num_cells = 1 + self.memory.num_states
+        if depth is not None and memory is not None and depth != self.num_cells:
+            raise ValueError(
+                f"depth={depth} does not match the memory given, which has {self.num_cells} levels"
+            )
+        self.depth = self.num_cells
+        self._candidate = get_activation(
+            self.memory.outer_candidate_activation, "outer_candidate_activation"
+        )
+        init_lstm_level(
+            self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, forget_bias, recurrent_init
+        )
+
+    def reset_parameters(self) -> None:
+        init_lstm_level(
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            self.forget_bias,
+            self.recurrent_init,
+        )
+        self.memory.reset_parameters()
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        check_input(input, (1, 2), self.input_size, self.weight_ih)
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        h0, c0 = prepare_state(
+            hx, batched, (), x.shape[0], self.hidden_size, self.num_cells, self.weight_ih
+        )
+        h, cells = outer_step(
+            F.linear(x, self.weight_ih, self.bias_ih),
+            h0,
+            tuple(c0.unbind(0)),
+            self.weight_hh,
+            self.bias_hh,
+            self.memory,
+            self._candidate,
+        )
+        c = torch.stack(cells)
+        if self.num_cells == 1:
+            c = c.squeeze(0)
+        if not batched:
+            h, c = h.squeeze(0), c.squeeze(-2)
+        return h, c
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, bias={self.bias}, depth={self.depth}"
+        )

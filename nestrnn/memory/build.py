@@ -1,0 +1,73 @@
+"""Turning a memory specification (name, dict, instance or factory) into a MemoryFunction."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from nestrnn.memory.base import MemoryFunction
+
+MemorySpec = MemoryFunction | str | Mapping[str, Any] | Callable[..., MemoryFunction]
+
+
+def _accepted(factory: Callable[..., Any], option: str) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return option in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def build_memory(
+    spec: MemorySpec, hidden_size: int, inherited: Mapping[str, Any] | None = None
+) -> MemoryFunction:
+    """Build a memory function of width ``hidden_size`` from ``spec``.
+
+    ``spec`` is a registered name (``"nested"``), a dict ``{"name": ..., **options}`` (an OmegaConf
+    DictConfig works too), a MemoryFunction instance (used as is), or a callable
+    ``factory(hidden_size) -> MemoryFunction``. ``inherited`` holds layer-wide options (``bias``,
+    ``forget_bias``, ``recurrent_init``) passed to registered factories that accept them and were
+    not given them explicitly.
+    """
+    from nestrnn.registry import get_memory
+
+    if isinstance(spec, MemoryFunction):
+        memory = spec
+    elif isinstance(spec, (str, Mapping)):
+        if isinstance(spec, str):
+            name, options = spec, {}
+        else:
+            options = dict(spec)
+            name = options.pop("name", None)
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"a memory given as a dict needs a 'name' key with a registered name, got {spec!r}"
+                )
+        factory = get_memory(name).factory
+        for key, value in (inherited or {}).items():
+            if key not in options and _accepted(factory, key):
+                options[key] = value
+        try:
+            inspect.signature(factory).bind(hidden_size, **options)
+        except TypeError as error:
+            raise TypeError(f"invalid options for memory {name!r}: {error}") from None
+        except ValueError:
+            pass  # no signature to check (a builtin); the call below reports bad options
+        memory = factory(hidden_size, **options)
+    elif callable(spec):
+        memory = spec(hidden_size)
+    else:
+        raise TypeError(
+            "memory must be a registered name, a {'name': ..., **options} dict, a MemoryFunction "
+            f"or a factory callable, got {type(spec).__name__}"
+        )
+    if not isinstance(memory, MemoryFunction):
+        raise TypeError(f"memory factory returned {type(memory).__name__}, not a MemoryFunction")
+    if memory.hidden_size != hidden_size:
+        raise ValueError(
+            f"memory has hidden_size {memory.hidden_size} but the layer's hidden_size is {hidden_size}"
+        )
+    return memory
