@@ -1,8 +1,8 @@
 """nestrnn: Nested LSTMs and pluggable memory functions for PyTorch.
 
-    from nestrnn import NestedLSTM
-    rnn = NestedLSTM(input_size=32, hidden_size=64, num_layers=1, depth=2)
-    output, (h_n, c_n) = rnn(x)          # c_n: (depth, layers * directions, batch, hidden)
+from nestrnn import NestedLSTM
+rnn = NestedLSTM(input_size=32, hidden_size=64, num_layers=1, depth=2)
+output, (h_n, c_n) = rnn(x)          # c_n: (depth, layers * directions, batch, hidden)
 """
 
 from nestrnn.cell import NestedLSTMCell

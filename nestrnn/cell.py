@@ -85,7 +85,9 @@ class NestedLSTMCell(nn.Module):
         )
         self.memory.reset_parameters()
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         check_input(input, (1, 2), self.input_size, self.weight_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
@@ -109,6 +111,4 @@ class NestedLSTMCell(nn.Module):
         return h, c
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.input_size}, {self.hidden_size}, bias={self.bias}, depth={self.depth}"
-        )
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, depth={self.depth}"

@@ -86,7 +86,11 @@ class NestedLSTM(nn.Module):
         _check_positive_int(input_size, "input_size")
         _check_positive_int(hidden_size, "hidden_size")
         _check_positive_int(num_layers, "num_layers")
-        for flag, name in ((bias, "bias"), (batch_first, "batch_first"), (bidirectional, "bidirectional")):
+        for flag, name in (
+            (bias, "bias"),
+            (batch_first, "batch_first"),
+            (bidirectional, "bidirectional"),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if (
@@ -273,9 +277,7 @@ class NestedLSTM(nn.Module):
         outer = self._outer_weights(name)
         levels = None if self.backend == "generic" else self._fused_levels(memory)
         if levels is None:
-            return run_generic(
-                x, *outer, memory, self._candidate, h0, c0, batch_sizes, reverse
-            )
+            return run_generic(x, *outer, memory, self._candidate, h0, c0, batch_sizes, reverse)
         backend = self.backend
         if backend == "auto" and memory.preferred_backend is not None and x.is_cuda:
             backend = memory.preferred_backend

@@ -223,7 +223,9 @@ def _call_hooks(
             try:
                 impl.function(register=register)
             except Exception as error:
-                registry.failures.append(Failure(provider, f"{hook_name}: {_describe_error(error)}"))
+                registry.failures.append(
+                    Failure(provider, f"{hook_name}: {_describe_error(error)}")
+                )
                 continue
             for entry in added:
                 registry.add(entry)

@@ -88,9 +88,7 @@ def prepare_state(
             hint = ""
             if name == "c_0" and num_cells > 1:
                 hint = f" (one cell per memory level: depth {num_cells} first)"
-            raise ValueError(
-                f"expected {name} of shape {shape}{hint}, got {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"expected {name} of shape {shape}{hint}, got {tuple(tensor.shape)}")
         _check_like(tensor, name, like)
     if num_cells == 1:
         c0 = c0.unsqueeze(0)

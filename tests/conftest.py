@@ -8,7 +8,7 @@ from pathlib import Path
 # Triton kernels run on CPU tensors under the interpreter; it must be set before Triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",

@@ -147,16 +147,11 @@ def test_cell_matches_one_layer_step_by_step(depth):
     torch.manual_seed(0)
     layer = NestedLSTM(3, 4, depth=depth, backend="generic")
     cell = NestedLSTMCell(3, 4, depth=depth)
-    renamed = {
-        k.replace("_l0", "").replace("memory.", "memory."): v for k, v in layer.state_dict().items()
-    }
-    renamed = {
-        k.replace("memory_l0", "memory") if k.startswith("memory_l0") else k: v
-        for k, v in renamed.items()
-    }
-    renamed = {
-        (k.replace("memory_", "memory.", 1) if k.startswith("memory_") else k): v
-        for k, v in renamed.items()
+    renamed = {  # weight_ih_l0 -> weight_ih, memory_l0.x -> memory.x
+        ("memory." + k[len("memory_l0.") :])
+        if k.startswith("memory_l0.")
+        else k.replace("_l0", ""): v
+        for k, v in layer.state_dict().items()
     }
     cell.load_state_dict(renamed, strict=True)
     x = torch.randn(6, 2, 3)

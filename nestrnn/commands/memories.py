@@ -30,5 +30,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     width = max((len(r["name"]) for r in rows), default=0)
     for row in rows:
-        print(f"{row['name']:<{width}}  {row['description']}  [{row['distribution'] or row['provider']}]")
+        print(
+            f"{row['name']:<{width}}  {row['description']}  [{row['distribution'] or row['provider']}]"
+        )
     return 0

@@ -14,7 +14,9 @@ class AdditiveMemory(MemoryFunction):
     num_states = 0
     outer_candidate_activation = "tanh"
 
-    def forward(self, gated_cell: Tensor, gated_input: Tensor, state: State) -> tuple[Tensor, State]:
+    def forward(
+        self, gated_cell: Tensor, gated_input: Tensor, state: State
+    ) -> tuple[Tensor, State]:
         return gated_cell + gated_input, ()
 
     def fused_levels(self) -> list[LevelWeights] | None:

@@ -49,7 +49,9 @@ class MemoryFunction(nn.Module, ABC):
         self.hidden_size = hidden_size
 
     @abstractmethod
-    def forward(self, gated_cell: Tensor, gated_input: Tensor, state: State) -> tuple[Tensor, State]:
+    def forward(
+        self, gated_cell: Tensor, gated_input: Tensor, state: State
+    ) -> tuple[Tensor, State]:
         """Compute the new outer cell.
 
         Args:

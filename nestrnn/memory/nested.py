@@ -114,7 +114,9 @@ class NestedMemory(MemoryFunction):
         )
         self.inner.reset_parameters()
 
-    def forward(self, gated_cell: Tensor, gated_input: Tensor, state: State) -> tuple[Tensor, State]:
+    def forward(
+        self, gated_cell: Tensor, gated_input: Tensor, state: State
+    ) -> tuple[Tensor, State]:
         own_cell, inner_state = state[0], tuple(state[1:])
         gates = F.linear(gated_input, self.weight_ih, self.bias_ih) + F.linear(
             gated_cell, self.weight_hh, self.bias_hh
