@@ -7,7 +7,7 @@ Backends:
     "naive"   plain per-step PyTorch with autograd (reference; any device)
     "fused"   CPU/GPU fast path: one input GEMM, hand-written backward (``fused.py``)
     "triton"  fused Triton kernels (``fused_triton.py``; CUDA, or CPU under TRITON_INTERPRET=1)
-    "auto"    "triton" on CUDA when Triton is importable, otherwise "fused"
+    "auto"    "triton" for fp32/fp16/bf16 CUDA tensors when Triton is importable, otherwise "fused"
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
 from torch import Tensor
 
 from nestrnn.ops.nested_lstm.common import LevelWeights
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 
 BACKENDS = ("auto", "naive", "fused", "triton")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["BACKENDS", "LevelWeights", "nested_lstm", "nested_lstm_naive", "resolve_backend"]
 
@@ -36,7 +38,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if x.is_cuda and triton_available():
+    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_available():
         return "triton"
     return "fused"
 
