@@ -1,0 +1,55 @@
+"""``nestrnn eval RUN_DIR``: evaluate a run's checkpoint on a split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from nestrnn.cli import CommandError
+from nestrnn.config import ConfigError
+from nestrnn.data_utils import DataError
+
+HELP = "evaluate a trained run on a split (valid or test)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="config overrides, e.g. task.data_dir=/data/ptb (the data moved)",
+    )  # fmt: skip
+    parser.add_argument("--split", default="test", choices=("valid", "test"), help="default: test")
+    parser.add_argument(
+        "--checkpoint", default="best", metavar="WHICH",
+        help="best (default), last, or a path to a checkpoint file",
+    )  # fmt: skip
+    parser.add_argument("--device", help="auto, cpu, cuda (default: the run's train.device)")
+    parser.add_argument("--max-batches", type=int, default=0, help="evaluate on at most N batches")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nestrnn.engine.loading import load_run
+    from nestrnn.engine.trainer import _fmt, evaluate
+
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    try:
+        loaded = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    train = loaded.config.train
+    metrics = evaluate(
+        loaded.model, loaded.task, args.split, train.eval_batch_size or train.batch_size,
+        train.bptt, loaded.device, args.max_batches,
+    )  # fmt: skip
+    if args.json:
+        record = {"run_dir": str(args.run_dir), "checkpoint": str(loaded.path),
+                  "split": args.split, "metrics": metrics}  # fmt: skip
+        print(json.dumps(record, indent=2))
+    else:
+        step = loaded.checkpoint["position"]["global_step"]
+        print(f"{loaded.config.task.name} {args.split} ({loaded.path.name}, step {step}): "
+              f"{_fmt(metrics)}")  # fmt: skip
+    return 0

@@ -1,0 +1,398 @@
+"""Run configuration: dataclass schemas (one comment per field) merged with YAML and overrides.
+
+A run's configuration has four sections::
+
+    task:   which task (``task.name``) and its own options (each task's ``Options`` dataclass)
+    model:  the recurrent model family, its size and initialisation   (:class:`ModelConfig`)
+    optim:  optimizer, gradient clipping and learning-rate schedule   (:class:`OptimConfig`)
+    train:  epochs, batching, evaluation, checkpoints, device, seed  (:class:`TrainConfig`)
+
+Values are resolved in this order, later ones winning:
+
+1. the defaults in the dataclasses below (they describe ``nestrnn train`` with no arguments);
+2. the chosen task's ``config_defaults`` (e.g. a sensible ``train.bptt`` for a language model);
+3. each YAML file given with ``-c`` (``configs/*.yaml``), in order;
+4. ``key=value`` overrides on the command line (``train.epochs=3 model.family=lstm``).
+
+Unknown keys and values of the wrong type are one-line :class:`ConfigError` messages naming the key,
+where it came from and, where there is one, a close match (``did you mean 'optim.lr'?``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_TASK = "adding"
+FAMILIES = ("nlstm", "lstm", "stacked_lstm")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "plateau", "step", "cosine")
+LSTM_IMPLS = ("torch", "nestrnn")
+MODEL_BACKENDS = ("auto", "generic", "naive", "fused", "triton")
+RECURRENT_INITS = ("orthogonal", "uniform")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: unknown key, wrong type or invalid value (one line)."""
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class ModelConfig:
+    family: str = "nlstm"  # nlstm (Nested LSTM) | lstm (one LSTM per layer) | stacked_lstm
+    hidden_size: int = 64  # hidden units per layer (ignored when target_params > 0)
+    target_params: int = 0  # > 0: solve hidden_size so the whole model has about this many params
+    num_layers: int = 1  # recurrent layers (stacked_lstm stacks num_layers * depth LSTM layers)
+    depth: int = 2  # nlstm: memory levels per layer (2 = the paper's NLSTM); stacked_lstm: layers
+    memory: Any = None  # nlstm: a memory function name or {name: ..., options} (null: nested)
+    embedding_dim: int = 0  # token inputs: embedding size (0: same as the hidden size)
+    dropout: float = 0.0  # dropout on the recurrent input and output (and between layers)
+    forget_bias: float | None = 1.0  # initial forget-gate bias on every level (null: PyTorch init)
+    recurrent_init: str = "orthogonal"  # orthogonal | uniform initialisation of recurrent weights
+    backend: str = "auto"  # NestedLSTM backend: auto | generic | naive | fused | triton
+    lstm_impl: str = "torch"  # lstm/stacked_lstm: torch (nn.LSTM, cuDNN on GPU) | nestrnn (depth 1)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | sgd
+    lr: float = 0.005  # peak learning rate
+    momentum: float = 0.0  # sgd momentum
+    weight_decay: float = 0.0  # L2 weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this value (0: no clipping)
+    schedule: str = "constant"  # constant | plateau | step | cosine (see docs/training.md)
+    decay: float = 0.5  # plateau/step: multiply the learning rate by this factor
+    patience: int = 0  # plateau: epochs without validation improvement before a decay
+    decay_start: int = 1  # step: first epoch (1-based) after which the rate decays every epoch
+    min_lr: float = 0.0  # the schedule never goes below this learning rate
+    warmup_steps: int = 0  # linear warm-up over this many optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # training epochs (evaluation on the validation split after each)
+    steps_per_epoch: int = 100  # optimizer steps per epoch (0: one pass over the training data)
+    batch_size: int = 64  # sequences per batch (language models: parallel streams)
+    bptt: int = 100  # language models: steps per truncated-BPTT chunk (state carried across)
+    eval_batch_size: int = 0  # batch size for evaluation (0: same as batch_size)
+    eval_max_batches: int = 0  # evaluate on at most this many batches (0: the whole split)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
+    early_stopping: int = 0  # stop after this many epochs without validation improvement (0: off)
+    seed: int = 0  # seeds torch, numpy, python random and the data order
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads for torch (0: auto, 1 for models under 1M params, else default)
+    log_every: int = 20  # optimizer steps between training records in metrics.jsonl
+    checkpoint_every: int = 0  # also save last.pt every N steps in an epoch (0: epoch ends only)
+    progress: bool = True  # show a tqdm progress bar
+    test: bool = True  # at the end, evaluate the best checkpoint on the test split
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+CHOICES: dict[str, Sequence[str]] = {
+    "model.family": FAMILIES,
+    "model.recurrent_init": RECURRENT_INITS,
+    "model.backend": MODEL_BACKENDS,
+    "model.lstm_impl": LSTM_IMPLS,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+}
+
+
+def task_class(name: str) -> type:
+    """The registered task class ``name``; a ConfigError with close matches when unknown."""
+    from nestrnn.registry import RegistryError, get_task, task_names
+
+    try:
+        return get_task(name).factory
+    except RegistryError as error:
+        known = task_names()
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{error}{hint}") from None
+
+
+def config_class(options_cls: type) -> type:
+    """The schema of a whole run whose task options are ``options_cls``."""
+    fields = [("task", options_cls, field(default_factory=options_cls))]
+    fields += [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()]
+    return dataclasses.make_dataclass("Config", fields)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(spec: str) -> Path:
+    """``spec`` as a path, or the name of a YAML file in the project's ``configs/`` folder."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if not path.suffix and path.parent == Path("."):
+        bundled = Path(__file__).resolve().parents[1] / "configs" / f"{spec}.yaml"
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(f"config file not found: {spec}")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot read {path}: {first}") from None
+    if isinstance(loaded, ListConfig):
+        raise ConfigError(f"{path} must hold a mapping of sections (task, model, optim, train)")
+    return loaded
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` strings to a config; values are parsed as YAML (``1e-3``, ``true``, ``null``)."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.epochs=3)"
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {error.msg}") from None
+
+
+def _task_name(sources: Sequence[tuple[str, DictConfig]], default: str) -> str:
+    name = default
+    for _label, source in sources:
+        task = source.get("task") if isinstance(source, DictConfig) else None
+        if isinstance(task, DictConfig) and task.get("name") is not None:
+            name = task.get("name")
+        elif task is not None and not isinstance(task, DictConfig):
+            raise ConfigError("config key 'task' is a section; set task.name=... instead")
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'task.name' must be a string, got {name!r}")
+    return name
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> DictConfig:
+    """Resolve a run configuration (see the module docstring for the order).
+
+    ``base`` is a saved configuration (a resumed run's) that replaces steps 1-2.
+    """
+    sources: list[tuple[str, DictConfig]] = []
+    if base is not None:
+        sources.append(("the saved run configuration", OmegaConf.create(dict(base))))
+    for spec in files:
+        path = resolve_config_path(str(spec))
+        sources.append((str(path), _load_yaml(path)))
+    if overrides:
+        sources.append(("the command line", parse_overrides(overrides)))
+
+    name = _task_name(sources, DEFAULT_TASK)
+    cls = task_class(name)
+    schema_cls = config_class(cls.Options)
+    config = OmegaConf.structured(schema_cls)
+    defaults = getattr(cls, "config_defaults", None) or {}
+    if base is None and defaults:
+        sources.insert(0, (f"task {name!r} defaults", OmegaConf.create(dict(defaults))))
+
+    types = field_types(schema_cls)
+    for label, source in sources:
+        _check_keys(source, config, "", label, sorted(types))
+        try:
+            config = OmegaConf.merge(config, source)
+        except OmegaConfBaseException as error:
+            raise ConfigError(_type_error(error, source, label, types)) from None
+    OmegaConf.set_struct(config, True)
+    check_values(config, schema_cls)
+    return config
+
+
+def _check_keys(
+    node: DictConfig, schema: DictConfig, prefix: str, label: str, known: list[str]
+) -> None:
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key '{full}' (in {label}){_suggest(full, known)}")
+        expected = schema[key]
+        value = node[key]
+        if isinstance(expected, DictConfig):
+            if isinstance(value, DictConfig):
+                _check_keys(value, expected, f"{full}.", label, known)
+            else:
+                example = next(iter(expected), "...")
+                raise ConfigError(
+                    f"config key '{full}' is a section, not a value (in {label}); "
+                    f"set its keys, e.g. {full}.{example}=..."
+                )
+
+
+def _suggest(full: str, known: list[str]) -> str:
+    leaf = full.rsplit(".", 1)[-1]
+    close = [k for k in known if k.rsplit(".", 1)[-1] == leaf]  # right key, wrong section
+    if not close:
+        close = difflib.get_close_matches(full, known, n=1, cutoff=0.6)
+    if not close:
+        leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=1)
+        close = [k for k in known if leaves and k.rsplit(".", 1)[-1] == leaves[0]]
+    return f"; did you mean '{close[0]}'?" if close else "; see --print-config for all keys"
+
+
+def _type_error(
+    error: OmegaConfBaseException, source: DictConfig, label: str, types: dict[str, Any]
+) -> str:
+    key = error.full_key or "?"
+    value = OmegaConf.select(source, key, default="?") if key != "?" else "?"
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    expected = types.get(key)
+    if expected is None:
+        return f"invalid value for config key '{key}' (in {label}): {error.msg.splitlines()[0]}"
+    return f"config key '{key}' must be {_describe_type(expected)}, got {value!r} (in {label})"
+
+
+def _describe_type(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe_type(inner[0])} or null" if len(inner) == 1 else "a value"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def field_types(schema_cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every leaf key of a schema (``"train.batch_size"``) and its annotated type."""
+    hints = typing.get_type_hints(schema_cls)
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(schema_cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            found.update(field_types(tp, f"{prefix}{f.name}."))
+        else:
+            found[f"{prefix}{f.name}"] = tp
+    return found
+
+
+def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
+    """Choices and ranges that types alone do not catch."""
+    choices = dict(CHOICES)
+    task_choices = getattr(type(OmegaConf.to_object(config.task)), "CHOICES", {}) or {}
+    choices.update({f"task.{k}": v for k, v in task_choices.items()})
+    for key, allowed in choices.items():
+        value = OmegaConf.select(config, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            options = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"config key '{key}' must be one of {options}; got {value!r}{hint}")
+    positive = ["model.hidden_size", "model.num_layers", "model.depth", "train.batch_size",
+                "train.bptt", "train.log_every"]  # fmt: skip
+    non_negative = ["model.target_params", "model.embedding_dim", "train.epochs",
+                    "train.steps_per_epoch", "train.eval_batch_size", "train.eval_max_batches",
+                    "train.max_steps", "train.early_stopping", "train.threads",
+                    "train.checkpoint_every", "optim.weight_decay", "optim.grad_clip",
+                    "optim.patience", "optim.min_lr", "optim.warmup_steps", "optim.momentum",
+                    "optim.decay_start"]  # fmt: skip
+    for key in positive:
+        if OmegaConf.select(config, key) <= 0:
+            raise ConfigError(
+                f"config key '{key}' must be > 0, got {OmegaConf.select(config, key)}"
+            )
+    for key in non_negative:
+        if OmegaConf.select(config, key) < 0:
+            raise ConfigError(
+                f"config key '{key}' must be >= 0, got {OmegaConf.select(config, key)}"
+            )
+    if not config.optim.lr > 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {config.optim.lr}")
+    if not 0 < config.optim.decay <= 1:
+        raise ConfigError(f"config key 'optim.decay' must be in (0, 1], got {config.optim.decay}")
+    if not 0 <= config.model.dropout < 1:
+        raise ConfigError(
+            f"config key 'model.dropout' must be in [0, 1), got {config.model.dropout}"
+        )
+    device = config.train.device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(
+            f"config key 'train.device' must be auto, cpu, cuda or cuda:N; got {device!r}"
+        )
+    memory = config.model.memory
+    if memory is not None and not isinstance(memory, (str, DictConfig)):
+        raise ConfigError(
+            "config key 'model.memory' must be a registered name or a mapping with a 'name' key, "
+            f"got {memory!r}"
+        )
+    if isinstance(memory, DictConfig) and not isinstance(memory.get("name"), str):
+        raise ConfigError(
+            "config key 'model.memory' needs a 'name' key (e.g. {name: nested, depth: 3})"
+        )
+
+
+# --------------------------------------------------------------------------- conversion & printing
+
+
+def to_container(config: DictConfig) -> dict[str, Any]:
+    """A plain, picklable dict (what checkpoints and config.yaml hold)."""
+    return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+
+
+def section(config: DictConfig, name: str) -> Any:
+    """One section as its dataclass instance (``section(cfg, "model") -> ModelConfig``)."""
+    return OmegaConf.to_object(config[name])
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source (nanoGPT style)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+)\s*:[^\n#]*#\s?([^\n]*)$", source, re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    text = OmegaConf.to_yaml({"v": value}).strip()
+    return text[len("v: ") :] if text.startswith("v: ") else text[len("v:") :].strip()
+
+
+def format_config(config: DictConfig) -> str:
+    """The resolved configuration as YAML with each field's comment; loadable with ``-c``."""
+    container = to_container(config)
+    options_cls = type(OmegaConf.to_object(config.task))
+    classes = {"task": options_cls, **SECTIONS}
+    lines: list[str] = []
+    for name, cls in classes.items():
+        comments = field_comments(cls)
+        values = container[name]
+        rendered = [
+            (f"  {key}: {_yaml_value(value)}", comments.get(key, ""))
+            for key, value in values.items()
+        ]
+        width = max((len(text) for text, _ in rendered), default=0)
+        lines.append(f"{name}:")
+        for text, comment in rendered:
+            lines.append(f"{text.ljust(width)}  # {comment}" if comment else text)
+    return "\n".join(lines) + "\n"

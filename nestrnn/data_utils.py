@@ -1,0 +1,272 @@
+"""Getting data files safely: downloads with checksums, atomic writes, clear errors.
+
+Rules every task follows:
+
+* a file is written only through :func:`atomic_write` (a temporary file in the same folder, flushed,
+  then ``os.replace``), so an interrupted download never leaves a half file under the real name;
+* a download is checked before it is moved into place: its length against ``Content-Length`` and the
+  known size, its sha256 against the known checksum, and its format against the task's validator;
+* the checksum table of each task is explicit (:class:`RemoteFile`); ``sha256=None`` means that no
+  canonical checksum is known, and then the size and format checks are what catch truncation;
+* a file that fails a check raises :class:`DataError` naming the file and what is wrong, so a corrupt
+  or truncated file is never used silently;
+* base URLs can be replaced (a task option and/or an environment variable), so a mirror or a test
+  server on 127.0.0.1 can stand in for the canonical location.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+DATA_DIR_ENV = "NESTRNN_DATA_DIR"
+CHUNK = 1 << 20
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or truncated data; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file a task can download: its name, and what is known about the canonical copy.
+
+    Attributes:
+        name: the file name on the server (appended to a base URL) and on disk.
+        sha256: sha256 of the file as served; None where no canonical checksum is known.
+        size: its size in bytes; None where unknown.
+    """
+
+    name: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+def default_data_root() -> Path:
+    """``$NESTRNN_DATA_DIR`` when set, else ``~/.cache/nestrnn/data``."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nestrnn" / "data"
+
+
+def resolve_data_dir(option: str, subdir: str) -> Path:
+    """A task's data folder: ``option`` when given, else ``default_data_root() / subdir``."""
+    return Path(option).expanduser() if option else default_data_root() / subdir
+
+
+def base_urls(
+    option: str | Sequence[str] | None, env_var: str, defaults: Sequence[str]
+) -> list[str]:
+    """Base URLs to try, in order: the task option, then ``$env_var`` (comma-separated), then the
+    canonical ``defaults``. A non-empty option or variable replaces the defaults."""
+    if isinstance(option, str):
+        option = [u for u in option.split(",") if u.strip()]
+    if option:
+        return [u.strip() for u in option]
+    env = os.environ.get(env_var, "")
+    if env.strip():
+        return [u.strip() for u in env.split(",") if u.strip()]
+    return list(defaults)
+
+
+def join_url(base: str, name: str) -> str:
+    return base if base.endswith(name) else base.rstrip("/") + "/" + urllib.parse.quote(name)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write ``path`` atomically: yields a temporary file in the same folder, which replaces
+    ``path`` only when the block finishes without an exception (otherwise it is removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode) as handle:  # handle.name is the temporary path
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_file(path: Path, remote: RemoteFile) -> None:
+    """Raise DataError when ``path`` does not have the known size or sha256 of ``remote``."""
+    size = path.stat().st_size
+    if remote.size is not None and size != remote.size:
+        state = "truncated" if size < remote.size else "too long"
+        raise DataError(
+            f"{path} is {state}: {size:,} bytes, expected {remote.size:,}; "
+            "delete it to download it again"
+        )
+    if remote.sha256 is not None:
+        actual = sha256_file(path)
+        if actual != remote.sha256:
+            raise DataError(
+                f"{path} is corrupt: sha256 {actual} does not match the canonical "
+                f"{remote.sha256}; delete it to download it again"
+            )
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    validate: Callable[[Path], None] | None = None,
+    progress: bool | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``dest``, checking it before it appears under its name.
+
+    Checks, in order: the number of bytes against ``Content-Length`` and ``size``, the sha256
+    against ``sha256`` (when given), then ``validate(temporary_path)`` (a task's format check,
+    raising DataError). Any failure removes the partial file and raises DataError naming the URL.
+    ``progress``: show a byte progress bar (None: only on a terminal).
+    """
+    dest = Path(dest)
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise DataError(f"cannot download {url}: {_reason(error)}") from None
+    with response, atomic_write(dest) as handle:
+        declared = response.headers.get("Content-Length")
+        total = int(declared) if declared and declared.isdigit() else size
+        bar = _progress_bar(total, dest.name, progress)
+        try:
+            while True:
+                try:
+                    block = response.read(CHUNK)
+                except Exception as error:  # http.client.IncompleteRead, timeouts, resets
+                    raise DataError(
+                        f"download of {url} broke off after {received:,} bytes: {_reason(error)}"
+                    ) from None
+                if not block:
+                    break
+                handle.write(block)
+                digest.update(block)
+                received += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+        finally:
+            if bar is not None:
+                bar.close()
+        if declared and declared.isdigit() and received != int(declared):
+            raise DataError(
+                f"download of {url} is truncated: got {received:,} of {int(declared):,} bytes"
+            )
+        if size is not None and received != size:
+            raise DataError(
+                f"download of {url} has {received:,} bytes, but the canonical file has {size:,} bytes"
+            )
+        actual = digest.hexdigest()
+        if sha256 is not None and actual != sha256:
+            raise DataError(
+                f"checksum mismatch for {url}: sha256 {actual}, expected {sha256}; "
+                "the download is corrupt or the server sent a different file"
+            )
+        if validate is not None:
+            handle.flush()
+            validate(Path(handle.name))
+    return dest
+
+
+def fetch(
+    remote: RemoteFile,
+    data_dir: str | Path,
+    urls: Sequence[str],
+    *,
+    allow_download: bool = True,
+    validate: Callable[[Path], None] | None = None,
+    check_local: Callable[[Path], None] | None = None,
+    how_to: str = "",
+    progress: bool | None = None,
+) -> Path:
+    """Make sure ``data_dir / remote.name`` exists and is good; download it when missing.
+
+    An existing file is checked with ``check_local`` (default: size and sha256 when known, then
+    ``validate``). A missing one is downloaded from each base URL in turn. ``how_to`` is added to
+    the error when the file is missing and cannot be downloaded.
+    """
+    path = Path(data_dir) / remote.name
+    if path.exists():
+        if check_local is not None:
+            check_local(path)
+        else:
+            check_file(path, remote)
+            if validate is not None:
+                validate(path)
+        return path
+    if not allow_download or not urls:
+        reason = "downloads are disabled (task.download=false)" if urls else "it has no download"
+        raise DataError(f"{path} is missing and {reason}. {how_to}".strip())
+    errors = []
+    for base in urls:
+        url = join_url(base, remote.name)
+        print(f"downloading {url} -> {path}", file=sys.stderr)
+        try:
+            return download(
+                url, path, sha256=remote.sha256, size=remote.size, validate=validate,
+                progress=progress,
+            )  # fmt: skip
+        except DataError as error:
+            errors.append(str(error))
+            print(f"  failed: {error}", file=sys.stderr)
+    tried = "; ".join(errors)
+    raise DataError(f"could not obtain {remote.name}: {tried}. {how_to}".strip())
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _progress_bar(total: int | None, name: str, enabled: bool | None) -> Any:
+    if enabled is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, leave=False,
+        disable=None if enabled is None else not enabled, file=sys.stderr,
+    )  # fmt: skip
+
+
+def read_text(path: str | Path) -> str:
+    """Read a UTF-8 text file; a decoding error names the file and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not valid UTF-8 (byte {error.start:,}: {error.reason}); "
+            "is it corrupt or in another encoding?"
+        ) from None

@@ -1,0 +1,193 @@
+"""Downloads against a local HTTP server: checksums, truncation, atomic writes, base URL overrides."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from helpers_tasks import http_server, write_mnist, write_ptb, write_text8_zip
+
+from nestrnn.data_utils import (
+    DataError,
+    RemoteFile,
+    atomic_write,
+    base_urls,
+    download,
+    fetch,
+    sha256_file,
+)
+from nestrnn.registry import get_task
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Path:
+    folder = tmp_path / "server"
+    folder.mkdir()
+    (folder / "good.bin").write_bytes(b"0123456789" * 1000)
+    return folder
+
+
+def test_download_verifies_and_writes_atomically(served: Path, tmp_path: Path) -> None:
+    data = (served / "good.bin").read_bytes()
+    dest = tmp_path / "out" / "good.bin"
+    with http_server(served) as url:
+        download(url + "good.bin", dest, sha256=_sha(data), size=len(data), progress=False)
+    assert dest.read_bytes() == data
+    assert _leftovers(dest.parent) == []
+
+
+def test_checksum_mismatch_is_an_error_and_leaves_nothing(served: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "good.bin"
+    with http_server(served) as url, pytest.raises(DataError) as info:
+        download(url + "good.bin", dest, sha256="0" * 64, progress=False)
+    assert "checksum mismatch" in str(info.value) and "good.bin" in str(info.value)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_broken_off_transfer_is_detected(served: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "good.bin"
+    with http_server(served, cut={"good.bin": 4000}) as url, pytest.raises(DataError) as info:
+        download(url + "good.bin", dest, progress=False)
+    message = str(info.value)
+    assert "good.bin" in message and ("truncated" in message or "broke off" in message)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_wrong_size_and_validator(served: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "good.bin"
+    with http_server(served) as url:
+        with pytest.raises(DataError, match="canonical file has 5 bytes"):
+            download(url + "good.bin", dest, size=5, progress=False)
+
+        def reject(path: Path) -> None:
+            assert path != dest and path.exists()  # validated before it gets its name
+            raise DataError(f"{path.name} looks wrong")
+
+        with pytest.raises(DataError, match="looks wrong"):
+            download(url + "good.bin", dest, validate=reject, progress=False)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_fetch_tries_mirrors_in_order(served: Path, tmp_path: Path) -> None:
+    data = (served / "good.bin").read_bytes()
+    remote = RemoteFile("good.bin", _sha(data), len(data))
+    with http_server(tmp_path / "server") as good, http_server(tmp_path) as missing:
+        path = fetch(remote, tmp_path / "data", [missing + "nothing/", good], progress=False)
+    assert path.read_bytes() == data
+    # an existing good file is used as is; a corrupt one is named
+    assert fetch(remote, tmp_path / "data", [], progress=False) == path
+    path.write_bytes(data[:-1])
+    with pytest.raises(DataError, match=r"good\.bin is truncated"):
+        fetch(remote, tmp_path / "data", [])
+    path.write_bytes(data[:-1] + b"x")
+    with pytest.raises(DataError, match=r"good\.bin is corrupt: sha256"):
+        fetch(remote, tmp_path / "data", [])
+
+
+def test_missing_and_downloads_disabled(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="downloads are disabled.*do this"):
+        fetch(RemoteFile("x.bin"), tmp_path, ["http://127.0.0.1:9/"], allow_download=False,
+              how_to="do this")  # fmt: skip
+    with pytest.raises(DataError, match="could not obtain x.bin: cannot download"):
+        fetch(RemoteFile("x.bin"), tmp_path, ["http://127.0.0.1:9/"], progress=False)
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(path, "w") as handle:
+        handle.write("new")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_base_urls_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NESTRNN_X_URL", raising=False)
+    assert base_urls("", "NESTRNN_X_URL", ["https://a/"]) == ["https://a/"]
+    monkeypatch.setenv("NESTRNN_X_URL", "http://b/, http://c/")
+    assert base_urls("", "NESTRNN_X_URL", ["https://a/"]) == ["http://b/", "http://c/"]
+    assert base_urls("http://d/", "NESTRNN_X_URL", ["https://a/"]) == ["http://d/"]
+
+
+# --------------------------------------------------------------------------- tasks downloading
+
+
+def _task(name: str, **options):
+    cls = get_task(name).factory
+    return cls(cls.Options(**options))
+
+
+def test_mnist_downloads_with_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nestrnn.tasks import mnist_glimpses as mg
+
+    paths = write_mnist(tmp_path / "server")
+    table = {
+        role: RemoteFile(p.name, sha256_file(p), p.stat().st_size) for role, p in paths.items()
+    }
+    monkeypatch.setattr(mg, "FILES", table)
+    data_dir = tmp_path / "data"
+    with http_server(tmp_path / "server") as url:
+        task = _task("mnist_glimpses", data_dir=str(data_dir), base_url=url)
+        task.prepare()
+    assert len(task.labels["test"]) == 40
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(p.name for p in paths.values())
+
+    # a checksum that does not match: nothing is written, the error names the file and URL
+    bad = dict(table, test_labels=RemoteFile(table["test_labels"].name, "f" * 64))
+    monkeypatch.setattr(mg, "FILES", bad)
+    other = tmp_path / "other"
+    mismatch = r"checksum mismatch for .*t10k-labels-idx1-ubyte\.gz"
+    with http_server(tmp_path / "server") as url, pytest.raises(DataError, match=mismatch):
+        _task("mnist_glimpses", data_dir=str(other), base_url=url).prepare()
+    assert not (other / table["test_labels"].name).exists()
+
+
+def test_mnist_truncated_download_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nestrnn.tasks import mnist_glimpses as mg
+
+    paths = write_mnist(tmp_path / "server")
+    images = paths["test_images"]
+    images.write_bytes(images.read_bytes()[:-200])  # a truncated file on the server
+    table = {role: RemoteFile(p.name) for role, p in paths.items()}  # checksums unknown
+    monkeypatch.setattr(mg, "FILES", table)
+    data_dir = tmp_path / "data"
+    with http_server(tmp_path / "server") as url, pytest.raises(DataError) as info:
+        _task("mnist_glimpses", data_dir=str(data_dir), base_url=url).prepare()
+    assert "t10k-images-idx3-ubyte.gz" in str(info.value)
+    assert not (data_dir / images.name).exists()
+
+
+def test_ptb_downloads_from_env_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_ptb(tmp_path / "server")
+    with http_server(tmp_path / "server") as url:
+        monkeypatch.setenv("NESTRNN_PTB_URL", url)
+        task = _task("ptb_char", data_dir=str(tmp_path / "data"))
+        task.prepare()
+    assert (tmp_path / "data" / "ptb.char.valid.txt").exists()
+    assert len(task.vocab) > 10
+
+
+def test_text8_download_and_canonical_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_text8_zip(tmp_path / "server", 1200)
+    options = {"train_chars": 1000, "valid_chars": 100, "test_chars": 100}
+    with http_server(tmp_path / "server") as url:
+        task = _task("text8", data_dir=str(tmp_path / "data"), base_url=url, **options)
+        task.prepare()
+        assert task.splits["valid"].numel() == 100
+        # with the canonical split the canonical checksum and size apply: a wrong file is refused
+        with pytest.raises(DataError, match="canonical file has 31,344,016 bytes"):
+            _task("text8", data_dir=str(tmp_path / "canonical"), base_url=url).prepare()
+    assert not (tmp_path / "canonical" / "text8.zip").exists()
