@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("train", "eval", "sample", "tasks", "memories", "plugins")
+COMMANDS = ("train", "eval", "sample", "tasks", "memories", "plugins", "viz", "plot")
 
 
 class CommandError(Exception):
@@ -47,4 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m nestrnn.cli`` runs this file as __main__, a second copy of the module: call the
+    # real one, so that the commands' CommandError is the class main() catches
+    from nestrnn.cli import main as _main
+
+    sys.exit(_main())
