@@ -29,17 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"nestrnn.commands.{name}")
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.configure(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, subparser=sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's parser: "nestrnn train: error: ..."
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
     except CommandError as error:
-        print(f"nestrnn {args.command}: error: {error}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"nestrnn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nestrnn {args.command}: interrupted", file=sys.stderr)

@@ -147,13 +147,18 @@ def resolve_config_path(spec: str) -> Path:
     raise ConfigError(f"config file not found: {spec}")
 
 
+def load_yaml(path: str | Path) -> DictConfig:
+    """A YAML config file as a DictConfig; a one-line ConfigError when it is not one."""
+    return _load_yaml(Path(path))
+
+
 def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as error:  # yaml.YAMLError and friends
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot read {path}: {first}") from None
-    if isinstance(loaded, ListConfig):
+    if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of sections (task, model, optim, train)")
     return loaded
 
@@ -165,10 +170,24 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(
                 f"override {item!r} is not of the form key=value (e.g. train.epochs=3)"
             )
+    for item in overrides:  # one at a time, so that the error names the culprit
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as error:  # OmegaConf's errors, yaml.YAMLError (bad YAML values)
+            message = getattr(error, "msg", None) or str(error) or type(error).__name__
+            raise ConfigError(f"cannot parse override {item!r}: {one_line(message)}") from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {error.msg}") from None
+    except Exception as error:
+        message = getattr(error, "msg", None) or str(error) or type(error).__name__
+        raise ConfigError(
+            f"cannot parse overrides {list(overrides)}: {one_line(message)}"
+        ) from None
+
+
+def one_line(text: str) -> str:
+    """A (possibly multi-line) message as one line."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def _task_name(sources: Sequence[tuple[str, DictConfig]], default: str) -> str:
@@ -193,6 +212,15 @@ def load_config(
 
     ``base`` is a saved configuration (a resumed run's) that replaces steps 1-2.
     """
+    try:
+        return _load_config(files, overrides, base)
+    except OmegaConfBaseException as error:  # e.g. a bad ${interpolation} met while checking
+        raise ConfigError(f"invalid configuration: {one_line(error.msg)}") from None
+
+
+def _load_config(
+    files: Sequence[str | Path], overrides: Sequence[str], base: Mapping[str, Any] | None
+) -> DictConfig:
     sources: list[tuple[str, DictConfig]] = []
     if base is not None:
         sources.append(("the saved run configuration", OmegaConf.create(dict(base))))
@@ -218,6 +246,10 @@ def load_config(
         except OmegaConfBaseException as error:
             raise ConfigError(_type_error(error, source, label, types)) from None
     OmegaConf.set_struct(config, True)
+    try:  # interpolations (${train.seed}) resolve now, so that a bad one is a config error
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot resolve the configuration: {one_line(error.msg)}") from None
     check_values(config, schema_cls)
     return config
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nestrnn.config import load_config, section, task_class
+from nestrnn.config import load_config, load_yaml, section, task_class
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.trainer import resolve_device
 
@@ -52,7 +52,7 @@ def load_run(
     checkpoint = rd.load_checkpoint(path, "cpu")
     saved = run_dir / rd.CONFIG
     base = OmegaConf.to_container(
-        OmegaConf.load(saved) if saved.exists() else OmegaConf.create(checkpoint["config"])
+        load_yaml(saved) if saved.exists() else OmegaConf.create(checkpoint["config"])
     )
     config = load_config([], list(overrides), base=base)
     torch_device = resolve_device(device or config.train.device)

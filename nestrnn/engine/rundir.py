@@ -109,9 +109,26 @@ class RunDir:
         if self.is_main:
             with atomic_write(self.path / name) as handle:
                 torch.save(payload, handle)
+                _test_pause(self.path / name)
 
     def load_checkpoint(self, name: str = LAST, map_location: Any = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.path / name, map_location)
+
+
+def _test_pause(path: Path) -> None:
+    """Test hook: ``NESTRNN_TEST_CHECKPOINT_PAUSE=SECONDS`` sleeps inside the atomic write of a
+    checkpoint that replaces an existing one (temporary file written, ``os.replace`` not yet done),
+    after printing ``NESTRNN_TEST_CHECKPOINT_PAUSE <path>`` so that a test can kill the process."""
+    seconds = os.environ.get("NESTRNN_TEST_CHECKPOINT_PAUSE")
+    if seconds and path.exists():
+        import time
+
+        print(f"NESTRNN_TEST_CHECKPOINT_PAUSE {path}", flush=True)
+        time.sleep(float(seconds))
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable nestrnn checkpoint."""
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -122,11 +139,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {error})"
+        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {detail[:300]})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a nestrnn checkpoint")
+        raise CheckpointError(f"{path} is not a nestrnn checkpoint")
     return payload
 
 
@@ -188,6 +206,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
         "cuda": torch.version.cuda,
         "command": sys.argv,
         "started": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -9,11 +9,17 @@ pure function of ``k``), the carried state and the partial metric sums.
 
 A non-finite loss or gradient norm stops the run with :class:`TrainingDiverged` before the optimizer
 step, so the checkpoints on disk stay the last good ones.
+
+Under ``torchrun`` (a :class:`~nestrnn.engine.distributed.DistContext` with ``world_size > 1``)
+the model is wrapped in ``DistributedDataParallel``, each rank trains on its rows of the global
+batch, metric sums are all-reduced, and rank 0 alone writes; checkpoints hold the global state
+(every stream's carried state, every rank's RNG), so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +33,7 @@ from torch import Tensor
 
 from nestrnn.config import ConfigError, format_config, section, task_class, to_container
 from nestrnn.engine import rundir as rd
-from nestrnn.engine.distributed import DistContext
+from nestrnn.engine.distributed import DistContext, restart_count
 from nestrnn.engine.schedule import LRSchedule, build_optimizer
 from nestrnn.models import Sizing, describe_family, size_model
 
@@ -59,6 +65,23 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={spec} but CUDA is not available here; use auto or cpu")
     return device
+
+
+def shard_rows(batch: Any, rank: int, world_size: int) -> Any:
+    """Rank ``rank``'s contiguous block of the rows of an evaluation batch (uneven is fine: the
+    statistics are sums; a rank may get no rows when the batch is smaller than the world)."""
+    if world_size == 1:
+        return batch
+    inputs = torch.tensor_split(batch.inputs, world_size)[rank]
+    targets = torch.tensor_split(batch.targets, world_size)[rank]
+    return type(batch)(inputs, targets, batch.carry)
+
+
+def _state_rows(state: Any, rank: int, world_size: int) -> Any:
+    """This rank's rows of a carried recurrent state (batch is dim -2 of every tensor)."""
+    if state is None or world_size == 1:
+        return state
+    return tuple(torch.tensor_split(t, world_size, dim=-2)[rank].contiguous() for t in state)
 
 
 def _detach(state: Any) -> Any:
@@ -119,6 +142,10 @@ def evaluate(
     for i, batch in enumerate(task.eval_batches(split, batch_size, bptt)):
         if max_batches and i >= max_batches:
             break
+        if dist is not None and dist.world_size > 1:
+            batch = shard_rows(batch, dist.rank, dist.world_size)
+            if batch.rows == 0:
+                continue
         batch = batch.to(device)
         if not (batch.carry and task.carries_state):
             state = None
@@ -162,11 +189,24 @@ class Trainer:
         self._echo = echo
         tc = self.train_cfg
         self.device = resolve_device(tc.device)
+        if self.dist.world_size > 1:
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", self.dist.local_rank)
+            if self.dist.backend == "nccl" and self.device.type != "cuda":
+                raise ConfigError(
+                    f"train.device={tc.device} runs on the CPU but the process group uses nccl; "
+                    "add --backend gloo"
+                )
+            if tc.batch_size % self.dist.world_size:
+                raise ConfigError(
+                    f"train.batch_size ({tc.batch_size}) must be a multiple of the number of "
+                    f"processes ({self.dist.world_size}): each one trains on an equal share"
+                )
         if tc.threads:
             torch.set_num_threads(tc.threads)
         rd.seed_everything(tc.seed)
 
-        checkpoint = self.run.load_checkpoint(rd.LAST) if resume else None
+        checkpoint = self._load_shared(rd.LAST) if resume else None
         if checkpoint is not None:
             _check_resumable(OmegaConf.create(checkpoint["config"]), config)
         options = OmegaConf.to_object(config.task)
@@ -194,6 +234,8 @@ class Trainer:
         if not tc.threads and self.device.type == "cpu" and self.sizing.params < SMALL_MODEL:
             torch.set_num_threads(1)  # tiny recurrent models run fastest on one thread
         self.model = self.task.build_model(self.model_cfg, self.sizing.hidden_size).to(self.device)
+        if self.dist.rank:  # its own dropout masks (the model is rank 0's: DDP broadcasts it)
+            rd.seed_everything(tc.seed + 7919 * self.dist.rank)
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
         self.eval_batch_size = tc.eval_batch_size or tc.batch_size
         try:
@@ -201,6 +243,11 @@ class Trainer:
         except ValueError as error:  # e.g. a split too short for batch_size x bptt
             raise ConfigError(str(error)) from None
         self.steps_per_epoch = tc.steps_per_epoch or per_pass
+        for split in ("valid", "test") if tc.test else ("valid",):
+            try:  # a split too short for eval_batch_size streams fails now, not after an epoch
+                next(iter(self.task.eval_batches(split, self.eval_batch_size, tc.bptt)), None)
+            except ValueError as error:
+                raise ConfigError(f"{error} (train.eval_batch_size)") from None
         # the schedule spans the planned epochs; train.max_steps only stops early
         self.schedule = LRSchedule(self.optimizer, self.optim_cfg, tc.epochs * self.steps_per_epoch)
 
@@ -221,10 +268,36 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
             self.run.truncate_records(self.global_step)
+            del checkpoint
         else:
             self.run.create()
             self.run.write_json(rd.ENVIRONMENT, rd.environment(self.device))
         self.run.write_text(rd.CONFIG, format_config(config))  # with a resume's overrides
+        self.net: torch.nn.Module = self.model  # what training calls: DDP over the processes
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _load_shared(self, name: str, missing_ok: bool = False) -> dict[str, Any] | None:
+        """Rank 0 reads checkpoint ``name`` and sends it to every rank (same errors everywhere);
+        None when it is missing and ``missing_ok``."""
+        result: Any = None
+        if self.dist.is_main:
+            try:
+                if missing_ok and not (self.run / name).exists():
+                    result = ("ok", None)
+                else:
+                    result = ("ok", self.run.load_checkpoint(name))
+            except (FileNotFoundError, ValueError) as error:
+                result = (type(error).__name__, str(error))
+        result = self.dist.broadcast(result)
+        if result[0] == "FileNotFoundError":
+            raise FileNotFoundError(result[1])
+        if result[0] != "ok":
+            raise rd.CheckpointError(result[1])
+        return result[1]
 
     # ------------------------------------------------------------------ output
 
@@ -252,12 +325,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _payload(self, full: bool) -> dict[str, Any]:
+    def _check_finite(self) -> None:
+        # the parameters are the same on every rank, so every rank raises (or none does)
         for p in self.model.parameters():
             if not torch.isfinite(p).all():
                 raise TrainingDiverged(
                     "the parameters became non-finite; not overwriting the last good checkpoint"
                 )
+
+    def _payload(self, full: bool) -> dict[str, Any]:
+        self._check_finite()
         payload: dict[str, Any] = {
             "format": rd.FORMAT,
             "model": self.model.state_dict(),
@@ -296,8 +373,25 @@ class Trainer:
         return payload
 
     def save(self, name: str = rd.LAST) -> None:
-        self.run.save_checkpoint(name, self._payload(full=name == rd.LAST))
-        if name == rd.LAST:
+        """Write checkpoint ``name`` (rank 0; every rank must call it: it gathers the ranks'
+        RNG states and carried states, so the checkpoint holds the global state)."""
+        full = name == rd.LAST
+        world = self.dist.world_size
+        if world > 1 and full:
+            self._check_finite()
+            carry = None if self.carry is None else [t.cpu() for t in self.carry]
+            gathered = self.dist.gather({"rng": rd.capture_rng(), "carry": carry})
+        if self.dist.is_main:
+            payload = self._payload(full=full)
+            if world > 1 and full:
+                payload["rng_ranks"] = [g["rng"] for g in gathered]
+                carries = [g["carry"] for g in gathered]
+                payload["carry"] = (
+                    None if any(c is None for c in carries)
+                    else [torch.cat(parts, dim=-2) for parts in zip(*carries)]
+                )  # fmt: skip
+            self.run.save_checkpoint(name, payload)
+        if full:
             self.last_checkpoint_step = self.global_step
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -315,8 +409,17 @@ class Trainer:
         self.log_stats = dict(progress["log_stats"])
         self.elapsed = progress["elapsed"]
         carry = ckpt.get("carry")
+        world = self.dist.world_size
+        if carry is not None:
+            carry = _state_rows(tuple(carry), self.dist.rank, world)
         self.carry = None if carry is None else tuple(t.to(self.device) for t in carry)
-        rd.restore_rng(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks")
+        if ranks is not None and len(ranks) == world:
+            rd.restore_rng(ranks[self.dist.rank])
+        else:  # another number of processes: rank 0's state, each rank its own dropout stream
+            rd.restore_rng(ckpt["rng"])
+            if self.dist.rank:
+                torch.manual_seed(self.train_cfg.seed + 7919 * self.dist.rank + self.global_step)
         self.last_checkpoint_step = self.global_step
 
     # ------------------------------------------------------------------ training
@@ -346,12 +449,15 @@ class Trainer:
         batch = self.task.shard_batch(batch, self.dist.rank, self.dist.world_size).to(self.device)
         state = self.carry if (batch.carry and self.task.carries_state) else None
         self.schedule.step(self.global_step)
-        output, new_state = self.model(batch.inputs, state)
+        output, new_state = self.net(batch.inputs, state)
         loss, stats = self.task.loss(output, batch)
         keys = sorted(stats)
         values = torch.stack(
             [loss.detach().double(), *(stats[k].to(loss.device).double() for k in keys)]
         )
+        if self.dist.world_size > 1:  # sums over the ranks; the loss: the mean of equal shards
+            values = self.dist.all_reduce_tensor(values)
+            values[0] /= self.dist.world_size
         values = values.tolist()
         if not math.isfinite(values[0]):
             raise self._diverged("loss", values[0])
@@ -365,6 +471,7 @@ class Trainer:
         self.carry = _detach(new_state) if self.task.carries_state else None
         self.global_step += 1
         self.step_in_epoch += 1
+        _test_crash(self.dist.rank, self.global_step)
         step_stats = dict(zip(keys, values[1:]))
         self._accumulate(self.epoch_stats, step_stats)
         self._accumulate(self.log_stats, step_stats)
@@ -398,7 +505,7 @@ class Trainer:
     def _train_epoch(self, stop_at: int | None) -> str | None:
         """Train until the epoch ends (None) or a step limit is hit (the reason)."""
         tc = self.train_cfg
-        self.model.train()
+        self.net.train()
         bar = self._progress_bar()
         started = time.perf_counter()
         try:
@@ -494,13 +601,30 @@ class Trainer:
 
     def test(self) -> dict[str, float]:
         """Evaluate the best checkpoint (or the current model) on the test split."""
-        best = self.run / rd.BEST
         source = "best checkpoint"
-        if best.exists():
-            ckpt = rd.load_checkpoint(best, self.device)
-            self.model.load_state_dict(ckpt["model"])
+        best = self._load_shared(rd.BEST, missing_ok=True)
+        if best is not None:
+            try:
+                self.model.load_state_dict(best["model"])
+            except (KeyError, RuntimeError) as error:
+                raise rd.CheckpointError(
+                    f"{self.run / rd.BEST} does not fit the model ({type(error).__name__})"
+                ) from None
         else:
             source = "current model"
         metrics = self.evaluate("test", max_batches=0)
         self.run.log({"event": "test", "step": self.global_step, "source": source, **metrics})
         return metrics
+
+
+def _test_crash(rank: int, step: int) -> None:
+    """Test hook: ``NESTRNN_TEST_CRASH=RANK:STEP`` kills rank RANK after step STEP, once (only in
+    the first attempt of an elastic job), to check that torchrun's restarts resume the run."""
+    spec = os.environ.get("NESTRNN_TEST_CRASH")
+    if not spec or restart_count() > 0:
+        return
+    crash_rank, _, crash_step = spec.partition(":")
+    if int(crash_rank) == rank and int(crash_step) == step:
+        sys.stderr.write(f"NESTRNN_TEST_CRASH: rank {rank} exits after step {step}\n")
+        sys.stderr.flush()
+        os._exit(1)

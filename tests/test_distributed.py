@@ -1,0 +1,184 @@
+"""Data-parallel training under torchrun (gloo on CPU), elastic restarts and crash-safe checkpoints.
+
+Each test starts real processes (``python -m torch.distributed.run``) on a tiny character-level
+language model, so that the carried TBPTT state and the sharded streams are exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nestrnn.cli import main
+from nestrnn.engine import rundir as rd
+
+pytestmark = pytest.mark.skipif(
+    not __import__("torch").distributed.is_available(), reason="torch.distributed is unavailable"
+)
+
+TEXT = "".join(
+    f"the {w} sat on the mat and ate {n} apples.\n"
+    for n in range(40)
+    for w in ("cat", "dog", "owl")[n % 3 : n % 3 + 1]
+)
+#: steps 1..8 in 2 epochs of 4, 4 streams of bptt 8, a checkpoint every 2 steps
+OVERRIDES = [
+    "task.name=text_file", "model.hidden_size=8", "train.batch_size=4", "train.bptt=8",
+    "train.eval_batch_size=3", "train.epochs=2", "train.steps_per_epoch=4", "train.log_every=1",
+    "train.checkpoint_every=2", "train.early_stopping=0",
+]  # fmt: skip
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _torchrun(nproc: int, args: list[str], *launcher: str, **env: str):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", *launcher, "-m", "nestrnn", "train", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=120)
+
+
+def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
+    """Every train record's loss and every epoch's validation loss, by (event, step)."""
+    out = {}
+    for record in rd.RunDir(run_dir).records():
+        if record["event"] == "train":
+            out["train", record["step"]] = record["loss"]
+        elif record["event"] == "epoch":
+            out["valid", record["step"]] = record["valid"]["loss"]
+        elif record["event"] == "test":
+            out["test", record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory) -> Path:
+    """The reference: one process, the global batch of 4 streams."""
+    import torch
+
+    threads = torch.get_num_threads()
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    try:
+        code = main(["train", "--no-progress", "--run-dir", str(run_dir),
+                     f"task.path={corpus}", *OVERRIDES])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def double(corpus, tmp_path_factory) -> Path:
+    """Two processes with 2 streams each (through ``nestrnn train --nproc 2``: torchrun)."""
+    run_dir = tmp_path_factory.mktemp("double") / "run"
+    command = [sys.executable, "-m", "nestrnn", "train", "--nproc", "2", "--no-progress",
+               "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def _assert_close(a: dict, b: dict, rtol: float = 1e-5) -> float:
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=rtol, abs=1e-6), key
+        worst = max(worst, abs(a[key] - b[key]))
+    return worst
+
+
+def test_two_processes_train_like_one(single, double):
+    one, two = _losses(single), _losses(double)
+    assert len([k for k in one if k[0] == "train"]) == 8
+    worst = _assert_close(one, two)
+    print(f"largest |loss difference| between 1 and 2 processes: {worst:.3g}")
+    # only rank 0 wrote the run directory, and the checkpoint holds the global carried state
+    ckpt = rd.load_checkpoint(double / rd.LAST)
+    assert ckpt["carry"][0].shape[-2] == 4 and len(ckpt["rng_ranks"]) == 2
+    summary = json.loads((double / rd.SUMMARY).read_text())
+    assert summary["steps"] == 8
+
+
+def test_resume_with_another_number_of_processes(single, double, corpus, tmp_path):
+    """A 2-process run stopped at step 3 (mid-epoch, carried state) continues in 1 process."""
+    run_dir = tmp_path / "run"
+    args = ["--no-progress", "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]
+    result = _torchrun(2, [*args, "train.max_steps=3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] == 3
+    assert main(["train", "--no-progress", "--resume", str(run_dir), "train.max_steps=0"]) == 0
+    resumed = _losses(run_dir)
+    del resumed["test", 3]  # the max_steps stop evaluated the model on the test split
+    _assert_close(_losses(single), resumed)
+
+
+def test_killed_worker_restarts_from_checkpoint(double, corpus, tmp_path):
+    """Rank 1 dies after step 5; torchrun restarts both workers, which resume from last.pt
+    (step 4) and finish with the losses of the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = ["--no-progress", "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]
+    result = _torchrun(2, args, "--max-restarts=1", NESTRNN_TEST_CRASH="1:5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NESTRNN_TEST_CRASH: rank 1 exits after step 5" in result.stderr
+    assert "resuming at epoch 2, step 4" in result.stdout
+    steps = [r["step"] for r in rd.RunDir(run_dir).records() if r["event"] == "train"]
+    assert steps == list(range(1, 9))  # the records of the lost step 5 were dropped, then redone
+    _assert_close(_losses(double), _losses(run_dir))
+    assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] == 8
+
+
+def test_elastic_restarts_need_a_run_dir(corpus):
+    result = _torchrun(1, [f"task.path={corpus}", *OVERRIDES], "--max-restarts=1")
+    assert result.returncode != 0
+    assert "nestrnn train: error: with torchrun --max-restarts give --run-dir DIR" in result.stderr
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "nestrnn", "train", "--no-progress", "--run-dir",
+               str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=_env(NESTRNN_TEST_CHECKPOINT_PAUSE="60"))  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("NESTRNN_TEST_CHECKPOINT_PAUSE"):
+                break
+        else:
+            pytest.fail("the checkpoint pause was never reached")
+        before = (run_dir / rd.LAST).read_bytes()
+        temporary = list(run_dir.glob(".last.pt.*.tmp"))
+        assert temporary and temporary[0].stat().st_size > 0  # inside the atomic write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / rd.LAST).read_bytes() == before
+    ckpt = rd.load_checkpoint(run_dir / rd.LAST)
+    assert ckpt["position"]["global_step"] == 2  # the write of step 4 never happened
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--no-progress", "--resume", str(run_dir)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] == 8
