@@ -70,9 +70,7 @@ class NestedLSTMCell(nn.Module):
         self._candidate = get_activation(
             self.memory.outer_candidate_activation, "outer_candidate_activation"
         )
-        init_lstm_level(
-            self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, forget_bias, recurrent_init
-        )
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_lstm_level(
