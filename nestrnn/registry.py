@@ -114,9 +114,10 @@ class Registry:
 
     def provided_by(self, provider: Provider) -> dict[str, list[str]]:
         """What ``provider`` registered, by kind."""
-        found: dict[str, list[str]] = {k: [] for k in KINDS}
-        for kind in KINDS:
-            found[kind] = sorted(n for n, e in self.entries[kind].items() if e.provider == provider)
+        found = {
+            kind: sorted(n for n, e in self.entries[kind].items() if e.provider == provider)
+            for kind in KINDS
+        }
         for (kind, name), providers in self.conflicts.items():
             if provider in providers:
                 found[kind].append(name)

@@ -41,6 +41,8 @@ class MemoryFunction(nn.Module, ABC):
     num_states: int = 0
     #: activation the outer LSTM applies to its candidate g (a name from nestrnn.activations)
     outer_candidate_activation: str = "tanh"
+    #: the op backend this function prefers under ``backend="auto"`` on CUDA (None: the op's choice)
+    preferred_backend: str | None = None
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -82,6 +84,3 @@ class MemoryFunction(nn.Module, ABC):
         run step by step through ``forward``.
         """
         return None
-
-    #: the op backend this function prefers under ``backend="auto"`` (None: the op's own choice)
-    preferred_backend: str | None = None
