@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import NamedTuple
 
@@ -108,15 +109,40 @@ def nested_lstm_own(
     sizes = None if batch_sizes is None else [int(b) for b in batch_sizes.tolist()]
     flat = [w for lw in weights for w in lw]
     tensors = [x, h0, c0, *(w for w in flat if w is not None)]
+    path = _loop_for(x)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        out, h_n, c_n = _FusedNestedLSTM.apply(x, h0, c0, sizes, reverse, *flat)
+        out, h_n, c_n = _FusedNestedLSTM.apply(path, x, h0, c0, sizes, reverse, *flat)
     else:
         with torch.no_grad():
-            prep = _prepare_weights(weights, h0.shape[1], for_backward=False)
-            out, h_n, c_n, _ = _forward(x, prep, h0, c0, sizes, reverse, save=False)
+            prep = path.prepare(weights, h0.shape[1], for_backward=False)
+            out, h_n, c_n, _ = path.forward(x, prep, h0, c0, sizes, reverse, save=False)
     if dtype in _LOW_PRECISION:
         out, h_n, c_n = out.to(dtype), h_n.to(dtype), c_n.to(dtype)
     return out, h_n, c_n
+
+
+class _TimeLoop(NamedTuple):
+    """One implementation of the op's three phases (this module's PyTorch loop, or the C kernel
+    of ``fused_native``); the autograd Function below runs either.
+
+    prepare(weights, hidden, for_backward) -> prepared weights
+    forward(x, prep, h0, c0, sizes, reverse, save) -> out, h_n, c_n, saved tensors (or None)
+    backward(saved, x, prep, sizes, reverse, d_out, d_hn, d_cn, needs) -> gradients by name
+    """
+
+    prepare: Callable
+    forward: Callable
+    backward: Callable
+
+
+def _loop_for(x: Tensor) -> _TimeLoop:
+    """The C kernel for float32/float64 CPU tensors when it is available, else the torch loop."""
+    if x.device.type == "cpu" and os.environ.get("NESTRNN_NATIVE") != "0":
+        from nestrnn.ops.nested_lstm import fused_native
+
+        if fused_native.applies(x):
+            return _TimeLoop(fused_native.prepare, fused_native.forward, fused_native.backward)
+    return _TORCH_LOOP
 
 
 def _check_inputs(x, weights, h0, c0, batch_sizes) -> None:
@@ -231,12 +257,16 @@ def _transposed(w: Tensor, hidden: int, new) -> tuple[Tensor, Tensor]:
     return s_t, g_t
 
 
+def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int) -> Tensor | None:
+    """b_ih + b_hh (4H,) in the internal gate order; None without biases."""
+    b = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
+    return None if b is None else _internal(b, hidden)
+
+
 def _bias_parts(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int):
     """b_ih + b_hh split into (o, i, f) and g; (None, None) without biases."""
-    b = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
-    if b is None:
-        return None, None
-    return _sig_rows(b, hidden), b[2 * hidden : 3 * hidden]
+    b = _summed_bias(b_ih, b_hh, hidden)
+    return (None, None) if b is None else (b[: 3 * hidden], b[3 * hidden :])
 
 
 def _prepare_weights(weights: list[LevelWeights], hidden: int, for_backward: bool) -> _Prepared:
@@ -498,15 +528,28 @@ class _Saved(NamedTuple):
         levels = [_LevelBuffers(*rest[i : i + size]) for i in range(0, len(rest), size)]
         return cls(levels, tensors[0], tensors[1])
 
-    def h_prev(self, reverse: bool) -> list[tuple[slice, Tensor]]:
-        """h_{t-1} of every step as (time range, (n, B, H)) pieces, each contiguous."""
-        steps = self.levels[0].sig.shape[0]
-        if self.h_init is None:  # packed: slots lo .. lo+T-1
-            lo = int(reverse)
-            return [(slice(0, steps), self.h_store[lo : lo + steps])]
-        if reverse:
-            return [(slice(0, steps - 1), self.h_store[1:]), (slice(steps - 1, steps), self.h_init)]
-        return [(slice(0, 1), self.h_init), (slice(1, steps), self.h_store[: steps - 1])]
+
+def _h_slots(steps, batch, hidden, packed, dtype, device) -> tuple[Tensor, Tensor | None]:
+    """Storage of h for every slot, as ``(h_store, h_init)``.
+
+    Unpacked: the slots are the output tensor itself (so the output is not a view, and users may
+    modify it in place) plus h0 (1, B, H). Packed: one pooled (T+1, B, H) buffer and None, since
+    inactive rows carry state there while the output must show zeros.
+    """
+    if packed:
+        return _WORKSPACE.empty((steps + 1, batch, hidden), dtype, device), None
+    h_store = torch.empty(steps, batch, hidden, dtype=dtype, device=device)  # not pooled
+    return h_store, torch.empty(1, batch, hidden, dtype=dtype, device=device)
+
+
+def _h_prev_pieces(h_store, h_init, steps, reverse) -> list[tuple[slice, Tensor]]:
+    """h_{t-1} of every step as (time range, (n, B, H)) pieces, each contiguous."""
+    if h_init is None:  # packed: slots lo .. lo+T-1
+        lo = int(reverse)
+        return [(slice(0, steps), h_store[lo : lo + steps])]
+    if reverse:
+        return [(slice(0, steps - 1), h_store[1:]), (slice(steps - 1, steps), h_init)]
+    return [(slice(0, 1), h_init), (slice(1, steps), h_store[: steps - 1])]
 
 
 def _linear_into(out: Tensor, x: Tensor, w: Tensor, bias: Tensor | None) -> None:
@@ -537,9 +580,10 @@ def _forward(
     sizes: list[int] | None,
     reverse: bool,
     save: bool,
-) -> tuple[Tensor, Tensor, Tensor, _Saved | None]:
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None] | None]:
     """The whole forward pass without autograd. Returns output, h_n, c_n and (if ``save``) the
-    buffers the backward needs; without ``save`` the per-step buffers are rings."""
+    buffers the backward needs (``_Saved.tensors()``); without ``save`` the per-step buffers
+    are rings."""
     steps, batch, inputs = x.shape
     depth, H = c0.shape[0], h0.shape[1]
     opts = (x.dtype, x.device)
@@ -566,17 +610,10 @@ def _forward(
             )
         )
     levels = [_LevelViews(b, steps, H) for b in bufs]
-    # h of every slot. Unpacked: the slots are the output tensor itself (so the output is not a
-    # view, and users may modify it in place) plus h0. Packed: one (T+1, B, H) buffer, since
-    # inactive rows carry state there while the output must show zeros.
-    if packed:
-        h_store, h_init = new((steps + 1, batch, H), *opts), None
-        hs = list(h_store.unbind(0))
-    else:
-        h_store = torch.empty(steps, batch, H, dtype=x.dtype, device=x.device)  # not pooled
-        h_init = torch.empty(1, batch, H, dtype=x.dtype, device=x.device)
-        outs = list(h_store.unbind(0))
-        hs = [*outs, h_init[0]] if reverse else [h_init[0], *outs]
+    h_store, h_init = _h_slots(steps, batch, H, packed, *opts)
+    hs = list(h_store.unbind(0))
+    if h_init is not None:
+        hs = [*hs, h_init[0]] if reverse else [h_init[0], *hs]
 
     hs[first].copy_(h0)
     for k in range(depth):
@@ -608,7 +645,7 @@ def _forward(
         out = out * mask.to(device=x.device, dtype=x.dtype).unsqueeze(2)
     else:
         out = h_store
-    saved = _Saved(bufs, h_store, h_init) if save else None
+    saved = _Saved(bufs, h_store, h_init).tensors() if save else None
     return out, h_n, c_n, saved
 
 
@@ -653,7 +690,7 @@ def _forward_step(levels: list[_LevelViews], hs, prep: _Prepared, t, j, jn, rows
 
 
 def _backward(
-    saved: _Saved,
+    saved_tensors: list[Tensor | None],
     x: Tensor,
     prep: _Prepared,
     sizes: list[int] | None,
@@ -668,6 +705,7 @@ def _backward(
     Returns gradients with gate rows in the internal order (o, i, f, g): ``x, h0, c0`` and per
     level k ``w_ih{k}``, ``w_hh{k}``, ``b{k}`` (the gradient of both biases).
     """
+    saved = _Saved.from_tensors(saved_tensors)
     steps, batch = x.shape[0], x.shape[1]
     depth, H = len(saved.levels), d_hn.shape[1]
     opts = {"dtype": d_out.dtype, "device": d_out.device}
@@ -731,8 +769,10 @@ def _gate_backward(lv, gz, d_ig, d_fc, dc_prev, t, j, rows, tanh_candidate) -> N
         _tanh_backward(d_cand, _rows(lv.cand[t], rows), grad_input=d_cand)
 
 
-def _weight_grads(saved, x, prep, dz_bufs, dh, dc, reverse, needs) -> dict[str, Tensor | None]:
-    """Every parameter gradient after the time loop, each one GEMM over all steps."""
+def _outer_grads(x, w_ih0, dz_bufs, h_prev, dh, dc, needs) -> dict[str, Tensor | None]:
+    """The gradients of x, h0, c0, the outer weights and every bias after the time loop, each one
+    GEMM (or sum) over all steps. ``dz_bufs``: per level (T, B, 4H) gate gradients, ``w_ih0``
+    (4H, I) and ``h_prev`` (from ``_h_prev_pieces``) in the internal gate order."""
     steps, batch, inputs = x.shape
     H = dh.shape[1]
     rows = steps * batch
@@ -740,23 +780,32 @@ def _weight_grads(saved, x, prep, dz_bufs, dh, dc, reverse, needs) -> dict[str, 
     grads: dict[str, Tensor | None] = dict.fromkeys(needs)
     grads["h0"], grads["c0"] = dh, dc
     if needs["x"]:
-        grads["x"] = torch.mm(dz0, prep.w_ih0).view(steps, batch, inputs)
+        grads["x"] = torch.mm(dz0, w_ih0).view(steps, batch, inputs)
     if needs["w_ih0"]:
         grads["w_ih0"] = torch.mm(dz0.t(), x.reshape(rows, inputs))
     if needs["w_hh0"]:  # sum over the (one or two) contiguous pieces of h_{t-1}
         grads["w_hh0"] = dw = torch.zeros(4 * H, H, dtype=dh.dtype, device=dh.device)
-        for span, h_prev in saved.h_prev(reverse):
-            dw.addmm_(dz_bufs[0][span].reshape(-1, 4 * H).t(), h_prev.reshape(-1, H))
+        for span, h in h_prev:
+            dw.addmm_(dz_bufs[0][span].reshape(-1, 4 * H).t(), h.reshape(-1, H))
     for k in range(len(dz_bufs)):
-        dzk = dz_bufs[k].view(rows, 4 * H)
         if needs[f"b{k}"]:
-            grads[f"b{k}"] = dzk.sum(0)
-        if k > 0:
-            below = saved.levels[k - 1]  # inputs of level k: x~ and h~ of level k-1
-            if needs[f"w_ih{k}"]:
-                grads[f"w_ih{k}"] = torch.mm(dzk.t(), below.gin.view(rows, H))
-            if needs[f"w_hh{k}"]:
-                grads[f"w_hh{k}"] = torch.mm(dzk.t(), below.gcell.view(rows, H))
+            grads[f"b{k}"] = dz_bufs[k].view(rows, 4 * H).sum(0)
+    return grads
+
+
+def _weight_grads(saved, x, prep, dz_bufs, dh, dc, reverse, needs) -> dict[str, Tensor | None]:
+    """Every parameter gradient after the time loop, each one GEMM over all steps."""
+    steps, batch = x.shape[0], x.shape[1]
+    H, rows = dh.shape[1], steps * batch
+    h_prev = _h_prev_pieces(saved.h_store, saved.h_init, steps, reverse)
+    grads = _outer_grads(x, prep.w_ih0, dz_bufs, h_prev, dh, dc, needs)
+    for k in range(1, len(dz_bufs)):
+        dzk = dz_bufs[k].view(rows, 4 * H)
+        below = saved.levels[k - 1]  # inputs of level k: x~ and h~ of level k-1
+        if needs[f"w_ih{k}"]:
+            grads[f"w_ih{k}"] = torch.mm(dzk.t(), below.gin.view(rows, H))
+        if needs[f"w_hh{k}"]:
+            grads[f"w_hh{k}"] = torch.mm(dzk.t(), below.gcell.view(rows, H))
     return grads
 
 
@@ -764,36 +813,42 @@ def _weight_grads(saved, x, prep, dz_bufs, dh, dc, reverse, needs) -> dict[str, 
 # autograd
 
 
+_TORCH_LOOP = _TimeLoop(_prepare_weights, _forward, _backward)
+
+
 class _FusedNestedLSTM(torch.autograd.Function):
-    """Autograd wrapper: inputs ``x, h0, c0, sizes, reverse, *flat`` where ``flat`` is the D x 4
-    level parameters (weight_ih, weight_hh, bias_ih, bias_hh), any bias may be None."""
+    """Autograd wrapper: inputs ``loop, x, h0, c0, sizes, reverse, *flat`` where ``loop`` is a
+    ``_TimeLoop`` and ``flat`` the D x 4 level parameters (weight_ih, weight_hh, bias_ih,
+    bias_hh), any bias may be None."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, sizes, reverse, *flat):
+    def forward(ctx, loop, x, h0, c0, sizes, reverse, *flat):
         weights = [LevelWeights(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        prep = _prepare_weights(weights, h0.shape[1], for_backward=True)
-        out, h_n, c_n, saved = _forward(x, prep, h0, c0, sizes, reverse, save=True)
-        ctx.prep, ctx.sizes, ctx.reverse = prep, sizes, reverse
+        prep = loop.prepare(weights, h0.shape[1], for_backward=True)
+        out, h_n, c_n, saved = loop.forward(x, prep, h0, c0, sizes, reverse, save=True)
+        ctx.loop, ctx.prep, ctx.sizes, ctx.reverse = loop, prep, sizes, reverse
         # all through save_for_backward: autograd frees them after the backward (so the pooled
         # buffers can be reused) and reports in-place changes of x or of the output
-        ctx.save_for_backward(x, *saved.tensors())
+        ctx.save_for_backward(x, *saved)
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
-        x, *tensors = ctx.saved_tensors  # checks versions
-        saved = _Saved.from_tensors(tensors)
-        H, depth = d_hn.shape[1], len(saved.levels)
-        ng = ctx.needs_input_grad
+        x, *saved = ctx.saved_tensors  # checks versions
+        H = d_hn.shape[1]
+        ng = ctx.needs_input_grad[1:]  # the first input is the loop
+        depth = (len(ng) - 5) // 4
         flat_needs = ng[5:]  # per flat parameter: (w_ih, w_hh, b_ih, b_hh) x D
         needs = {"x": ng[0]}
         for k in range(depth):
             needs[f"w_ih{k}"] = flat_needs[4 * k]
             needs[f"w_hh{k}"] = flat_needs[4 * k + 1]
             needs[f"b{k}"] = flat_needs[4 * k + 2] or flat_needs[4 * k + 3]
-        grads = _backward(saved, x, ctx.prep, ctx.sizes, ctx.reverse, d_out, d_hn, d_cn, needs)
+        grads = ctx.loop.backward(
+            saved, x, ctx.prep, ctx.sizes, ctx.reverse, d_out, d_hn, d_cn, needs
+        )
         flat_grads: list[Tensor | None] = []
         for k in range(depth):  # back to nn.LSTM's gate order; both biases get the same
             w_ih, w_hh, b = (grads[f"{name}{k}"] for name in ("w_ih", "w_hh", "b"))
@@ -803,4 +858,4 @@ class _FusedNestedLSTM(torch.autograd.Function):
         flat_grads = [g if need else None for g, need in zip(flat_grads, flat_needs)]
         h0_grad = grads["h0"] if ng[1] else None
         c0_grad = grads["c0"] if ng[2] else None
-        return (grads["x"], h0_grad, c0_grad, None, None, *flat_grads)
+        return (None, grads["x"], h0_grad, c0_grad, None, None, *flat_grads)

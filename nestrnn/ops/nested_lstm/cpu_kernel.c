@@ -1,0 +1,115 @@
+/* Time loops of the nested-LSTM op on CPU: the per-step recurrent GEMMs and all pointwise math.
+ *
+ * Built on first use by native.py (see there for how, where, and the fallback); driven by
+ * fused_native.py, which allocates every buffer, runs the input projection and the weight
+ * gradients (large GEMMs, outside the loop), and documents the layout. The GEMMs call the BLAS
+ * that PyTorch itself links (MKL on x86-64), through function pointers set by nlstm_set_blas.
+ *
+ * Layout (row-major, contiguous; T steps, B rows, H units, D levels), as in fused_native.py:
+ *   gates[k]   (T or 1, B, 4H)  level k's gates [o | i | f | g]; gates[0] always has T steps and
+ *                               holds x W_ih^T + b on entry. Activated in place by the forward.
+ *   inputs[k]  (T or 1, B, 2H)  [x~ | h~] = [i*g | f*c_prev] of level k, the input of level k+1
+ *   cells[k]   (cell_slots, B, H) the level's cell; slot j is the state before step j (forward)
+ *   tanh_c[k]  (T or 1, B, H)
+ *   h[j]       T+1 slot pointers, each (B, H)
+ * Weights are in the internal gate order (o, i, f, g): w_hh0 (4H, H), w_nested[k] (4H, 2H) =
+ * [W_ih | W_hh] of level k >= 1, bias[k] (4H,) = b_ih + b_hh or NULL.
+ * Time t reads slot t + lo and writes slot t + lo + step, (lo, step) = (0, 1) or (1, -1) reversed.
+ * Packed batches: rows >= batch_sizes[t] are inactive at step t and carry their state.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Fortran BLAS (column-major, arguments by reference, 32-bit integers) */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                         const float *, const float *, const int *, const float *, const int *,
+                         const float *, float *, const int *);
+typedef void (*dgemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                         const double *, const double *, const int *, const double *, const int *,
+                         const double *, double *, const int *);
+/* MKL's packed GEMM: pack the weight once per call, reuse it every step */
+typedef size_t (*pack_size_fn)(const char *, const int *, const int *, const int *);
+typedef void (*spack_fn)(const char *, const char *, const int *, const int *, const int *,
+                         const float *, const float *, const int *, float *);
+typedef void (*scompute_fn)(const char *, const char *, const int *, const int *, const int *,
+                            const float *, const int *, const float *, const int *, const float *,
+                            float *, const int *);
+
+static sgemm_fn sgemm_ptr;
+static dgemm_fn dgemm_ptr;
+static pack_size_fn pack_size_ptr;
+static spack_fn spack_ptr;
+static scompute_fn scompute_ptr;
+
+/* Set the BLAS entry points; the packed ones may be NULL. */
+void nlstm_set_blas(void *sgemm, void *dgemm, void *pack_size, void *spack, void *scompute) {
+    sgemm_ptr = (sgemm_fn)sgemm;
+    dgemm_ptr = (dgemm_fn)dgemm;
+    pack_size_ptr = (pack_size_fn)pack_size;
+    spack_ptr = (spack_fn)spack;
+    scompute_ptr = (scompute_fn)scompute;
+}
+
+/* Everything one call needs (fields mirror fused_native._Args; integers are int64). */
+typedef struct {
+    int64_t steps, batch, hidden, depth;
+    int64_t reverse, save, cell_slots;
+    const int64_t *batch_sizes; /* (T,) or NULL: every row active */
+    void **gates, **inputs, **cells, **tanh_c, **h;
+    const void *w_hh0;
+    const void **w_nested, **bias;
+    /* backward only */
+    const void *d_out; /* (T, B, H) */
+    void *dh;          /* (B, H): d h_n on entry, d h0 on return */
+    void *dc;          /* (D, B, H): d c_n on entry, d c0 on return */
+    void **d_gates;    /* [k] (T, B, 4H) pre-activation gate gradients; zero where inactive */
+    void *scratch;     /* (B, 2H) */
+    void *dht;         /* (B, H) */
+} nlstm_args;
+
+/* float: exp from a degree-6 polynomial (Cephes' expf, ~1 ulp on the reduced range) so that
+ * the loops vectorise; libm's expf is a scalar call without -ffast-math. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+static inline float tanh_f32(float x) { return 2.0f / (1.0f + exp_f32(-2.0f * x)) - 1.0f; }
+static inline double sigmoid_f64(double x) { return 1.0 / (1.0 + exp(-x)); }
+static inline double tanh_f64(double x) { return tanh(x); }
+
+#define REAL float
+#define SFX(name) name##_f32
+#define SIGMOID sigmoid_f32
+#define TANH tanh_f32
+#define GEMM sgemm_ptr
+#define HAS_PACKED 1
+#include "cpu_kernel_loops.h"
+#undef REAL
+#undef SFX
+#undef SIGMOID
+#undef TANH
+#undef GEMM
+#undef HAS_PACKED
+
+#define REAL double
+#define SFX(name) name##_f64
+#define SIGMOID sigmoid_f64
+#define TANH tanh_f64
+#define GEMM dgemm_ptr
+#define HAS_PACKED 0
+#include "cpu_kernel_loops.h"
