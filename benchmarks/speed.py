@@ -318,6 +318,14 @@ def format_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------- main
 
 
+def cpu_loop() -> str:
+    """Which time loop the fused op runs on CPU (float32/float64), and why."""
+    from nestrnn.ops.nested_lstm import native
+
+    status = native.status()
+    return "C kernel loop" if status.available else f"PyTorch loop ({status.reason})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -347,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time the hand-written kernel at depth 1 too (by default depth 1 runs torch's LSTM)",
     )
+    parser.add_argument(
+        "--cpu-loop",
+        default="auto",
+        choices=["auto", "torch"],
+        help="time loop of the fused op on CPU: auto (the C kernel where it builds) or torch "
+        "(the PyTorch loop, as on a machine without a C compiler)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 3 repeats")
     parser.add_argument("--json", default=None, help="write results to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
@@ -361,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_loop == "torch":
+        os.environ["NESTRNN_NATIVE"] = "0"
     dtype = DTYPES[args.dtype]
     shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES))
     depths = [int(d) for d in args.depths.split(",")]
@@ -392,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "clock": "cuda events" if device.type == "cuda" else args.clock,
         "depth1_kernel": "hand-written (--own-depth1)" if args.own_depth1 else "backend default",
+        "cpu_loop": cpu_loop() if device.type == "cpu" else None,
         "python": platform.python_version(),
     }
     print(
         f"{info['device']} | torch {info['torch']} | {info['threads']} threads | {args.dtype} | "
         f"backend {args.backend} | {repeats} repeats, median | clock {info['clock']}"
+        + (f" | {info['cpu_loop']}" if info["cpu_loop"] else "")
     )
     all_rows, raw = [], []
     print(TABLE_HEAD, flush=True)
@@ -425,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         header = (
             f"{info['device']}, torch {info['torch']}, {info['threads']} threads, "
             f"{args.dtype}, backend {args.backend}, median of {repeats} repeats, "
-            f"clock {info['clock']}; {note}\n\n"
+            f"clock {info['clock']}"
+            + (f", {info['cpu_loop']}" if info["cpu_loop"] else "")
+            + f"; {note}\n\n"
         )
         Path(args.markdown).write_text(header + format_table(all_rows) + "\n")
     return 0

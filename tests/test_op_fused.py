@@ -2,22 +2,43 @@
 
 Every comparison covers outputs, final h, final cells and EVERY gradient (x, h0, c0, each weight and
 bias). ``nested_lstm_fused`` is the public entry (depth 1 goes to torch's own LSTM);
-``nested_lstm_own`` is the hand-written autograd Function, tested at depth 1 too.
+``nested_lstm_own`` is the hand-written autograd Function, tested at depth 1 too, with each of its
+time loops: the C kernel ("own-native") and the PyTorch loop ("own-torch").
 """
 
 from __future__ import annotations
+
+import os
+from functools import partial
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestrnn.ops.nested_lstm import nested_lstm
+from nestrnn.ops.nested_lstm import native, nested_lstm
 from nestrnn.ops.nested_lstm.common import LevelWeights
 from nestrnn.ops.nested_lstm.fused import nested_lstm_fused, nested_lstm_own
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 
-PATHS = {"fused": nested_lstm_fused, "own": nested_lstm_own}
+PATHS = {
+    "fused": nested_lstm_fused,
+    "own-native": partial(nested_lstm_own, loop="native"),
+    "own-torch": partial(nested_lstm_own, loop="torch"),
+}
+OWN_LOOPS = ("native", "torch")
+
+
+def require_loop(loop: str) -> None:
+    """Skip native-loop tests where the C kernel cannot be built, except where it must be
+    (``NESTRNN_REQUIRE_NATIVE=1``, set by CI): there its absence fails the test."""
+    if loop in ("native", "own-native") and not native.status().available:
+        reason = f"CPU kernel unavailable: {native.status().reason}"
+        if os.environ.get("NESTRNN_REQUIRE_NATIVE") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 BIAS_MODES = ("both", "none", "ih", "hh")
 
 
@@ -135,6 +156,7 @@ def build(case, **kw):
 @settings(deadline=None, max_examples=100)
 @given(case=cases())
 def test_matches_naive_float64(path, case):
+    require_loop(path)
     x, weights, h0, c0 = build(case)
     bs, rev = case["batch_sizes"], case["reverse"]
     got_out, got_grads = run_with_grads(PATHS[path], x, weights, h0, c0, bs, rev)
@@ -148,6 +170,7 @@ def test_matches_naive_float64(path, case):
 @given(case=cases(), data=st.data())
 def test_chunks_equal_whole_sequence(path, case, data):
     """Two chunks fed the returned state give the whole sequence's outputs, state and gradients."""
+    require_loop(path)
     steps, bs, rev = case["steps"], case["batch_sizes"], case["reverse"]
     split = data.draw(st.integers(0, steps))
     x, weights, h0, c0 = build(case)
@@ -174,7 +197,8 @@ def test_inference_matches_naive(case):
     x, weights, h0, c0 = build(case, requires_grad=False)
     leaf_args = build(case)  # the same values, requiring grad
     bs, rev = case["batch_sizes"], case["reverse"]
-    for fn in PATHS.values():
+    for name, fn in PATHS.items():
+        require_loop(name)
         got = fn(x, weights, h0, c0, bs, rev)
         with torch.no_grad():  # grad mode off, inputs that require grad: the same fast path
             got_ng = fn(*leaf_args, bs, rev)
@@ -184,16 +208,19 @@ def test_inference_matches_naive(case):
         assert not any(t.requires_grad for t in got_ng)
 
 
-def test_retain_graph_and_workspace_reuse():
+@pytest.mark.parametrize("loop", OWN_LOOPS)
+def test_retain_graph_and_workspace_reuse(loop):
     """Buffers saved for a retained graph are not handed to later calls (the op reuses its CPU
     buffers between calls), and a graph made under inference_mode does not poison the pool."""
+    require_loop(loop)
+    own = partial(nested_lstm_own, loop=loop)
     x, weights, h0, c0 = make_case(30, 8, 40, 40, 2, dtype=torch.float32, seed=2)
     with torch.inference_mode():
-        nested_lstm_own(x, weights, h0, c0)
-    out = nested_lstm_own(x, weights, h0, c0)[0]
+        own(x, weights, h0, c0)
+    out = own(x, weights, h0, c0)[0]
     first = torch.autograd.grad(out.sum(), weights[1].weight_ih, retain_graph=True)[0]
     for scale in (2.0, 3.0):  # other calls in between, forward and backward
-        nested_lstm_own(x * scale, weights, h0, c0)[0].sum().backward()
+        own(x * scale, weights, h0, c0)[0].sum().backward()
     second = torch.autograd.grad(out.sum(), weights[1].weight_ih)[0]
     torch.testing.assert_close(first, second, atol=0, rtol=0)
 
@@ -204,7 +231,8 @@ def test_partial_requires_grad(depth):
     x, weights, h0, c0 = make_case(5, 3, 4, 3, depth, requires_grad=False)
     x.requires_grad_()
     weights[0].weight_hh.requires_grad_()
-    for fn in PATHS.values():
+    for name, fn in PATHS.items():
+        require_loop(name)
         got_out, got_grads = run_with_grads(fn, x, weights, h0, c0, torch.tensor([3, 3, 2, 1, 1]))
         want_out, want_grads = run_with_grads(
             nested_lstm_naive, x, weights, h0, c0, torch.tensor([3, 3, 2, 1, 1])
@@ -214,9 +242,11 @@ def test_partial_requires_grad(depth):
         assert_close_all(got_grads, want_grads, atol=1e-10)
 
 
+@pytest.mark.parametrize("loop", OWN_LOOPS)
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["plain", "packed_reverse"])
-def test_gradcheck(depth, mode):
+def test_gradcheck(loop, depth, mode):
+    require_loop(loop)
     x, weights, h0, c0 = make_case(3, 2, 2, 2, depth, seed=depth)
     bs = torch.tensor([2, 1, 1]) if mode == "packed_reverse" else None
     rev = mode == "packed_reverse"
@@ -224,7 +254,7 @@ def test_gradcheck(depth, mode):
 
     def fn(x, h0, c0, *flat):
         ws = [LevelWeights(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
-        return nested_lstm_own(x, ws, h0, c0, bs, rev)
+        return nested_lstm_own(x, ws, h0, c0, bs, rev, loop=loop)
 
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *flat), eps=1e-6, atol=1e-6)
 
@@ -236,16 +266,19 @@ def test_dispatcher_routes_to_fused():
     assert_close_all(list(got), list(want), atol=1e-10)
 
 
-def test_output_is_not_a_view():
+@pytest.mark.parametrize("loop", OWN_LOOPS)
+def test_output_is_not_a_view(loop):
     """Outputs can be used (and modified) like any tensor; the op does not hand out its buffers."""
+    require_loop(loop)
     x, weights, h0, c0 = make_case(4, 2, 3, 3, 2)
-    out, h_n, c_n = nested_lstm_own(x, weights, h0, c0)
+    out, h_n, c_n = nested_lstm_own(x, weights, h0, c0, loop=loop)
     assert out._base is None and h_n._base is None and c_n._base is None
 
 
 def test_empty_sequence_passes_state_through():
     x, weights, h0, c0 = make_case(0, 2, 3, 3, 2, requires_grad=False)
-    for fn in PATHS.values():
+    for name, fn in PATHS.items():
+        require_loop(name)
         out, h_n, c_n = fn(x, weights, h0, c0)
         assert out.shape == (0, 2, 3)
         torch.testing.assert_close(h_n, h0)
@@ -258,6 +291,23 @@ def test_bad_shapes_are_reported():
         nested_lstm_fused(x, weights, h0, c0[:1])
     with pytest.raises(ValueError, match="h0 must be"):
         nested_lstm_fused(x, weights, h0[:1], c0)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        nested_lstm_own(x, weights, h0, c0, loop="fortran")
+
+
+def test_auto_loop_is_native_where_available(monkeypatch):
+    """float32/float64 CPU inputs run the C kernel by default; NESTRNN_NATIVE=0 selects the torch
+    loop, and asking for the native loop on a device it does not serve is an error."""
+    require_loop("native")
+    from nestrnn.ops.nested_lstm import fused, fused_native
+
+    x = torch.zeros(2, 2, 3)
+    assert fused._loop_for(x, "auto").forward is fused_native.forward
+    assert fused._loop_for(x.bfloat16(), "auto") is fused._TORCH_LOOP  # cast to fp32 before
+    with pytest.raises(RuntimeError, match="native CPU loop cannot run"):
+        fused._loop_for(torch.zeros(2, 2, 3, device="meta"), "native")
+    monkeypatch.setenv("NESTRNN_NATIVE", "0")
+    assert fused._loop_for(x, "auto") is fused._TORCH_LOOP
 
 
 # ------------------------------------------------------------------------------------- float32
@@ -267,6 +317,7 @@ def test_bad_shapes_are_reported():
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("packed_reverse", [False, True])
 def test_float32_matches_naive(path, depth, packed_reverse):
+    require_loop(path)
     x, weights, h0, c0 = make_case(12, 5, 7, 16, depth, dtype=torch.float32, seed=3)
     with torch.no_grad():  # keep the recurrence in a well-conditioned range
         for lw in weights:
@@ -287,6 +338,7 @@ def test_float32_matches_naive(path, depth, packed_reverse):
 @pytest.mark.parametrize("depth", [1, 2])
 def test_bfloat16_smoke(path, depth):
     """bf16 in, bf16 out and bf16 gradients, close to the fp32 reference (loose tolerance)."""
+    require_loop(path)
     x32, w32, h32, c32 = make_case(8, 4, 6, 8, depth, dtype=torch.float32, seed=5)
     with torch.no_grad():
         for lw in w32:

@@ -66,6 +66,7 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+LOOPS = ("auto", "native", "torch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,8 +98,16 @@ def nested_lstm_own(
     c0: Tensor,
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
+    loop: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The hand-written path for any depth (depth 1 included; used directly by tests/benchmarks)."""
+    """The hand-written path for any depth (depth 1 included; used directly by tests/benchmarks).
+
+    ``loop`` picks the time loop: ``"native"`` (the C kernel of ``fused_native``; CPU only, an
+    error when it is unavailable), ``"torch"`` (this module's PyTorch loop, any device) or
+    ``"auto"`` (native where it applies).
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
     dtype = x.dtype
     if dtype in _LOW_PRECISION:  # fp32 compute; the casts are differentiable
         x, h0, c0 = x.float(), h0.float(), c0.float()
@@ -109,7 +118,7 @@ def nested_lstm_own(
     sizes = None if batch_sizes is None else [int(b) for b in batch_sizes.tolist()]
     flat = [w for lw in weights for w in lw]
     tensors = [x, h0, c0, *(w for w in flat if w is not None)]
-    path = _loop_for(x)
+    path = _loop_for(x, loop)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out, h_n, c_n = _FusedNestedLSTM.apply(path, x, h0, c0, sizes, reverse, *flat)
     else:
@@ -135,13 +144,18 @@ class _TimeLoop(NamedTuple):
     backward: Callable
 
 
-def _loop_for(x: Tensor) -> _TimeLoop:
-    """The C kernel for float32/float64 CPU tensors when it is available, else the torch loop."""
-    if x.device.type == "cpu" and os.environ.get("NESTRNN_NATIVE") != "0":
-        from nestrnn.ops.nested_lstm import fused_native
+def _loop_for(x: Tensor, loop: str) -> _TimeLoop:
+    """The C kernel for float32/float64 CPU tensors when it is available (and not turned off by
+    ``NESTRNN_NATIVE=0``), else the torch loop; ``loop`` forces one."""
+    if loop == "torch" or (loop == "auto" and os.environ.get("NESTRNN_NATIVE") == "0"):
+        return _TORCH_LOOP
+    from nestrnn.ops.nested_lstm import fused_native, native
 
-        if fused_native.applies(x):
-            return _TimeLoop(fused_native.prepare, fused_native.forward, fused_native.backward)
+    if fused_native.applies(x):
+        return _TimeLoop(fused_native.prepare, fused_native.forward, fused_native.backward)
+    if loop == "native":
+        why = native.status().reason if x.device.type == "cpu" else f"input on {x.device}"
+        raise RuntimeError(f"the native CPU loop cannot run this input: {why}")
     return _TORCH_LOOP
 
 

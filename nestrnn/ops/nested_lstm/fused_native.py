@@ -45,7 +45,9 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 
 def applies(x: Tensor) -> bool:
     """True when the C kernel runs this input (CPU, float32/float64, kernel built)."""
-    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and native.kernel() is not None
+    if x.device.type != "cpu" or x.dtype not in NATIVE_DTYPES:
+        return False
+    return native.kernel() is not None
 
 
 class Prepared(NamedTuple):
