@@ -43,8 +43,8 @@ class NestedLSTM(nn.Module):
         forget_bias: initial forget-gate bias of every level (None: PyTorch's uniform init).
         recurrent_init: ``"orthogonal"`` (default) or ``"uniform"`` recurrent weights.
         backend: ``"auto"`` picks the fastest correct path: the fused op for the standard
-            additive/nested chain (Triton kernels on CUDA when Triton is installed), the generic
-            per-step path for any other memory function. ``"generic"``, ``"naive"``, ``"fused"``
+            additive/nested chain (its C time loop on CPU, Triton kernels on CUDA when Triton is
+            installed), the generic per-step path for any other memory function. ``"generic"``, ``"naive"``, ``"fused"``
             and ``"triton"`` force one (the last three need the standard chain).
 
     Inputs: ``input, (h_0, c_0)`` (the state may be omitted or None: zeros)

@@ -291,6 +291,11 @@ def test_bad_shapes_are_reported():
         nested_lstm_fused(x, weights, h0, c0[:1])
     with pytest.raises(ValueError, match="h0 must be"):
         nested_lstm_fused(x, weights, h0[:1], c0)
+    with pytest.raises(ValueError, match="h0 is torch.float32 on cpu but x is torch.float64"):
+        nested_lstm_fused(x, weights, h0.float(), c0)
+    with pytest.raises(ValueError, match="level 1 weight_hh is torch.float32"):
+        w = weights[1]
+        nested_lstm_own(x, [weights[0], w._replace(weight_hh=w.weight_hh.float())], h0, c0)
     with pytest.raises(ValueError, match="loop must be one of"):
         nested_lstm_own(x, weights, h0, c0, loop="fortran")
 

@@ -9,24 +9,29 @@ How it is fast (DESIGN.md section 4):
 
 * depth 1 is exactly ``nn.LSTM``'s cell, so it calls torch's own whole-sequence kernel
   (``torch._VF.lstm``: oneDNN on CPU, cuDNN on CUDA); packed + reverse falls back to the path below;
-* depth >= 2 (and depth 1 packed + reverse) runs a ``torch.autograd.Function``:
-  - the outer input projection ``x W_ih^T + b`` of every step is one GEMM per gate group,
-    written straight into the gate buffers; per step only the dependent recurrent GEMMs remain:
-    ``h W_hh^T`` for the outer level, ``x~ W_ih^T + h~ W_hh^T`` for each nested level;
-  - the forward runs without autograd and writes activated gates, cells, ``tanh(c)`` and the
-    nested inputs of every step into preallocated buffers (rings when no gradient is needed);
-  - the backward runs the reverse time loop for state and gate gradients only (``dz @ W`` per
-    level and step), then computes every weight and bias gradient and the gradient of ``x`` as a
-    few large GEMMs over all steps;
-  - large CPU buffers are reused between calls (``_Workspace``): fresh memory page-faults on
-    first touch, which cost ~15% of a depth-2 forward+backward at (B, H, T) = (32, 256, 100);
-  - weights are permuted, split and transposed once per call, so every per-step GEMM has a
-    row-major right operand (``h @ W^T`` on the transposed view was 25-55% slower per step).
+* depth >= 2 (and depth 1 packed + reverse) runs a ``torch.autograd.Function`` with two phases
+  around each time loop: the outer input projection ``x W_ih^T + b`` of every step is one GEMM
+  before the forward loop, and every weight and bias gradient (and the gradient of ``x``) is a few
+  large GEMMs after the backward loop, which computes state and gate gradients only;
+* the time loops themselves come in two versions (``_TimeLoop``):
+  - on CPU in float32/float64, a C kernel (``fused_native.py``, ``cpu_kernel.c``): per step the
+    recurrent GEMMs through torch's BLAS (MKL's packed GEMM) and all pointwise math, one loop per
+    level. At (B, H, T) = (32, 256, 100) it took a depth-2 forward from 1.6-1.7x the time of
+    ``nn.LSTM(num_layers=2)`` to 1.0-1.2x (benchmarks/README.md);
+  - everywhere else (CUDA without Triton, or no C compiler: ``NESTRNN_NATIVE=0`` forces it), the
+    PyTorch loop in this module, described below;
+* large CPU buffers are reused between calls (``_Workspace``): fresh memory page-faults on
+  first touch, which cost ~15% of a depth-2 forward+backward at (B, H, T) = (32, 256, 100).
 
-Layout. Gates are kept in the internal order (o, i, f, g) so that one sigmoid covers o, i, f.
-Every per-step quantity is its own contiguous block: the GEMMs write ``[o | i | f]`` (B, 3H) and
-``g`` (B, H) separately, and cells, ``tanh(c)``, ``x~ = i*g`` and ``h~ = f*c_prev`` have buffers of
-their own. An earlier version kept one (B, 5H) row ``[o|i|f|g|c_prev]`` per step (one multiply for
+The PyTorch loop: the forward runs without autograd and writes activated gates, cells,
+``tanh(c)`` and the nested inputs of every step into preallocated buffers (rings when no gradient
+is needed); weights are permuted, split and transposed once per call, so every per-step GEMM has
+a row-major right operand (``h @ W^T`` on the transposed view was 25-55% slower per step).
+
+Layout of the PyTorch loop. Gates are kept in the internal order (o, i, f, g) so that one sigmoid
+covers o, i, f. Every per-step quantity is its own contiguous block: the GEMMs write
+``[o | i | f]`` (B, 3H) and ``g`` (B, H) separately, and cells, ``tanh(c)``, ``x~ = i*g`` and
+``h~ = f*c_prev`` have buffers of their own. An earlier version kept one (B, 5H) row ``[o|i|f|g|c_prev]`` per step (one multiply for
 ``[i|f]*[g|c]``); its column slices made the elementwise ops 2-3x slower at B = 32, and the
 contiguous layout measured 7-9% faster forward at (32, 256, 100) (one thread, CPU time), equal
 forward+backward. Buffers are in time order: time ``t`` reads the state of slot ``t`` and writes
@@ -34,10 +39,10 @@ slot ``t+1`` (forward), or reads slot ``t+1`` and writes slot ``t`` (reverse), s
 saved tensors need no flipping. Packed batches (active rows are a prefix) slice
 ``[:batch_sizes[t]]``; inactive rows copy their state forward and get zero gradient.
 
-Measured and not used: torch.compile of the per-step elementwise chain (33 s to compile; the
-compiled call took 119 us against 55 us for the eager ops at B=32, H=256); MKL packed weights
-(``torch.ops.mkl._mkl_linear``, 10-20% faster GEMMs with two threads, but a private op without
-``out=`` or accumulation, so every use needs an extra add).
+Measured and not used in the PyTorch loop: torch.compile of the per-step elementwise chain (33 s
+to compile; the compiled call took 119 us against 55 us for the eager ops at B=32, H=256); MKL
+packed weights through ``torch.ops.mkl._mkl_linear`` (10-20% faster GEMMs with two threads, but a
+private op without ``out=`` or accumulation; the C kernel calls the packed GEMM directly).
 
 bfloat16 / float16 inputs are computed in float32 on this path (GEMM accumulation, gates and the
 cell state all in fp32) and cast back; depth 1 runs torch's own LSTM in the input dtype.
@@ -112,6 +117,7 @@ def nested_lstm_own(
     if dtype in _LOW_PRECISION:  # fp32 compute; the casts are differentiable
         x, h0, c0 = x.float(), h0.float(), c0.float()
         weights = [LevelWeights(*(None if w is None else w.float() for w in lw)) for lw in weights]
+    _check_same_type(x, weights, h0, c0)  # the C kernel reads raw memory of x's dtype
     if x.shape[0] == 0:  # empty sequence: the state passes through
         out = x.new_zeros(0, x.shape[1], h0.shape[1])
         return out.to(dtype), h0.to(dtype), c0.to(dtype)
@@ -157,6 +163,18 @@ def _loop_for(x: Tensor, loop: str) -> _TimeLoop:
         why = native.status().reason if x.device.type == "cpu" else f"input on {x.device}"
         raise RuntimeError(f"the native CPU loop cannot run this input: {why}")
     return _TORCH_LOOP
+
+
+def _check_same_type(x, weights, h0, c0) -> None:
+    named = [("h0", h0), ("c0", c0)]
+    for k, lw in enumerate(weights):
+        named += [(f"level {k} {f}", w) for f, w in zip(LevelWeights._fields, lw) if w is not None]
+    for name, t in named:
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; "
+                "the state and every weight must have the input's dtype and device"
+            )
 
 
 def _check_inputs(x, weights, h0, c0, batch_sizes) -> None:
