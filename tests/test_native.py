@@ -93,3 +93,15 @@ def test_unwritable_cache_is_reported(tmp_path):
     done = run_python(CHECK_OP, NESTRNN_CACHE_DIR=str(blocker / "cache"))
     assert done.returncode == 0, done.stderr
     assert "STATUS False cache directory" in done.stdout
+
+
+def test_command_line_status():
+    done = subprocess.run(
+        [sys.executable, "-m", "nestrnn.ops.nested_lstm.native"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NESTRNN_NATIVE": "0"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "CPU kernel unavailable: disabled by NESTRNN_NATIVE=0"

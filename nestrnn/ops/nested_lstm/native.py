@@ -11,7 +11,8 @@ compiler, its flags and this CPU (``-march=native``), so a cache shared between 
 build per kind of CPU. When anything is missing (no C compiler, a torch build without an exported
 ``sgemm_``, an unwritable cache) the op runs its PyTorch loop instead: ``status()`` says which and
 why. ``NESTRNN_NATIVE=0`` turns the kernel off; ``CC`` and ``NESTRNN_CFLAGS`` choose the compiler
-and its flags.
+and its flags. ``python -m nestrnn.ops.nested_lstm.native`` builds it ahead of time (say, in a
+container image) and prints the status.
 """
 
 from __future__ import annotations
@@ -216,3 +217,12 @@ def _build() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+if __name__ == "__main__":
+    found = status()
+    print(
+        f"CPU kernel: {found.library}"
+        if found.available
+        else f"CPU kernel unavailable: {found.reason}"
+    )
