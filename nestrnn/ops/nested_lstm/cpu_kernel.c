@@ -52,7 +52,7 @@ void nlstm_set_blas(void *sgemm, void *dgemm, void *pack_size, void *spack, void
     scompute_ptr = (scompute_fn)scompute;
 }
 
-/* Everything one call needs (fields mirror fused_native._Args; integers are int64). */
+/* Everything one call needs (mirrored by native.Args; integers are int64). */
 typedef struct {
     int64_t steps, batch, hidden, depth;
     int64_t reverse, save, cell_slots;
