@@ -574,6 +574,22 @@ def _h_slots(steps, batch, hidden, packed, dtype, device) -> tuple[Tensor, Tenso
     return h_store, torch.empty(1, batch, hidden, dtype=dtype, device=device)
 
 
+def _h_slot_list(h_store, h_init, reverse) -> list[Tensor]:
+    """The T+1 slots of h as (B, H) views, in slot order (see ``_h_slots``)."""
+    hs = list(h_store.unbind(0))
+    if h_init is None:
+        return hs
+    return [*hs, h_init[0]] if reverse else [h_init[0], *hs]
+
+
+def _packed_output(h_store: Tensor, sizes: list[int], reverse: bool) -> Tensor:
+    """The output (T, B, H) from a packed (T+1, B, H) h store: inactive rows are zero."""
+    steps, batch = h_store.shape[0] - 1, h_store.shape[1]
+    mask = torch.tensor(sizes).unsqueeze(1) > torch.arange(batch)
+    out = h_store[1:] if not reverse else h_store[:steps]
+    return out * mask.to(device=h_store.device, dtype=h_store.dtype).unsqueeze(2)
+
+
 def _h_prev_pieces(h_store, h_init, steps, reverse) -> list[tuple[slice, Tensor]]:
     """h_{t-1} of every step as (time range, (n, B, H)) pieces, each contiguous."""
     if h_init is None:  # packed: slots lo .. lo+T-1
@@ -643,9 +659,7 @@ def _forward(
         )
     levels = [_LevelViews(b, steps, H) for b in bufs]
     h_store, h_init = _h_slots(steps, batch, H, packed, *opts)
-    hs = list(h_store.unbind(0))
-    if h_init is not None:
-        hs = [*hs, h_init[0]] if reverse else [h_init[0], *hs]
+    hs = _h_slot_list(h_store, h_init, reverse)
 
     hs[first].copy_(h0)
     for k in range(depth):
@@ -671,12 +685,7 @@ def _forward(
     last = 0 if reverse else steps
     h_n = hs[last].clone()  # not a view of the output
     c_n = torch.stack([lv.cell[last] for lv in levels])
-    if packed:  # inactive rows output zero
-        mask = torch.tensor(sizes).unsqueeze(1) > torch.arange(batch)
-        out = h_store[1:] if not reverse else h_store[:steps]
-        out = out * mask.to(device=x.device, dtype=x.dtype).unsqueeze(2)
-    else:
-        out = h_store
+    out = _packed_output(h_store, sizes, reverse) if packed else h_store
     saved = _Saved(bufs, h_store, h_init).tensors() if save else None
     return out, h_n, c_n, saved
 

@@ -34,9 +34,11 @@ from nestrnn.ops.nested_lstm.common import LevelWeights
 from nestrnn.ops.nested_lstm.fused import (
     _WORKSPACE,
     _h_prev_pieces,
+    _h_slot_list,
     _h_slots,
     _internal,
     _outer_grads,
+    _packed_output,
     _summed_bias,
 )
 
@@ -147,7 +149,7 @@ def forward(x, prep: Prepared, h0, c0, sizes, reverse, save):
         h_store=h_store,
         h_init=h_init,
     )
-    hs = _slot_list(bufs, steps, reverse)
+    hs = _h_slot_list(h_store, h_init, reverse)
     first = steps if reverse else 0  # slot of the initial state
     hs[first].copy_(h0)
     for cell, c in zip(bufs.cells, c0):
@@ -165,21 +167,9 @@ def forward(x, prep: Prepared, h0, c0, sizes, reverse, save):
     last = 0 if reverse else steps
     h_n = hs[last].clone()  # not a view of the output
     c_n = torch.stack([cell[last % cell.shape[0]] for cell in bufs.cells])
-    out = bufs.h_store
-    if packed:  # inactive rows output zero
-        mask = torch.tensor(sizes).unsqueeze(1) > torch.arange(batch)
-        out = bufs.h_store[1:] if not reverse else bufs.h_store[:steps]
-        out = out * mask.to(dtype=x.dtype).unsqueeze(2)
+    out = _packed_output(h_store, sizes, reverse) if packed else h_store
     saved = _flatten(bufs) if save else None
     return out, h_n, c_n, saved
-
-
-def _slot_list(bufs: _Buffers, steps: int, reverse: bool) -> list[Tensor]:
-    """The T+1 h slots: (output steps + h0) unpacked, or the rows of the packed store."""
-    if bufs.h_init is None:
-        return list(bufs.h_store.unbind(0))
-    outs = list(bufs.h_store.unbind(0))
-    return [*outs, bufs.h_init[0]] if reverse else [bufs.h_init[0], *outs]
 
 
 def _flatten(bufs: _Buffers) -> list[Tensor | None]:
@@ -212,7 +202,8 @@ def backward(tensors, x, prep: Prepared, sizes, reverse, d_out, d_hn, d_cn, need
     dht = torch.empty(batch, H, dtype=d_out.dtype)
 
     sizes_t = None if sizes is None else torch.tensor(sizes, dtype=torch.int64)
-    args = _args(bufs, prep, _slot_list(bufs, steps, reverse), sizes_t, reverse, save=True)
+    hs = _h_slot_list(bufs.h_store, bufs.h_init, reverse)
+    args = _args(bufs, prep, hs, sizes_t, reverse, save=True)
     args.d_out, args.dh, args.dc = d_out.data_ptr(), dh.data_ptr(), dc.data_ptr()
     d_gates = _pointers(dz)
     args.d_gates = ctypes.cast(d_gates, ctypes.c_void_p)
