@@ -7,7 +7,7 @@ Sources, in load order:
    environment variable ``NESTRNN_DISABLE_PLUGINS`` is set to a non-empty value other than "0");
 3. ``@register_memory`` / ``@register_task`` decorators in the user's own code.
 
-A plugin that fails to import or whose hook raises is recorded in ``failures`` with its name and the
+A plugin that fails to import or whose hook raises (an exception, or ``SystemExit``) is recorded in ``failures`` with its name and the
 reason; it never stops the others. Two providers of one name make that name unusable: looking it up
 raises an error that names both.
 """
@@ -34,6 +34,8 @@ BUILTIN_PLUGINS = (
     "nestrnn.tasks",
 )
 KINDS = ("memory", "task")
+PLUGIN_ERRORS = (Exception, SystemExit)
+"""What a plugin's import or hook may raise without stopping nestrnn (Ctrl-C still stops it)."""
 
 
 class RegistryError(LookupError):
@@ -158,6 +160,8 @@ def external_plugins_disabled() -> bool:
 
 
 def _describe_error(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit: the plugin called sys.exit({error.code!r})"
     return f"{type(error).__name__}: {error}"
 
 
@@ -194,7 +198,7 @@ def _load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str
             continue
         try:
             manager.register(load(), name=provider.plugin)
-        except Exception as error:  # a broken plugin must not take the others down
+        except PLUGIN_ERRORS as error:  # a broken plugin must not take the others down
             registry.failures.append(Failure(provider, _describe_error(error)))
             continue
         providers[provider.plugin] = provider
@@ -223,7 +227,7 @@ def _call_hooks(
 
             try:
                 impl.function(register=register)
-            except Exception as error:
+            except PLUGIN_ERRORS as error:
                 registry.failures.append(
                     Failure(provider, f"{hook_name}: {_describe_error(error)}")
                 )

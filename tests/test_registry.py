@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -172,9 +173,8 @@ def run_cli(*args, env=None):
     )
 
 
-def test_plugins_command_lists_installed_example_plugin(tmp_path):
-    """Install the example plugin with pip into a fresh target and list it through the CLI."""
-    target = tmp_path / "site"
+def pip_install(project: Path, target: Path) -> dict[str, str]:
+    """Install ``project`` with pip into the folder ``target``; the environment that sees it."""
     install = subprocess.run(
         [
             sys.executable,
@@ -186,7 +186,7 @@ def test_plugins_command_lists_installed_example_plugin(tmp_path):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(REPO / "plugins" / "gru_memory"),
+            str(project),
         ],
         capture_output=True,
         text=True,
@@ -194,7 +194,12 @@ def test_plugins_command_lists_installed_example_plugin(tmp_path):
         timeout=300,
     )
     assert install.returncode == 0, install.stderr
-    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    return {**os.environ, "PYTHONPATH": str(target)}
+
+
+def test_plugins_command_lists_installed_example_plugin(tmp_path):
+    """Install the example plugin with pip into a fresh target and list it through the CLI."""
+    env = pip_install(REPO / "plugins" / "gru_memory", tmp_path / "site")
     result = run_cli("plugins", "--json", env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -205,3 +210,64 @@ def test_plugins_command_lists_installed_example_plugin(tmp_path):
     assert "gru" in listing.stdout and "nestrnn-gru" in listing.stdout
     text = run_cli("plugins", env={**env, registry.DISABLE_ENV: "1"})
     assert "gru" not in text.stdout and "disabled" in text.stdout
+
+
+EXITING_PROJECT = {
+    "pyproject.toml": """
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "nestrnn-exiting"
+        version = "0.3.0"
+
+        [project.entry-points.nestrnn]
+        exit_at_import = "exit_at_import"
+        exit_in_hook = "exit_in_hook"
+
+        [tool.setuptools]
+        py-modules = ["exit_at_import", "exit_in_hook"]
+    """,
+    "exit_at_import.py": """
+        import sys
+
+        sys.exit("no GPU found")
+    """,
+    "exit_in_hook.py": """
+        import sys
+
+        import nestrnn
+
+        @nestrnn.hookimpl
+        def register_tasks(register):
+            sys.exit(3)
+    """,
+}
+
+
+def test_a_plugin_calling_sys_exit_is_reported_and_every_command_still_runs(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    for name, text in EXITING_PROJECT.items():
+        (project / name).write_text(textwrap.dedent(text))
+    env = pip_install(project, tmp_path / "site")
+    result = run_cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    failures = {f["name"]: f for f in json.loads(result.stdout)["failures"]}
+    assert failures["exit_at_import"] == {
+        "name": "exit_at_import",
+        "distribution": "nestrnn-exiting",
+        "version": "0.3.0",
+        "error": "SystemExit: the plugin called sys.exit('no GPU found')",
+    }
+    assert failures["exit_in_hook"]["error"] == (
+        "register_tasks: SystemExit: the plugin called sys.exit(3)"
+    )
+    text = run_cli("plugins", env=env)
+    assert "FAILED exit_at_import [nestrnn-exiting]: SystemExit" in text.stdout
+    memories = run_cli("memories", env=env)
+    assert memories.returncode == 0 and "nested" in memories.stdout, memories.stderr
+    tasks = run_cli("tasks", env=env)
+    assert tasks.returncode == 0 and "ptb_char" in tasks.stdout, tasks.stderr
+    assert "2 plugin(s) failed to load" in tasks.stdout
