@@ -2,12 +2,16 @@
 
 Each hook receives a ``register`` callback; call it once per thing the plugin provides. Built-in
 memory functions and tasks register through these same hooks.
+
+The registry calls a kind's hook when that kind is first looked up: ``register_memories`` when a
+layer first builds a memory function by name, ``register_tasks`` when a task is first looked up. A
+plugin module is imported before either, so keep its top level light and import heavy code (data
+loading, models) inside the hook, as :mod:`nestrnn.tasks` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pluggy
 
@@ -32,4 +36,5 @@ def register_tasks(register: Callable[..., None]) -> None:
     """
 
 
-HOOK_KINDS: dict[str, Any] = {"register_memories": "memory", "register_tasks": "task"}
+HOOKS: dict[str, str] = {"memory": "register_memories", "task": "register_tasks"}
+"""The hook each kind of registered thing comes from."""

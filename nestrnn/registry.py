@@ -1,25 +1,35 @@
 """The plugin registry: memory functions and tasks, from built-ins, installed packages and scripts.
 
-Sources, in load order:
+Sources, in the order their registrations apply:
 
 1. built-in plugin modules (``BUILTIN_PLUGINS``), which use the same hooks as everyone else;
 2. installed distributions with an entry point in the group ``nestrnn`` (skipped when the
    environment variable ``NESTRNN_DISABLE_PLUGINS`` is set to a non-empty value other than "0");
-3. ``@register_memory`` / ``@register_task`` decorators in the user's own code.
+3. ``@register_memory`` / ``@register_task`` decorators in the user's own code (scripts).
 
-A plugin that fails to import or whose hook raises (an exception, or ``SystemExit``) is recorded in ``failures`` with its name and the
-reason; it never stops the others. Two providers of one name make that name unusable: looking it up
-raises an error that names both.
+Each kind loads on its first use. The first memory lookup imports the built-in memory plugins and
+the installed plugins and calls their ``register_memories`` hooks; the built-in task modules, and the
+data and training code they need, wait for the first task lookup. Entry points are discovered once,
+when the registry is built; an installed plugin is imported on the first use of any kind, because
+only its module says which hooks it implements.
+
+A plugin that fails to import or whose hook raises (an exception, or ``SystemExit``) is recorded in
+``failures`` with its name and distribution; it never stops the others. Two providers of one name
+make that name unusable: looking it up raises an error that names both. A script definition may not
+take a name another script definition holds unless it asks with ``replace=True``, which also takes
+the name from plugins. Script registrations apply after the plugins' whenever the registry is built,
+so a registry built before a script registers and one built after it hold the same names.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -28,30 +38,37 @@ from nestrnn import hookspecs
 
 ENTRY_POINT_GROUP = "nestrnn"
 DISABLE_ENV = "NESTRNN_DISABLE_PLUGINS"
-BUILTIN_PLUGINS = (
-    "nestrnn.memory.builtin",
-    "nestrnn.plugins.triton_nested",
-    "nestrnn.tasks",
-)
-KINDS = ("memory", "task")
+BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
+    "nestrnn.memory.builtin": ("memory",),
+    "nestrnn.plugins.triton_nested": ("memory",),
+    "nestrnn.tasks": ("task",),
+}
+"""The built-in plugin modules and the kinds each provides; each is imported on first use of one."""
+KINDS = tuple(hookspecs.HOOKS)
 PLUGIN_ERRORS = (Exception, SystemExit)
 """What a plugin's import or hook may raise without stopping nestrnn (Ctrl-C still stops it)."""
 
 
 class RegistryError(LookupError):
-    """An unknown or ambiguous memory function or task name."""
+    """An unknown, ambiguous or already taken memory function or task name."""
 
 
 @dataclass(frozen=True)
 class Provider:
-    """Where a registration came from."""
+    """Where a registration came from: a plugin, or a definition decorated in a script.
+
+    ``plugin`` is the plugin's name, or for a script the definition's ``module.qualname``.
+    """
 
     plugin: str
     distribution: str | None = None
     version: str | None = None
     builtin: bool = False
+    script: bool = False
 
     def describe(self) -> str:
+        if self.script:
+            return self.plugin
         if self.distribution:
             return f"plugin {self.plugin!r} from {self.distribution} {self.version or ''}".strip()
         return f"plugin {self.plugin!r}"
@@ -59,13 +76,18 @@ class Provider:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered memory function or task."""
+    """One registered memory function or task.
+
+    ``replace`` marks a script registration made with ``replace=True``: it wins over every other
+    provider of its name.
+    """
 
     name: str
     kind: str
     factory: Callable[..., Any]
     provider: Provider
     description: str = ""
+    replace: bool = False
 
 
 @dataclass
@@ -76,37 +98,113 @@ class Failure:
     error: str
 
 
-@dataclass
-class Registry:
-    entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
-    conflicts: dict[tuple[str, str], list[Provider]] = field(default_factory=dict)
-    failures: list[Failure] = field(default_factory=list)
-    plugins: list[Provider] = field(default_factory=list)
+@dataclass(frozen=True)
+class PluginSource:
+    """A plugin to import when a kind it may provide is first used.
 
-    def add(self, entry: Entry) -> None:
-        """Add ``entry``; a second provider of the same name makes a conflict."""
-        table = self.entries[entry.kind]
-        existing = table.get(entry.name)
-        key = (entry.kind, entry.name)
-        if key in self.conflicts:
-            self.conflicts[key].append(entry.provider)
-        elif existing is not None and existing.provider != entry.provider:
-            self.conflicts[key] = [existing.provider, entry.provider]
-            del table[entry.name]
-        else:
-            table[entry.name] = entry
+    ``kinds`` is None for an installed plugin: what it provides is known only once it is imported.
+    """
+
+    provider: Provider
+    load: Callable[[], Any]
+    kinds: tuple[str, ...] | None = None
+
+    def may_provide(self, kind: str) -> bool:
+        return self.kinds is None or kind in self.kinds
+
+
+class Registry:
+    """Registered memory functions and tasks, loaded one kind at a time.
+
+    ``names`` and ``get`` load the kind they are asked about; ``report`` loads every kind. The
+    attributes hold what the kinds loaded so far registered: ``entries`` (kind -> name -> entry),
+    ``conflicts`` ((kind, name) -> the providers of an unusable name), ``failures`` and ``plugins``
+    (the plugins imported).
+    """
+
+    def __init__(
+        self,
+        sources: Iterable[PluginSource] = (),
+        scripts: list[Entry] | None = None,
+        *,
+        external_plugins_disabled: bool = False,
+    ) -> None:
+        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.conflicts: dict[tuple[str, str], list[Provider]] = {}
+        self.failures: list[Failure] = []
+        self.plugins: list[Provider] = []
+        self.external_plugins_disabled = external_plugins_disabled
+        self._scripts = scripts if scripts is not None else []
+        self._pending: list[PluginSource] = []
+        self._hook_entries: dict[str, list[Entry]] = {kind: [] for kind in KINDS}
+        self._loaded: set[str] = set()
+        self._manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self._manager.add_hookspecs(hookspecs)
+        for source in sources:
+            if any(s.provider.plugin == source.provider.plugin for s in self._pending):
+                message = f"plugin name {source.provider.plugin!r} is already taken"
+                self.failures.append(Failure(source.provider, message))
+            else:
+                self._pending.append(source)
+
+    @classmethod
+    def discover(cls, scripts: list[Entry] | None = None) -> Registry:
+        """The built-in plugins and the installed ones (unless disabled), none imported yet."""
+        version = _version("nestrnn")
+        sources = [
+            PluginSource(
+                Provider(module, "nestrnn", version, builtin=True),
+                functools.partial(importlib.import_module, module),
+                kinds,
+            )
+            for module, kinds in BUILTIN_PLUGINS.items()
+        ]
+        disabled = external_plugins_disabled()
+        if not disabled:
+            for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                dist = entry_point.dist
+                provider = Provider(
+                    entry_point.name, dist.name if dist else None, dist.version if dist else None
+                )
+                sources.append(PluginSource(provider, entry_point.load))
+        return cls(sources, scripts, external_plugins_disabled=disabled)
+
+    def load(self, kind: str) -> None:
+        """Import the plugins that may provide ``kind`` and call their hook for it, once."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        with _lock:
+            if kind in self._loaded:
+                return
+            self._loaded.add(kind)  # first: a plugin that looks names up meanwhile must not recurse
+            self._import_plugins(kind)
+            hook = getattr(self._manager.hook, hookspecs.HOOKS[kind])
+            implementations = {impl.plugin_name: impl for impl in hook.get_hookimpls()}
+            for provider in self.plugins:
+                if provider.plugin in implementations:
+                    self._call_hook(implementations[provider.plugin].function, kind, provider)
+            self._resolve(kind)
+
+    def refresh(self, kind: str) -> None:
+        """Apply the script registrations again after one changed (if ``kind`` is loaded)."""
+        with _lock:
+            if kind in self._loaded:
+                self._resolve(kind)
 
     def names(self, kind: str) -> list[str]:
+        """The usable names of ``kind``, sorted."""
+        self.load(kind)
         return sorted(self.entries[kind])
 
     def get(self, kind: str, name: str) -> Entry:
         """The entry called ``name``; a clear error when it is unknown or registered twice."""
+        self.load(kind)
         providers = self.conflicts.get((kind, name))
         if providers:
             listed = " and ".join(p.describe() for p in providers)
             raise RegistryError(
-                f"{kind} name {name!r} is registered by more than one plugin: {listed}; "
-                f"uninstall one of them or disable plugins with {DISABLE_ENV}=1"
+                f"{kind} name {name!r} is registered by more than one provider: {listed}; "
+                f"{_conflict_advice(kind, name, providers)}"
             )
         try:
             return self.entries[kind][name]
@@ -115,7 +213,8 @@ class Registry:
             raise RegistryError(f"unknown {kind} {name!r}; known {kind} names: {known}") from None
 
     def provided_by(self, provider: Provider) -> dict[str, list[str]]:
-        """What ``provider`` registered, by kind."""
+        """What ``provider`` registered, by kind (every kind is loaded first)."""
+        self._load_all()
         found = {
             kind: sorted(n for n, e in self.entries[kind].items() if e.provider == provider)
             for kind in KINDS
@@ -126,7 +225,8 @@ class Registry:
         return found
 
     def report(self) -> dict[str, Any]:
-        """Everything ``nestrnn plugins --json`` shows."""
+        """Everything ``nestrnn plugins --json`` shows (every kind is loaded first)."""
+        self._load_all()
         return {
             "plugins": [
                 {
@@ -136,7 +236,7 @@ class Registry:
                     "builtin": p.builtin,
                     "registered": self.provided_by(p),
                 }
-                for p in self.plugins
+                for p in sorted(self.plugins, key=lambda p: not p.builtin)
             ],
             "failures": [
                 {
@@ -151,22 +251,78 @@ class Registry:
                 {"kind": kind, "name": name, "providers": [p.describe() for p in providers]}
                 for (kind, name), providers in sorted(self.conflicts.items())
             ],
-            "external_plugins_disabled": external_plugins_disabled(),
+            "external_plugins_disabled": self.external_plugins_disabled,
         }
+
+    def _load_all(self) -> None:
+        for kind in KINDS:
+            self.load(kind)
+
+    def _import_plugins(self, kind: str) -> None:
+        """Import and register the pending plugins that may provide ``kind``."""
+        for source in [s for s in self._pending if s.may_provide(kind)]:
+            self._pending.remove(source)
+            try:
+                self._manager.register(source.load(), name=source.provider.plugin)
+            except PLUGIN_ERRORS as error:  # a broken plugin must not take the others down
+                self.failures.append(Failure(source.provider, _describe_error(error)))
+                continue
+            self.plugins.append(source.provider)
+
+    def _call_hook(self, hook: Callable[..., None], kind: str, provider: Provider) -> None:
+        """Call one plugin's hook; if it raises, that plugin registers nothing of ``kind``."""
+        added: list[Entry] = []
+
+        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+            added.append(_make_entry(name, kind, factory, provider, description))
+
+        try:
+            hook(register=register)
+        except PLUGIN_ERRORS as error:
+            message = f"{hookspecs.HOOKS[kind]}: {_describe_error(error)}"
+            self.failures.append(Failure(provider, message))
+            return
+        self._hook_entries[kind] += added
+
+    def _resolve(self, kind: str) -> None:
+        """Rebuild ``kind``'s names from its plugins' registrations, then the scripts'."""
+        table: dict[str, Entry] = {}
+        conflicts: dict[str, list[Provider]] = {}
+        scripts = [e for e in self._scripts if e.kind == kind]
+        for entry in self._hook_entries[kind] + scripts:
+            if entry.replace:
+                table[entry.name] = entry
+                conflicts.pop(entry.name, None)
+            elif entry.name in conflicts:
+                if entry.provider not in conflicts[entry.name]:
+                    conflicts[entry.name].append(entry.provider)
+            elif entry.name in table and table[entry.name].provider != entry.provider:
+                conflicts[entry.name] = [table.pop(entry.name).provider, entry.provider]
+            else:
+                table[entry.name] = entry
+        self.entries[kind] = table
+        self.conflicts = {key: p for key, p in self.conflicts.items() if key[0] != kind}
+        self.conflicts.update({(kind, name): p for name, p in conflicts.items()})
 
 
 def external_plugins_disabled() -> bool:
+    """Whether ``NESTRNN_DISABLE_PLUGINS`` asks for the built-in plugins only."""
     return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
+def _conflict_advice(kind: str, name: str, providers: list[Provider]) -> str:
+    if any(p.script for p in providers):
+        return (
+            f"register yours under another name, or with register_{kind}({name!r}, "
+            "replace=True) to override the others"
+        )
+    return f"uninstall one of them, or set {DISABLE_ENV}=1 to load the built-ins only"
 
 
 def _describe_error(error: BaseException) -> str:
     if isinstance(error, SystemExit):
         return f"SystemExit: the plugin called sys.exit({error.code!r})"
     return f"{type(error).__name__}: {error}"
-
-
-def _builtin_provider(module: str) -> Provider:
-    return Provider(module, "nestrnn", _version("nestrnn"), builtin=True)
 
 
 def _version(distribution: str) -> str | None:
@@ -176,95 +332,33 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _load_plugins(manager: pluggy.PluginManager, registry: Registry) -> dict[str, Provider]:
-    """Register built-in and entry-point plugins with ``manager``; failures go to the registry."""
-    providers: dict[str, Provider] = {}
-    candidates: list[tuple[Provider, Callable[[], Any]]] = [
-        (_builtin_provider(name), lambda name=name: importlib.import_module(name))
-        for name in BUILTIN_PLUGINS
-    ]
-    if not external_plugins_disabled():
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = entry_point.dist
-            provider = Provider(
-                entry_point.name, dist.name if dist else None, dist.version if dist else None
-            )
-            candidates.append((provider, entry_point.load))
-    for provider, load in candidates:
-        if provider.plugin in providers:
-            registry.failures.append(
-                Failure(provider, f"plugin name {provider.plugin!r} is already taken")
-            )
-            continue
-        try:
-            manager.register(load(), name=provider.plugin)
-        except PLUGIN_ERRORS as error:  # a broken plugin must not take the others down
-            registry.failures.append(Failure(provider, _describe_error(error)))
-            continue
-        providers[provider.plugin] = provider
-        registry.plugins.append(provider)
-    return providers
-
-
-def _call_hooks(
-    manager: pluggy.PluginManager, registry: Registry, providers: dict[str, Provider]
-) -> None:
-    """Call every plugin's hooks one at a time, so that one raising only loses that plugin."""
-    for hook_name, kind in hookspecs.HOOK_KINDS.items():
-        for impl in getattr(manager.hook, hook_name).get_hookimpls():
-            provider = providers[impl.plugin_name]
-            added: list[Entry] = []
-
-            def register(
-                name: str,
-                factory: Callable[..., Any],
-                description: str = "",
-                _kind: str = kind,
-                _provider: Provider = provider,
-                _added: list[Entry] = added,
-            ) -> None:
-                _added.append(_make_entry(name, _kind, factory, _provider, description))
-
-            try:
-                impl.function(register=register)
-            except PLUGIN_ERRORS as error:
-                registry.failures.append(
-                    Failure(provider, f"{hook_name}: {_describe_error(error)}")
-                )
-                continue
-            for entry in added:
-                registry.add(entry)
-
-
 def _make_entry(
-    name: str, kind: str, factory: Callable[..., Any], provider: Provider, description: str
+    name: str,
+    kind: str,
+    factory: Callable[..., Any],
+    provider: Provider,
+    description: str,
+    replace: bool = False,
 ) -> Entry:
     if not isinstance(name, str) or not name:
         raise TypeError(f"a {kind} name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise TypeError(f"the {kind} {name!r} must be registered with a callable, got {factory!r}")
     doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
-    return Entry(name, kind, factory, provider, description or (doc[0] if doc else ""))
+    return Entry(name, kind, factory, provider, description or (doc[0] if doc else ""), replace)
 
 
-_lock = threading.RLock()
+_lock = threading.RLock()  # guards the registry and the script registrations
 _registry: Registry | None = None
-_script_entries: list[Entry] = []
+_script_entries: list[Entry] = []  # one per (kind, name); kept when the registry is rebuilt
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
+    """The process-wide registry: plugins are discovered on first call, each kind loaded on use."""
     global _registry
     with _lock:
         if _registry is None:
-            registry = Registry()
-            manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
-            manager.add_hookspecs(hookspecs)
-            providers = _load_plugins(manager, registry)
-            _call_hooks(manager, registry, providers)
-            for entry in _script_entries:
-                registry.add(entry)
-            _registry = registry
+            _registry = Registry.discover(_script_entries)
         return _registry
 
 
@@ -275,41 +369,67 @@ def reset_registry() -> None:
         _registry = None
 
 
-def _script_decorator(kind: str, name: str, description: str) -> Callable[[Any], Any]:
+def _script_provider(factory: Any) -> Provider:
+    module = getattr(factory, "__module__", None) or "__main__"
+    qualname = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+    return Provider(f"{module}.{qualname}", script=True)
+
+
+def _register_script(kind: str, name: str, description: str, replace: bool) -> Callable[[Any], Any]:
     def decorator(factory: Any) -> Any:
-        module = getattr(factory, "__module__", None) or "__main__"
-        entry = _make_entry(name, kind, factory, Provider(f"script:{module}"), description)
+        entry = _make_entry(name, kind, factory, _script_provider(factory), description, replace)
         with _lock:
-            _script_entries[:] = [e for e in _script_entries if e.name != name or e.kind != kind]
+            held = next((e for e in _script_entries if (e.kind, e.name) == (kind, name)), None)
+            # the same definition again (a re-run notebook cell, a reloaded module) replaces itself
+            if held is not None and held.provider != entry.provider and not replace:
+                raise RegistryError(
+                    f"{kind} name {name!r} is already registered by {held.provider.describe()}; "
+                    f"register {entry.provider.describe()} under another name, or with "
+                    f"register_{kind}({name!r}, replace=True) to replace it"
+                )
+            if held is not None:
+                _script_entries.remove(held)
             _script_entries.append(entry)
             if _registry is not None:
-                _registry.add(entry)  # the same provider registering again replaces its entry
+                _registry.refresh(kind)
         return factory
 
     return decorator
 
 
-def register_memory(name: str, description: str = "") -> Callable[[Any], Any]:
-    """Decorator registering a memory-function factory (or MemoryFunction subclass) by name."""
-    return _script_decorator("memory", name, description)
+def register_memory(
+    name: str, description: str = "", *, replace: bool = False
+) -> Callable[[Any], Any]:
+    """Decorator registering a memory-function factory (or MemoryFunction subclass) by name.
+
+    A name another definition registered, here or in a plugin, is an error (at once, or for a
+    plugin's name when it is looked up) unless ``replace=True``: then this definition wins.
+    """
+    return _register_script("memory", name, description, replace)
 
 
-def register_task(name: str, description: str = "") -> Callable[[Any], Any]:
-    """Decorator registering a task class by name."""
-    return _script_decorator("task", name, description)
+def register_task(
+    name: str, description: str = "", *, replace: bool = False
+) -> Callable[[Any], Any]:
+    """Decorator registering a task class by name; ``replace`` as in :func:`register_memory`."""
+    return _register_script("task", name, description, replace)
 
 
 def memory_names() -> list[str]:
+    """The usable memory-function names, sorted."""
     return get_registry().names("memory")
 
 
 def task_names() -> list[str]:
+    """The usable task names, sorted."""
     return get_registry().names("task")
 
 
 def get_memory(name: str) -> Entry:
+    """The memory function registered as ``name``."""
     return get_registry().get("memory", name)
 
 
 def get_task(name: str) -> Entry:
+    """The task registered as ``name``."""
     return get_registry().get("task", name)

@@ -2,6 +2,9 @@
 
 Installed as the package ``nestrnn.tasks`` (the repository folder ``tasks/`` is mapped there with
 setuptools' package-dir). The task interface is documented in :mod:`nestrnn.tasks.base`.
+
+The task modules are imported inside the hook, which the registry calls on the first task lookup:
+building a layer or listing memory functions never imports them (or their data and training code).
 """
 
 from __future__ import annotations

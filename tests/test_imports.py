@@ -1,9 +1,18 @@
-"""Importing and using nestrnn on CPU never imports Triton (it is optional and heavy)."""
+"""What importing and using nestrnn imports: never Triton on CPU, no task or training code for a layer."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+
+def run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def test_nestrnn_does_not_import_triton():
@@ -15,8 +24,21 @@ def test_nestrnn_does_not_import_triton():
         "print(nestrnn.memory_names())\n"
         "assert 'triton' not in sys.modules, 'triton was imported'\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    assert "triton_nested" in run_python(code)
+
+
+def test_a_layer_imports_no_task_config_or_training_code():
+    """Memory plugins load for a layer; tasks, omegaconf and the engine wait for a task lookup."""
+    code = (
+        "import sys, nestrnn\n"
+        "heavy = ('nestrnn.tasks', 'nestrnn.engine', 'nestrnn.config', 'nestrnn.models', 'omegaconf')\n"
+        "def imported():\n"
+        "    return [h for h in heavy if any(m == h or m.startswith(h + '.') for m in sys.modules)]\n"
+        "nestrnn.NestedLSTM(10, 20)\n"
+        "print(imported())\n"
+        "nestrnn.task_names()\n"
+        "print(imported())\n"
     )
-    assert result.returncode == 0, result.stderr
-    assert "triton_nested" in result.stdout
+    after_layer, after_task_lookup = run_python(code).splitlines()
+    assert after_layer == "[]"
+    assert "'nestrnn.tasks'" in after_task_lookup and "'omegaconf'" in after_task_lookup

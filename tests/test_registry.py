@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -13,16 +15,19 @@ import pytest
 import torch
 
 import nestrnn
-from nestrnn import registry
-from nestrnn.memory import MemoryFunction, NestedMemory, build_memory
+from nestrnn import hookspecs, registry
+from nestrnn.memory import AdditiveMemory, MemoryFunction, NestedMemory, build_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def fresh_registry():
+    """A registry rebuilt for the test; the script registrations it made are forgotten after it."""
+    kept = list(registry._script_entries)
     registry.reset_registry()
     yield
+    registry._script_entries[:] = kept
     registry.reset_registry()
 
 
@@ -73,6 +78,49 @@ def test_builtins_are_registered_through_hooks(fresh_registry):
     assert report["failures"] == []
 
 
+def test_builtin_plugins_declare_the_kinds_they_provide():
+    for module, kinds in registry.BUILTIN_PLUGINS.items():
+        plugin = importlib.import_module(module)
+        implemented = tuple(k for k, hook in hookspecs.HOOKS.items() if hasattr(plugin, hook))
+        assert implemented == kinds, module
+
+
+BOTH_KINDS_PLUGIN = """
+import nestrnn
+from nestrnn.memory import AdditiveMemory
+
+@nestrnn.hookimpl
+def register_memories(register):
+    register("both_kinds_memory", AdditiveMemory)
+
+@nestrnn.hookimpl
+def register_tasks(register):
+    raise RuntimeError("the task hook was called")
+"""
+
+
+def test_each_kind_calls_its_hooks_on_first_use(plugin_path, monkeypatch):
+    make_distribution(plugin_path, "nestrnn-both", "both_plugin", BOTH_KINDS_PLUGIN, "both")
+    discovered = []
+    entry_points = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda **selection: discovered.append(selection) or entry_points(**selection),
+    )
+    reg = registry.get_registry()
+    assert "both_kinds_memory" in reg.names("memory")
+    assert reg.failures == []  # the task hook has not been called
+    assert "nestrnn.tasks" not in [p.plugin for p in reg.plugins]
+    assert "ptb_char" in reg.names("task")
+    assert [f.provider.plugin for f in reg.failures] == ["both"]
+    assert reg.failures[0].error == "register_tasks: RuntimeError: the task hook was called"
+    assert "ptb_char" in nestrnn.task_names() and len(reg.failures) == 1  # each hook called once
+    assert len(discovered) == 1
+    with pytest.raises(ValueError, match="unknown kind 'memories'; expected one of memory, task"):
+        reg.load("memories")
+
+
 def test_entry_point_plugin_is_loaded_with_its_distribution(plugin_path):
     make_distribution(plugin_path, "nestrnn-doubling", "doubling_plugin", GOOD_PLUGIN, "doubling")
     entry = registry.get_memory("doubling")
@@ -110,8 +158,17 @@ def test_duplicate_names_are_an_error_naming_both_providers(plugin_path):
     with pytest.raises(registry.RegistryError) as error:
         nestrnn.NestedLSTM(2, 3, memory="doubling")
     assert "nestrnn-doubling" in str(error.value) and "nestrnn-dup" in str(error.value)
+    assert str(error.value).endswith(
+        f"uninstall one of them, or set {registry.DISABLE_ENV}=1 to load the built-ins only"
+    )
     conflicts = registry.get_registry().report()["conflicts"]
     assert conflicts[0]["name"] == "doubling" and len(conflicts[0]["providers"]) == 2
+
+
+def test_ctrl_c_while_a_plugin_loads_still_stops_the_program(plugin_path):
+    make_distribution(plugin_path, "nestrnn-slow", "slow_plugin", "raise KeyboardInterrupt", "slow")
+    with pytest.raises(KeyboardInterrupt):
+        nestrnn.memory_names()
 
 
 def test_environment_variable_disables_external_plugins(plugin_path, monkeypatch):
@@ -128,15 +185,113 @@ def test_decorator_registers_script_memory_functions(fresh_registry):
         def forward(self, gated_cell, gated_input, state):
             return (gated_cell + gated_input) / 2, ()
 
+    layer = nestrnn.NestedLSTM(2, 3, memory="halving_test")
+    assert isinstance(layer.memory_l0, Halving)
+    out, (h, c) = layer(torch.randn(4, 1, 2))
+    assert c.shape == (1, 1, 3)
+    registry.reset_registry()  # script registrations survive a rebuild
+    assert "halving_test" in nestrnn.memory_names()
+
+
+def lookup(name: str) -> object:
+    """The factory registered as memory ``name``, or the error's message."""
     try:
-        layer = nestrnn.NestedLSTM(2, 3, memory="halving_test")
-        assert isinstance(layer.memory_l0, Halving)
-        out, (h, c) = layer(torch.randn(4, 1, 2))
-        assert c.shape == (1, 1, 3)
-        registry.reset_registry()  # script registrations survive a rebuild
-        assert "halving_test" in nestrnn.memory_names()
-    finally:
-        registry._script_entries.clear()
+        return registry.get_memory(name).factory
+    except registry.RegistryError as error:
+        return str(error)
+
+
+def lookup_before_and_after_rebuild(name: str) -> object:
+    """``lookup(name)`` in the registry as it is, checked to be the same in a rebuilt one."""
+    live = lookup(name)
+    registry.reset_registry()
+    assert lookup(name) == live
+    return live
+
+
+BUILT_FIRST = pytest.mark.parametrize(
+    "built_first", [True, False], ids=["registry built before", "registry built after"]
+)
+
+
+@BUILT_FIRST
+def test_a_script_may_not_take_a_name_another_definition_registered(fresh_registry, built_first):
+    if built_first:
+        nestrnn.memory_names()
+
+    @nestrnn.register_memory("twice_test")
+    class First(AdditiveMemory):
+        pass
+
+    with pytest.raises(registry.RegistryError) as error:
+
+        @nestrnn.register_memory("twice_test")
+        class Second(AdditiveMemory):
+            pass
+
+    assert str(error.value) == (
+        f"memory name 'twice_test' is already registered by {__name__}.{First.__qualname__}; "
+        f"register {__name__}.{First.__qualname__.replace('First', 'Second')} under another "
+        "name, or with register_memory('twice_test', replace=True) to replace it"
+    )
+    assert lookup_before_and_after_rebuild("twice_test") is First
+
+
+@BUILT_FIRST
+def test_replace_gives_the_name_to_the_later_definition(fresh_registry, built_first):
+    if built_first:
+        nestrnn.memory_names()
+
+    @nestrnn.register_memory("replaced_test")
+    class First(AdditiveMemory):
+        pass
+
+    @nestrnn.register_memory("replaced_test", replace=True)
+    class Second(AdditiveMemory):
+        pass
+
+    assert lookup_before_and_after_rebuild("replaced_test") is Second
+
+
+@BUILT_FIRST
+def test_running_a_definition_again_replaces_it(fresh_registry, built_first):
+    """A re-run notebook cell or a reloaded module defines the same class again."""
+    if built_first:
+        nestrnn.memory_names()
+
+    def define() -> type:
+        @nestrnn.register_memory("rerun_test")
+        class Rerun(AdditiveMemory):
+            pass
+
+        return Rerun
+
+    first = define()
+    again = define()
+    assert again is not first
+    assert lookup_before_and_after_rebuild("rerun_test") is again
+
+
+@BUILT_FIRST
+def test_a_script_taking_a_plugins_name_conflicts_unless_it_replaces(fresh_registry, built_first):
+    if built_first:
+        nestrnn.memory_names()
+
+    @nestrnn.register_memory("additive")
+    class Mine(AdditiveMemory):
+        pass
+
+    message = lookup_before_and_after_rebuild("additive")
+    assert message.startswith(
+        "memory name 'additive' is registered by more than one provider: plugin "
+        f"'nestrnn.memory.builtin' from nestrnn {nestrnn.__version__} and {__name__}."
+    )
+    assert message.endswith(
+        "register yours under another name, or with register_memory('additive', replace=True) "
+        "to override the others"
+    )
+    nestrnn.register_memory("additive", replace=True)(Mine)
+    assert lookup_before_and_after_rebuild("additive") is Mine
 
 
 def test_unknown_memory_lists_known_names(fresh_registry):
