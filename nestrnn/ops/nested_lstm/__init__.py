@@ -1,46 +1,51 @@
-"""The whole-sequence nested-LSTM op and its backends.
+"""The whole-sequence nested-LSTM op: one direction of one layer over a whole sequence.
 
-``nested_lstm`` runs one direction of one layer over a whole sequence. Every backend computes the
-same function as ``naive.nested_lstm_naive`` (the reference); see that module for shapes.
+``nested_lstm`` is the entry point; every implementation computes the function of
+``naive.nested_lstm_naive`` (the reference; see that module for shapes). The package, by step:
 
-Backends:
-    "naive"   plain per-step PyTorch with autograd (reference; any device)
-    "fused"   CPU/GPU fast path: one input GEMM, hand-written backward (``fused.py``)
-    "triton"  fused Triton kernels (``fused_triton.py``; CUDA, or CPU under TRITON_INTERPRET=1)
-    "auto"    "triton" for fp32/fp16/bf16 CUDA tensors when Triton is importable, otherwise "fused"
+    layout.py       argument types, activations, the tensors the forward saves (one layout for all)
+    checks.py       the one input check
+    plan.py         which implementation runs a call
+    op.py           the PyTorch custom operators (schema, fake tensors, autograd)
+    gradients.py    the parameter gradients every implementation shares (GEMMs after the loop)
+    torch_lstm.py   depth-1 inference through torch's own LSTM
+    c_loop.py       the C time loops on CPU (with native.py, cpu_kernel.c, workspace.py)
+    torch_loop.py   the time loops in plain PyTorch, any device
+    triton_loop.py  the Triton kernels on CUDA (with triton_kernels.py)
+    onnx.py         the op's translation for ``torch.onnx.export(dynamo=True)``
+    naive.py        the reference
+
+Design and measurements: docs/design.md.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm.common import LevelWeights
+from nestrnn.ops.nested_lstm import op
+from nestrnn.ops.nested_lstm.checks import check_inputs
+from nestrnn.ops.nested_lstm.layout import (
+    LevelActivations,
+    LevelWeights,
+    encode_activations,
+    standard_activations,
+)
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
+from nestrnn.ops.nested_lstm.plan import BACKENDS, IMPLEMENTATIONS, Plan, plan
+from nestrnn.ops.nested_lstm.workspace import clear_workspace
 
-BACKENDS = ("auto", "naive", "fused", "triton")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-__all__ = ["BACKENDS", "LevelWeights", "nested_lstm", "nested_lstm_naive", "resolve_backend"]
-
-
-def triton_available() -> bool:
-    """True when the Triton package can be imported (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """Turn ``backend`` ("auto" included) into the concrete backend used for input ``x``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_available():
-        return "triton"
-    return "fused"
+__all__ = [
+    "BACKENDS",
+    "IMPLEMENTATIONS",
+    "LevelActivations",
+    "LevelWeights",
+    "Plan",
+    "clear_workspace",
+    "nested_lstm",
+    "nested_lstm_naive",
+    "plan",
+]
 
 
 def nested_lstm(
@@ -50,24 +55,39 @@ def nested_lstm(
     c0: Tensor,
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
+    activations: tuple[LevelActivations, ...] | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one direction of a Nested LSTM layer with the chosen backend.
+    """Run one direction of a Nested LSTM layer over a whole sequence.
 
-    Returns ``(output (T, B, H), h_n (B, H), c_n (D, B, H))``.
+    Args:
+        x: (T, B, I) input.
+        weights: D ``LevelWeights``; level 0 is the outer LSTM (weight_ih (4H, I)), levels 1..D-1
+            are nested (weight_ih (4H, H)); every weight_hh is (4H, H); biases (4H,) or None.
+        h0: (B, H) initial hidden state; c0: (D, B, H) initial cell of every level.
+        batch_sizes: (T,) int64 CPU tensor of a packed batch sorted by length (rows
+            b >= batch_sizes[t] are inactive at step t: they keep their state, output zero).
+        reverse: process the sequence from its end.
+        activations: D ``LevelActivations`` (None: the paper's, ``standard_activations``).
+        backend: "auto", "fused", "triton" or an implementation name (see ``plan``).
+
+    Returns:
+        ``(output (T, B, H), h_n (B, H), c_n (D, B, H))`` in the dtype of ``x``; under
+        ``torch.autocast`` every floating input is first cast to the autocast dtype.
     """
-    backend = resolve_backend(backend, x)
-    if backend == "naive":
-        return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse)
-    if backend == "fused":
-        from nestrnn.ops.nested_lstm.fused import nested_lstm_fused
-
-        return nested_lstm_fused(x, weights, h0, c0, batch_sizes, reverse)
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU); "
-            f"got input on {x.device}"
-        )
-    from nestrnn.ops.nested_lstm.fused_triton import nested_lstm_triton
-
-    return nested_lstm_triton(x, weights, h0, c0, batch_sizes, reverse)
+    check_inputs(x, weights, h0, c0, batch_sizes, activations)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    acts = encode_activations(activations or standard_activations(len(weights)))
+    flat = op.flat_weights(weights, x)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+        flat = [w.to(dtype) for w in flat]
+    args = (batch_sizes, bool(reverse), acts, backend)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat))
+    if not grads or torch.compiler.is_exporting():  # an exported graph holds the inference op
+        return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
+    if torch._C._are_functorch_transforms_active():
+        return op.FunctorchNestedLSTM.apply(x, h0, c0, *args, *flat)[:3]
+    return torch.ops.nestrnn.nested_lstm_train(x, flat, h0, c0, *args)[:3]

@@ -1,26 +1,36 @@
 /* Time loops of the nested-LSTM op on CPU: the per-step recurrent GEMMs and all pointwise math.
  *
- * Built on first use by native.py (see there for how, where, and the fallback); driven by
- * fused_native.py, which allocates every buffer, runs the input projection and the weight
- * gradients (large GEMMs, outside the loop), and documents the layout. The GEMMs call the BLAS
- * that PyTorch itself links (MKL on x86-64), through function pointers set by nlstm_set_blas.
+ * Built and loaded by native.py; driven by c_loop.py, which allocates every buffer, runs the
+ * input projection and the parameter gradients (large GEMMs outside the loop). The GEMMs call the
+ * BLAS that PyTorch itself links (MKL on x86-64), through function pointers set by nlstm_set_blas.
  *
- * Layout (row-major, contiguous; T steps, B rows, H units, D levels), as in fused_native.py:
- *   gates[k]   (T or 1, B, 4H)  level k's gates [o | i | f | g]; gates[0] always has T steps and
- *                               holds x W_ih^T + b on entry. Activated in place by the forward.
- *   inputs[k]  (T or 1, B, 2H)  [x~ | h~] = [i*g | f*c_prev] of level k, the input of level k+1
- *   cells[k]   (cell_slots, B, H) the level's cell; slot j is the state before step j (forward)
- *   tanh_c[k]  (T or 1, B, H)
- *   h[j]       T+1 slot pointers, each (B, H)
- * Weights are in the internal gate order (o, i, f, g): w_hh0 (4H, H), w_nested[k] (4H, 2H) =
- * [W_ih | W_hh] of level k >= 1, bias[k] (4H,) = b_ih + b_hh or NULL.
+ * Layout (row-major, contiguous; T steps, B rows, H units, D levels; gates in nn.LSTM's order
+ * i, f, g, o), the layout.Saved of the Python side split into one pointer per level:
+ *   gates[k]     (T or 1, B, 4H)  level k's gates; gates[0] always has T steps and holds
+ *                                 x W_ih^T + b on entry. Activated in place by the forward.
+ *   inputs[k]    (T or 1, B, 2H)  [x~ | h~] = [i*g | f*c_prev] of level k, level k+1's input
+ *   cells[k]     (T+1 or 2, B, H) the level's cell by slot: slot j is the state before step j
+ *   act_cells[k] (T or 1, B, H)   the cell activation of each new cell
+ *   h[j]         T+1 slot pointers, each (B, H)
+ * "T or 1": all steps when the forward saves for the backward, else a ring of one step.
+ * Weights: w_hh0 (4H, H); w_nested[k] (4H, 2H) = [W_ih | W_hh] of level k >= 1; bias[k] (4H,)
+ * = b_ih + b_hh or NULL. activations: per level the codes of its gate, candidate and cell
+ * activation (the index in nestrnn.activations.ACTIVATIONS).
  * Time t reads slot t + lo and writes slot t + lo + step, (lo, step) = (0, 1) or (1, -1) reversed.
  * Packed batches: rows >= batch_sizes[t] are inactive at step t and carry their state.
+ *
+ * The Python side checks its mirror of nlstm_args against nlstm_args_layout() and the version
+ * against nlstm_abi_version() before the first call; every entry point returns 0 or an NLSTM_E*.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define NLSTM_ABI_VERSION 2
+#define NLSTM_EINVAL 1 /* an argument is out of range */
 
 /* Fortran BLAS (column-major, arguments by reference, 32-bit integers) */
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
@@ -44,20 +54,24 @@ static spack_fn spack_ptr;
 static scompute_fn scompute_ptr;
 
 /* Set the BLAS entry points; the packed ones may be NULL. */
-void nlstm_set_blas(void *sgemm, void *dgemm, void *pack_size, void *spack, void *scompute) {
+int nlstm_set_blas(void *sgemm, void *dgemm, void *pack_size, void *spack, void *scompute) {
+    if (!sgemm || !dgemm)
+        return NLSTM_EINVAL;
     sgemm_ptr = (sgemm_fn)sgemm;
     dgemm_ptr = (dgemm_fn)dgemm;
     pack_size_ptr = (pack_size_fn)pack_size;
     spack_ptr = (spack_fn)spack;
     scompute_ptr = (scompute_fn)scompute;
+    return 0;
 }
 
-/* Everything one call needs (mirrored by native.Args; integers are int64). */
+/* Everything one call needs; integers are int64. */
 typedef struct {
     int64_t steps, batch, hidden, depth;
-    int64_t reverse, save, cell_slots;
+    int64_t reverse, save;
     const int64_t *batch_sizes; /* (T,) or NULL: every row active */
-    void **gates, **inputs, **cells, **tanh_c, **h;
+    const int32_t *activations; /* (3D,) */
+    void **gates, **inputs, **cells, **act_cells, **h;
     const void *w_hh0;
     const void **w_nested, **bias;
     /* backward only */
@@ -68,6 +82,48 @@ typedef struct {
     void *scratch;     /* (B, 2H) */
     void *dht;         /* (B, H) */
 } nlstm_args;
+
+int nlstm_abi_version(void) { return NLSTM_ABI_VERSION; }
+
+/* "name:offset,..." of every field and "size:<sizeof>", so that the caller can check its mirror */
+const char *nlstm_args_layout(void) {
+    static char text[1024];
+    static const struct {
+        const char *name;
+        size_t offset;
+    } fields[] = {
+        {"steps", offsetof(nlstm_args, steps)},
+        {"batch", offsetof(nlstm_args, batch)},
+        {"hidden", offsetof(nlstm_args, hidden)},
+        {"depth", offsetof(nlstm_args, depth)},
+        {"reverse", offsetof(nlstm_args, reverse)},
+        {"save", offsetof(nlstm_args, save)},
+        {"batch_sizes", offsetof(nlstm_args, batch_sizes)},
+        {"activations", offsetof(nlstm_args, activations)},
+        {"gates", offsetof(nlstm_args, gates)},
+        {"inputs", offsetof(nlstm_args, inputs)},
+        {"cells", offsetof(nlstm_args, cells)},
+        {"act_cells", offsetof(nlstm_args, act_cells)},
+        {"h", offsetof(nlstm_args, h)},
+        {"w_hh0", offsetof(nlstm_args, w_hh0)},
+        {"w_nested", offsetof(nlstm_args, w_nested)},
+        {"bias", offsetof(nlstm_args, bias)},
+        {"d_out", offsetof(nlstm_args, d_out)},
+        {"dh", offsetof(nlstm_args, dh)},
+        {"dc", offsetof(nlstm_args, dc)},
+        {"d_gates", offsetof(nlstm_args, d_gates)},
+        {"scratch", offsetof(nlstm_args, scratch)},
+        {"dht", offsetof(nlstm_args, dht)},
+    };
+    size_t used = 0;
+    for (size_t n = 0; n < sizeof fields / sizeof fields[0]; n++)
+        used += (size_t)snprintf(text + used, sizeof text - used, "%s:%zu,", fields[n].name,
+                                 fields[n].offset);
+    snprintf(text + used, sizeof text - used, "size:%zu", sizeof(nlstm_args));
+    return text;
+}
+
+enum { ACT_SIGMOID, ACT_TANH, ACT_IDENTITY, ACT_RELU, ACT_HARDTANH, ACT_SOFTSIGN, ACT_COUNT };
 
 /* float: exp from a degree-6 polynomial (Cephes' expf, ~1 ulp on the reduced range) so that
  * the loops vectorise; libm's expf is a scalar call without -ffast-math. */
@@ -96,6 +152,7 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #define SFX(name) name##_f32
 #define SIGMOID sigmoid_f32
 #define TANH tanh_f32
+#define ABS fabsf
 #define GEMM sgemm_ptr
 #define HAS_PACKED 1
 #include "cpu_kernel_loops.h"
@@ -103,6 +160,7 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #undef SFX
 #undef SIGMOID
 #undef TANH
+#undef ABS
 #undef GEMM
 #undef HAS_PACKED
 
@@ -110,6 +168,7 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #define SFX(name) name##_f64
 #define SIGMOID sigmoid_f64
 #define TANH tanh_f64
+#define ABS fabs
 #define GEMM dgemm_ptr
 #define HAS_PACKED 0
 #include "cpu_kernel_loops.h"

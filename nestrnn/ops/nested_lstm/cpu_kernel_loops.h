@@ -24,7 +24,7 @@ static void SFX(operand_init)(SFX(operand) * op, const REAL *w, char trans, int 
         const float one = 1.0f;
         const char trans_s[2] = {trans, 0};
         op->packed = malloc(pack_size_ptr("A", &m, &full_n, &k));
-        if (op->packed)
+        if (op->packed) /* without memory for the packed copy the plain GEMM runs */
             spack_ptr("A", trans_s, &m, &full_n, &k, &one, w, &op->lda, op->packed);
     }
 #endif
@@ -47,13 +47,98 @@ static void SFX(operand_mul)(const SFX(operand) * op, int n, const REAL *b, REAL
     GEMM(trans_s, "N", &m, &n, &k, &one, op->w, &op->lda, b, &k, &beta, out, &m);
 }
 
+/* v[u] = act(v[u]) for u < n; one loop per activation, so that each vectorises. */
+static void SFX(activate)(int code, REAL *v, int64_t n) {
+    switch (code) {
+    case ACT_SIGMOID:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            v[u] = SIGMOID(v[u]);
+        break;
+    case ACT_TANH:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            v[u] = TANH(v[u]);
+        break;
+    case ACT_RELU:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            v[u] = v[u] > 0 ? v[u] : 0;
+        break;
+    case ACT_HARDTANH:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            v[u] = v[u] < -1 ? -1 : (v[u] > 1 ? 1 : v[u]);
+        break;
+    case ACT_SOFTSIGN:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            v[u] = v[u] / (1 + ABS(v[u]));
+        break;
+    default: /* ACT_IDENTITY */
+        break;
+    }
+}
+
+/* g[u] *= act'(x[u]), written in terms of the output y[u] = act(x[u]). */
+static void SFX(times_derivative)(int code, const REAL *y, REAL *g, int64_t n) {
+    switch (code) {
+    case ACT_SIGMOID:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            g[u] *= y[u] * (1 - y[u]);
+        break;
+    case ACT_TANH:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            g[u] *= 1 - y[u] * y[u];
+        break;
+    case ACT_RELU:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            g[u] = y[u] > 0 ? g[u] : 0;
+        break;
+    case ACT_HARDTANH:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++)
+            g[u] = (y[u] > -1 && y[u] < 1) ? g[u] : 0;
+        break;
+    case ACT_SOFTSIGN:
+#pragma omp simd
+        for (int64_t u = 0; u < n; u++) {
+            const REAL s = 1 - ABS(y[u]);
+            g[u] *= s * s;
+        }
+        break;
+    default: /* ACT_IDENTITY */
+        break;
+    }
+}
+
+static int SFX(check_args)(const nlstm_args *a) {
+    if (a->steps < 0 || a->batch < 1 || a->hidden < 1 || a->depth < 1 || !a->activations)
+        return NLSTM_EINVAL;
+    for (int64_t n = 0; n < 3 * a->depth; n++)
+        if (a->activations[n] < 0 || a->activations[n] >= ACT_COUNT)
+            return NLSTM_EINVAL;
+    /* BLAS takes 32-bit sizes */
+    if (4 * a->hidden > INT32_MAX || a->batch > INT32_MAX)
+        return NLSTM_EINVAL;
+    return 0;
+}
+
 #define AT(ptr, j, n) ((REAL *)(ptr) + (size_t)(j) * (size_t)(n))
 
-/* Forward over all steps. Returns 0. */
+/* Forward over all steps. */
 int SFX(nlstm_forward)(const nlstm_args *a) {
+    const int bad = SFX(check_args)(a);
+    if (bad)
+        return bad;
     const int64_t T = a->steps, B = a->batch, H = a->hidden, D = a->depth;
     const int64_t lo = a->reverse ? 1 : 0, dir = a->reverse ? -1 : 1;
     const int64_t BH = B * H, B4H = B * 4 * H, B2H = B * 2 * H;
+    const int64_t cell_slots = a->save ? T + 1 : 2;
+    const int32_t *act = a->activations; /* act[3k]: gate, act[3k+1]: candidate, act[3k+2]: cell */
     SFX(operand) w0, wk[D > 1 ? D : 1];
     SFX(operand_init)(&w0, a->w_hh0, 'T', (int)(4 * H), (int)H, (int)B);
     for (int64_t k = 1; k < D; k++)
@@ -69,19 +154,18 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
         if (rows < B) { /* inactive rows carry their state */
             memcpy(hn + rows * H, hp + rows * H, tail);
             for (int64_t k = 0; k < D; k++)
-                memcpy(AT(a->cells[k], jn % a->cell_slots, BH) + rows * H,
-                       AT(a->cells[k], j % a->cell_slots, BH) + rows * H, tail);
+                memcpy(AT(a->cells[k], jn % cell_slots, BH) + rows * H,
+                       AT(a->cells[k], j % cell_slots, BH) + rows * H, tail);
         }
         if (rows == 0)
             continue;
 
-        /* outer level: gates += h_prev W_hh^T, then its pointwise phase */
-        REAL *z0 = AT(a->gates[0], t, B4H);
-        SFX(operand_mul)(&w0, (int)rows, hp, 1, z0);
+        /* outer level: gates += h_prev W_hh^T; level k: bias + [x~ | h~] [W_ih | W_hh]^T */
         for (int64_t k = 0; k < D; k++) {
-            REAL *z = k == 0 ? z0 : AT(a->gates[k], ts, B4H);
-            const REAL *cp = AT(a->cells[k], j % a->cell_slots, BH);
-            if (k > 0) { /* gates of level k = bias + [x~ | h~] of level k-1 @ [W_ih | W_hh]^T */
+            REAL *z = AT(a->gates[k], k == 0 ? t : ts, B4H);
+            if (k == 0) {
+                SFX(operand_mul)(&w0, (int)rows, hp, 1, z);
+            } else {
                 const REAL *bias = a->bias[k];
                 if (bias)
                     for (int64_t b = 0; b < rows; b++)
@@ -89,56 +173,49 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
                 SFX(operand_mul)(&wk[k], (int)rows, AT(a->inputs[k - 1], ts, B2H), bias ? 1 : 0,
                                  z);
             }
-            const int tanh_candidate = k > 0 || D == 1; /* the outer level of a nest: identity */
-            const int innermost = k == D - 1;
-            REAL *x = innermost ? NULL : AT(a->inputs[k], ts, B2H);
+            const REAL *cp = AT(a->cells[k], j % cell_slots, BH);
+            REAL *x = k == D - 1 ? NULL : AT(a->inputs[k], ts, B2H);
             for (int64_t b = 0; b < rows; b++) {
                 REAL *zr = z + b * 4 * H;
-                const REAL *cr = cp + b * H;
-                REAL *xr = x ? x + b * 2 * H : NULL;
-#pragma omp simd
-                for (int64_t u = 0; u < 3 * H; u++)
-                    zr[u] = SIGMOID(zr[u]);
-                if (tanh_candidate) {
-#pragma omp simd
-                    for (int64_t u = 3 * H; u < 4 * H; u++)
-                        zr[u] = TANH(zr[u]);
-                }
-                if (xr) {
+                SFX(activate)(act[3 * k], zr, 2 * H);         /* i, f */
+                SFX(activate)(act[3 * k + 1], zr + 2 * H, H); /* g */
+                SFX(activate)(act[3 * k], zr + 3 * H, H);     /* o */
+                if (x) {
+                    const REAL *cr = cp + b * H;
+                    REAL *xr = x + b * 2 * H;
 #pragma omp simd
                     for (int64_t u = 0; u < H; u++) {
-                        xr[u] = zr[H + u] * zr[3 * H + u];
-                        xr[H + u] = zr[2 * H + u] * cr[u];
+                        xr[u] = zr[u] * zr[2 * H + u];     /* x~ = i * g */
+                        xr[H + u] = zr[H + u] * cr[u];     /* h~ = f * c_prev */
                     }
                 }
             }
         }
-        /* innermost cell c = f c_prev + i g, then the ascent c^{k-1} = o_k tanh(c^k), h = o tanh(c) */
+        /* innermost cell c = f c_prev + i g, then the ascent c^{k-1} = o_k act_k(c^k), h */
         {
             const int64_t k = D - 1;
-            const REAL *z = k == 0 ? z0 : AT(a->gates[k], ts, B4H);
-            const REAL *cp = AT(a->cells[k], j % a->cell_slots, BH);
-            REAL *cn = AT(a->cells[k], jn % a->cell_slots, BH);
+            const REAL *z = AT(a->gates[k], k == 0 ? t : ts, B4H);
+            const REAL *cp = AT(a->cells[k], j % cell_slots, BH);
+            REAL *cn = AT(a->cells[k], jn % cell_slots, BH);
             for (int64_t b = 0; b < rows; b++) {
                 const REAL *zr = z + b * 4 * H;
 #pragma omp simd
                 for (int64_t u = 0; u < H; u++)
-                    cn[b * H + u] = zr[2 * H + u] * cp[b * H + u] + zr[H + u] * zr[3 * H + u];
+                    cn[b * H + u] = zr[H + u] * cp[b * H + u] + zr[u] * zr[2 * H + u];
             }
         }
         for (int64_t k = D - 1; k >= 0; k--) {
-            const REAL *z = k == 0 ? z0 : AT(a->gates[k], ts, B4H);
-            const REAL *cn = AT(a->cells[k], jn % a->cell_slots, BH);
-            REAL *tc = AT(a->tanh_c[k], ts, BH);
-            REAL *up = k == 0 ? hn : AT(a->cells[k - 1], jn % a->cell_slots, BH);
+            const REAL *z = AT(a->gates[k], k == 0 ? t : ts, B4H);
+            const REAL *cn = AT(a->cells[k], jn % cell_slots, BH);
+            REAL *ac = AT(a->act_cells[k], ts, BH);
+            REAL *up = k == 0 ? hn : AT(a->cells[k - 1], jn % cell_slots, BH);
+            memcpy(ac, cn, (size_t)(rows * H) * sizeof(REAL));
+            SFX(activate)(act[3 * k + 2], ac, rows * H);
             for (int64_t b = 0; b < rows; b++) {
                 const REAL *zr = z + b * 4 * H;
 #pragma omp simd
-                for (int64_t u = 0; u < H; u++) {
-                    const REAL th = TANH(cn[b * H + u]);
-                    tc[b * H + u] = th;
-                    up[b * H + u] = zr[u] * th;
-                }
+                for (int64_t u = 0; u < H; u++)
+                    up[b * H + u] = zr[3 * H + u] * ac[b * H + u];
             }
         }
     }
@@ -148,33 +225,41 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
     return 0;
 }
 
-/* From d(i*g) and d(f*c_prev) of one level at one step: its gate gradients (i, f, g; o is
- * already there, not yet through the sigmoid) and the gradient of its previous cell. */
-static void SFX(gate_backward)(int64_t rows, int64_t H, const REAL *z, const REAL *cp,
-                               const REAL *d_ig, int64_t ld_ig, const REAL *d_fc, int64_t ld_fc,
-                               REAL *dz, REAL *dc_prev, int tanh_candidate) {
+/* From d(i*g) and d(f*c_prev) of one level at one step: its gate gradients (o's gradient by its
+ * activated value is already in place) and the gradient of its previous cell. */
+static void SFX(gate_backward)(int64_t rows, int64_t H, const int32_t *act, const REAL *z,
+                               const REAL *cp, const REAL *d_ig, int64_t ld_ig, const REAL *d_fc,
+                               int64_t ld_fc, REAL *dz, REAL *dc_prev) {
     for (int64_t b = 0; b < rows; b++) {
         const REAL *zr = z + b * 4 * H, *cr = cp + b * H;
         const REAL *ig = d_ig + b * ld_ig, *fc = d_fc + b * ld_fc;
         REAL *dr = dz + b * 4 * H, *dcr = dc_prev + b * H;
 #pragma omp simd
         for (int64_t u = 0; u < H; u++) {
-            const REAL o = zr[u], i = zr[H + u], f = zr[2 * H + u], g = zr[3 * H + u];
-            dr[u] = dr[u] * o * (1 - o);
-            dr[H + u] = ig[u] * g * i * (1 - i);
-            dr[2 * H + u] = fc[u] * cr[u] * f * (1 - f);
-            dr[3 * H + u] = tanh_candidate ? ig[u] * i * (1 - g * g) : ig[u] * i;
+            const REAL i = zr[u], f = zr[H + u], g = zr[2 * H + u];
+            dr[u] = ig[u] * g;
+            dr[H + u] = fc[u] * cr[u];
+            dr[2 * H + u] = ig[u] * i;
             dcr[u] = fc[u] * f;
         }
+        SFX(times_derivative)(act[0], zr, dr, 2 * H);                 /* i, f */
+        SFX(times_derivative)(act[1], zr + 2 * H, dr + 2 * H, H);     /* g */
+        SFX(times_derivative)(act[0], zr + 3 * H, dr + 3 * H, H);     /* o */
     }
 }
 
-/* Reverse time loop: gate gradients of every step and the gradients of h0 and c0 (weight
+/* Reverse time loop: gate gradients of every step and the gradients of h0 and c0 (parameter
  * gradients are computed afterwards from d_gates). Needs the buffers of a forward with save. */
 int SFX(nlstm_backward)(const nlstm_args *a) {
+    const int bad = SFX(check_args)(a);
+    if (bad)
+        return bad;
+    if (!a->save)
+        return NLSTM_EINVAL;
     const int64_t T = a->steps, B = a->batch, H = a->hidden, D = a->depth;
     const int64_t lo = a->reverse ? 1 : 0;
     const int64_t BH = B * H, B4H = B * 4 * H;
+    const int32_t *act = a->activations;
     REAL *dh = a->dh, *dht = a->dht, *scratch = a->scratch;
     SFX(operand) w0, wk[D > 1 ? D : 1];
     SFX(operand_init)(&w0, a->w_hh0, 'N', (int)H, (int)(4 * H), (int)B);
@@ -190,10 +275,11 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
         const REAL *dout = AT(a->d_out, t, BH);
         for (int64_t e = 0; e < rows * H; e++)
             dht[e] = dout[e] + dh[e];
-        /* back through the ascent: level k's o gradient, and d of its new cell (into scratch) */
+        /* back through the ascent: level k's o gradient (by its activated value), and the
+         * gradient of its new cell (into scratch, used as (rows, H)) */
         REAL *dcl = scratch;
         for (int64_t k = 0; k < D; k++) {
-            const REAL *z = AT(a->gates[k], t, B4H), *tc = AT(a->tanh_c[k], t, BH);
+            const REAL *z = AT(a->gates[k], t, B4H), *ac = AT(a->act_cells[k], t, BH);
             const REAL *grad = k == 0 ? dht : dcl;
             const REAL *dck = AT(a->dc, k, BH);
             REAL *dz = AT(a->d_gates[k], t, B4H);
@@ -202,22 +288,27 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
                 REAL *dr = dz + b * 4 * H;
 #pragma omp simd
                 for (int64_t u = 0; u < H; u++) {
-                    const REAL gr = grad[b * H + u], th = tc[b * H + u];
-                    dr[u] = gr * th;
-                    dcl[b * H + u] = gr * zr[u] * (1 - th * th) + dck[b * H + u];
+                    const REAL gr = grad[b * H + u];
+                    dr[3 * H + u] = gr * ac[b * H + u];
+                    dcl[b * H + u] = gr * zr[3 * H + u];
                 }
             }
+            SFX(times_derivative)(act[3 * k + 2], ac, dcl, rows * H);
+#pragma omp simd
+            for (int64_t e = 0; e < rows * H; e++)
+                dcl[e] += dck[e]; /* plus the gradient carried from the next step */
         }
         /* innermost: c = i g + f c_prev, so d(i g) = d(f c_prev) = dcl */
         const int64_t last = D - 1;
-        SFX(gate_backward)(rows, H, AT(a->gates[last], t, B4H), AT(a->cells[last], j, BH), dcl, H,
-                           dcl, H, AT(a->d_gates[last], t, B4H), AT(a->dc, last, BH), 1);
+        SFX(gate_backward)(rows, H, act + 3 * last, AT(a->gates[last], t, B4H),
+                           AT(a->cells[last], j, BH), dcl, H, dcl, H, AT(a->d_gates[last], t, B4H),
+                           AT(a->dc, last, BH));
         /* descent: [d x~ | d h~] of level k-1 = level k's gate gradients @ [W_ih | W_hh] */
         for (int64_t k = D - 1; k > 0; k--) {
             SFX(operand_mul)(&wk[k], (int)rows, AT(a->d_gates[k], t, B4H), 0, scratch);
-            SFX(gate_backward)(rows, H, AT(a->gates[k - 1], t, B4H), AT(a->cells[k - 1], j, BH),
-                               scratch, 2 * H, scratch + H, 2 * H, AT(a->d_gates[k - 1], t, B4H),
-                               AT(a->dc, k - 1, BH), k > 1);
+            SFX(gate_backward)(rows, H, act + 3 * (k - 1), AT(a->gates[k - 1], t, B4H),
+                               AT(a->cells[k - 1], j, BH), scratch, 2 * H, scratch + H, 2 * H,
+                               AT(a->d_gates[k - 1], t, B4H), AT(a->dc, k - 1, BH));
         }
         SFX(operand_mul)(&w0, (int)rows, AT(a->d_gates[0], t, B4H), 0, dh);
     }

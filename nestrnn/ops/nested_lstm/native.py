@@ -1,17 +1,24 @@
-"""Build, cache and load the CPU kernel (``cpu_kernel.c``) of the nested-LSTM op.
+"""Build, cache, check and load the CPU kernel (``cpu_kernel.c``) of the nested-LSTM op.
 
 The kernel holds the time loops: per step the recurrent GEMMs and all pointwise math, in C. It has
-no Python or PyTorch headers in it, so the system C compiler builds it in about 1.3 s;
-its GEMMs call the BLAS that PyTorch links (MKL's packed GEMM where present), which it gets as
-function pointers from torch's own library.
+no Python or PyTorch headers in it, so the system C compiler builds it in about a second; its
+GEMMs call the BLAS that PyTorch links (MKL's packed GEMM where present), which it gets as function
+pointers from torch's own library.
 
 It is compiled on first use into a cache directory (``$NESTRNN_CACHE_DIR``, else
-``$XDG_CACHE_HOME/nestrnn``, else ``~/.cache/nestrnn``), under a name that hashes the source, the
-compiler, its flags and this CPU (``-march=native``), so a cache shared between machines keeps one
-build per kind of CPU. When anything is missing (no C compiler, a torch build without an exported
-``sgemm_``, an unwritable cache) the op runs its PyTorch loop instead: ``status()`` says which and
-why. ``NESTRNN_NATIVE=0`` turns the kernel off; ``CC`` and ``NESTRNN_CFLAGS`` choose the compiler
-and its flags. ``python -m nestrnn.ops.nested_lstm.native`` builds it ahead of time (say, in a
+``$XDG_CACHE_HOME/nestrnn``, else ``~/.cache/nestrnn``) under a name that hashes the source, the
+compiler, its flags and this CPU (``-march=native``), and names the user: a cache shared between
+machines and users keeps one build per kind of CPU and user. A cached library is loaded only when
+it is a regular file owned by the current user and writable by nobody else, checked on the open
+file itself, which is then the file loaded: a library planted in a shared cache is never loaded
+(nor are its constructors run); it is replaced by a fresh build. Before the first call the
+library's ABI version and its argument-struct layout are compared with this module's mirror, and
+every kernel call's return code is checked.
+
+When anything is missing (no C compiler, a torch build without an exported ``sgemm_``, an
+unwritable cache) the op runs its PyTorch loop instead: ``status()`` says which and why.
+``NESTRNN_NATIVE=0`` turns the kernel off; ``CC`` and ``NESTRNN_CFLAGS`` choose the compiler and
+its flags. ``python -m nestrnn.ops.nested_lstm.native`` builds it ahead of time (say, in a
 container image) and prints the status.
 """
 
@@ -23,6 +30,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -32,14 +40,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Args", "NativeStatus", "kernel", "status"]
+__all__ = ["ABI_VERSION", "Args", "Kernel", "NativeStatus", "kernel", "status"]
 
+ABI_VERSION = 2  # NLSTM_ABI_VERSION in cpu_kernel.c
 _SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
 
 class Args(ctypes.Structure):
-    """Mirror of ``nlstm_args`` in cpu_kernel.c (pointer arrays are ``c_void_p * n``)."""
+    """Mirror of ``nlstm_args`` in cpu_kernel.c, checked against the library on load."""
 
     _fields_ = [
         ("steps", ctypes.c_int64),
@@ -48,12 +57,12 @@ class Args(ctypes.Structure):
         ("depth", ctypes.c_int64),
         ("reverse", ctypes.c_int64),
         ("save", ctypes.c_int64),
-        ("cell_slots", ctypes.c_int64),
         ("batch_sizes", ctypes.c_void_p),
+        ("activations", ctypes.c_void_p),
         ("gates", ctypes.c_void_p),
         ("inputs", ctypes.c_void_p),
         ("cells", ctypes.c_void_p),
-        ("tanh_c", ctypes.c_void_p),
+        ("act_cells", ctypes.c_void_p),
         ("h", ctypes.c_void_p),
         ("w_hh0", ctypes.c_void_p),
         ("w_nested", ctypes.c_void_p),
@@ -67,6 +76,12 @@ class Args(ctypes.Structure):
     ]
 
 
+def args_layout() -> str:
+    """``nlstm_args_layout()``'s text for the mirror above: ``name:offset,...,size:N``."""
+    fields = ",".join(f"{name}:{getattr(Args, name).offset}" for name, _ in Args._fields_)
+    return f"{fields},size:{ctypes.sizeof(Args)}"
+
+
 @dataclass(frozen=True)
 class NativeStatus:
     """Whether the CPU kernel is in use: ``library`` is its path, else ``reason`` says why not."""
@@ -76,30 +91,47 @@ class NativeStatus:
     library: Path | None = None
 
 
-class _Kernel:
+class Kernel:
     """The loaded library: ``forward(dtype, args)`` and ``backward(dtype, args)``."""
 
     def __init__(self, lib: ctypes.CDLL):
-        self._fns = {}
-        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
-            for name in ("forward", "backward"):
-                fn = getattr(lib, f"nlstm_{name}_{suffix}")
-                fn.argtypes = [ctypes.POINTER(Args)]
-                fn.restype = ctypes.c_int
-                self._fns[name, dtype] = fn
+        """Bind every entry point; raises ``RuntimeError`` when one is missing or the library
+        was built for another ABI."""
+        try:
+            version, layout = lib.nlstm_abi_version, lib.nlstm_args_layout
+            version.restype, layout.restype = ctypes.c_int, ctypes.c_char_p
+            if version() != ABI_VERSION:
+                raise RuntimeError(f"ABI version {version()}, expected {ABI_VERSION}")
+            if layout().decode() != args_layout():
+                raise RuntimeError("its argument struct does not match this module's mirror")
+            self.set_blas = lib.nlstm_set_blas
+            self._fns = {}
+            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                for name in ("forward", "backward"):
+                    fn = getattr(lib, f"nlstm_{name}_{suffix}")
+                    fn.argtypes, fn.restype = [ctypes.POINTER(Args)], ctypes.c_int
+                    self._fns[name, dtype] = fn
+        except AttributeError as err:
+            raise RuntimeError(f"the library lacks an entry point ({err})") from None
+        self.set_blas.restype = ctypes.c_int
 
     def forward(self, dtype: torch.dtype, args: Args) -> None:
-        self._fns["forward", dtype](ctypes.byref(args))
+        self._call("forward", dtype, args)
 
     def backward(self, dtype: torch.dtype, args: Args) -> None:
-        self._fns["backward", dtype](ctypes.byref(args))
+        self._call("backward", dtype, args)
+
+    def _call(self, name: str, dtype: torch.dtype, args: Args) -> None:
+        code = self._fns[name, dtype](ctypes.byref(args))
+        if code != 0:
+            raise RuntimeError(f"the CPU kernel's {name} rejected its arguments (error {code})")
 
 
 _lock = threading.Lock()
-_state: tuple[_Kernel | None, NativeStatus] | None = None
+_state: tuple[Kernel | None, NativeStatus] | None = None
 
 
-def kernel() -> _Kernel | None:
+def kernel() -> Kernel | None:
     """The loaded kernel, building it on first use; None when unavailable (see ``status``)."""
     return _load()[0]
 
@@ -109,7 +141,7 @@ def status() -> NativeStatus:
     return _load()[1]
 
 
-def _load() -> tuple[_Kernel | None, NativeStatus]:
+def _load() -> tuple[Kernel | None, NativeStatus]:
     global _state
     with _lock:
         if _state is None:
@@ -124,19 +156,52 @@ def _load() -> tuple[_Kernel | None, NativeStatus]:
         return _state
 
 
-def _try_load() -> tuple[_Kernel | None, NativeStatus]:
+def _try_load() -> tuple[Kernel | None, NativeStatus]:
     if os.environ.get("NESTRNN_NATIVE") == "0":
         return None, NativeStatus(False, "disabled by NESTRNN_NATIVE=0")
     blas = _torch_blas()
     if isinstance(blas, str):
         return None, NativeStatus(False, blas)
     try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
+        path = _cache_path()
+        found = _open_trusted(path) if path.exists() else None
+        if found is None:  # absent, planted, or unusable: build (again)
+            _build(path)
+            found = _open_trusted(path)
+            if found is None:
+                raise RuntimeError(f"{path} could not be loaded after building it")
+        lib, path = found
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
-    lib.nlstm_set_blas(*blas)
-    return _Kernel(lib), NativeStatus(True, "built", path)
+    if lib.set_blas(*blas) != 0:
+        return None, NativeStatus(False, f"{torch.__file__} gave no usable BLAS")
+    return lib, NativeStatus(True, "built", path)
+
+
+def _open_trusted(path: Path) -> tuple[Kernel, Path] | None:
+    """Load ``path`` if it is ours and well-formed, else None.
+
+    "Ours": a regular file owned by this user that nobody else may write, checked on an open
+    descriptor which is then what gets loaded (``/proc/self/fd``), so that the file cannot be
+    swapped between the check and the load.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+        if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o022:
+            return None
+        proc = Path(f"/proc/self/fd/{fd}")
+        try:
+            lib = ctypes.CDLL(str(proc if proc.exists() else path))
+            return Kernel(lib), path
+        except (OSError, RuntimeError):
+            return None  # corrupt, truncated, or from another version: rebuilt by the caller
+    finally:
+        os.close(fd)
 
 
 def _torch_blas() -> list[ctypes.c_void_p] | str:
@@ -184,39 +249,53 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def _build() -> Path:
-    """Compile the kernel into the cache (once per source, compiler, flags and CPU)."""
+def _compiler() -> tuple[str, list[str]]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (set CC)")
-    cflags = shlex.split(os.environ.get("NESTRNN_CFLAGS", _DEFAULT_CFLAGS))
+    return compiler, shlex.split(os.environ.get("NESTRNN_CFLAGS", _DEFAULT_CFLAGS))
+
+
+def _cache_path() -> Path:
+    """Where this source, compiler, flags and CPU's build lives, for this user."""
+    compiler, cflags = _compiler()
     here = Path(__file__).parent
     key = hashlib.sha256()
     for name in _SOURCES:
         key.update((here / name).read_bytes())
     key.update(" ".join([compiler, *cflags, _cpu_signature()]).encode())
-    cache = _cache_dir()
-    target = cache / f"cpu_kernel-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
+    user = f"-u{os.getuid()}" if hasattr(os, "getuid") else ""
+    return _cache_dir() / f"cpu_kernel-{key.hexdigest()[:16]}{user}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile the kernel to ``target``, atomically (a concurrent builder never sees a partial
+    file, and a file planted under that name is replaced)."""
+    compiler, cflags = _compiler()
+    cache = target.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # mode 0600: ours alone
         os.close(fd)
     except OSError as err:
         raise RuntimeError(f"cache directory {cache} is not writable: {err}") from err
-    cmd = [compiler, *cflags, "-o", tmp, str(here / "cpu_kernel.c"), "-lm"]
+    source = Path(__file__).parent / "cpu_kernel.c"
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [compiler, *cflags, "-o", tmp, str(source), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"compiling the CPU kernel failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders never see a partial file
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, target)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise RuntimeError(f"compiling the CPU kernel failed: {err}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 if __name__ == "__main__":

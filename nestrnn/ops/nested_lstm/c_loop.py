@@ -1,0 +1,209 @@
+"""The op's CPU implementation: its time loops in C (``cpu_kernel.c``, built by ``native.py``).
+
+This module owns the buffers and the work outside the loops; the kernel runs the loops:
+
+* the outer input projection of every step, ``x W_ih^T + b``, is one GEMM into ``gates[0]``;
+* the forward kernel, per step: the recurrent GEMMs (``h W_hh^T``, and ``[x~ | h~] [W_ih | W_hh]^T``
+  per nested level, MKL's packed form where present) and every pointwise op of the step, in one
+  pass per level over the tile its GEMM just wrote;
+* the backward kernel: the reverse loop for the gate and state gradients only (the parameter
+  gradients follow in ``gradients.py``).
+
+Why C: at (B, H) = (32, 256) a step's pointwise work is ~20 PyTorch calls of a few microseconds
+each, as long as the GEMMs themselves. Inputs: float32 or float64 CPU tensors (the op casts half
+precision to float32 first). Without ``save`` the per-step buffers are rings of one step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from nestrnn.activations import activation_code
+from nestrnn.ops.nested_lstm import native
+from nestrnn.ops.nested_lstm.layout import (
+    LevelActivations,
+    LevelWeights,
+    Saved,
+    empty_saved,
+    state_slots,
+)
+from nestrnn.ops.nested_lstm.workspace import WORKSPACE
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the C loop cannot compute in ``dtype`` on ``device`` (None when it can)."""
+    if device.type != "cpu":
+        return f"input on {device}"
+    if dtype not in DTYPES:
+        return f"dtype {dtype}"
+    found = native.status()
+    return None if found.available else found.reason
+
+
+class _Weights:
+    """Every level's weights as the kernel reads them (contiguous, nn.LSTM's gate order)."""
+
+    def __init__(self, weights: list[LevelWeights]):
+        self.w_hh0 = weights[0].weight_hh.contiguous()
+        self.nested: list[Tensor | None] = [None]  # level k >= 1: (4H, 2H) [W_ih | W_hh]
+        self.bias: list[Tensor | None] = [_bias(weights[0])]
+        for w_ih, w_hh, _, _ in weights[1:]:
+            hidden = w_hh.shape[1]
+            both = WORKSPACE.empty((4 * hidden, 2 * hidden), w_hh.dtype, w_hh.device)
+            both[:, :hidden].copy_(w_ih)
+            both[:, hidden:].copy_(w_hh)
+            self.nested.append(both)
+        self.bias += [_bias(lw) for lw in weights[1:]]
+
+
+def _bias(lw: LevelWeights) -> Tensor | None:
+    """b_ih + b_hh (4H,), or None without biases."""
+    present = [b for b in (lw.bias_ih, lw.bias_hh) if b is not None]
+    return None if not present else present[0] if len(present) == 1 else present[0] + present[1]
+
+
+def _pointers(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * max(len(tensors), 1))(
+        *(None if t is None else t.data_ptr() for t in tensors)
+    )
+
+
+class _Call:
+    """The kernel's argument struct, with every array it points to kept alive."""
+
+    def __init__(self, steps, weights, buffers, h_slots, sizes, reverse, save, activations):
+        gates, cells, act_cells, inputs = buffers  # in the order of layout.Saved
+        batch, hidden = gates[0].shape[1], weights.w_hh0.shape[1]
+        self.weights = weights
+        self.sizes = None if sizes is None else torch.tensor(sizes, dtype=torch.int64)
+        codes = [activation_code(name) for level in activations for name in level]
+        self.codes = torch.tensor(codes, dtype=torch.int32)
+        self.arrays = {
+            "gates": _pointers(gates),
+            "inputs": _pointers(inputs),
+            "cells": _pointers(cells),
+            "act_cells": _pointers(act_cells),
+            "h": _pointers(h_slots),
+            "w_nested": _pointers(weights.nested),
+            "bias": _pointers(weights.bias),
+        }
+        self.args = native.Args(
+            steps=steps,
+            batch=batch,
+            hidden=hidden,
+            depth=len(cells),
+            reverse=int(reverse),
+            save=int(save),
+            batch_sizes=None if self.sizes is None else self.sizes.data_ptr(),
+            activations=self.codes.data_ptr(),
+            w_hh0=weights.w_hh0.data_ptr(),
+            **{name: ctypes.cast(arr, ctypes.c_void_p) for name, arr in self.arrays.items()},
+        )
+
+
+def _h_slots(out: Tensor, h0: Tensor, packed: bool, reverse: bool) -> tuple[list[Tensor], Tensor]:
+    """The T+1 slots of h as (B, H) tensors in slot order, and the tensor holding them.
+
+    Unpacked: the output itself plus a copy of h0. Packed: a separate (T+1, B, H) buffer, since
+    inactive rows carry their state there while the output must show zeros.
+    """
+    steps = out.shape[0]
+    if packed:
+        store = WORKSPACE.empty((steps + 1, *h0.shape), h0.dtype, h0.device)
+        store[steps if reverse else 0].copy_(h0)
+        return list(store.unbind(0)), store
+    first = h0.clone()
+    slots = list(out.unbind(0))
+    return ([*slots, first] if reverse else [first, *slots]), out
+
+
+def forward(
+    x: Tensor,
+    weights: list[LevelWeights],
+    h0: Tensor,
+    c0: Tensor,
+    sizes: list[int] | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
+    """The whole forward without autograd: output (T, B, H), h_n, c_n and, with ``save``, the
+    tensors of ``layout.Saved``."""
+    steps, batch, in_size = x.shape
+    depth, hidden = c0.shape[0], h0.shape[1]
+    packed = sizes is not None and min(sizes) < batch
+    dtype, device = x.dtype, x.device
+    new = WORKSPACE.empty
+    if save:
+        saved = empty_saved(steps, batch, hidden, depth, dtype, device, packed, new)
+        gates, cells, act_cells, inputs = (list(t.unbind(0)) for t in saved)
+    else:  # rings: level 0's gates still hold the input projection of every step
+        saved = None
+        gates = [
+            new((steps if k == 0 else 1, batch, 4 * hidden), dtype, device) for k in range(depth)
+        ]
+        inputs = [new((1, batch, 2 * hidden), dtype, device) for _ in range(depth - 1)]
+        cells = [new((2, batch, hidden), dtype, device) for _ in range(depth)]
+        act_cells = [new((1, batch, hidden), dtype, device) for _ in range(depth)]
+    first, last = state_slots(steps, reverse)
+    for cell, c in zip(cells, c0):
+        cell[first % cell.shape[0]].copy_(c)
+    w = _Weights(weights)
+    projection = gates[0].view(steps * batch, 4 * hidden)
+    x2 = x.reshape(steps * batch, in_size)
+    if w.bias[0] is None:
+        torch.mm(x2, weights[0].weight_ih.t(), out=projection)
+    else:
+        torch.addmm(w.bias[0], x2, weights[0].weight_ih.t(), out=projection)
+
+    out = torch.empty(steps, batch, hidden, dtype=dtype, device=device)
+    h_slots, h_store = _h_slots(out, h0, packed, reverse)
+    call = _Call(
+        steps, w, (gates, cells, act_cells, inputs), h_slots, sizes, reverse, save, activations
+    )
+    native.kernel().forward(dtype, call.args)
+
+    h_n = h_slots[last].clone()
+    c_n = torch.stack([cell[last % cell.shape[0]] for cell in cells])
+    if packed:
+        mask = torch.tensor(sizes).unsqueeze(1) > torch.arange(batch)
+        out.copy_(h_store[1:] if not reverse else h_store[:steps])
+        out.mul_(mask.unsqueeze(2).to(dtype))
+    return out, h_n, c_n, saved
+
+
+def backward(
+    saved: Saved,
+    weights: list[LevelWeights],
+    sizes: list[int] | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    d_out: Tensor,
+    d_hn: Tensor,
+    d_cn: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) and the gradients of h0, c0."""
+    _, steps, batch, four_h = saved.gates.shape
+    hidden = four_h // 4
+    dtype, device = d_out.dtype, d_out.device
+    packed = sizes is not None and min(sizes) < batch
+    dz = (WORKSPACE.zeros if packed else WORKSPACE.empty)(saved.gates.shape, dtype, device)
+    dh = d_hn.clone(memory_format=torch.contiguous_format)
+    dc = d_cn.clone(memory_format=torch.contiguous_format)
+    d_out = d_out.contiguous()
+    scratch = torch.empty(batch, 2 * hidden, dtype=dtype)
+    dht = torch.empty(batch, hidden, dtype=dtype)
+    buffers = tuple(list(t.unbind(0)) for t in saved)
+    call = _Call(steps, _Weights(weights), buffers, [], sizes, reverse, True, activations)
+    call.arrays["d_gates"] = _pointers(list(dz.unbind(0)))
+    args = call.args
+    args.d_out, args.dh, args.dc = d_out.data_ptr(), dh.data_ptr(), dc.data_ptr()
+    args.d_gates = ctypes.cast(call.arrays["d_gates"], ctypes.c_void_p)
+    args.scratch, args.dht = scratch.data_ptr(), dht.data_ptr()
+    native.kernel().backward(dtype, args)
+    return dz, dh, dc

@@ -1,0 +1,382 @@
+"""The nested-LSTM op as PyTorch custom operators, so that eager mode, autograd, ``torch.compile``,
+``torch.export``, ONNX export, ``torch.jit.trace``, ``torch.func`` and autocast all see one opaque
+op with known output shapes:
+
+    nestrnn::nested_lstm           inference: output, h_n, c_n
+    nestrnn::nested_lstm_train     the same plus the tensors the backward needs (layout.Saved)
+    nestrnn::nested_lstm_backward  gradients of x, h0, c0 and every weight
+
+Each has a fake implementation (shapes and dtypes only) and the first two have registered autograd
+formulas (the inference op's recomputes the forward with saving, for graphs exported for inference
+and then differentiated). Which implementation runs inside is decided by ``plan.plan``.
+
+Arguments the custom-op schema cannot express directly: ``weights`` is the flat list of every
+level's (weight_ih, weight_hh, bias_ih, bias_hh), a missing bias given as a tensor with no
+elements; ``activations`` is ``layout.encode_activations``'s string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from nestrnn.ops.nested_lstm import c_loop, torch_loop, torch_lstm
+from nestrnn.ops.nested_lstm.gradients import parameter_gradients
+from nestrnn.ops.nested_lstm.layout import (
+    LevelWeights,
+    Saved,
+    decode_activations,
+    empty_saved,
+    operand_dtype,
+    saved_shapes,
+    state_dtype,
+)
+from nestrnn.ops.nested_lstm.plan import mark_broken, plan
+
+ForwardResult = tuple[Tensor, Tensor, Tensor, Saved | None]
+
+
+def levels_of(flat: Sequence[Tensor]) -> list[LevelWeights]:
+    """The op's flat weight list as LevelWeights (an empty bias tensor is no bias)."""
+    missing = [None if t.numel() == 0 and n % 4 >= 2 else t for n, t in enumerate(flat)]
+    return [LevelWeights(*missing[n : n + 4]) for n in range(0, len(flat), 4)]
+
+
+def flat_weights(weights: Sequence[LevelWeights], like: Tensor) -> list[Tensor]:
+    """Inverse of :func:`levels_of`."""
+    return [like.new_empty(0) if w is None else w for level in weights for w in level]
+
+
+# ------------------------------------------------------------------------------- running
+
+
+def _run_forward(
+    implementation: str, x, levels, h0, c0, batch_sizes, reverse, activations, save
+) -> ForwardResult:
+    if implementation == "torch_lstm":
+        return (*torch_lstm.forward(x, levels[0], h0, c0, batch_sizes, reverse), None)
+    sizes = None if batch_sizes is None else batch_sizes.tolist()
+    if implementation == "triton":
+        from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
+
+        return triton_loop.forward(x, levels, h0, c0, batch_sizes, reverse, activations, save)
+    loop = c_loop if implementation == "c_loop" else torch_loop
+    compute = state_dtype(x.dtype)  # half precision runs in float32 here
+    out, h_n, c_n, saved = loop.forward(
+        x.to(compute), _cast(levels, compute), h0.to(compute), c0.to(compute),
+        sizes, reverse, activations, save,
+    )  # fmt: skip
+    operand = operand_dtype(x.dtype, x.device)
+    if saved is not None and saved.inputs.dtype != operand:
+        saved = saved._replace(inputs=saved.inputs.to(operand))
+    return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype), saved
+
+
+def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
+    return [LevelWeights(*(None if w is None else w.to(dtype) for w in lw)) for lw in levels]
+
+
+def _with_fallback(run, x, batch_sizes, reverse, activations, training, backend):
+    """Run the planned implementation; a Triton failure is recorded and the fused choice runs."""
+    chosen = plan(x, batch_sizes, reverse, activations, training, backend).implementation
+    if chosen != "triton":
+        return run(chosen)
+    try:
+        return run(chosen)
+    except Exception as err:  # a kernel that does not compile or launch on this GPU
+        mark_broken("triton", f"{type(err).__name__}: {err}")
+        return run(plan(x, batch_sizes, reverse, activations, training, "fused").implementation)
+
+
+def forward(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+    backend: str,
+    save: bool,
+) -> ForwardResult:
+    """The forward of the op on real tensors (no autograd)."""
+    levels, acts = levels_of(weights), decode_activations(activations)
+    steps, batch, hidden, depth = x.shape[0], x.shape[1], h0.shape[1], c0.shape[0]
+    if steps == 0:  # the state passes through
+        saved = empty_saved(0, batch, hidden, depth, x.dtype, x.device, False) if save else None
+        return x.new_zeros(0, batch, hidden), h0.clone(), c0.clone(), saved
+
+    def run(implementation: str) -> ForwardResult:
+        return _run_forward(implementation, x, levels, h0, c0, batch_sizes, reverse, acts, save)
+
+    return _with_fallback(run, x, batch_sizes, reverse, acts, save, backend)
+
+
+def backward(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tensor,
+    out: Tensor,
+    saved: Saved,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+    backend: str,
+    d_out: Tensor,
+    d_hn: Tensor,
+    d_cn: Tensor,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """The backward of the op on real tensors. ``needs``: x, h0, c0, then one per weight.
+    Gradients that are not needed (or of a missing bias) are tensors with no elements."""
+    levels, acts = levels_of(weights), decode_activations(activations)
+    compute = state_dtype(x.dtype)
+
+    def run(implementation: str) -> tuple[Tensor, Tensor, Tensor]:
+        if implementation == "triton":
+            from nestrnn.ops.nested_lstm import triton_loop
+
+            return triton_loop.backward(
+                saved, levels, batch_sizes, reverse, acts, d_out, d_hn, d_cn
+            )
+        loop = c_loop if implementation == "c_loop" else torch_loop
+        sizes = None if batch_sizes is None else batch_sizes.tolist()
+        grads = (d_out.to(compute), d_hn.to(compute), d_cn.to(compute))
+        return loop.backward(saved, _cast(levels, compute), sizes, reverse, acts, *grads)
+
+    if x.shape[0] == 0:
+        dz, dh0, dc0 = saved.gates.new_zeros(saved.gates.shape), d_hn, d_cn
+    else:
+        dz, dh0, dc0 = _with_fallback(run, x, batch_sizes, reverse, acts, True, backend)
+    per_level = [tuple(needs[3 + 4 * k : 3 + 4 * k + 4]) for k in range(len(levels))]
+    dx, level_grads = parameter_gradients(
+        x, h0, out, levels, saved.inputs, dz, batch_sizes, reverse, needs[0],
+        [(ih, hh, b_ih or b_hh) for ih, hh, b_ih, b_hh in per_level],
+    )  # fmt: skip
+    none = x.new_empty(0)
+    d_weights: list[Tensor] = []
+    for level, level_needs, (dw_ih, dw_hh, db) in zip(levels, per_level, level_grads):
+        for w, need, grad in zip(level, level_needs, (dw_ih, dw_hh, db, db)):
+            useful = need and w is not None and grad is not None
+            d_weights.append(grad.to(w.dtype, copy=True) if useful else none.clone())
+    return (
+        dx.to(x.dtype) if dx is not None else none.clone(),
+        dh0.to(h0.dtype, copy=True) if needs[1] else none.clone(),
+        dc0.to(h0.dtype, copy=True) if needs[2] else none.clone(),
+        d_weights,
+    )
+
+
+# ------------------------------------------------------------------------------- operators
+
+
+@torch.library.custom_op("nestrnn::nested_lstm", mutates_args=())
+def nested_lstm_op(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of a Nested LSTM layer, inference: output (T, B, H), h_n, c_n (D, B, H)."""
+    with _own_dtypes(x):
+        out, h_n, c_n, _ = forward(
+            x, weights, h0, c0, batch_sizes, reverse, activations, backend, False
+        )
+    return out, h_n, c_n
+
+
+@torch.library.custom_op("nestrnn::nested_lstm_train", mutates_args=())
+def nested_lstm_train_op(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As ``nested_lstm``, followed by the four ``layout.Saved`` tensors."""
+    with _own_dtypes(x):
+        out, h_n, c_n, saved = forward(
+            x, weights, h0, c0, batch_sizes, reverse, activations, backend, True
+        )
+    return out, h_n, c_n, *saved
+
+
+@torch.library.custom_op("nestrnn::nested_lstm_backward", mutates_args=())
+def nested_lstm_backward_op(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tensor,
+    out: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+    act_cells: Tensor,
+    inputs: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+    backend: str,
+    d_out: Tensor,
+    d_hn: Tensor,
+    d_cn: Tensor,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Gradients of x, h0, c0 and every weight (see ``backward``)."""
+    saved = Saved(gates, cells, act_cells, inputs)
+    with _own_dtypes(x):
+        return backward(
+            x, weights, h0, out, saved, batch_sizes, reverse, activations, backend,
+            d_out, d_hn, d_cn, needs,
+        )  # fmt: skip
+
+
+def _own_dtypes(x: Tensor) -> torch.autocast:
+    """Autocast off inside the op: it chooses every dtype itself (see ``layout``)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _fake_outputs(x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    steps, batch = x.shape[0], x.shape[1]
+    return x.new_empty(steps, batch, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0)
+
+
+@nested_lstm_op.register_fake
+def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
+    return _fake_outputs(x, h0, c0)
+
+
+@nested_lstm_train_op.register_fake
+def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
+    steps, batch, hidden, depth = x.shape[0], x.shape[1], h0.shape[1], c0.shape[0]
+    shapes = saved_shapes(steps, batch, hidden, depth, x.dtype, x.device)
+    saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values()]
+    return *_fake_outputs(x, h0, c0), *saved
+
+
+@nested_lstm_backward_op.register_fake
+def _(x, weights, h0, out, gates, cells, act_cells, inputs, batch_sizes, reverse, activations,
+      backend, d_out, d_hn, d_cn, needs):  # fmt: skip
+    def like(t: Tensor, need: bool) -> Tensor:
+        return torch.empty_like(t) if need and t.numel() else x.new_empty(0)
+
+    return (
+        like(x, needs[0]),
+        like(h0, needs[1]),
+        x.new_empty(cells.shape[0], h0.shape[0], h0.shape[1]) if needs[2] else x.new_empty(0),
+        [like(w, need) for w, need in zip(weights, needs[3:])],
+    )
+
+
+# ------------------------------------------------------------------------------- autograd
+
+
+def _save(ctx, inputs, tensors: list[Tensor]) -> None:
+    x, weights, h0, _, batch_sizes, reverse, activations, backend = inputs
+    packed = [] if batch_sizes is None else [batch_sizes]
+    ctx.save_for_backward(x, h0, *weights, *packed, *tensors)
+    ctx.n_weights, ctx.packed = len(weights), batch_sizes is not None
+    ctx.reverse, ctx.activations, ctx.backend = reverse, activations, backend
+
+
+def _restore(ctx) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, list[Tensor]]:
+    x, h0, *rest = ctx.saved_tensors
+    weights, rest = rest[: ctx.n_weights], rest[ctx.n_weights :]
+    batch_sizes = rest.pop(0) if ctx.packed else None
+    return x, h0, weights, batch_sizes, rest
+
+
+def _gradients(
+    ctx, x, h0, weights, batch_sizes, out, saved, grads, needs_x, needs_w, needs_h0, needs_c0
+):
+    """Call the backward op; map its empty placeholders back to None."""
+    d_out, d_hn, d_cn = grads
+    depth, batch, hidden = saved[1].shape[0], h0.shape[0], h0.shape[1]
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
+    d_cn = h0.new_zeros(depth, batch, hidden) if d_cn is None else d_cn
+    needs = [needs_x, needs_h0, needs_c0, *needs_w]
+    dx, dh0, dc0, d_weights = torch.ops.nestrnn.nested_lstm_backward(
+        x, weights, h0, out, *saved, batch_sizes, ctx.reverse, ctx.activations, ctx.backend,
+        d_out, d_hn, d_cn, needs,
+    )  # fmt: skip
+    d_weights = [
+        g if need and w.numel() else None for g, w, need in zip(d_weights, weights, needs_w)
+    ]
+    return (
+        (dx if needs_x else None),
+        d_weights,
+        (dh0 if needs_h0 else None),
+        (dc0 if needs_c0 else None),
+    )
+
+
+def _setup_train(ctx, inputs, output) -> None:
+    out, _, _, *saved = output
+    ctx.mark_non_differentiable(*saved)
+    _save(ctx, inputs, [out, *saved])
+
+
+def _backward_train(ctx, d_out, d_hn, d_cn, *_saved_grads):
+    x, h0, weights, batch_sizes, (out, *saved) = _restore(ctx)
+    needs = ctx.needs_input_grad
+    dx, dw, dh0, dc0 = _gradients(
+        ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
+        needs[0], list(needs[1]), needs[2], needs[3],
+    )  # fmt: skip
+    return dx, dw, dh0, dc0, None, None, None, None
+
+
+def _setup_inference(ctx, inputs, output) -> None:
+    _save(ctx, inputs, [inputs[3]])  # c0: the backward recomputes the forward
+
+
+def _backward_inference(ctx, d_out, d_hn, d_cn):
+    x, h0, weights, batch_sizes, (c0,) = _restore(ctx)
+    out, _, _, *saved = torch.ops.nestrnn.nested_lstm_train(
+        x, weights, h0, c0, batch_sizes, ctx.reverse, ctx.activations, ctx.backend
+    )
+    needs = ctx.needs_input_grad
+    dx, dw, dh0, dc0 = _gradients(
+        ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
+        needs[0], list(needs[1]), needs[2], needs[3],
+    )  # fmt: skip
+    return dx, dw, dh0, dc0, None, None, None, None
+
+
+nested_lstm_train_op.register_autograd(_backward_train, setup_context=_setup_train)
+nested_lstm_op.register_autograd(_backward_inference, setup_context=_setup_inference)
+
+
+class FunctorchNestedLSTM(torch.autograd.Function):
+    """The training op for ``torch.func`` transforms (which need an autograd.Function with
+    ``setup_context``): arguments ``x, h0, c0, batch_sizes, reverse, activations, backend,
+    *weights``, returns ``output, h_n, c_n``."""
+
+    @staticmethod
+    def forward(x, h0, c0, batch_sizes, reverse, activations, backend, *weights):
+        return torch.ops.nestrnn.nested_lstm_train(
+            x, list(weights), h0, c0, batch_sizes, reverse, activations, backend
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, batch_sizes, reverse, activations, backend, *weights = inputs
+        _setup_train(ctx, (x, weights, h0, c0, batch_sizes, reverse, activations, backend), output)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
+        x, h0, weights, batch_sizes, (out, *saved) = _restore(ctx)
+        needs = ctx.needs_input_grad
+        dx, dw, dh0, dc0 = _gradients(
+            ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
+            needs[0], list(needs[7:]), needs[1], needs[2],
+        )  # fmt: skip
+        return dx, dh0, dc0, None, None, None, None, *dw

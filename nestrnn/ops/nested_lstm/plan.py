@@ -1,0 +1,121 @@
+"""Which implementation of the op runs a call: the one place that decides.
+
+Implementations (each a module of this package):
+
+    "torch_lstm"  torch's own LSTM kernel: depth 1, standard activations, inference only
+    "c_loop"      the C time loops on CPU (float32/float64; half precision runs in float32)
+    "torch_loop"  the time loops in plain PyTorch calls, any device
+    "triton"      the fused Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1 for tests)
+
+Backends a caller may ask for: "auto" (the fastest that can run: Triton on CUDA where it works,
+else the fused choice), "fused" (torch_lstm for depth-1 inference, else the C loop on CPU, else the
+PyTorch loop), "triton" (falls back to the fused choice, with a warning once, where Triton cannot
+run), or an implementation's name, which pins it and is an error where it cannot run.
+
+An implementation that fails at run time (a Triton kernel that does not compile on this GPU, say)
+is recorded with :func:`mark_broken` and not planned again in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nestrnn.ops.nested_lstm import c_loop, torch_lstm
+from nestrnn.ops.nested_lstm.layout import LevelActivations, state_dtype
+
+IMPLEMENTATIONS = ("torch_lstm", "c_loop", "torch_loop", "triton")
+BACKENDS = ("auto", "fused", *IMPLEMENTATIONS)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_DEPTH = 15  # the kernels take every level's activation code packed into 64 bits
+
+_broken: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The implementation that runs, and why (``note`` says why another was not used)."""
+
+    implementation: str
+    note: str = ""
+
+
+def mark_broken(implementation: str, reason: str) -> None:
+    """Never plan ``implementation`` again in this process; warn once with ``reason``."""
+    _broken[implementation] = reason
+    warn_once(f"nestrnn: the {implementation} implementation failed ({reason}); using another")
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_unavailable_reason(x: Tensor, depth: int) -> str | None:
+    """Why the Triton kernels cannot run ``x`` at ``depth`` (None when they can)."""
+    if "triton" in _broken:
+        return f"it failed earlier: {_broken['triton']}"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (x.is_cuda or (interpreting and x.device.type == "cpu")):
+        return f"input on {x.device}"
+    if x.dtype not in TRITON_DTYPES or (interpreting and x.dtype == torch.bfloat16):
+        return f"input dtype {x.dtype}"
+    if depth > TRITON_MAX_DEPTH:
+        return f"depth {depth} > {TRITON_MAX_DEPTH}"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    return None
+
+
+def plan(
+    x: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    training: bool,
+    backend: str = "auto",
+) -> Plan:
+    """The implementation for this call (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("auto", "triton"):
+        why_not = triton_unavailable_reason(x, len(activations))
+        if backend == "auto" and not x.is_cuda:  # the interpreter runs only when asked for
+            why_not = why_not or f"input on {x.device}"
+        if why_not is None:
+            return Plan("triton")
+        chosen = _fused(x, batch_sizes, reverse, activations, training)
+        if backend == "triton":
+            warn_once(f"nestrnn: backend 'triton' cannot run here ({why_not}); using {chosen}")
+        return Plan(chosen, f"triton: {why_not}")
+    if backend == "fused":
+        return Plan(_fused(x, batch_sizes, reverse, activations, training))
+    why_not = _pinned_reason(backend, x, batch_sizes, reverse, activations, training)
+    if why_not is not None:
+        raise RuntimeError(f"the {backend} implementation cannot run this call: {why_not}")
+    return Plan(backend)
+
+
+def _fused(x, batch_sizes, reverse, activations, training) -> str:
+    if not training and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None:
+        return "torch_lstm"
+    if c_loop.unavailable_reason(x.device, state_dtype(x.dtype)) is None:
+        return "c_loop"
+    return "torch_loop"
+
+
+def _pinned_reason(backend, x, batch_sizes, reverse, activations, training) -> str | None:
+    if backend == "torch_lstm":
+        if training:
+            return "it runs inference only"
+        return torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations)
+    if backend == "c_loop":
+        return c_loop.unavailable_reason(x.device, state_dtype(x.dtype))
+    return None

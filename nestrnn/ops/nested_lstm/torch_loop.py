@@ -1,0 +1,175 @@
+"""The op's portable implementation: its time loops in plain PyTorch calls, on any device.
+
+It runs where neither the C loop nor the Triton kernels can (no C compiler, CUDA without Triton,
+or a device the kernels do not serve). Same phases as the C loop: one GEMM for the outer input
+projection of every step, then per step one GEMM per level and the pointwise math; the backward
+loop computes gate and state gradients only (``gradients.py`` does the rest). Inputs arrive in
+the state dtype (the op casts half precision to float32 first).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nestrnn.activations import output_derivative
+from nestrnn.ops.nested_lstm.layout import (
+    LevelActivations,
+    LevelWeights,
+    Saved,
+    empty_saved,
+    state_slots,
+    time_order,
+)
+
+
+def _activate_(name: str, t: Tensor) -> None:
+    """t = act(t), in place."""
+    if name == "sigmoid":
+        t.sigmoid_()
+    elif name == "tanh":
+        t.tanh_()
+    elif name == "relu":
+        t.relu_()
+    elif name == "hardtanh":
+        t.clamp_(-1, 1)
+    elif name == "softsign":
+        t.div_(t.abs().add_(1))
+
+
+def _activate_gates_(z: Tensor, act: LevelActivations) -> None:
+    """Activate one level's (rows, 4H) pre-activations i, f, g, o in place."""
+    i_f, g, o = z.tensor_split((2 * z.shape[1] // 4, 3 * z.shape[1] // 4), dim=1)
+    _activate_(act.gate, i_f)
+    _activate_(act.candidate, g)
+    _activate_(act.gate, o)
+
+
+def _nested_weights(weights: list[LevelWeights]) -> list[tuple[Tensor, Tensor | None] | None]:
+    """Per level k >= 1: ``[W_ih | W_hh]`` (4H, 2H) and ``b_ih + b_hh`` (or None)."""
+    out: list[tuple[Tensor, Tensor | None] | None] = [None]
+    for w_ih, w_hh, b_ih, b_hh in weights[1:]:
+        biases = [b for b in (b_ih, b_hh) if b is not None]
+        out.append((torch.cat([w_ih, w_hh], dim=1), sum(biases) if biases else None))
+    return out
+
+
+def forward(
+    x: Tensor,
+    weights: list[LevelWeights],
+    h0: Tensor,
+    c0: Tensor,
+    sizes: list[int] | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
+    """The whole forward without autograd (the contract of ``c_loop.forward``)."""
+    steps, batch, in_size = x.shape
+    depth, hidden = c0.shape[0], h0.shape[1]
+    packed = sizes is not None and min(sizes) < batch
+    saved = empty_saved(steps, batch, hidden, depth, x.dtype, x.device, packed)
+    gates, cells, act_cells, inputs = saved
+    first, last = state_slots(steps, reverse)
+    cells[:, first] = c0
+    w_ih0, w_hh0, b_ih0, b_hh0 = weights[0]
+    biases0 = [b for b in (b_ih0, b_hh0) if b is not None]
+    projection = x.reshape(-1, in_size) @ w_ih0.t()
+    if biases0:
+        projection += sum(biases0)
+    gates[0] = projection.view(steps, batch, 4 * hidden)
+    nested = _nested_weights(weights)
+    out = x.new_zeros(steps, batch, hidden)
+    h = h0.clone()
+    for t in time_order(steps, reverse):
+        prev, new = (t + 1, t) if reverse else (t, t + 1)
+        r = batch if sizes is None else sizes[t]
+        cells[:, new] = cells[:, prev]  # inactive rows carry their state
+        if r == 0:
+            continue
+        z = gates[0, t, :r]
+        z.addmm_(h[:r], w_hh0.t())
+        _activate_gates_(z, activations[0])
+        for k in range(1, depth):
+            below = gates[k - 1, t, :r]
+            i, f, g, _ = below.chunk(4, dim=1)
+            level_input = inputs[k - 1, t, :r]
+            torch.mul(i, g, out=level_input[:, :hidden])
+            torch.mul(f, cells[k - 1, prev, :r], out=level_input[:, hidden:])
+            w_cat, bias = nested[k]
+            z = gates[k, t, :r]
+            if bias is None:
+                torch.mm(level_input, w_cat.t(), out=z)
+            else:
+                torch.addmm(bias, level_input, w_cat.t(), out=z)
+            _activate_gates_(z, activations[k])
+        i, f, g, _ = gates[depth - 1, t, :r].chunk(4, dim=1)
+        c = f * cells[depth - 1, prev, :r] + i * g  # the innermost level adds
+        for k in range(depth - 1, -1, -1):  # ascent: c^{k-1} = o_k act_k(c^k), h = o_0 act_0(c^0)
+            cells[k, new, :r] = c
+            act_c = act_cells[k, t, :r]
+            act_c.copy_(c)
+            _activate_(activations[k].cell, act_c)
+            c = gates[k, t, :r, 3 * hidden :] * act_c
+        h[:r] = c
+        out[t, :r] = c
+    return out, h, cells[:, last].clone(), saved if save else None
+
+
+def _gate_backward(
+    z: Tensor, c_prev: Tensor, d_ig: Tensor, d_fc: Tensor, dz: Tensor, act: LevelActivations
+) -> Tensor:
+    """Gate gradients of one level at one step from d(i*g) and d(f*c_prev), into ``dz`` (whose
+    o part already holds d o by its activated value); returns the gradient of ``c_prev``."""
+    i, f, g, o = z.chunk(4, dim=1)
+    dz_i, dz_f, dz_g, dz_o = dz.chunk(4, dim=1)
+    torch.mul(d_ig, g, out=dz_i)
+    torch.mul(d_fc, c_prev, out=dz_f)
+    torch.mul(d_ig, i, out=dz_g)
+    for part, value, name in ((dz_i, i, act.gate), (dz_f, f, act.gate), (dz_g, g, act.candidate)):
+        part.mul_(output_derivative(name, value))
+    dz_o.mul_(output_derivative(act.gate, o))
+    return d_fc * f
+
+
+def backward(
+    saved: Saved,
+    weights: list[LevelWeights],
+    sizes: list[int] | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    d_out: Tensor,
+    d_hn: Tensor,
+    d_cn: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H), and the gradients of h0, c0."""
+    gates, cells, act_cells, _ = saved
+    depth, steps, batch, four_h = gates.shape
+    hidden = four_h // 4
+    dz = gates.new_zeros(gates.shape)
+    dh, dc = d_hn.clone(), d_cn.clone()
+    nested = _nested_weights(weights)
+    w_hh0 = weights[0].weight_hh
+    for t in time_order(steps, not reverse):
+        prev = t + 1 if reverse else t
+        r = batch if sizes is None else sizes[t]
+        if r == 0:
+            continue
+        grad = d_out[t, :r] + dh[:r]
+        for k in range(depth):  # back through the ascent
+            act_c = act_cells[k, t, :r]
+            dz[k, t, :r, 3 * hidden :] = grad * act_c
+            grad = (
+                grad * gates[k, t, :r, 3 * hidden :] * output_derivative(activations[k].cell, act_c)
+            )
+            grad = grad + dc[k, :r]
+        d_ig = d_fc = grad  # the innermost level: c = i*g + f*c_prev
+        for k in range(depth - 1, -1, -1):  # descent
+            z = gates[k, t, :r]
+            c_prev = cells[k, prev, :r]
+            dc[k, :r] = _gate_backward(z, c_prev, d_ig, d_fc, dz[k, t, :r], activations[k])
+            if k > 0:
+                d_both = dz[k, t, :r] @ nested[k][0]
+                d_ig, d_fc = d_both[:, :hidden], d_both[:, hidden:]
+        dh[:r] = dz[0, t, :r] @ w_hh0
+    return dz, dh, dc

@@ -1,0 +1,375 @@
+"""The op's CUDA implementation: fused Triton kernels (``triton_kernels.py``), D launches a step.
+
+forward
+    1. one GEMM for the outer input projection of all steps, ``x W_ih^T + b_ih + b_hh`` (torch,
+       operands in the input dtype, result in fp32 straight into level 0's ``gates``);
+    2. per step, D launches on a grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H)); a program owns all four
+       gates of BLOCK_H hidden units: ``fwd_outer_kernel`` for level 0, ``fwd_nested_kernel`` for
+       levels 1..D-1; each level's epilogue writes the next level's input, and the last level's
+       runs the whole ascent and writes every new cell, h and the output row.
+backward
+    a reverse time loop of D launches per step for the gate gradients and the carried dh, dc:
+    ``bwd_inner_kernel``, then ``bwd_level_kernel`` for levels D-2..0. The parameter gradients are
+    GEMMs after the loop (``gradients.py``).
+
+Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
+dtype as GEMM operands). ``TritonConfig(cuda_graph=True)`` or ``NESTRNN_TRITON_CUDA_GRAPH=1``
+captures each step loop in a CUDA graph, cached per shape (at most ``_MAX_GRAPHS``): inputs are
+copied into the graph's static buffers and its outputs cloned out, so concurrent calls (several
+layers, both directions) stay independent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from nestrnn.activations import activation_code
+from nestrnn.ops.nested_lstm.layout import (
+    LevelActivations,
+    LevelWeights,
+    Saved,
+    empty_saved,
+    state_slots,
+)
+from nestrnn.ops.nested_lstm.triton_kernels import (
+    bwd_inner_kernel,
+    bwd_level_kernel,
+    fwd_nested_kernel,
+    fwd_outer_kernel,
+)
+
+__all__ = ["TritonConfig", "backward", "forward", "pick_config"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Launch parameters of the kernels. ``None`` fields are chosen by ``pick_config``."""
+
+    block_b: int | None = None  # batch rows per program (power of two; >= 16 on a GPU)
+    block_h: int | None = None  # hidden units per program, all four gates of each (power of two)
+    block_k: int | None = None  # reduction chunk of the per-step GEMMs (power of two)
+    num_warps: int | None = None  # warps per program
+    cuda_graph: bool | None = None  # capture the step loops in CUDA graphs (None: env variable)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pick_config(batch: int, hidden: int, config: TritonConfig | None = None) -> TritonConfig:
+    """Fill in the block sizes with a small heuristic (no autotuning: it fails in the interpreter).
+
+    ``tl.dot`` needs every block dimension >= 16 on a GPU. The per-step GEMMs are small and bound by
+    reading the weights, so on a GPU the hidden dimension is cut into many programs and the
+    reduction chunk kept at 32 (the forward kernels hold four weight tiles; larger tiles spill
+    registers in fp32, checked with ptxas for sm_90). Under the interpreter, where each program
+    and loop iteration costs Python time, blocks are made as large as allowed.
+    """
+    cfg = config or TritonConfig()
+    interp = _interpreting()
+    block_b = cfg.block_b or min(max(16, _pow2(batch)), 64)
+    if cfg.block_h:
+        block_h = cfg.block_h
+    elif interp:
+        block_h = min(max(16, _pow2(hidden)), 64)
+    else:
+        block_h = 16 if hidden <= 1024 or block_b >= 64 else 32
+    block_k = cfg.block_k or min(max(16, _pow2(hidden)), 64 if interp else 32)
+    for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
+    num_warps = cfg.num_warps or (4 if block_b * block_h <= 512 else 8)
+    cuda_graph = cfg.cuda_graph
+    if cuda_graph is None:
+        cuda_graph = os.environ.get("NESTRNN_TRITON_CUDA_GRAPH", "0") == "1"
+    return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph)
+
+
+def pack_codes(names: list[str]) -> int:
+    """Activation codes of every level, 4 bits a level (level 0 in the lowest bits)."""
+    return sum(activation_code(name) << (4 * k) for k, name in enumerate(names))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 matmuls follow torch's TF32 switch (off by default: exact IEEE fp32)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for fp16/bf16 operands
+
+
+# ---------------------------------------------------------------------------------------------------
+# the step loops (kernel launches only, so that they can be captured in a CUDA graph)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Everything about a call that the step loops need besides its buffers."""
+
+    steps: int
+    batch: int
+    hidden: int
+    activations: tuple[LevelActivations, ...]
+    reverse: bool
+    packed: bool
+    has_bias: bool
+    cfg: TritonConfig
+    dot_prec: str
+
+    @property
+    def depth(self) -> int:
+        return len(self.activations)
+
+    def grid(self) -> tuple[int, int]:
+        return (
+            triton.cdiv(self.batch, self.cfg.block_b),
+            triton.cdiv(self.hidden, self.cfg.block_h),
+        )
+
+    def consts(self) -> dict:
+        return dict(
+            REVERSE=self.reverse,
+            HAS_BS=self.packed,
+            BLOCK_B=self.cfg.block_b,
+            BLOCK_H=self.cfg.block_h,
+            BLOCK_K=self.cfg.block_k,
+            DOT_PREC=self.dot_prec,
+            num_warps=self.cfg.num_warps,
+        )
+
+    def codes(self, field: str) -> int:
+        return pack_codes([getattr(level, field) for level in self.activations])
+
+
+def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
+    grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
+    acts, cells = m.activations, m.codes("cell")
+    for s in range(T):
+        fwd_outer_kernel[grid](
+            b["gates"], b["h"], b["w_hh0"], b["cells"], b["act_cells"], b["inputs"], b["y"],
+            b["bs"], s, T, B, H, DEPTH=D, GATE_ACT=activation_code(acts[0].gate),
+            CAND_ACT=activation_code(acts[0].candidate), CELL_ACTS=cells, **kw,
+        )  # fmt: skip
+        for k in range(1, D):
+            fwd_nested_kernel[grid](
+                b["gates"], b["inputs"], b[f"w{k}"], b[f"bias{k}"], b["cells"], b["act_cells"],
+                b["h"], b["y"], b["bs"], s, T, B, H, LEVEL=k, DEPTH=D,
+                GATE_ACT=activation_code(acts[k].gate),
+                CAND_ACT=activation_code(acts[k].candidate), CELL_ACTS=cells,
+                HAS_BIAS=m.has_bias, **kw,
+            )  # fmt: skip
+
+
+def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
+    grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
+    acts = m.activations
+    for s in range(T - 1, -1, -1):
+        bwd_inner_kernel[grid](
+            b["dA"], b["w_hh0"], b["dh"], b["dc"], b["dy"], b["gates"], b["cells"],
+            b["act_cells"], b["bs"], s, T, B, H, DEPTH=D, GATE_ACTS=m.codes("gate"),
+            CAND_ACTS=m.codes("candidate"), CELL_ACTS=m.codes("cell"), **kw,
+        )  # fmt: skip
+        for k in range(D - 2, -1, -1):
+            bwd_level_kernel[grid](
+                b["dA"], b[f"w{k + 1}"], b["dc"], b["gates"], b["cells"], b["bs"], s, T, B, H,
+                LEVEL=k, GATE_ACT=activation_code(acts[k].gate),
+                CAND_ACT=activation_code(acts[k].candidate), **kw,
+            )  # fmt: skip
+
+
+class _Graphed:
+    """A step loop captured in a CUDA graph over static buffers (GPU only)."""
+
+    def __init__(self, loop, launch: _Launch, static: dict[str, Tensor]):
+        self.static = static
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up run: compiles the kernels outside the capture
+            loop(launch, static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loop(launch, static)
+
+    def __call__(self, inputs: dict[str, Tensor], fill=None) -> dict[str, Tensor]:
+        for name, value in inputs.items():
+            self.static[name].copy_(value)
+        if fill is not None:
+            fill(self.static)
+        self.graph.replay()
+        return self.static
+
+
+_GRAPHS: OrderedDict[tuple, _Graphed] = OrderedDict()
+_MAX_GRAPHS = 16
+
+
+def _graph_enabled(launch: _Launch, bufs: dict[str, Tensor]) -> bool:
+    return bool(launch.cfg.cuda_graph) and bufs["gates"].is_cuda
+
+
+def _run(
+    loop,
+    launch: _Launch,
+    bufs: dict[str, Tensor],
+    outputs: tuple[str, ...],
+    fill: Callable[[dict[str, Tensor]], None],
+) -> dict[str, Tensor]:
+    """Run a step loop directly, or through a cached CUDA graph when enabled and on CUDA.
+
+    ``bufs`` holds every tensor the loop touches; ``fill(bufs)`` writes values into parts of buffers
+    (the initial state slots). In graph mode every buffer not named in ``outputs`` is copied into
+    the graph's static twin, ``fill`` is applied to the static buffers, and the outputs are cloned
+    out (the static buffers are reused by the next call).
+    """
+    if not _graph_enabled(launch, bufs):
+        fill(bufs)
+        loop(launch, bufs)
+        return bufs
+    key = (loop.__name__, bufs["gates"].device, launch,
+           *((name, tuple(v.shape), v.dtype) for name, v in sorted(bufs.items())))  # fmt: skip
+    inputs = {name: v for name, v in bufs.items() if name not in outputs}
+    graphed = _GRAPHS.get(key)
+    if graphed is None:
+        static = {name: torch.zeros_like(v) for name, v in bufs.items()}
+        for name, v in inputs.items():
+            static[name].copy_(v)
+        fill(static)
+        graphed = _GRAPHS[key] = _Graphed(loop, launch, static)
+        while len(_GRAPHS) > _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+    static = graphed(inputs, fill)
+    return {**bufs, **{name: static[name].clone() for name in outputs}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the implementation's two phases
+
+
+def _bias(lw: LevelWeights) -> Tensor | None:
+    biases = [b.float() for b in (lw.bias_ih, lw.bias_hh) if b is not None]
+    return None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
+
+
+def _weights(levels: list[LevelWeights], has_bias: bool) -> dict[str, Tensor]:
+    """``w_hh0`` (4H, H) and per level k >= 1 ``w{k}`` = [W_ih | W_hh] (4H, 2H), ``bias{k}``."""
+    bufs = {"w_hh0": levels[0].weight_hh.contiguous()}
+    for k, lw in enumerate(levels[1:], start=1):
+        bufs[f"w{k}"] = torch.cat([lw.weight_ih, lw.weight_hh], dim=1)
+        bias = _bias(lw)
+        if bias is None:
+            size = lw.weight_hh.shape[0] if has_bias else 1
+            bias = torch.zeros(size, dtype=torch.float32, device=lw.weight_hh.device)
+        bufs[f"bias{k}"] = bias
+    return bufs
+
+
+def _launch(
+    x: Tensor,
+    levels: list[LevelWeights],
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    config: TritonConfig | None,
+) -> _Launch:
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = levels[0].weight_hh.shape[1]
+    has_bias = any(_bias(lw) is not None for lw in levels[1:])
+    cfg = pick_config(batch, hidden, config)
+    return _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
+                   batch_sizes is not None, has_bias, cfg, _dot_precision(x.dtype))  # fmt: skip
+
+
+def _batch_sizes(batch_sizes: Tensor | None, device: torch.device) -> Tensor:
+    if batch_sizes is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    return batch_sizes.to(device=device, dtype=torch.int32)
+
+
+def forward(
+    x: Tensor,
+    levels: list[LevelWeights],
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    save: bool,
+    config: TritonConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
+    """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``."""
+    m = _launch(x, levels, batch_sizes, reverse, activations, config)
+    T, B, H, D = m.steps, m.batch, m.hidden, m.depth
+    first, last = state_slots(T, reverse)
+    saved = empty_saved(T, B, H, D, x.dtype, x.device, m.packed)
+    projection = torch.matmul(x.reshape(T * B, -1), levels[0].weight_ih.t()).float()
+    bias0 = _bias(levels[0])
+    saved.gates[0].view(T * B, 4 * H).copy_(projection if bias0 is None else projection + bias0)
+    bufs = {
+        **saved._asdict(),
+        "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
+        "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
+        "bs": _batch_sizes(batch_sizes, x.device),
+        **_weights(levels, m.has_bias),
+    }
+
+    def fill(b: dict[str, Tensor]) -> None:  # the initial state slots
+        b["h"][first] = h0
+        b["cells"][:, first] = c0
+
+    bufs = _run(_forward_loop, m, bufs, ("gates", "cells", "act_cells", "inputs", "h", "y"), fill)
+    h_n = bufs["h"][last].clone()
+    c_n = bufs["cells"][:, last].to(x.dtype, copy=True)
+    saved = Saved(bufs["gates"], bufs["cells"], bufs["act_cells"], bufs["inputs"])
+    return bufs["y"], h_n, c_n, saved if save else None
+
+
+def backward(
+    saved: Saved,
+    levels: list[LevelWeights],
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    d_out: Tensor,
+    d_hn: Tensor,
+    d_cn: Tensor,
+    config: TritonConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0."""
+    m = _launch(d_out, levels, batch_sizes, reverse, activations, config)
+    T, B, H, D = m.steps, m.batch, m.hidden, m.depth
+    bufs = {
+        **saved._asdict(),
+        "dA": torch.empty((D, T, B, 4 * H), dtype=torch.float32, device=d_out.device),
+        "dh": torch.empty((B, H), dtype=torch.float32, device=d_out.device),
+        "dc": torch.empty((D, B, H), dtype=torch.float32, device=d_out.device),
+        "dy": d_out.contiguous(),
+        "bs": _batch_sizes(batch_sizes, d_out.device),
+        **_weights(levels, m.has_bias),
+    }
+
+    def fill(b: dict[str, Tensor]) -> None:  # gradients flowing into the final state
+        b["dh"].copy_(d_hn)
+        b["dc"].copy_(d_cn)
+
+    bufs = _run(_backward_loop, m, bufs, ("dA", "dh", "dc"), fill)
+    dA, dh = bufs["dA"], bufs["dh"]
+    # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
+    first = T - 1 if reverse else 0
+    dh0 = dA[0, first].mm(levels[0].weight_hh.float())
+    if m.packed:
+        active = torch.arange(B, device=dh.device) < bufs["bs"][first].long()
+        dh0 = torch.where(active[:, None], dh0, dh)
+    return dA, dh0, bufs["dc"]
