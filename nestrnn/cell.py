@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestrnn.activations import get_activation
-from nestrnn.init import check_init_options, init_lstm_level
+from nestrnn.arguments import check_bool, check_int
+from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.build import MemorySpec, build_memory
-from nestrnn.state import check_input, memory_spec_for_depth, prepare_state
-from nestrnn.step import outer_step
+from nestrnn.ops.nested_lstm.layout import LevelWeights
+from nestrnn.ops.outer_lstm.naive import outer_step
+from nestrnn.state import check_input, check_state, memory_spec_for_depth
 
 
 class NestedLSTMCell(nn.Module):
@@ -41,47 +42,36 @@ class NestedLSTMCell(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for value, name in ((input_size, "input_size"), (hidden_size, "hidden_size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_int(input_size, "input_size")
+        check_int(hidden_size, "hidden_size")
+        check_bool(bias, "bias")
         check_init_options(forget_bias, recurrent_init)
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.forget_bias, self.recurrent_init = forget_bias, recurrent_init
-        kwargs = {"device": device, "dtype": dtype}
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **kwargs))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **kwargs))
-        if bias:
-            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **kwargs))
-            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **kwargs))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
+        add_lstm_parameters(self, "", input_size, hidden_size, bias, device=device, dtype=dtype)
         spec = memory_spec_for_depth(depth) if memory is None else memory
-        inherited = {"bias": bias, "forget_bias": forget_bias, "recurrent_init": recurrent_init}
-        self.memory = build_memory(spec, hidden_size, inherited).to(**kwargs)
+        inherited = {
+            "bias": bias,
+            "forget_bias": forget_bias,
+            "recurrent_init": recurrent_init,
+            "device": device,
+            "dtype": dtype,
+        }
+        self.memory = build_memory(spec, hidden_size, inherited).to(device=device, dtype=dtype)
         self.num_cells = 1 + self.memory.num_states
         if depth is not None and memory is not None and depth != self.num_cells:
             raise ValueError(
                 f"depth={depth} does not match the memory given, which has {self.num_cells} levels"
             )
         self.depth = self.num_cells
-        self._candidate = get_activation(
-            self.memory.outer_candidate_activation, "outer_candidate_activation"
-        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_lstm_level(
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            self.forget_bias,
-            self.recurrent_init,
-        )
+        init_lstm_level(*self._weights(), self.forget_bias, self.recurrent_init)
         self.memory.reset_parameters()
+
+    def _weights(self) -> LevelWeights:
+        return LevelWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
@@ -89,18 +79,19 @@ class NestedLSTMCell(nn.Module):
         check_input(input, (1, 2), self.input_size, self.weight_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        h0, c0 = prepare_state(
-            hx, batched, (), x.shape[0], self.hidden_size, self.num_cells, self.weight_ih
-        )
+        if hx is None:
+            zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+            state = self.memory.init_state(x.shape[0], x.dtype, x.device)
+            h0, c0 = zeros, torch.stack([zeros, *state])
+        else:
+            h0, c0 = check_state(
+                hx, batched, (), x.shape[0], self.hidden_size, self.hidden_size,
+                self.num_cells, self.weight_ih,
+            )  # fmt: skip
         h, cells = outer_step(
-            F.linear(x, self.weight_ih, self.bias_ih),
-            h0,
-            tuple(c0.unbind(0)),
-            self.weight_hh,
-            self.bias_hh,
-            self.memory,
-            self._candidate,
-        )
+            F.linear(x, self.weight_ih, self.bias_ih), h0, tuple(c0.unbind(0)),
+            self._weights(), self.memory, self.memory.outer_candidate_activation,
+        )  # fmt: skip
         c = torch.stack(cells)
         if self.num_cells == 1:
             c = c.squeeze(0)

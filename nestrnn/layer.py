@@ -12,15 +12,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from nestrnn.activations import get_activation
-from nestrnn.init import check_init_options, init_lstm_level
+from nestrnn.arguments import check_bool, check_int
+from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.base import MemoryFunction
 from nestrnn.memory.build import MemorySpec, build_memory
-from nestrnn.ops.nested_lstm import BACKENDS, LevelWeights, nested_lstm
-from nestrnn.state import check_input, memory_spec_for_depth, prepare_state
-from nestrnn.step import run_generic
+from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, nested_lstm
+from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
+from nestrnn.ops.outer_lstm import outer_lstm
+from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
+from nestrnn.state import check_input, check_state, memory_spec_for_depth
 
-LAYER_BACKENDS = ("generic", *BACKENDS)
+#: "generic" runs any memory function step by step (fast outer LSTM), "naive" the references
+LAYER_BACKENDS = ("generic", "naive", *BACKENDS)
 
 
 class NestedLSTM(nn.Module):
@@ -32,8 +35,9 @@ class NestedLSTM(nn.Module):
     by an inner LSTM (the paper's Nested LSTM); ``depth=3`` nests once more, and so on.
 
     Args:
-        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional:
-            as in ``torch.nn.LSTM``.
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+        device, dtype: as in ``torch.nn.LSTM``, in the same positions. With ``proj_size > 0`` the
+            outer output (and h) is projected to ``proj_size`` by ``weight_hr_l{k}``.
         depth: memory levels per layer, counting the outer LSTM (default 2 when ``memory`` is not
             given). With ``memory`` given it is optional and, when given, must match it.
         memory: the memory function of every layer and direction: a registered name
@@ -42,24 +46,27 @@ class NestedLSTM(nn.Module):
             ``factory(hidden_size) -> MemoryFunction``.
         forget_bias: initial forget-gate bias of every level (None: PyTorch's uniform init).
         recurrent_init: ``"orthogonal"`` (default) or ``"uniform"`` recurrent weights.
-        backend: ``"auto"`` picks the fastest correct path: the fused op for the standard
-            additive/nested chain (its C time loop on CPU, Triton kernels on CUDA when Triton is
-            installed), the generic per-step path for any other memory function. ``"generic"``, ``"naive"``, ``"fused"``
-            and ``"triton"`` force one (the last three need the standard chain).
+        backend: ``"auto"`` picks the fastest correct path: the whole-sequence op for additive and
+            nested memory chains (any activations; its C time loop on CPU, Triton kernels on CUDA),
+            the generic path for any other memory function. ``"generic"`` and ``"naive"`` (the
+            step-by-step references) force a path; ``"fused"``, ``"triton"`` or an implementation
+            name of :mod:`nestrnn.ops.nested_lstm.plan` choose the op's implementation.
 
-    Inputs: ``input, (h_0, c_0)`` (the state may be omitted or None: zeros)
+    Inputs: ``input, (h_0, c_0)`` (the state may be omitted or None: zeros, and each memory
+    function's ``init_state``)
         * input: (L, N, H_in), (N, L, H_in) with ``batch_first=True``, (L, H_in) unbatched, or a
           ``PackedSequence``.
-        * h_0: (D_dir * num_layers, N, H) or (D_dir * num_layers, H) unbatched.
+        * h_0: (D_dir * num_layers, N, H_out) or (D_dir * num_layers, H_out) unbatched, where
+          H_out = proj_size or hidden_size.
         * c_0: (D_dir * num_layers, N, H) when ``depth == 1``, else
           (depth, D_dir * num_layers, N, H); ``c_0[k]`` is memory level k (0 is the outer cell).
           Unbatched: drop the N axis.
 
-    Outputs: ``output, (h_n, c_n)`` with the shapes of the inputs and ``H_out = D_dir * H``.
+    Outputs: ``output, (h_n, c_n)`` with the shapes of the inputs and D_dir * H_out features.
 
     Attributes:
-        weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k} (and ``_reverse``): the outer
-            LSTM's parameters, shaped and named as in ``nn.LSTM``.
+        weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}, weight_hr_l{k} (and
+            ``_reverse``): the outer LSTM's parameters, shaped and named as in ``nn.LSTM``.
         memory_l{k} (and ``memory_l{k}_reverse``): layer k's memory function; a nested level has
             ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` and its own memory ``inner``.
     """
@@ -73,39 +80,27 @@ class NestedLSTM(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
         depth: int | None = None,
         memory: MemorySpec | None = None,
-        *,
         forget_bias: float | None = 1.0,
         recurrent_init: str = "orthogonal",
         backend: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int(input_size, "input_size")
-        _check_positive_int(hidden_size, "hidden_size")
-        _check_positive_int(num_layers, "num_layers")
-        for flag, name in (
-            (bias, "bias"),
-            (batch_first, "batch_first"),
-            (bidirectional, "bidirectional"),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if (
-            not isinstance(dropout, numbers.Number)
-            or isinstance(dropout, bool)
-            or not 0 <= dropout <= 1
-        ):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but the last layer, so non-zero dropout "
-                f"expects num_layers greater than 1, but got dropout={dropout} and "
-                f"num_layers={num_layers}",
-                stacklevel=2,
-            )
+        _check_lstm_arguments(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+        )
         if backend not in LAYER_BACKENDS:
             raise ValueError(f"backend must be one of {LAYER_BACKENDS}, got {backend!r}")
         check_init_options(forget_bias, recurrent_init)
@@ -117,54 +112,63 @@ class NestedLSTM(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
+        self.proj_size = proj_size
         self.forget_bias = forget_bias
         self.recurrent_init = recurrent_init
         self.backend = backend
 
         spec = memory_spec_for_depth(depth) if memory is None else memory
-        inherited = {"bias": bias, "forget_bias": forget_bias, "recurrent_init": recurrent_init}
-        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-        gates = 4 * hidden_size
-        self._suffixes = ["", "_reverse"] if bidirectional else [""]
+        inherited = {
+            "bias": bias,
+            "forget_bias": forget_bias,
+            "recurrent_init": recurrent_init,
+            "device": device,
+            "dtype": dtype,
+        }
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * len(self._suffixes)
+            layer_input = input_size if layer == 0 else self._output_size * len(self._suffixes)
             for suffix in self._suffixes:
                 name = f"l{layer}{suffix}"
-                w_ih = nn.Parameter(torch.empty(gates, layer_input, **factory_kwargs))
-                w_hh = nn.Parameter(torch.empty(gates, hidden_size, **factory_kwargs))
-                self.register_parameter(f"weight_ih_{name}", w_ih)
-                self.register_parameter(f"weight_hh_{name}", w_hh)
-                for kind in ("ih", "hh"):
-                    b = nn.Parameter(torch.empty(gates, **factory_kwargs)) if bias else None
-                    self.register_parameter(f"bias_{kind}_{name}", b)
-                first = layer == 0 and suffix == ""
-                if isinstance(spec, MemoryFunction) and not first:
+                add_lstm_parameters(
+                    self, f"_{name}", layer_input, hidden_size, bias, proj_size, device, dtype
+                )
+                if isinstance(spec, MemoryFunction) and self.memories():
                     layer_memory = copy.deepcopy(spec)
                     layer_memory.reset_parameters()
                 else:
                     layer_memory = build_memory(spec, hidden_size, inherited)
-                self.add_module(f"memory_{name}", layer_memory.to(**factory_kwargs))
+                self.add_module(f"memory_{name}", layer_memory.to(device=device, dtype=dtype))
 
-        first_memory = self.memory_l0
-        self.num_cells = 1 + first_memory.num_states
+        self.num_cells = 1 + self.memory_l0.num_states
         if depth is not None and memory is not None and depth != self.num_cells:
             raise ValueError(
                 f"depth={depth} does not match the memory given, which has {self.num_cells} "
                 "memory levels; leave depth out or make them agree"
             )
         self.depth = self.num_cells
-        self._candidate = get_activation(
-            first_memory.outer_candidate_activation, "outer_candidate_activation"
-        )
-        if backend not in ("auto", "generic") and self._fused_levels(first_memory) is None:
+        op_backend = backend not in ("auto", "generic", "naive")
+        if op_backend and (self.memory_l0.fused_levels() is None or proj_size):
             raise ValueError(
-                f"backend={backend!r} runs only the standard additive/nested memory chain with the "
-                f"paper's activations; {type(first_memory).__name__} needs backend 'auto' or "
-                "'generic'"
+                f"backend={backend!r} runs the whole-sequence op, which covers additive and nested "
+                f"memory chains without a projection; {type(self.memory_l0).__name__}"
+                f"{' with proj_size' if proj_size else ''} needs backend 'auto' or 'generic'"
             )
         self._init_outer_parameters()
 
-    # ------------------------------------------------------------------ parameters
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def _suffixes(self) -> list[str]:
+        return ["", "_reverse"] if self.bidirectional else [""]
+
+    @property
+    def _output_size(self) -> int:
+        """Width of h and of each direction's output: proj_size, or hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def memories(self) -> list[MemoryFunction]:
+        """Every layer's and direction's memory function, in parameter order."""
+        return [m for m in self.children() if isinstance(m, MemoryFunction)]
 
     def _outer_weights(self, name: str) -> LevelWeights:
         return LevelWeights(
@@ -177,26 +181,20 @@ class NestedLSTM(nn.Module):
     def _init_outer_parameters(self) -> None:
         for layer in range(self.num_layers):
             for suffix in self._suffixes:
+                name = f"l{layer}{suffix}"
                 init_lstm_level(
-                    *self._outer_weights(f"l{layer}{suffix}"), self.forget_bias, self.recurrent_init
-                )
+                    *self._outer_weights(name), self.forget_bias, self.recurrent_init,
+                    getattr(self, f"weight_hr_{name}", None),
+                )  # fmt: skip
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter, memory functions included."""
         self._init_outer_parameters()
-        for module in self.children():
-            if isinstance(module, MemoryFunction):
-                module.reset_parameters()
+        for memory in self.memories():
+            memory.reset_parameters()
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for ``nn.LSTM`` (there is no cuDNN weight buffer here)."""
-
-    def _fused_levels(self, memory: MemoryFunction) -> list[LevelWeights] | None:
-        levels = memory.fused_levels()
-        if levels is None:
-            return None
-        expected = "tanh" if not levels else "identity"  # the op's outer candidate activation
-        return levels if memory.outer_candidate_activation == expected else None
 
     # ------------------------------------------------------------------ forward
 
@@ -207,7 +205,7 @@ class NestedLSTM(nn.Module):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            check_input(data, 2, self.input_size, weight, packed=True)
+            check_input(data, (2,), self.input_size, weight, "PackedSequence data")
             x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes))  # (T, B, I), sorted
             batched = True
         else:
@@ -217,33 +215,20 @@ class NestedLSTM(nn.Module):
             x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
             if self.batch_first:
                 x = x.transpose(0, 1)
-        h0, c0 = prepare_state(
-            hx,
-            batched=batched,
-            prefix=(self.num_layers * len(self._suffixes),),
-            batch=x.shape[1],
-            hidden_size=self.hidden_size,
-            num_cells=self.num_cells,
-            like=weight,
-        )
-        if sorted_indices is not None:
-            h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(2, sorted_indices)
+        if hx is None:
+            h0, c0 = self._zero_state(x)
+        else:
+            h0, c0 = check_state(
+                hx, batched, (self.num_layers * len(self._suffixes),), x.shape[1],
+                self._output_size, self.hidden_size, self.num_cells, weight,
+            )  # fmt: skip
+            if sorted_indices is not None:
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(2, sorted_indices)
 
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction, suffix in enumerate(self._suffixes):
-                index = layer * len(self._suffixes) + direction
-                out, h, c = self._run_direction(
-                    x, f"l{layer}{suffix}", h0[index], c0[:, index], batch_sizes, direction == 1
-                )
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        h_out, c_out = torch.stack(h_n), torch.stack(c_n, dim=1)  # (LD, B, H), (cells, LD, B, H)
+        if self._is_torch_lstm():
+            x, h_out, c_out = self._torch_lstm(x, h0, c0, batch_sizes)
+        else:
+            x, h_out, c_out = self._layers(x, h0, c0, batch_sizes)
 
         if packed:
             lengths = (batch_sizes.unsqueeze(0) > torch.arange(x.shape[1]).unsqueeze(1)).sum(1)
@@ -263,6 +248,41 @@ class NestedLSTM(nn.Module):
             c_out = c_out.squeeze(0)
         return output, (h_out, c_out)
 
+    def _zero_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """h_0 = 0, outer cells = 0 and every memory function's ``init_state``, for x (T, B, I)."""
+        batch, dtype, device = x.shape[1], x.dtype, x.device
+        directions = self.num_layers * len(self._suffixes)
+        h0 = torch.zeros(directions, batch, self._output_size, dtype=dtype, device=device)
+        per_direction = []
+        for memory in self.memories():
+            state = tuple(memory.init_state(batch, dtype, device))
+            expected = (batch, self.hidden_size)
+            if len(state) != memory.num_states or any(s.shape != expected for s in state):
+                raise RuntimeError(
+                    f"{type(memory).__name__}.init_state must return num_states="
+                    f"{memory.num_states} tensors of shape {expected}"
+                )
+            outer = torch.zeros(expected, dtype=dtype, device=device)
+            per_direction.append(torch.stack([outer, *state]))
+        return h0, torch.stack(per_direction, dim=1)
+
+    def _layers(self, x, h0, c0, batch_sizes) -> tuple[Tensor, Tensor, Tensor]:
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, suffix in enumerate(self._suffixes):
+                index = layer * len(self._suffixes) + direction
+                out, h, c = self._run_direction(
+                    x, f"l{layer}{suffix}", h0[index], c0[:, index], batch_sizes, direction == 1
+                )
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, torch.stack(h_n), torch.stack(c_n, dim=1)  # (T, B, .), (LD, B, P), (C, LD, B, H)
+
     def _run_direction(
         self,
         x: Tensor,
@@ -272,16 +292,63 @@ class NestedLSTM(nn.Module):
         batch_sizes: Tensor | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the layer/direction ``name`` over x (T, B, I); returns (T, B, H), h_n, c_n."""
+        """Run the layer/direction ``name`` over x (T, B, I); returns (T, B, P), h_n, c_n."""
         memory: MemoryFunction = getattr(self, f"memory_{name}")
         outer = self._outer_weights(name)
-        levels = None if self.backend == "generic" else self._fused_levels(memory)
-        if levels is None:
-            return run_generic(x, *outer, memory, self._candidate, h0, c0, batch_sizes, reverse)
-        backend = self.backend
-        if backend == "auto" and memory.preferred_backend is not None and x.is_cuda:
-            backend = memory.preferred_backend
-        return nested_lstm(x, [outer, *levels], h0, c0, batch_sizes, reverse, backend)
+        weight_hr = getattr(self, f"weight_hr_{name}", None)
+        candidate = memory.outer_candidate_activation
+        levels = (
+            None if self.backend == "generic" or weight_hr is not None else memory.fused_levels()
+        )
+        if levels is not None:
+            weights = [outer, *(w for w, _ in levels)]
+            activations = (LevelActivations(candidate=candidate), *(a for _, a in levels))
+            if self.backend == "naive":
+                return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, activations)
+            return nested_lstm(x, weights, h0, c0, batch_sizes, reverse, activations, self.backend)
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                f"torch.jit.trace cannot record {type(memory).__name__}'s time loop: the trace "
+                "would fix the sequence length and give wrong results for any other; use "
+                "torch.export.export or torch.compile, which keep it general"
+            )
+        if self.backend == "naive" or weight_hr is not None:
+            return outer_lstm_naive(
+                x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr
+            )
+        return outer_lstm(x, outer, memory, h0, c0, batch_sizes, reverse, candidate)
+
+    # ------------------------------------------------------------------ depth 1 with a projection
+
+    def _is_torch_lstm(self) -> bool:
+        """A projected depth-1 LSTM with the standard activations runs torch's own LSTM for the
+        whole stack, exactly as nn.LSTM does (the op has no projection)."""
+        return (
+            self.proj_size > 0
+            and self.backend != "naive"
+            and all(
+                m.fused_levels() == [] and m.outer_candidate_activation == "tanh"
+                for m in self.memories()
+            )
+        )
+
+    def _torch_lstm(self, x, h0, c0, batch_sizes) -> tuple[Tensor, Tensor, Tensor]:
+        flat: list[Tensor] = []
+        for layer in range(self.num_layers):
+            for suffix in self._suffixes:
+                name = f"l{layer}{suffix}"
+                flat += [w for w in self._outer_weights(name) if w is not None]
+                flat.append(getattr(self, f"weight_hr_{name}"))
+        hx = (h0, c0[0])
+        common = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if batch_sizes is None:
+            out, h_n, c_n = torch._VF.lstm(x, hx, flat, *common, False)
+            return out, h_n, c_n.unsqueeze(0)
+        lengths = (batch_sizes.unsqueeze(1) > torch.arange(x.shape[1])).sum(0)
+        data = pack_padded_sequence(x, lengths).data
+        out_data, h_n, c_n = torch._VF.lstm(data, batch_sizes, hx, flat, *common)
+        out, _ = pad_packed_sequence(PackedSequence(out_data, batch_sizes), total_length=x.shape[0])
+        return out, h_n, c_n.unsqueeze(0)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -295,12 +362,47 @@ class NestedLSTM(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         s += f", depth={self.depth}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_lstm_arguments(
+    input_size: Any,
+    hidden_size: Any,
+    num_layers: Any,
+    bias: Any,
+    batch_first: Any,
+    dropout: Any,
+    bidirectional: Any,
+    proj_size: Any,
+) -> None:
+    """nn.LSTM's checks, with its exception types and messages."""
+    if (
+        not isinstance(dropout, numbers.Number)
+        or isinstance(dropout, bool)
+        or not 0 <= dropout <= 1
+    ):
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an "
+            f"element being zeroed, got {dropout!r}"
+        )
+    check_bool(bias, "bias")
+    check_bool(batch_first, "batch_first")
+    check_bool(bidirectional, "bidirectional")
+    check_int(input_size, "input_size")
+    check_int(hidden_size, "hidden_size")
+    check_int(num_layers, "num_layers")
+    check_int(proj_size, "proj_size", minimum=0)
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but the last layer, so non-zero dropout "
+            f"expects num_layers greater than 1, but got dropout={dropout} and "
+            f"num_layers={num_layers}",
+            stacklevel=3,
+        )

@@ -189,11 +189,15 @@ def test_explicit_composition_equals_depth():
     assert NestedLSTM(3, 4, memory=instance, num_layers=2).memory_l1.inner.inner is not None
 
 
-def test_custom_activation_runs_generic_path_and_differs():
+def test_custom_activation_runs_the_op_like_the_generic_path_and_differs():
     torch.manual_seed(0)
-    standard = NestedLSTM(3, 4, depth=2)
-    changed = NestedLSTM(3, 4, memory={"name": "nested", "cell_activation": "softsign"})
+    standard = NestedLSTM(3, 4, depth=2).double()
+    memory = {"name": "nested", "cell_activation": "softsign", "outer_candidate_activation": "relu"}
+    changed = NestedLSTM(3, 4, memory=memory).double()
+    generic = NestedLSTM(3, 4, memory=memory, backend="generic").double()
     changed.load_state_dict(standard.state_dict())
-    assert changed.memory_l0.fused_levels() is None
-    x = torch.randn(5, 2, 3)
+    generic.load_state_dict(standard.state_dict())
+    assert changed.memory_l0.fused_levels() is not None  # the variant runs the fused op
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(changed(x)[0], generic(x)[0], rtol=1e-10, atol=1e-10)
     assert not torch.allclose(changed(x)[0], standard(x)[0])

@@ -14,9 +14,15 @@ Subclass :class:`MemoryFunction` (an ``nn.Module``) and
 * set ``num_states``: how many extra ``(batch, hidden_size)`` tensors the function carries from
   step to step (0 for a stateless function). The outer layer stores them after its own cell, so a
   layer's cell state has ``1 + num_states`` entries, and returns and accepts them all;
-* set ``outer_candidate_activation``: the activation the outer LSTM applies to its candidate ``g``
-  before forming ``i * g`` ("tanh" for an LSTM; the paper's Nested LSTM uses "identity");
-* implement ``forward(gated_cell, gated_input, state) -> (cell, new_state)``.
+* set ``outer_candidate_activation``: the activation the level above (the outer LSTM, or a nested
+  level) applies to its candidate ``g`` before forming ``i * g`` ("tanh" for an LSTM; the paper's
+  Nested LSTM uses "identity");
+* implement ``forward(gated_cell, gated_input, state) -> (cell, new_state)``;
+* optionally override ``init_state``: the state a sequence starts from when the caller gives
+  none (zeros by default).
+
+Store activation *names* (strings), never function objects, as attributes: a model then pickles
+to plain data and loads with ``torch.load(weights_only=True)``.
 
 Register it with :func:`nestrnn.register_memory` (in a script) or the ``register_memories`` plugin hook
 (in an installed package), and check it with :mod:`nestrnn.testing`.
@@ -29,9 +35,11 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from nestrnn.ops.nested_lstm.common import LevelWeights
+from nestrnn.arguments import check_int
+from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
 
 State = tuple[Tensor, ...]
+FusedLevel = tuple[LevelWeights, LevelActivations]
 
 
 class MemoryFunction(nn.Module, ABC):
@@ -39,15 +47,12 @@ class MemoryFunction(nn.Module, ABC):
 
     #: number of extra (batch, hidden_size) state tensors carried between steps
     num_states: int = 0
-    #: activation the outer LSTM applies to its candidate g (a name from nestrnn.activations)
+    #: activation the level above applies to its candidate g (a name from nestrnn.activations)
     outer_candidate_activation: str = "tanh"
-    #: the op backend this function prefers under ``backend="auto"`` on CUDA (None: the op's choice)
-    preferred_backend: str | None = None
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        check_int(hidden_size, "hidden_size")
         self.hidden_size = hidden_size
 
     @abstractmethod
@@ -69,18 +74,20 @@ class MemoryFunction(nn.Module, ABC):
         """(Re)initialise parameters; the default does nothing."""
 
     def init_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> State:
-        """Zero state for a new sequence: ``num_states`` tensors of shape (B, H)."""
+        """The state a new sequence starts from when the caller gives none: ``num_states``
+        tensors of shape (B, H), zeros by default."""
         return tuple(
             torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device)
             for _ in range(self.num_states)
         )
 
-    def fused_levels(self) -> list[LevelWeights] | None:
-        """The weights of the levels below the outer LSTM, when this function is a standard chain.
+    def fused_levels(self) -> list[FusedLevel] | None:
+        """The levels below the outer LSTM, with their activations, when the fused op can run
+        this function.
 
-        A standard chain is zero or more unmodified :class:`NestedMemory` levels with default
-        activations ending in :class:`AdditiveMemory`. For those the layer runs the whole sequence
-        with the fused op in :mod:`nestrnn.ops.nested_lstm`. Any other function returns None and is
-        run step by step through ``forward``.
+        That is a chain of zero or more :class:`NestedMemory` levels (any activations, with or
+        without biases) ending in :class:`AdditiveMemory`, none with a ``forward`` of its own. The
+        layer runs those through the whole-sequence op of :mod:`nestrnn.ops.nested_lstm`; any other
+        function returns None and runs step by step through its ``forward``.
         """
         return None

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from nestrnn.activations import get_activation
-from nestrnn.init import check_init_options, init_lstm_level
-from nestrnn.memory.base import MemoryFunction, State
-from nestrnn.ops.nested_lstm.common import LevelWeights
+from nestrnn.activations import ACTIVATIONS, check_activation
+from nestrnn.arguments import check_bool, check_int
+from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
+from nestrnn.memory.base import FusedLevel, MemoryFunction, State
+from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
 
 DEFAULT_ACTIVATIONS = {
     "gate_activation": "sigmoid",
@@ -42,12 +43,16 @@ class NestedMemory(MemoryFunction):
             one nested level with an additive inner update (the paper's model), 3 nests once more.
             Ignored when ``inner`` is given.
         inner: the inner memory: a MemoryFunction, a registered name or a ``{"name": ...}`` dict.
+            It is given this level's ``candidate_activation`` as its
+            ``outer_candidate_activation`` (a given instance must already agree).
         bias: whether this level (and levels built from ``depth``) have biases.
         forget_bias: initial forget-gate bias (None: PyTorch's uniform initialisation).
         recurrent_init: "orthogonal" (default) or "uniform" for ``weight_hh``.
-        gate_activation, candidate_activation, cell_activation: this level's activations.
+        gate_activation, candidate_activation, cell_activation: this level's activations (names
+            from ``nestrnn.activations``); levels built from ``depth`` share them.
         outer_candidate_activation: what the level above applies to its candidate g (the paper: the
             identity when nested).
+        device, dtype: of the parameters.
     """
 
     def __init__(
@@ -62,23 +67,21 @@ class NestedMemory(MemoryFunction):
         candidate_activation: str = "tanh",
         cell_activation: str = "tanh",
         outer_candidate_activation: str = "identity",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(hidden_size)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
-            raise ValueError(f"depth of a nested memory must be an integer >= 2, got {depth!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_int(depth, "depth of a nested memory", minimum=2)
+        check_bool(bias, "bias")
         check_init_options(forget_bias, recurrent_init)
-        self._gate = get_activation(gate_activation, "gate_activation")
-        self._candidate = get_activation(candidate_activation, "candidate_activation")
-        self._cell = get_activation(cell_activation, "cell_activation")
-        get_activation(outer_candidate_activation, "outer_candidate_activation")
         self.activations = {
             "gate_activation": gate_activation,
             "candidate_activation": candidate_activation,
             "cell_activation": cell_activation,
             "outer_candidate_activation": outer_candidate_activation,
         }
+        for argument, name in self.activations.items():
+            check_activation(name, argument)
         self.outer_candidate_activation = outer_candidate_activation
         self.bias = bias
         self.forget_bias = forget_bias
@@ -86,32 +89,34 @@ class NestedMemory(MemoryFunction):
 
         from nestrnn.memory.build import build_memory  # the registry imports this module
 
-        inherited = {"bias": bias, "forget_bias": forget_bias, "recurrent_init": recurrent_init}
+        inherited = {
+            "bias": bias,
+            "forget_bias": forget_bias,
+            "recurrent_init": recurrent_init,
+            "device": device,
+            "dtype": dtype,
+        }
+        below = {"outer_candidate_activation": candidate_activation}
         if inner is None and depth > 2:
-            inner = type(self)(hidden_size, depth=depth - 1, **inherited, **self.activations)
-        self.inner = build_memory("additive" if inner is None else inner, hidden_size, inherited)
+            levels = {
+                k: v for k, v in self.activations.items() if k != "outer_candidate_activation"
+            }
+            inner = type(self)(hidden_size, depth - 1, **inherited, **levels, **below)
+        self.inner = build_memory(
+            "additive" if inner is None else inner, hidden_size, {**inherited, **below}
+        )
+        if self.inner.outer_candidate_activation != candidate_activation:
+            raise ValueError(
+                f"the inner memory expects its outer level's candidate activation to be "
+                f"{self.inner.outer_candidate_activation!r}, but this level's "
+                f"candidate_activation is {candidate_activation!r}; make them agree"
+            )
         self.num_states = 1 + self.inner.num_states
-
-        gates = 4 * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(gates, hidden_size))
-        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
-        if bias:
-            self.bias_ih = nn.Parameter(torch.empty(gates))
-            self.bias_hh = nn.Parameter(torch.empty(gates))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
+        add_lstm_parameters(self, "", hidden_size, hidden_size, bias, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_lstm_level(
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            self.forget_bias,
-            self.recurrent_init,
-        )
+        init_lstm_level(*self.level_weights(), self.forget_bias, self.recurrent_init)
         self.inner.reset_parameters()
 
     def forward(
@@ -122,25 +127,30 @@ class NestedMemory(MemoryFunction):
             gated_cell, self.weight_hh, self.bias_hh
         )
         i, f, g, o = gates.chunk(4, dim=1)
-        i, f, o = self._gate(i), self._gate(f), self._gate(o)
-        g = self._candidate(g)
+        gate = ACTIVATIONS[self.activations["gate_activation"]]
+        i, f, o = gate(i), gate(f), gate(o)
+        g = ACTIVATIONS[self.activations["candidate_activation"]](g)
         new_own_cell, new_inner_state = self.inner(f * own_cell, i * g, inner_state)
-        return o * self._cell(new_own_cell), (new_own_cell, *new_inner_state)
+        cell = ACTIVATIONS[self.activations["cell_activation"]](new_own_cell)
+        return o * cell, (new_own_cell, *new_inner_state)
 
     def level_weights(self) -> LevelWeights:
         return LevelWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
-    def fused_levels(self) -> list[LevelWeights] | None:
-        # Only the unmodified update with the paper's activations matches the fused op; a subclass
-        # that changes ``forward`` must not inherit the fast path silently.
-        standard = type(self).forward is NestedMemory.forward and all(
-            self.activations[key] == DEFAULT_ACTIVATIONS[key]
-            for key in ("gate_activation", "candidate_activation", "cell_activation")
+    def level_activations(self) -> LevelActivations:
+        a = self.activations
+        return LevelActivations(
+            a["gate_activation"], a["candidate_activation"], a["cell_activation"]
         )
-        inner_levels = self.inner.fused_levels() if standard else None
+
+    def fused_levels(self) -> list[FusedLevel] | None:
+        # a subclass that changes ``forward`` must not inherit the fast path silently
+        if type(self).forward is not NestedMemory.forward:
+            return None
+        inner_levels = self.inner.fused_levels()
         if inner_levels is None:
             return None
-        return [self.level_weights(), *inner_levels]
+        return [(self.level_weights(), self.level_activations()), *inner_levels]
 
     def extra_repr(self) -> str:
         changed = {k: v for k, v in self.activations.items() if v != DEFAULT_ACTIVATIONS[k]}

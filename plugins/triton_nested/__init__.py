@@ -1,10 +1,8 @@
-"""The Triton-fused nested memory function (shipped with nestrnn, registered as ``triton_nested``).
+"""``triton_nested``: another name for the nested memory, shipped with nestrnn.
 
-It is :class:`nestrnn.memory.NestedMemory` with the same parameters and names, so checkpoints move
-freely between the two; the difference is where it runs. Under ``backend="auto"`` a layer whose
-memory is this function runs the whole sequence with the fused Triton kernels
-(``nestrnn.ops.nested_lstm.fused_triton``) when its tensors are on CUDA and Triton is installed; on
-CPU it runs the CPU fused op, exactly like ``nested``. Importing this module does not import Triton.
+Configs and checkpoints of earlier releases name it; it builds :class:`nestrnn.memory.NestedMemory`
+(same parameters and names), whose layers run the whole-sequence op, on Triton kernels on CUDA
+under ``backend="auto"``. Importing this module does not import Triton.
 """
 
 from __future__ import annotations
@@ -15,16 +13,10 @@ from nestrnn.hookspecs import hookimpl
 from nestrnn.memory.nested import NestedMemory
 
 
-class TritonNestedMemory(NestedMemory):
-    """A nested memory whose layers prefer the fused Triton kernels on CUDA."""
-
-    preferred_backend = "triton"
-
-
 @hookimpl
 def register_memories(register: Callable[..., None]) -> None:
     register(
         "triton_nested",
-        TritonNestedMemory,
-        "nested memory run by fused Triton kernels on CUDA (same parameters as 'nested')",
+        NestedMemory,
+        "another name for 'nested' (its layers run Triton kernels on CUDA under backend='auto')",
     )

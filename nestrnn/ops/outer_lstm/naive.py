@@ -1,85 +1,97 @@
-"""The generic per-step path: the outer LSTM step with any memory function.
+"""Plain PyTorch reference for one direction of one layer of the outer LSTM around any memory
+function: every step through autograd, nothing fused.
 
-Used by :class:`NestedLSTMCell` and by :class:`NestedLSTM` for memory functions that are not a
-standard additive/nested chain (those run through the fused op instead).
+Also the path for what the fast implementation (``stepwise.py``) does not cover: a projection of
+the output (``weight_hr``, nn.LSTM's ``proj_size``) and devices without it. ``outer_step`` is one
+step, which ``NestedLSTMCell`` runs.
+
+Shapes (T steps, B batch, I input size, H hidden size, P = proj_size or H, S = memory.num_states):
+
+    x            (T, B, I)
+    weights      LevelWeights: weight_ih (4H, I), weight_hh (4H, P), biases (4H,) or None
+    weight_hr    (P, H) or None
+    h0           (B, P)
+    c0           (1 + S, B, H)   the outer cell, then the memory function's state
+    batch_sizes  (T,) int64 CPU tensor of a packed batch sorted by length, or None
+    returns      output (T, B, P), h_n (B, P), c_n (1 + S, B, H)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestrnn.memory.base import MemoryFunction
-from nestrnn.ops.nested_lstm.common import time_order
+from nestrnn.activations import ACTIVATIONS
+from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
+
+if TYPE_CHECKING:
+    from nestrnn.memory.base import MemoryFunction
 
 
 def outer_step(
     projected_input: Tensor,
     h: Tensor,
     cells: tuple[Tensor, ...],
-    weight_hh: Tensor,
-    bias_hh: Tensor | None,
+    weights: LevelWeights,
     memory: MemoryFunction,
-    candidate_activation: Callable[[Tensor], Tensor],
+    candidate_activation: str,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One step of the outer LSTM around ``memory``.
 
     Args:
         projected_input: ``W_ih x_t + b_ih``, (B, 4H).
-        h: previous hidden state (B, H).
+        h: previous hidden state (B, P).
         cells: previous cells ``(c^0, *memory_state)``, each (B, H).
     Returns:
         ``(h_t, (c^0_t, *memory_state_t))``.
     """
-    gates = projected_input + F.linear(h, weight_hh, bias_hh)
+    gates = projected_input + F.linear(h, weights.weight_hh, weights.bias_hh)
     i, f, g, o = gates.chunk(4, dim=1)
     i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
-    cell, state = memory(f * cells[0], i * candidate_activation(g), tuple(cells[1:]))
-    return o * cell.tanh(), (cell, *state)
+    g = ACTIVATIONS[candidate_activation](g)
+    cell, state = memory(f * cells[0], i * g, tuple(cells[1:]))
+    h_new = o * cell.tanh()
+    if weight_hr is not None:
+        h_new = F.linear(h_new, weight_hr)
+    return h_new, (cell, *state)
 
 
-def run_generic(
+def outer_lstm_naive(
     x: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Tensor | None,
-    bias_hh: Tensor | None,
+    weights: LevelWeights,
     memory: MemoryFunction,
-    candidate_activation: Callable[[Tensor], Tensor],
     h0: Tensor,
     c0: Tensor,
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
+    candidate_activation: str = "tanh",
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One direction of one layer, step by step. Same contract as ``ops.nested_lstm.nested_lstm``:
-    x (T, B, I), h0 (B, H), c0 (1 + memory.num_states, B, H) -> output (T, B, H), h_n, c_n.
-    """
+    """One direction of one layer, step by step (see the module docstring for shapes)."""
     steps, batch = x.shape[0], x.shape[1]
-    projected = F.linear(x, weight_ih, bias_ih)
+    projected = F.linear(x, weights.weight_ih, weights.bias_ih)
     h, cells = h0, tuple(c0.unbind(0))
-    outputs: list[Tensor | None] = [None] * steps
+    outputs: list[Tensor] = [h0.new_empty(0)] * steps
     for t in time_order(steps, reverse):
         active = batch if batch_sizes is None else int(batch_sizes[t])
         if active == batch:
             h, cells = outer_step(
-                projected[t], h, cells, weight_hh, bias_hh, memory, candidate_activation
+                projected[t], h, cells, weights, memory, candidate_activation, weight_hr
             )
             outputs[t] = h
             continue
-        # packed batch sorted by length: only the first `active` rows take a step
+        # a packed batch sorted by length: only the first `active` rows take a step
         h_new, cells_new = outer_step(
-            projected[t, :active],
-            h[:active],
-            tuple(c[:active] for c in cells),
-            weight_hh,
-            bias_hh,
-            memory,
-            candidate_activation,
-        )
+            projected[t, :active], h[:active], tuple(c[:active] for c in cells),
+            weights, memory, candidate_activation, weight_hr,
+        )  # fmt: skip
         h = torch.cat([h_new, h[active:]])
         cells = tuple(torch.cat([new, old[active:]]) for new, old in zip(cells_new, cells))
         outputs[t] = torch.cat([h_new, h_new.new_zeros(batch - active, h_new.shape[1])])
+    if steps == 0:
+        return x.new_zeros(0, batch, h0.shape[1]), h0, c0
     return torch.stack(outputs), h, torch.stack(cells)
