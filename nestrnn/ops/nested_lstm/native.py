@@ -40,9 +40,19 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ABI_VERSION", "Args", "Kernel", "NativeStatus", "kernel", "status"]
+__all__ = [
+    "ABI_VERSION",
+    "Args",
+    "Kernel",
+    "NativeStatus",
+    "args_layout",
+    "build",
+    "kernel",
+    "library_path",
+    "status",
+]
 
-ABI_VERSION = 2  # NLSTM_ABI_VERSION in cpu_kernel.c
+ABI_VERSION = 3  # NLSTM_ABI_VERSION in cpu_kernel.c
 _SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
@@ -111,9 +121,20 @@ class Kernel:
                     fn = getattr(lib, f"nlstm_{name}_{suffix}")
                     fn.argtypes, fn.restype = [ctypes.POINTER(Args)], ctypes.c_int
                     self._fns[name, dtype] = fn
+            self._steps = {}
+            for name, argtypes in _STEP_ARGTYPES.items():
+                for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                    fn = getattr(lib, f"nlstm_{name}_{suffix}")
+                    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+                    self._steps[name, dtype] = fn
         except AttributeError as err:
             raise RuntimeError(f"the library lacks an entry point ({err})") from None
         self.set_blas.restype = ctypes.c_int
+
+    def step(self, name: str, dtype: torch.dtype, *args: int) -> None:
+        """Call one of the outer-step functions (``_STEP_ARGTYPES``; pointers as integers)."""
+        if self._steps[name, dtype](*args) != 0:
+            raise RuntimeError(f"the CPU kernel's {name} rejected its arguments")
 
     def forward(self, dtype: torch.dtype, args: Args) -> None:
         self._call("forward", dtype, args)
@@ -126,6 +147,16 @@ class Kernel:
         if code != 0:
             raise RuntimeError(f"the CPU kernel's {name} rejected its arguments (error {code})")
 
+
+_I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+#: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
+#: rows, H, activation codes, then pointers
+_STEP_ARGTYPES = {
+    "outer_gates": [_I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR],
+    "outer_output": [_I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR],
+    "outer_output_backward": [_I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "outer_gates_backward": [_I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+}
 
 _lock = threading.Lock()
 _state: tuple[Kernel | None, NativeStatus] | None = None
@@ -163,10 +194,10 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
     if isinstance(blas, str):
         return None, NativeStatus(False, blas)
     try:
-        path = _cache_path()
+        path = library_path()
         found = _open_trusted(path) if path.exists() else None
         if found is None:  # absent, planted, or unusable: build (again)
-            _build(path)
+            build()
             found = _open_trusted(path)
             if found is None:
                 raise RuntimeError(f"{path} could not be loaded after building it")
@@ -183,25 +214,23 @@ def _open_trusted(path: Path) -> tuple[Kernel, Path] | None:
 
     "Ours": a regular file owned by this user that nobody else may write, checked on an open
     descriptor which is then what gets loaded (``/proc/self/fd``), so that the file cannot be
-    swapped between the check and the load.
+    swapped between the check and the load. A descriptor that was loaded stays open: the loader
+    knows libraries by name, and a reused descriptor number would give back the earlier library.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-        owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-        if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o022:
-            return None
-        proc = Path(f"/proc/self/fd/{fd}")
-        try:
-            lib = ctypes.CDLL(str(proc if proc.exists() else path))
-            return Kernel(lib), path
-        except (OSError, RuntimeError):
-            return None  # corrupt, truncated, or from another version: rebuilt by the caller
-    finally:
+    info = os.fstat(fd)
+    owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    proc = Path(f"/proc/self/fd/{fd}")
+    if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o022 or not proc.exists():
         os.close(fd)
+        return None
+    try:
+        return Kernel(ctypes.CDLL(str(proc))), path
+    except (OSError, RuntimeError):
+        return None  # corrupt, truncated, or from another version: rebuilt by the caller
 
 
 def _torch_blas() -> list[ctypes.c_void_p] | str:
@@ -256,8 +285,8 @@ def _compiler() -> tuple[str, list[str]]:
     return compiler, shlex.split(os.environ.get("NESTRNN_CFLAGS", _DEFAULT_CFLAGS))
 
 
-def _cache_path() -> Path:
-    """Where this source, compiler, flags and CPU's build lives, for this user."""
+def library_path() -> Path:
+    """Where the build for this source, compiler, flags, CPU and user lives in the cache."""
     compiler, cflags = _compiler()
     here = Path(__file__).parent
     key = hashlib.sha256()
@@ -268,10 +297,11 @@ def _cache_path() -> Path:
     return _cache_dir() / f"cpu_kernel-{key.hexdigest()[:16]}{user}.so"
 
 
-def _build(target: Path) -> None:
-    """Compile the kernel to ``target``, atomically (a concurrent builder never sees a partial
-    file, and a file planted under that name is replaced)."""
+def build() -> Path:
+    """Compile the kernel to ``library_path()``, atomically (a concurrent builder never sees a
+    partial file, and a file planted under that name is replaced); returns the path."""
     compiler, cflags = _compiler()
+    target = library_path()
     cache = target.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -296,6 +326,7 @@ def _build(target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return target
 
 
 if __name__ == "__main__":

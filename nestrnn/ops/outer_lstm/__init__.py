@@ -1,16 +1,23 @@
 """The outer LSTM around any memory function: one direction of one layer over a whole sequence.
 
-``outer_lstm`` is the entry point (the generic path of ``NestedLSTM``); ``naive.py`` is the
-reference it is tested against.
+``outer_lstm`` is the entry point (the generic path of ``NestedLSTM``): ``stepwise.py`` where it
+applies (CPU, float32/float64, the CPU kernel built), else ``naive.py``, the reference both are
+tested against.
+
+Under ``torch.compile`` the time loop is not traced (it would be unrolled, and compiled again for
+every sequence length): it runs as a graph break, and the memory function's step is compiled
+instead, once. ``torch.export`` records the naive steps, unrolled for the sequence length given.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from nestrnn.ops.nested_lstm.layout import LevelWeights
+from nestrnn.ops.outer_lstm import stepwise
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
 
 if TYPE_CHECKING:
@@ -30,4 +37,18 @@ def outer_lstm(
     candidate_activation: str = "tanh",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of one layer (shapes as in ``naive.py``)."""
-    return outer_lstm_naive(x, weights, memory, h0, c0, batch_sizes, reverse, candidate_activation)
+    args = (x, weights, memory, h0, c0, batch_sizes, reverse, candidate_activation)
+    if torch.compiler.is_exporting():  # an exported graph holds the naive steps, unrolled
+        return outer_lstm_naive(*args)
+    return _run(*args, torch.compiler.is_compiling())
+
+
+@torch.compiler.disable(
+    reason="the time loop around a custom memory function runs eagerly; its step is compiled"
+)
+def _run(x, weights, memory, h0, c0, batch_sizes, reverse, candidate, compile_step: bool):
+    step = stepwise.compiled_step(memory) if compile_step else memory
+    path = (
+        stepwise.outer_lstm_stepwise if stepwise.applies(x, weights, h0, c0) else outer_lstm_naive
+    )
+    return path(x, weights, step, h0, c0, batch_sizes, reverse, candidate)

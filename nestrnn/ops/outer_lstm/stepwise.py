@@ -1,0 +1,227 @@
+"""The outer LSTM around any memory function, with the outer LSTM's own work fused.
+
+Only the memory function's step goes through autograd; everything of the outer LSTM is done by
+hand, as in the whole-sequence op:
+
+* ``_Prologue``: the input projection of every step is one GEMM; in the backward (which autograd
+  runs after every step's, since every step consumes its output ``token``) the gradients of x and
+  of every outer weight are a few large GEMMs over all steps, from the gate gradients ``dz`` the
+  steps left in a shared buffer;
+* ``_GatesStep``: per step, ``z += h_{t-1} W_hh^T`` and, in C, the gate activations and the two
+  inputs of the memory function, ``f * c_{t-1}`` and ``i * g``; its backward the i, f, g, o gate
+  gradients (into ``dz``) and the gradients of h_{t-1} (one GEMM) and c_{t-1};
+* the memory function, as the user wrote it (or compiled, see ``outer_lstm``);
+* ``_OutStep``: ``h_t = o * tanh(c_t)`` and, in its backward, the gradient of c_t and of o.
+
+Autograd then runs one backward pass over the whole sequence: one node per step and function
+instead of the ~20 small ops of the naive path, and no weight gradient inside the loop. It runs on
+CPU in float32 and float64 when the CPU kernel is available (see ``applies``); shapes as in
+``naive.py``, without a projection.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from nestrnn.activations import activation_code
+from nestrnn.ops.nested_lstm import native
+from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
+
+if TYPE_CHECKING:
+    from nestrnn.memory.base import MemoryFunction
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def applies(x: Tensor, weights: LevelWeights, h0: Tensor, c0: Tensor) -> bool:
+    """Whether this path runs the call (else the naive one does)."""
+    tensors = [x, h0, c0, *(w for w in weights if w is not None)]
+    return (
+        x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and native.kernel() is not None
+    )
+
+
+class _Sequence:
+    """What the steps of one call share: the gate buffer ``gates`` (T, B, 4H), which holds the
+    input projection, then each step's activated gates; ``act_cells`` (T, B, H); the h that
+    entered each step, ``h_prev`` (T, B, H), for the weight gradient; and ``dz`` (T, B, 4H), the
+    gate gradients the steps' backwards leave for the prologue's."""
+
+    def __init__(self, x: Tensor, weights: LevelWeights, candidate: str):
+        steps, batch, _ = x.shape
+        hidden = weights.weight_hh.shape[1]
+        self.hidden, self.dtype = hidden, x.dtype
+        self.w_hh = weights.weight_hh.detach()
+        self.w_hh_t = self.w_hh.t()
+        self.gate, self.candidate, self.cell = (
+            activation_code(name) for name in ("sigmoid", candidate, "tanh")
+        )
+        self.gates = x.new_empty(steps, batch, 4 * hidden)
+        self.act_cells = x.new_empty(steps, batch, hidden)
+        self.h_prev = x.new_zeros(steps, batch, hidden)
+        self.dz = x.new_zeros(steps, batch, 4 * hidden)  # steps autograd never reaches stay 0
+        self.kernel = native.kernel()
+
+    def step(self, name: str, rows: int, *args: Any) -> None:
+        pointers = (a if isinstance(a, int) else a.data_ptr() for a in args)
+        self.kernel.step(name, self.dtype, rows, self.hidden, *pointers)
+
+
+class _Prologue(torch.autograd.Function):
+    """x, W_ih, W_hh, b_ih, b_hh -> ``token`` (no data): the input projection of every step goes
+    into the shared gate buffer; the backward computes every outer parameter gradient."""
+
+    @staticmethod
+    def forward(ctx, seq: _Sequence, x, w_ih, w_hh, b_ih, b_hh):
+        steps, batch, in_size = x.shape
+        bias = [b for b in (b_ih, b_hh) if b is not None]
+        gates = seq.gates.view(steps * batch, -1)
+        if bias:
+            torch.addmm(sum(bias), x.reshape(-1, in_size), w_ih.t(), out=gates)
+        else:
+            torch.mm(x.reshape(-1, in_size), w_ih.t(), out=gates)
+        ctx.seq, ctx.has_bias = seq, (b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x, w_ih)
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        x, w_ih = ctx.saved_tensors
+        seq = ctx.seq
+        steps, batch, in_size = x.shape
+        dz = seq.dz.view(steps * batch, -1)
+        need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
+        dx = dz.mm(w_ih).view(x.shape) if need_x else None
+        dw_ih = dz.t().mm(x.reshape(-1, in_size)) if need_ih else None
+        dw_hh = dz.t().mm(seq.h_prev.view(steps * batch, -1)) if need_hh else None
+        db = dz.sum(0) if need_bih or need_bhh else None
+        seq.dz.zero_()  # for a second backward through a retained graph
+        d_bih = db if need_bih and ctx.has_bias[0] else None
+        d_bhh = (db.clone() if d_bih is not None else db) if need_bhh and ctx.has_bias[1] else None
+        return None, dx, dw_ih, dw_hh, d_bih, d_bhh
+
+
+class _GatesStep(torch.autograd.Function):
+    """(token, h_{t-1}, c_{t-1}) of the ``rows`` active rows -> ``f * c_{t-1}``, ``i * g``."""
+
+    @staticmethod
+    def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
+        rows = h_prev.shape[0]
+        z = seq.gates[t, :rows]
+        z.addmm_(h_prev, seq.w_hh_t)
+        seq.h_prev[t, :rows] = h_prev
+        c_prev = c_prev.contiguous()
+        gated_cell, gated_input = torch.empty_like(c_prev), torch.empty_like(c_prev)
+        seq.step("outer_gates", rows, seq.gate, seq.candidate, z, c_prev, gated_cell, gated_input)
+        ctx.seq, ctx.t = seq, t
+        ctx.save_for_backward(c_prev)
+        return gated_cell, gated_input
+
+    @staticmethod
+    def backward(ctx, d_gated_cell, d_gated_input):
+        (c_prev,) = ctx.saved_tensors
+        seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
+        d_gated_cell = _grad(d_gated_cell, c_prev)
+        d_gated_input = _grad(d_gated_input, c_prev)
+        dz = seq.dz[t, :rows]
+        dc_prev = torch.empty_like(c_prev)
+        seq.step("outer_gates_backward", rows, seq.gate, seq.candidate, seq.gates[t, :rows],
+                 c_prev, d_gated_cell, d_gated_input, dz, dc_prev)  # fmt: skip
+        return c_prev.new_empty(0), dz.mm(seq.w_hh), dc_prev, None, None
+
+
+class _OutStep(torch.autograd.Function):
+    """The new outer cell c_t of the ``rows`` active rows -> h_t = o * tanh(c_t)."""
+
+    @staticmethod
+    def forward(ctx, cell, seq: _Sequence, t: int):
+        rows = cell.shape[0]
+        cell = cell.contiguous()
+        h = torch.empty_like(cell)
+        seq.step(
+            "outer_output", rows, seq.cell, seq.gates[t, :rows], cell, seq.act_cells[t, :rows], h
+        )
+        ctx.seq, ctx.t, ctx.rows = seq, t, rows
+        return h
+
+    @staticmethod
+    def backward(ctx, d_h):
+        seq, t, rows = ctx.seq, ctx.t, ctx.rows
+        d_h = d_h.contiguous()
+        d_cell = torch.empty_like(d_h)
+        seq.step("outer_output_backward", rows, seq.cell, seq.gates[t, :rows],
+                 seq.act_cells[t, :rows], d_h, seq.dz[t, :rows], d_cell)  # fmt: skip
+        return d_cell, None, None
+
+
+def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A contiguous gradient (autograd passes None for an output nothing used)."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def _check_memory_output(memory: MemoryFunction, cell: Tensor, state, like: Tensor) -> None:
+    """The C step functions read raw memory: check what the memory function returned first."""
+    if cell.shape != like.shape or cell.dtype != like.dtype or len(state) != memory.num_states:
+        raise RuntimeError(
+            f"{type(memory).__name__} returned a cell of shape {tuple(cell.shape)} and dtype "
+            f"{cell.dtype} with {len(state)} state tensors; expected {tuple(like.shape)}, "
+            f"{like.dtype} and num_states={memory.num_states}"
+        )
+
+
+def outer_lstm_stepwise(
+    x: Tensor,
+    weights: LevelWeights,
+    memory: MemoryFunction,
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    candidate_activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of one layer (shapes as in ``naive.py``); see the module docstring."""
+    steps, batch = x.shape[0], x.shape[1]
+    seq = _Sequence(x, weights, candidate_activation)
+    token = _Prologue.apply(seq, x, *weights)
+    sizes = [batch] * steps if batch_sizes is None else batch_sizes.tolist()
+    h, cells = h0, tuple(c0.unbind(0))
+    outputs: list[Tensor] = [h0.new_empty(0)] * steps
+    for t in time_order(steps, reverse):
+        rows = sizes[t]
+        if rows == 0:
+            outputs[t] = h.new_zeros(h.shape)
+            continue
+        active = (h, cells) if rows == batch else (h[:rows], tuple(c[:rows] for c in cells))
+        gated_cell, gated_input = _GatesStep.apply(token, active[0], active[1][0], seq, t)
+        cell, state = memory(gated_cell, gated_input, active[1][1:])
+        _check_memory_output(memory, cell, state, gated_cell)
+        h_new = _OutStep.apply(cell, seq, t)
+        if rows == batch:
+            h, cells = h_new, (cell, *state)
+            outputs[t] = h
+            continue
+        # a packed batch sorted by length: the rows beyond `rows` keep their state
+        h = torch.cat([h_new, h[rows:]])
+        cells = tuple(torch.cat([new, old[rows:]]) for new, old in zip((cell, *state), cells))
+        outputs[t] = torch.cat([h_new, h_new.new_zeros(batch - rows, h_new.shape[1])])
+    if steps == 0:
+        return x.new_zeros(0, batch, h0.shape[1]), h0, c0
+    return torch.stack(outputs), h, torch.stack(cells)
+
+
+_COMPILED: weakref.WeakKeyDictionary[MemoryFunction, Any] = weakref.WeakKeyDictionary()
+
+
+def compiled_step(memory: MemoryFunction):
+    """``torch.compile`` of the memory function's step, made once per memory function."""
+    if memory not in _COMPILED:
+        _COMPILED[memory] = torch.compile(memory)
+    return _COMPILED[memory]
