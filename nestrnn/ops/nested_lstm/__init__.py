@@ -75,15 +75,15 @@ def nested_lstm(
         ``(output (T, B, H), h_n (B, H), c_n (D, B, H))`` in the dtype of ``x``; under
         ``torch.autocast`` every floating input is first cast to the autocast dtype.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+        weights = [LevelWeights(*(w if w is None else w.to(dtype) for w in lw)) for lw in weights]
     check_inputs(x, weights, h0, c0, batch_sizes, activations)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     acts = encode_activations(activations or standard_activations(len(weights)))
     flat = op.flat_weights(weights, x)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
-        flat = [w.to(dtype) for w in flat]
     args = (batch_sizes, bool(reverse), acts, backend)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat))
     if not grads or torch.compiler.is_exporting():  # an exported graph holds the inference op

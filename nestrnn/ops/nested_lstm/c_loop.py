@@ -169,7 +169,9 @@ def forward(
     native.kernel().forward(dtype, call.args)
 
     h_n = h_slots[last].clone()
-    c_n = torch.stack([cell[last % cell.shape[0]] for cell in cells])
+    c_n = c0.new_empty(c0.shape)  # (torch.stack below autograd would return a view)
+    for k, cell in enumerate(cells):
+        c_n[k].copy_(cell[last % cell.shape[0]])
     if packed:
         mask = torch.tensor(sizes).unsqueeze(1) > torch.arange(batch)
         out.copy_(h_store[1:] if not reverse else h_store[:steps])

@@ -13,6 +13,7 @@ inside the loop, which would make T small GEMMs of what is one big one):
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from nestrnn.ops.nested_lstm.layout import LevelWeights
@@ -64,6 +65,10 @@ def parameter_gradients(
     hidden = h0.shape[1]
     rows = steps * batch
     gemm = inputs.dtype
+    if steps == 0:  # nothing ran: every gradient is zero
+        zero = [(torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
+                for w_ih, w_hh, _, _ in weights]  # fmt: skip
+        return (torch.zeros_like(x) if needs_x else None), zero
     dz_gemm = dz.to(gemm).view(len(weights), rows, 4 * hidden)
     dx = (
         dz_gemm[0].mm(weights[0].weight_ih.to(gemm)).view(steps, batch, in_size)

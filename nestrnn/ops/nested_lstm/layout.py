@@ -92,8 +92,9 @@ class Saved(NamedTuple):
                                               input of level k+1 (no level when D == 1)
 
     Rows that are inactive at a step of a packed batch hold their carried state in ``cells``, zero
-    in ``inputs`` (they meet zero gradients in the weight GEMMs) and anything in ``gates`` and
-    ``act_cells`` (the backward never reads them).
+    in ``inputs`` (they meet zero gradients in the weight GEMMs, so they must be finite) and, in
+    ``gates`` and ``act_cells``, values the backward never reads (zero, or what a kernel computed
+    for them; the same from one run to the next, as a custom op's outputs must be).
     """
 
     gates: Tensor
@@ -132,11 +133,11 @@ def empty_saved(
     packed: bool,
     allocate: Allocate = torch_empty,
 ) -> Saved:
-    """Buffers for :class:`Saved` from ``allocate`` (``inputs`` zeroed for packed batches)."""
+    """Buffers for :class:`Saved` from ``allocate``, zeroed for packed batches (see there)."""
     fields = {}
     for name, (shape, dt) in saved_shapes(steps, batch, hidden, depth, dtype, device).items():
         fields[name] = allocate(shape, dt, device)
-        if packed and name == "inputs":
+        if packed:
             fields[name].zero_()
     return Saved(**fields)
 

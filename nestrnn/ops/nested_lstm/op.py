@@ -294,8 +294,9 @@ def _restore(ctx) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, list[Ten
 
 
 def _gradients(
-    ctx, x, h0, weights, batch_sizes, out, saved, grads, needs_x, needs_w, needs_h0, needs_c0
-):
+    ctx, x, h0, weights, batch_sizes, out, saved, grads, needs_x, needs_w, needs_h0, needs_c0,
+    backward_op=torch.ops.nestrnn.nested_lstm_backward,
+):  # fmt: skip
     """Call the backward op; map its empty placeholders back to None."""
     d_out, d_hn, d_cn = grads
     depth, batch, hidden = saved[1].shape[0], h0.shape[0], h0.shape[1]
@@ -303,7 +304,7 @@ def _gradients(
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = h0.new_zeros(depth, batch, hidden) if d_cn is None else d_cn
     needs = [needs_x, needs_h0, needs_c0, *needs_w]
-    dx, dh0, dc0, d_weights = torch.ops.nestrnn.nested_lstm_backward(
+    dx, dh0, dc0, d_weights = backward_op(
         x, weights, h0, out, *saved, batch_sizes, ctx.reverse, ctx.activations, ctx.backend,
         d_out, d_hn, d_cn, needs,
     )  # fmt: skip
@@ -377,6 +378,33 @@ class FunctorchNestedLSTM(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dx, dw, dh0, dc0 = _gradients(
             ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
-            needs[0], list(needs[7:]), needs[1], needs[2],
+            needs[0], list(needs[7:]), needs[1], needs[2], _functorch_backward_op,
         )  # fmt: skip
         return dx, dh0, dc0, None, None, None, None, *dw
+
+
+class _FunctorchBackward(torch.autograd.Function):
+    """The backward op inside a ``torch.func`` transform, which hands an autograd.Function's
+    forward the plain tensors underneath its wrappers. Arguments: the backward op's, with the
+    weights last; no double backward."""
+
+    @staticmethod
+    def forward(x, h0, out, gates, cells, act_cells, inputs, *rest):
+        args, weights = rest[:8], list(rest[8:])  # batch_sizes ... needs, then the weights
+        dx, dh0, dc0, d_weights = torch.ops.nestrnn.nested_lstm_backward(
+            x, weights, h0, out, gates, cells, act_cells, inputs, *args
+        )
+        return dx, dh0, dc0, *d_weights
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("nestrnn's nested-LSTM op has no second derivative")
+
+
+def _functorch_backward_op(x, weights, h0, out, *rest):
+    dx, dh0, dc0, *d_weights = _FunctorchBackward.apply(x, h0, out, *rest, *weights)
+    return dx, dh0, dc0, d_weights
