@@ -6,6 +6,7 @@ output, (h_n, c_n) = rnn(x)          # c_n: (depth, layers * directions, batch, 
 """
 
 from nestrnn.cell import NestedLSTMCell
+from nestrnn.export import onnx_translation_table
 from nestrnn.hookspecs import hookimpl
 from nestrnn.layer import NestedLSTM
 from nestrnn.memory import AdditiveMemory, MemoryFunction, NestedMemory, build_memory
@@ -16,6 +17,7 @@ from nestrnn.registry import (
     register_task,
     task_names,
 )
+from nestrnn.serialization import safe_globals
 
 __version__ = "0.1.0"
 
@@ -30,7 +32,9 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "memory_names",
+    "onnx_translation_table",
     "register_memory",
     "register_task",
+    "safe_globals",
     "task_names",
 ]
