@@ -50,7 +50,7 @@ class NestedLSTM(nn.Module):
             nested memory chains (any activations; its C time loop on CPU, Triton kernels on CUDA),
             the generic path for any other memory function. ``"generic"`` and ``"naive"`` (the
             step-by-step references) force a path; ``"fused"``, ``"triton"`` or an implementation
-            name of :mod:`nestrnn.ops.nested_lstm.plan` choose the op's implementation.
+            name of :mod:`nestrnn.ops.nested_lstm.planning` choose the op's implementation.
 
     Inputs: ``input, (h_0, c_0)`` (the state may be omitted or None: zeros, and each memory
     function's ``init_state``)

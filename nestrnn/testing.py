@@ -20,8 +20,8 @@ Use it from your own test file in one of two ways::
 Each invariant is a function ``(make_memory, sizes) -> None`` that raises AssertionError; hypothesis
 draws the sizes (hidden size, batch, steps, seed). The invariants, all in float64:
 
-* ``state_contract``: output and state shapes, dtypes and count match ``num_states``;
-  ``init_state`` is zeros; ``outer_candidate_activation`` is a known activation.
+* ``state_contract``: output and state shapes, dtypes and count match ``num_states``, those of
+  ``init_state`` too; ``outer_candidate_activation`` is a known activation.
 * ``batch_independence``: changing one batch row never changes another row's result.
 * ``deterministic``: the same inputs give the same outputs.
 * ``gradients``: ``torch.autograd.gradcheck`` through the function w.r.t. inputs, state and every
@@ -30,6 +30,9 @@ draws the sizes (hidden size, batch, steps, seed). The invariants, all in float6
 * ``chunking``: a sequence cut in two, with the returned state fed back, equals the whole sequence.
 * ``packing``: a packed variable-length batch equals each sequence run alone.
 * ``state_dict_roundtrip``: a fresh layer loading the state dict computes the same function.
+* ``fast_paths``: the layer's fast paths (the whole-sequence op for additive/nested chains, the
+  fused outer LSTM for anything else) equal the naive per-step path on outputs, final states and
+  every gradient, bidirectional and packed.
 """
 
 from __future__ import annotations
@@ -92,10 +95,10 @@ def state_contract(make_memory: MemoryFactory, sizes: Sizes) -> None:
         f"outer_candidate_activation {memory.outer_candidate_activation!r} is not one of "
         f"{sorted(ACTIVATIONS)}"
     )
-    zeros = memory.init_state(sizes.batch, DTYPE, torch.device("cpu"))
-    assert len(zeros) == memory.num_states
-    for tensor in zeros:
-        assert tensor.shape == (sizes.batch, sizes.hidden_size) and not tensor.any()
+    initial = memory.init_state(sizes.batch, DTYPE, torch.device("cpu"))
+    assert len(initial) == memory.num_states, "init_state must return num_states tensors"
+    for tensor in initial:
+        assert tensor.shape == (sizes.batch, sizes.hidden_size) and tensor.dtype == DTYPE
     generator = torch.Generator().manual_seed(sizes.seed)
     gated_cell, gated_input, state = _inputs(memory, sizes, generator)
     cell, new_state = memory(gated_cell, gated_input, state)
@@ -203,6 +206,23 @@ def state_dict_roundtrip(make_memory: MemoryFactory, sizes: Sizes) -> None:
     torch.testing.assert_close(fresh(x)[0], layer(x)[0], rtol=0, atol=0)
 
 
+def fast_paths(make_memory: MemoryFactory, sizes: Sizes) -> None:
+    fast = _layer(make_memory, sizes, bidirectional=True)
+    naive = _layer(make_memory, sizes, bidirectional=True)
+    fast.backend, naive.backend = "auto", "naive"
+    naive.load_state_dict(fast.state_dict(), strict=True)
+    generator = torch.Generator().manual_seed(sizes.seed)
+    lengths = torch.randint(1, sizes.steps + 1, (sizes.batch,), generator=generator).tolist()
+    sequences = [torch.randn(n, 3, generator=generator, dtype=DTYPE) for n in lengths]
+    results = []
+    for layer in (fast, naive):
+        output, (h, c) = layer(pack_sequence(sequences, enforce_sorted=False))
+        loss = output.data.square().sum() + h.sum() + c.square().sum()
+        results.append([output.data, h, c, *torch.autograd.grad(loss, list(layer.parameters()))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 INVARIANTS: tuple[Callable[[MemoryFactory, Sizes], None], ...] = (
     state_contract,
     batch_independence,
@@ -212,6 +232,7 @@ INVARIANTS: tuple[Callable[[MemoryFactory, Sizes], None], ...] = (
     chunking,
     packing,
     state_dict_roundtrip,
+    fast_paths,
 )
 
 
@@ -275,3 +296,6 @@ class MemoryFunctionInvariants:
 
     def test_state_dict_roundtrip(self) -> None:
         self._check(state_dict_roundtrip)
+
+    def test_fast_paths(self) -> None:
+        self._check(fast_paths)

@@ -1,4 +1,4 @@
-"""An independent step-by-step Nested LSTM, written from the equations of DESIGN.md section 1.
+"""An independent step-by-step Nested LSTM, written from the equations of docs/design.md.
 
 It reads parameters by their public names from a state dict and shares no code with the library.
 Depth D >= 1; level 0 is the outer LSTM. Float64 tensors; x is (T, B, I), time-major.

@@ -339,6 +339,37 @@ def test_triton_backend_falls_back_with_one_warning():
     assert_close_all(got[1][1], want_grads, atol=1e-10)
 
 
+def test_a_triton_failure_at_run_time_falls_back_once(monkeypatch):
+    """A kernel that fails on the user's GPU (here: under the interpreter, made to fail) is
+    recorded and warned about once; the call and every later one run the fused choice."""
+    pytest.importorskip("triton")
+    from nestrnn.ops.nested_lstm import planning, triton_loop
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_loop, "forward", broken)
+    x, weights, h0, c0 = make_case(4, 2, 3, 3, 2, dtype=torch.float32)
+    acts = standard_activations(2)
+    assert plan(x, None, False, acts, training=True, backend="triton").implementation == "triton"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [run_with_grads(op("triton"), x, weights, h0, c0) for _ in range(2)]
+        failed = [w for w in caught if "PTX assembly failed" in str(w.message)]
+        assert len(failed) == 1 and "the triton implementation failed" in str(failed[0].message)
+        assert "triton" in planning.failures()
+        assert plan(x, None, False, acts, training=True, backend="auto").implementation != "triton"
+        want = run_with_grads(nested_lstm_naive, x, weights, h0, c0)
+        for result in got:
+            assert_close_all(result[0], want[0], atol=1e-5)
+            assert_close_all(result[1], want[1], atol=1e-4)
+    finally:
+        planning.forget_failures()
+
+
 # ------------------------------------------------------------------------------------- float32
 
 

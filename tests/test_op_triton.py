@@ -27,9 +27,10 @@ pytest.importorskip(
     "triton", reason="triton is not installed (optional dependency nestrnn[triton])"
 )
 
-from nestrnn.ops.nested_lstm import nested_lstm
 from nestrnn.ops.nested_lstm.common import LevelWeights
 from nestrnn.ops.nested_lstm.fused_triton import TritonConfig, nested_lstm_triton
+
+from nestrnn.ops.nested_lstm import nested_lstm
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -5,7 +5,7 @@
 
     layout.py       argument types, activations, the tensors the forward saves (one layout for all)
     checks.py       the one input check
-    plan.py         which implementation runs a call
+    planning.py     which implementation runs a call
     op.py           the PyTorch custom operators (schema, fake tensors, autograd)
     gradients.py    the parameter gradients every implementation shares (GEMMs after the loop)
     torch_lstm.py   depth-1 inference through torch's own LSTM
@@ -32,7 +32,7 @@ from nestrnn.ops.nested_lstm.layout import (
     standard_activations,
 )
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
-from nestrnn.ops.nested_lstm.plan import BACKENDS, IMPLEMENTATIONS, Plan, plan
+from nestrnn.ops.nested_lstm.planning import BACKENDS, IMPLEMENTATIONS, Plan, plan
 from nestrnn.ops.nested_lstm.workspace import clear_workspace
 
 __all__ = [

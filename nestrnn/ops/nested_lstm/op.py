@@ -8,7 +8,7 @@ op with known output shapes:
 
 Each has a fake implementation (shapes and dtypes only) and the first two have registered autograd
 formulas (the inference op's recomputes the forward with saving, for graphs exported for inference
-and then differentiated). Which implementation runs inside is decided by ``plan.plan``.
+and then differentiated). Which implementation runs inside is decided by ``planning.plan``.
 
 Arguments the custom-op schema cannot express directly: ``weights`` is the flat list of every
 level's (weight_ih, weight_hh, bias_ih, bias_hh), a missing bias given as a tensor with no
@@ -33,7 +33,7 @@ from nestrnn.ops.nested_lstm.layout import (
     saved_shapes,
     state_dtype,
 )
-from nestrnn.ops.nested_lstm.plan import mark_broken, plan
+from nestrnn.ops.nested_lstm.planning import mark_broken, plan
 
 ForwardResult = tuple[Tensor, Tensor, Tensor, Saved | None]
 

@@ -36,16 +36,33 @@ def outer_lstm(
     reverse: bool = False,
     candidate_activation: str = "tanh",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One direction of one layer (shapes as in ``naive.py``)."""
+    """One direction of one layer (shapes as in ``naive.py``). Under ``torch.autocast`` the
+    results are in the autocast dtype, as nn.LSTM's and the whole-sequence op's are."""
     args = (x, weights, memory, h0, c0, batch_sizes, reverse, candidate_activation)
     if torch.compiler.is_exporting():  # an exported graph holds the naive steps, unrolled
-        return outer_lstm_naive(*args)
-    return _run(*args, torch.compiler.is_compiling())
+        results = outer_lstm_naive(*args)
+    elif torch.compiler.is_compiling():
+        results = _graph_break()(*args, True)
+    else:
+        results = _run(*args, False)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        results = tuple(t.to(dtype) for t in results)
+    return results
 
 
-@torch.compiler.disable(
-    reason="the time loop around a custom memory function runs eagerly; its step is compiled"
-)
+def _graph_break():
+    """``_run`` as a graph break for torch.compile (made on first use: ``torch.compiler.disable``
+    imports the compiler, which ``import nestrnn`` should not)."""
+    global _disabled_run
+    if _disabled_run is None:
+        _disabled_run = torch.compiler.disable(_run)
+    return _disabled_run
+
+
+_disabled_run = None
+
+
 def _run(x, weights, memory, h0, c0, batch_sizes, reverse, candidate, compile_step: bool):
     step = stepwise.compiled_step(memory) if compile_step else memory
     path = (

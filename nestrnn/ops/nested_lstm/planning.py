@@ -52,6 +52,16 @@ def mark_broken(implementation: str, reason: str) -> None:
     warn_once(f"nestrnn: the {implementation} implementation failed ({reason}); using another")
 
 
+def failures() -> dict[str, str]:
+    """The implementations that failed at run time in this process, with the reason."""
+    return dict(_broken)
+
+
+def forget_failures() -> None:
+    """Plan every implementation again (after fixing what made one fail)."""
+    _broken.clear()
+
+
 def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -92,7 +102,7 @@ def plan(
         if why_not is None:
             return Plan("triton")
         chosen = _fused(x, batch_sizes, reverse, activations, training)
-        if backend == "triton":
+        if backend == "triton" and "triton" not in _broken:  # a failure was warned about
             warn_once(f"nestrnn: backend 'triton' cannot run here ({why_not}); using {chosen}")
         return Plan(chosen, f"triton: {why_not}")
     if backend == "fused":

@@ -1,0 +1,160 @@
+"""The fast outer LSTM around any memory function (``ops/outer_lstm/stepwise.py``) against the naive
+per-step path: outputs, final states and every gradient (x, h0, c0, outer weights and the memory
+function's parameters), in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from nestrnn import MemoryFunction
+from nestrnn.memory import NestedMemory
+from nestrnn.ops.nested_lstm import LevelWeights, native
+from nestrnn.ops.outer_lstm import outer_lstm, outer_lstm_naive, stepwise
+
+pytestmark = pytest.mark.skipif(
+    not native.status().available, reason=f"CPU kernel unavailable: {native.status().reason}"
+)
+
+
+class Leaky(MemoryFunction):
+    outer_candidate_activation = "tanh"
+
+    def __init__(self, hidden_size):
+        super().__init__(hidden_size)
+        self.logit = nn.Parameter(torch.randn(hidden_size))
+
+    def forward(self, gated_cell, gated_input, state):
+        a = torch.sigmoid(self.logit)
+        return a * gated_cell + (1 - a) * torch.tanh(gated_input), ()
+
+
+class Decaying(MemoryFunction):
+    """A memory with a state of its own and an unusual outer candidate activation."""
+
+    num_states = 1
+    outer_candidate_activation = "softsign"
+
+    def __init__(self, hidden_size):
+        super().__init__(hidden_size)
+        self.rate = nn.Parameter(torch.rand(hidden_size))
+
+    def forward(self, gated_cell, gated_input, state):
+        trace = self.rate * state[0] + torch.tanh(gated_input)
+        return gated_cell + 0.5 * trace, (trace,)
+
+
+class IgnoresInput(MemoryFunction):
+    """Uses f * c only: autograd passes no gradient for i * g."""
+
+    def forward(self, gated_cell, gated_input, state):
+        return 0.9 * gated_cell, ()
+
+
+MEMORIES = {
+    "leaky": Leaky,
+    "decaying": Decaying,
+    "ignores_input": IgnoresInput,
+    "nested": lambda h: NestedMemory(h, depth=3, cell_activation="softsign"),
+}
+
+
+def case(memory_name, steps, batch, inputs, hidden, bias, seed):
+    torch.manual_seed(seed)
+    memory = MEMORIES[memory_name](hidden).double()
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    weights = LevelWeights(
+        rand(4 * hidden, inputs), rand(4 * hidden, hidden),
+        rand(4 * hidden) if bias else None, rand(4 * hidden) if bias else None,
+    )  # fmt: skip
+    x, h0 = rand(steps, batch, inputs), rand(batch, hidden)
+    c0 = rand(1 + memory.num_states, batch, hidden)
+    return memory, weights, x, h0, c0
+
+
+def run(fn, memory, weights, x, h0, c0, batch_sizes, reverse, seed=1):
+    out, h_n, c_n = fn(x, weights, memory, h0, c0, batch_sizes, reverse,
+                       memory.outer_candidate_activation)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum(
+        (t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, h_n, c_n)
+    )
+    leaves = [x, h0, c0, *(w for w in weights if w is not None), *memory.parameters()]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # no row may be active at all
+    return [
+        out,
+        h_n,
+        c_n,
+        *(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)),
+    ]
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    memory=st.sampled_from(sorted(MEMORIES)),
+    steps=st.integers(1, 6),
+    batch=st.integers(1, 4),
+    inputs=st.integers(1, 4),
+    hidden=st.integers(1, 5),
+    bias=st.booleans(),
+    packed=st.booleans(),
+    reverse=st.booleans(),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_matches_the_naive_path(memory, steps, batch, inputs, hidden, bias, packed, reverse, seed,
+                                data):  # fmt: skip
+    memory, weights, x, h0, c0 = case(memory, steps, batch, inputs, hidden, bias, seed)
+    batch_sizes = None
+    if packed:
+        sizes = sorted(data.draw(st.lists(st.integers(0, batch), min_size=steps, max_size=steps)))
+        batch_sizes = torch.tensor(sizes[::-1])
+    assert stepwise.applies(x, weights, h0, c0)
+    got = run(stepwise.outer_lstm_stepwise, memory, weights, x, h0, c0, batch_sizes, reverse)
+    want = run(outer_lstm_naive, memory, weights, x, h0, c0, batch_sizes, reverse)
+    for n, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(
+            g, w, atol=1e-10, rtol=1e-10, msg=lambda m, n=n: f"item {n}: {m}"
+        )
+
+
+def test_retained_graph_and_partial_losses():
+    """A second backward through the same graph, reaching fewer steps, gives the right gradients
+    (the steps it does not reach contribute nothing)."""
+    memory, weights, x, h0, c0 = case("decaying", 6, 3, 2, 4, True, 0)
+    args = (x, weights, memory, h0, c0, None, False, "softsign")
+    out, _, _ = stepwise.outer_lstm_stepwise(*args)
+    full = torch.autograd.grad(out.sum(), weights.weight_hh, retain_graph=True)[0]
+    first_only = torch.autograd.grad(out[0].sum(), weights.weight_hh)[0]
+    ref_out, _, _ = outer_lstm_naive(*args)
+    torch.testing.assert_close(full, torch.autograd.grad(ref_out.sum(), weights.weight_hh)[0])
+    ref_out, _, _ = outer_lstm_naive(*args)
+    ref_first = torch.autograd.grad(ref_out[0].sum(), weights.weight_hh)[0]
+    torch.testing.assert_close(first_only, ref_first)
+
+
+def test_a_memory_function_returning_the_wrong_shape_is_a_clear_error():
+    class Wrong(MemoryFunction):
+        def forward(self, gated_cell, gated_input, state):
+            return torch.cat([gated_cell, gated_input], dim=1), ()
+
+    memory, weights, x, h0, c0 = case("leaky", 3, 2, 2, 4, True, 0)
+    with pytest.raises(RuntimeError, match=r"Wrong returned a cell of shape \(2, 8\)"):
+        outer_lstm(x, weights, Wrong(4).double(), h0, c0)
+
+
+def test_other_dtypes_and_autocast_run_the_naive_path():
+    memory, weights, x, h0, c0 = case("leaky", 3, 2, 2, 4, True, 0)
+    half = [t.detach().bfloat16() for t in (x, h0, c0)]
+    assert not stepwise.applies(half[0], LevelWeights(*(w.bfloat16() for w in weights)), *half[1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stepwise.applies(x, weights, h0, c0)
+        out, _, _ = outer_lstm(x.float(), LevelWeights(*(w.float() for w in weights)),
+                               memory.float(), h0.float(), c0.float())  # fmt: skip
+    assert out.dtype == torch.bfloat16
