@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
-from nestrnn.memory.build import MemorySpec, build_memory
+from nestrnn.memory.build import MemorySpec, build_memory, inherited_options
 from nestrnn.ops.nested_lstm.layout import LevelWeights
 from nestrnn.ops.outer_lstm.naive import outer_step
 from nestrnn.state import check_input, check_state, memory_spec_for_depth
@@ -50,13 +50,7 @@ class NestedLSTMCell(nn.Module):
         self.forget_bias, self.recurrent_init = forget_bias, recurrent_init
         add_lstm_parameters(self, "", input_size, hidden_size, bias, device=device, dtype=dtype)
         spec = memory_spec_for_depth(depth) if memory is None else memory
-        inherited = {
-            "bias": bias,
-            "forget_bias": forget_bias,
-            "recurrent_init": recurrent_init,
-            "device": device,
-            "dtype": dtype,
-        }
+        inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
         self.memory = build_memory(spec, hidden_size, inherited).to(device=device, dtype=dtype)
         self.num_cells = 1 + self.memory.num_states
         if depth is not None and memory is not None and depth != self.num_cells:

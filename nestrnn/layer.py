@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.base import MemoryFunction
-from nestrnn.memory.build import MemorySpec, build_memory
+from nestrnn.memory.build import MemorySpec, build_memory, inherited_options
 from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, nested_lstm
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.outer_lstm import outer_lstm
@@ -118,13 +118,7 @@ class NestedLSTM(nn.Module):
         self.backend = backend
 
         spec = memory_spec_for_depth(depth) if memory is None else memory
-        inherited = {
-            "bias": bias,
-            "forget_bias": forget_bias,
-            "recurrent_init": recurrent_init,
-            "device": device,
-            "dtype": dtype,
-        }
+        inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else self._output_size * len(self._suffixes)
             for suffix in self._suffixes:

@@ -6,9 +6,28 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from nestrnn.memory.base import MemoryFunction
 
 MemorySpec = MemoryFunction | str | Mapping[str, Any] | Callable[..., MemoryFunction]
+
+
+def inherited_options(
+    bias: bool,
+    forget_bias: float | None,
+    recurrent_init: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """The options of a layer that its memory functions inherit (see ``build_memory``)."""
+    return {
+        "bias": bias,
+        "forget_bias": forget_bias,
+        "recurrent_init": recurrent_init,
+        "device": device,
+        "dtype": dtype,
+    }
 
 
 def _accepted(factory: Callable[..., Any], option: str) -> bool:
@@ -28,9 +47,10 @@ def build_memory(
 
     ``spec`` is a registered name (``"nested"``), a dict ``{"name": ..., **options}`` (an OmegaConf
     DictConfig works too), a MemoryFunction instance (used as is), or a callable
-    ``factory(hidden_size) -> MemoryFunction``. ``inherited`` holds layer-wide options (``bias``,
-    ``forget_bias``, ``recurrent_init``) passed to registered factories that accept them and were
-    not given them explicitly.
+    ``factory(hidden_size) -> MemoryFunction``. ``inherited`` holds layer-wide options (``inherited_options``:
+    ``bias``, ``forget_bias``, ``recurrent_init``, ``device``, ``dtype``, and a nested level's
+    ``outer_candidate_activation``) passed to registered factories that accept them and were not
+    given them explicitly.
     """
     from nestrnn.registry import get_memory
 

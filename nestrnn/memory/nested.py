@@ -12,6 +12,7 @@ from nestrnn.activations import ACTIVATIONS, check_activation
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.base import FusedLevel, MemoryFunction, State
+from nestrnn.memory.build import build_memory, inherited_options
 from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
 
 DEFAULT_ACTIVATIONS = {
@@ -87,15 +88,7 @@ class NestedMemory(MemoryFunction):
         self.forget_bias = forget_bias
         self.recurrent_init = recurrent_init
 
-        from nestrnn.memory.build import build_memory  # the registry imports this module
-
-        inherited = {
-            "bias": bias,
-            "forget_bias": forget_bias,
-            "recurrent_init": recurrent_init,
-            "device": device,
-            "dtype": dtype,
-        }
+        inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
         below = {"outer_candidate_activation": candidate_activation}
         if inner is None and depth > 2:
             levels = {

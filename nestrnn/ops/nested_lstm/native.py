@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +132,16 @@ class Kernel:
             raise RuntimeError(f"the library lacks an entry point ({err})") from None
         self.set_blas.restype = ctypes.c_int
 
-    def step(self, name: str, dtype: torch.dtype, *args: int) -> None:
-        """Call one of the outer-step functions (``_STEP_ARGTYPES``; pointers as integers)."""
-        if self._steps[name, dtype](*args) != 0:
-            raise RuntimeError(f"the CPU kernel's {name} rejected its arguments")
+    def step_function(self, name: str, dtype: torch.dtype) -> Callable[..., None]:
+        """One of the outer-step functions (``_STEP_ARGTYPES``: sizes, codes, then pointers as
+        integers); raises when the kernel rejects its arguments."""
+        fn = self._steps[name, dtype]
+
+        def call(*args: int) -> None:
+            if fn(*args) != 0:
+                raise RuntimeError(f"the CPU kernel's {name} rejected its arguments")
+
+        return call
 
     def forward(self, dtype: torch.dtype, args: Args) -> None:
         self._call("forward", dtype, args)

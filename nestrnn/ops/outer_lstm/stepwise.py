@@ -53,12 +53,13 @@ class _Sequence:
     """What the steps of one call share: the gate buffer ``gates`` (T, B, 4H), which holds the
     input projection, then each step's activated gates; ``act_cells`` (T, B, H); the h that
     entered each step, ``h_prev`` (T, B, H), for the weight gradient; and ``dz`` (T, B, 4H), the
-    gate gradients the steps' backwards leave for the prologue's."""
+    gate gradients the steps' backwards leave for the prologue's. Per-step views and addresses
+    are made once here: the steps are small, and each view costs about a microsecond."""
 
     def __init__(self, x: Tensor, weights: LevelWeights, candidate: str):
         steps, batch, _ = x.shape
         hidden = weights.weight_hh.shape[1]
-        self.hidden, self.dtype = hidden, x.dtype
+        self.hidden, self.batch = hidden, batch
         self.w_hh = weights.weight_hh.detach()
         self.w_hh_t = self.w_hh.t()
         self.gate, self.candidate, self.cell = (
@@ -68,11 +69,30 @@ class _Sequence:
         self.act_cells = x.new_empty(steps, batch, hidden)
         self.h_prev = x.new_zeros(steps, batch, hidden)
         self.dz = x.new_zeros(steps, batch, 4 * hidden)  # steps autograd never reaches stay 0
-        self.kernel = native.kernel()
+        self.gates_at, self.dz_at = self.gates.unbind(0), self.dz.unbind(0)
+        self.h_prev_at = self.h_prev.unbind(0)
+        size = x.element_size()
+        self.gates_ptr, self.gates_stride = self.gates.data_ptr(), batch * 4 * hidden * size
+        self.act_ptr, self.act_stride = self.act_cells.data_ptr(), batch * hidden * size
+        self.dz_ptr = self.dz.data_ptr()
+        kernel = native.kernel()
+        (
+            self.outer_gates,
+            self.outer_output,
+            self.outer_output_backward,
+            self.outer_gates_backward,
+        ) = (
+            kernel.step_function(name, x.dtype)
+            for name in (
+                "outer_gates",
+                "outer_output",
+                "outer_output_backward",
+                "outer_gates_backward",
+            )
+        )
 
-    def step(self, name: str, rows: int, *args: Any) -> None:
-        pointers = (a if isinstance(a, int) else a.data_ptr() for a in args)
-        self.kernel.step(name, self.dtype, rows, self.hidden, *pointers)
+    def rows_at(self, views: tuple[Tensor, ...], t: int, rows: int) -> Tensor:
+        return views[t] if rows == self.batch else views[t][:rows]
 
 
 class _Prologue(torch.autograd.Function):
@@ -115,12 +135,13 @@ class _GatesStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
         rows = h_prev.shape[0]
-        z = seq.gates[t, :rows]
-        z.addmm_(h_prev, seq.w_hh_t)
-        seq.h_prev[t, :rows] = h_prev
+        seq.rows_at(seq.gates_at, t, rows).addmm_(h_prev, seq.w_hh_t)
+        seq.rows_at(seq.h_prev_at, t, rows).copy_(h_prev)
         c_prev = c_prev.contiguous()
         gated_cell, gated_input = torch.empty_like(c_prev), torch.empty_like(c_prev)
-        seq.step("outer_gates", rows, seq.gate, seq.candidate, z, c_prev, gated_cell, gated_input)
+        z = seq.gates_ptr + t * seq.gates_stride
+        seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, z, c_prev.data_ptr(),
+                        gated_cell.data_ptr(), gated_input.data_ptr())  # fmt: skip
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
         return gated_cell, gated_input
@@ -131,11 +152,13 @@ class _GatesStep(torch.autograd.Function):
         seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
         d_gated_cell = _grad(d_gated_cell, c_prev)
         d_gated_input = _grad(d_gated_input, c_prev)
-        dz = seq.dz[t, :rows]
         dc_prev = torch.empty_like(c_prev)
-        seq.step("outer_gates_backward", rows, seq.gate, seq.candidate, seq.gates[t, :rows],
-                 c_prev, d_gated_cell, d_gated_input, dz, dc_prev)  # fmt: skip
-        return c_prev.new_empty(0), dz.mm(seq.w_hh), dc_prev, None, None
+        z, dz = seq.gates_ptr + t * seq.gates_stride, seq.dz_ptr + t * seq.gates_stride
+        seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, z, c_prev.data_ptr(),
+                                 d_gated_cell.data_ptr(), d_gated_input.data_ptr(), dz,
+                                 dc_prev.data_ptr())  # fmt: skip
+        dh_prev = seq.rows_at(seq.dz_at, t, rows).mm(seq.w_hh)
+        return c_prev.new_empty(0), dh_prev, dc_prev, None, None
 
 
 class _OutStep(torch.autograd.Function):
@@ -146,9 +169,8 @@ class _OutStep(torch.autograd.Function):
         rows = cell.shape[0]
         cell = cell.contiguous()
         h = torch.empty_like(cell)
-        seq.step(
-            "outer_output", rows, seq.cell, seq.gates[t, :rows], cell, seq.act_cells[t, :rows], h
-        )
+        z, act = seq.gates_ptr + t * seq.gates_stride, seq.act_ptr + t * seq.act_stride
+        seq.outer_output(rows, seq.hidden, seq.cell, z, cell.data_ptr(), act, h.data_ptr())
         ctx.seq, ctx.t, ctx.rows = seq, t, rows
         return h
 
@@ -157,8 +179,10 @@ class _OutStep(torch.autograd.Function):
         seq, t, rows = ctx.seq, ctx.t, ctx.rows
         d_h = d_h.contiguous()
         d_cell = torch.empty_like(d_h)
-        seq.step("outer_output_backward", rows, seq.cell, seq.gates[t, :rows],
-                 seq.act_cells[t, :rows], d_h, seq.dz[t, :rows], d_cell)  # fmt: skip
+        z, act = seq.gates_ptr + t * seq.gates_stride, seq.act_ptr + t * seq.act_stride
+        dz = seq.dz_ptr + t * seq.gates_stride
+        seq.outer_output_backward(rows, seq.hidden, seq.cell, z, act, d_h.data_ptr(), dz,
+                                  d_cell.data_ptr())  # fmt: skip
         return d_cell, None, None
 
 
