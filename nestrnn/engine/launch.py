@@ -5,7 +5,7 @@
   worker that torchrun restarted continue ``--run-dir`` when it has a checkpoint, else start it).
   Under torchrun rank 0 decides and tells the others (:func:`plan_on_main`).
 * :func:`run_torchrun` runs the same ``nestrnn`` command under ``torchrun --standalone`` with N
-  processes. torchrun gets its own process group: SIGTERM, SIGINT and SIGHUP sent to the launcher
+  processes (through :mod:`nestrnn.engine.torchrun`). torchrun gets its own process group: SIGTERM, SIGINT and SIGHUP sent to the launcher
   (by ``timeout``, a scheduler, Ctrl-C) are forwarded to it once, torchrun passes them on to its
   workers (which save ``last.pt`` and stop) and the launcher waits for all of it. On Linux torchrun
   also gets SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the
