@@ -14,7 +14,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from nestrnn.config import ConfigError, format_config, section
+from nestrnn.config import ConfigError, bundled_config_names, format_config, section
 from nestrnn.engine.distributed import (
     BACKENDS,
     DistContext,
@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config", action="append", default=[], metavar="FILE",
         help="YAML config file (repeatable, later files win); a bare NAME is a config shipped "
-        "with nestrnn: default, ptb_char, text8, chinese_poems, mnist_glimpses",
+        f"with nestrnn: {', '.join(bundled_config_names())}",
     )  # fmt: skip
     parser.add_argument(
         "--run-dir", metavar="DIR",
