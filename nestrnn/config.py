@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import inspect
 import json
+import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,8 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from nestrnn.errors import UserError, one_line
 
 DEFAULT_TASK = "adding"
 FAMILIES = ("nlstm", "lstm", "stacked_lstm")
@@ -41,9 +46,19 @@ SCHEDULES = ("constant", "plateau", "step", "cosine")
 LSTM_IMPLS = ("torch", "nestrnn")
 MODEL_BACKENDS = ("auto", "generic", "naive", "fused", "triton")
 RECURRENT_INITS = ("orthogonal", "uniform")
+#: the package that holds the bundled experiment configs (the repository's ``configs/`` folder)
+CONFIGS_PACKAGE = "nestrnn.configs"
+#: deeper nesting is far beyond any experiment and takes minutes to build (Python's recursion
+#: limit stops it near 1000)
+MAX_DEPTH = 100
+#: learning rates and weight decay above this are no experiment (and overflow float32 steps)
+MAX_RATE = 1000.0
+#: model settings a resumed run, ``eval``, ``sample`` and ``viz`` may change (every other
+#: ``model.*`` key is fixed by the checkpoint)
+MODEL_KEYS_FREE_AFTER_TRAINING = ("backend", "dropout", "lstm_impl")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid configuration: unknown key, wrong type or invalid value (one line)."""
 
 
@@ -135,15 +150,25 @@ def config_class(options_cls: type) -> type:
 # --------------------------------------------------------------------------- loading
 
 
+def bundled_config_names() -> list[str]:
+    """The names ``-c NAME`` accepts: the YAML files shipped in :data:`CONFIGS_PACKAGE`."""
+    folder = importlib.resources.files(CONFIGS_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def resolve_config_path(spec: str) -> Path:
-    """``spec`` as a path, or the name of a YAML file in the project's ``configs/`` folder."""
+    """``spec`` as a path, or the name of a config shipped with the package (``ptb_char``)."""
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config file {spec} is a directory; give a YAML file")
     if not path.suffix and path.parent == Path("."):
-        bundled = Path(__file__).resolve().parents[1] / "configs" / f"{spec}.yaml"
+        bundled = importlib.resources.files(CONFIGS_PACKAGE) / f"{spec}.yaml"
         if bundled.is_file():
-            return bundled
+            return Path(str(bundled))
+        names = ", ".join(bundled_config_names())
+        raise ConfigError(f"config file not found: {spec} (bundled configs: {names})")
     raise ConfigError(f"config file not found: {spec}")
 
 
@@ -154,13 +179,28 @@ def load_yaml(path: str | Path) -> DictConfig:
 
 def _load_yaml(path: Path) -> DictConfig:
     try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # yaml.YAMLError and friends
+        text = path.read_text(encoding="utf-8")
+        # the shape of the document, without constructing anything: OmegaConf reads a lone
+        # string as a key, which would be reported as an unknown config key
+        top = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded = OmegaConf.create(text) if top is not None else OmegaConf.create({})
+    except Exception as error:  # OSError, UnicodeDecodeError, yaml.YAMLError and friends
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot read {path}: {first}") from None
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path} must hold a mapping of sections (task, model, optim, train)")
+    if not isinstance(top, (yaml.MappingNode, type(None))) or not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (task, model, optim, train), "
+            f"not {_yaml_kind(top)}"
+        )
     return loaded
+
+
+def _yaml_kind(node: Any) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.ScalarNode):
+        return f"the value {node.value!r}"
+    return "this document"
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -183,11 +223,6 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(
             f"cannot parse overrides {list(overrides)}: {one_line(message)}"
         ) from None
-
-
-def one_line(text: str) -> str:
-    """A (possibly multi-line) message as one line."""
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def _task_name(sources: Sequence[tuple[str, DictConfig]], default: str) -> str:
@@ -350,19 +385,21 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
             raise ConfigError(
                 f"config key '{key}' must be >= 0, got {OmegaConf.select(config, key)}"
             )
-    if not config.optim.lr > 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0, got {config.optim.lr}")
-    if not 0 < config.optim.decay <= 1:
-        raise ConfigError(f"config key 'optim.decay' must be in (0, 1], got {config.optim.decay}")
-    if not 0 <= config.model.dropout < 1:
-        raise ConfigError(
-            f"config key 'model.dropout' must be in [0, 1), got {config.model.dropout}"
-        )
-    device = config.train.device
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise ConfigError(
-            f"config key 'train.device' must be auto, cpu, cuda or cuda:N; got {device!r}"
-        )
+    _check_finite(to_container(config))
+    ranges = {
+        "optim.lr": (0.0 < config.optim.lr <= MAX_RATE, f"in (0, {MAX_RATE:g}]"),
+        "optim.weight_decay": (config.optim.weight_decay <= MAX_RATE, f"at most {MAX_RATE:g}"),
+        "optim.momentum": (config.optim.momentum < 1, "in [0, 1)"),
+        "optim.decay": (0 < config.optim.decay <= 1, "in (0, 1]"),
+        "model.dropout": (0 <= config.model.dropout < 1, "in [0, 1)"),
+        "model.depth": (config.model.depth <= MAX_DEPTH, f"at most {MAX_DEPTH}"),
+    }
+    for key, (ok, expected) in ranges.items():
+        if not ok:
+            raise ConfigError(
+                f"config key '{key}' must be {expected}, got {OmegaConf.select(config, key)}"
+            )
+    check_device(config.train.device, "config key 'train.device'")
     memory = config.model.memory
     if memory is not None and not isinstance(memory, (str, DictConfig)):
         raise ConfigError(
@@ -373,6 +410,35 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
         raise ConfigError(
             "config key 'model.memory' needs a 'name' key (e.g. {name: nested, depth: 3})"
         )
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every number in the configuration is finite (inf and nan mean nothing in any setting)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_finite(value, f"{prefix}{index}.")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config key '{prefix[:-1]}' must be a finite number, got {node}")
+
+
+def check_device(spec: str, what: str = "the device") -> None:
+    """Raise ConfigError unless ``spec`` names a device: auto, cpu, cuda, cuda:N or mps."""
+    if not isinstance(spec, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec):
+        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N; got {spec!r}")
+
+
+def model_changes(saved: DictConfig, config: DictConfig) -> list[str]:
+    """The ``model.*`` settings of ``config`` that differ from the ``saved`` run's, as
+    ``"model.key: old -> new"`` (the keys in :data:`MODEL_KEYS_FREE_AFTER_TRAINING` may differ)."""
+    old, new = to_container(saved.model), to_container(config.model)
+    return [
+        f"model.{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in MODEL_KEYS_FREE_AFTER_TRAINING and old.get(key) != new.get(key)
+    ]
 
 
 # --------------------------------------------------------------------------- conversion & printing

@@ -6,6 +6,10 @@ Rules every task follows:
   then ``os.replace``), so an interrupted download never leaves a half file under the real name;
 * a download is checked before it is moved into place: its length against ``Content-Length`` and the
   known size, its sha256 against the known checksum, and its format against the task's validator;
+  reading stops as soon as it is longer than the longest it may be (``Content-Length``, the known
+  size, or :attr:`RemoteFile.max_size`), so a wrong or endless answer is not read to its end;
+* files are created with the mode the umask gives (``0o666 & ~umask``), like any other file, so a
+  group that shares a data or run folder can read them;
 * the checksum table of each task is explicit (:class:`RemoteFile`); ``sha256=None`` means that no
   canonical checksum is known, and then the size and format checks are what catch truncation;
 * a file that fails a check raises :class:`DataError` naming the file and what is wrong, so a corrupt
@@ -19,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from nestrnn.errors import UserError
+
 DATA_DIR_ENV = "NESTRNN_DATA_DIR"
 CHUNK = 1 << 20
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Missing, corrupt or truncated data; the message names the file and what to do."""
 
 
@@ -45,11 +51,13 @@ class RemoteFile:
         name: the file name on the server (appended to a base URL) and on disk.
         sha256: sha256 of the file as served; None where no canonical checksum is known.
         size: its size in bytes; None where unknown.
+        max_size: where the size is unknown, the most bytes a download may have (None: no limit).
     """
 
     name: str
     sha256: str | None = None
     size: int | None = None
+    max_size: int | None = None
 
 
 def default_data_root() -> Path:
@@ -90,14 +98,26 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def temporary_name(path: Path) -> Path:
+    """A fresh name for the temporary file of an atomic write of ``path`` (same folder)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporary files that atomic writes of ``path`` may have left (after a kill)."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write ``path`` atomically: yields a temporary file in the same folder, which replaces
-    ``path`` only when the block finishes without an exception (otherwise it is removed)."""
+    ``path`` only when the block finishes without an exception (otherwise it is removed).
+
+    The file gets the mode the umask gives, as ``open`` would (not ``mkstemp``'s 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with open(tmp, mode) as handle:  # handle.name is the temporary path
             yield handle
@@ -134,6 +154,7 @@ def download(
     *,
     sha256: str | None = None,
     size: int | None = None,
+    max_size: int | None = None,
     validate: Callable[[Path], None] | None = None,
     progress: bool | None = None,
     timeout: float = 60.0,
@@ -143,6 +164,7 @@ def download(
     Checks, in order: the number of bytes against ``Content-Length`` and ``size``, the sha256
     against ``sha256`` (when given), then ``validate(temporary_path)`` (a task's format check,
     raising DataError). Any failure removes the partial file and raises DataError naming the URL.
+    Reading stops at the first byte beyond ``Content-Length``, ``size`` or ``max_size``.
     ``progress``: show a byte progress bar (None: only on a terminal).
     """
     dest = Path(dest)
@@ -155,17 +177,26 @@ def download(
     with response, atomic_write(dest) as handle:
         declared = response.headers.get("Content-Length")
         total = int(declared) if declared and declared.isdigit() else size
+        limits = [n for n in (total, size, max_size) if n is not None]
+        limit = min(limits) if limits else None
         bar = _progress_bar(total, dest.name, progress)
         try:
             while True:
+                want = CHUNK if limit is None else min(CHUNK, limit + 1 - received)
                 try:
-                    block = response.read(CHUNK)
+                    block = response.read(want)
                 except Exception as error:  # http.client.IncompleteRead, timeouts, resets
                     raise DataError(
                         f"download of {url} broke off after {received:,} bytes: {_reason(error)}"
                     ) from None
                 if not block:
                     break
+                if limit is not None and received + len(block) > limit:
+                    known = "the canonical file has" if limit == size else "expected at most"
+                    raise DataError(
+                        f"download of {url} has more than {limit:,} bytes, but {known} "
+                        f"{limit:,} bytes; stopped reading it"
+                    )
                 handle.write(block)
                 digest.update(block)
                 received += len(block)
@@ -211,7 +242,12 @@ def fetch(
     ``validate``). A missing one is downloaded from each base URL in turn. ``how_to`` is added to
     the error when the file is missing and cannot be downloaded.
     """
-    path = Path(data_dir) / remote.name
+    folder = Path(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"the data folder {folder} is a file; point task.data_dir at a folder")
+    path = folder / remote.name
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; the data file {remote.name} belongs there")
     if path.exists():
         if check_local is not None:
             check_local(path)
@@ -229,8 +265,8 @@ def fetch(
         print(f"downloading {url} -> {path}", file=sys.stderr)
         try:
             return download(
-                url, path, sha256=remote.sha256, size=remote.size, validate=validate,
-                progress=progress,
+                url, path, sha256=remote.sha256, size=remote.size, max_size=remote.max_size,
+                validate=validate, progress=progress,
             )  # fmt: skip
         except DataError as error:
             errors.append(str(error))
@@ -262,7 +298,10 @@ def _progress_bar(total: int | None, name: str, enabled: bool | None) -> Any:
 
 def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file; a decoding error names the file and the byte offset."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -44,6 +44,11 @@ What the engine calls, in order:
     (lower is better unless ``higher_is_better``).
 ``shard_batch(batch, rank, world_size)``
     the part of a batch one process trains on under data parallelism (default: its rows).
+``data_fingerprint()``
+    a digest of the data the task trains and evaluates on, kept in checkpoints so that a resumed
+    run notices other data. The default digests the seed and the options that are not a location
+    (a moved data set is the same data); tasks that read files add the content (see
+    :func:`fingerprint`). None: nothing to compare.
 
 Language-model tasks (``kind = "lm"``) also provide ``encode(text)`` / ``decode(ids)`` for
 ``nestrnn sample``; :class:`nestrnn.tasks.lm.CharLMTask` implements all of the above for a corpus.
@@ -51,6 +56,9 @@ Language-model tasks (``kind = "lm"``) also provide ``encode(text)`` / ``decode(
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +68,22 @@ import torch
 from torch import Tensor, nn
 
 from nestrnn.config import ModelConfig
+
+#: options that say where the data is, not what it is
+LOCATION_OPTIONS = ("name", "data_dir", "download", "base_url", "path")
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of ``parts``: tensors by dtype, shape and bytes, anything else as sorted JSON."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            data = part.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{data.dtype}{tuple(part.shape)}".encode())
+            digest.update(data.view(torch.uint8).numpy())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -157,6 +181,12 @@ class Task(ABC):
         part = rows // world_size
         piece = slice(rank * part, (rank + 1) * part)
         return Batch(batch.inputs[piece], batch.targets[piece], batch.carry)
+
+    def data_fingerprint(self) -> str | None:
+        """A digest of the data (after :meth:`prepare`); see the module docstring."""
+        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        shape = {k: v for k, v in options.items() if k not in LOCATION_OPTIONS}
+        return fingerprint(self.seed, shape)
 
     def describe(self) -> str:
         """One line about the loaded data, printed at the start of training."""

@@ -20,15 +20,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nestrnn.tasks.base import Batch, Task
+from nestrnn.tasks.base import Batch, Task, fingerprint
 from torch import Tensor, nn
 
 from nestrnn.config import ModelConfig
 from nestrnn.engine.batching import StreamBatches, compact_ids
+from nestrnn.errors import UserError
 from nestrnn.models import TokenModel
 
 SPLITS = ("train", "valid", "test")
 LN2 = math.log(2.0)
+
+
+class UnknownSymbols(UserError, ValueError):
+    """Text to encode holds symbols that the vocabulary lacks (and it has no ``unk``)."""
 
 
 class Vocab:
@@ -139,6 +144,10 @@ class CharLMTask(Task):
         if "vocab" in state:
             self.vocab = Vocab.from_state(state["vocab"])
 
+    def data_fingerprint(self) -> str | None:
+        """The token ids of every split and the vocabulary (the seed shapes no LM data)."""
+        return fingerprint(self.vocab.symbols, *(self.splits[split] for split in SPLITS))
+
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {self.splits[s].numel():,}" for s in SPLITS if s in self.splits)
         unknown = ", ".join(f"{s} {n:,}" for s, n in self.unknown.items() if n)
@@ -201,7 +210,7 @@ class CharLMTask(Task):
         missing = sorted({s for s in symbols if s not in self.vocab.index})
         if missing and self.vocab.unk is None:
             shown = ", ".join(repr(s) for s in missing[:10])
-            raise ValueError(f"the prime text has symbols the model does not know: {shown}")
+            raise UnknownSymbols(f"the text has symbols the model does not know: {shown}")
         return self.vocab.encode(symbols)[0].tolist()
 
     def decode(self, ids: Iterable[int]) -> str:

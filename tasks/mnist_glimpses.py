@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nestrnn.tasks.base import Batch, DataOptions, Task
+from nestrnn.tasks.base import Batch, DataOptions, Task, fingerprint
 from torch import Tensor, nn
 
 from nestrnn.config import ModelConfig
@@ -271,6 +271,14 @@ class MnistGlimpsesTask(Task):
                        "test": torch.from_numpy(arrays["test_images"][0].copy())}  # fmt: skip
         self.labels = {"train": labels[:-valid], "valid": labels[-valid:],
                        "test": torch.from_numpy(arrays["test_labels"][0].astype(np.int64))}  # fmt: skip
+
+    def data_fingerprint(self) -> str | None:
+        """The images and labels of every split, the glimpse options and the shuffling seed."""
+        splits = sorted(self.images)
+        return fingerprint(
+            super().data_fingerprint(), *(self.images[s] for s in splits),
+            *(self.labels[s] for s in splits),
+        )  # fmt: skip
 
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {len(v):,}" for s, v in self.images.items())

@@ -43,6 +43,8 @@ class TextFileTask(CharLMTask):
         if not self.options.path:
             raise DataError("task text_file needs a file: set task.path=FILE (any UTF-8 text)")
         path = Path(self.options.path).expanduser()
+        if path.is_dir():
+            raise DataError(f"task.path: {path} is a folder; give a UTF-8 text file")
         if not path.is_file():
             raise DataError(f"task.path: no such file: {path}")
         text = read_text(path)

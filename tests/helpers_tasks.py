@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import http.server
 import importlib.util
 import io
+import json
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,12 +168,26 @@ def write_text(path: Path, repeats: int = 40) -> Path:
 class _Handler(http.server.SimpleHTTPRequestHandler):
     #: file name -> number of bytes to send before closing (a broken-off transfer)
     cut: dict[str, int] = {}  # noqa: RUF012
+    #: names answered with zeros, without Content-Length, until the client hangs up (up to 1 GB)
+    endless: frozenset[str] = frozenset()
+    #: bytes sent of the endless answers
+    sent: list[int]
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
 
     def do_GET(self) -> None:
         name = self.path.rsplit("/", 1)[-1]
+        if name in self.endless:
+            self.send_response(200)
+            self.end_headers()
+            block = bytes(1 << 16)
+            with contextlib.suppress(OSError):
+                while self.sent[0] < 1 << 30:
+                    self.wfile.write(block)
+                    self.sent[0] += len(block)
+            self.close_connection = True
+            return
         if name in self.cut:
             data = (Path(self.directory) / name).read_bytes()
             self.send_response(200)
@@ -182,9 +201,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_server(directory: Path, cut: dict[str, int] | None = None) -> Iterator[str]:
-    """Serve ``directory`` on 127.0.0.1 (a free port); yields the base URL."""
-    handler = type("Handler", (_Handler,), {"cut": dict(cut or {})})
+def http_server(
+    directory: Path,
+    cut: dict[str, int] | None = None,
+    endless: Sequence[str] = (),
+    sent: list[int] | None = None,
+) -> Iterator[str]:
+    """Serve ``directory`` on 127.0.0.1 (a free port); yields the base URL. ``cut``: files sent
+    in part; ``endless``: names answered with an endless stream of zeros and no Content-Length
+    (``sent[0]`` counts its bytes)."""
+    attributes = {"cut": dict(cut or {}), "endless": frozenset(endless), "sent": sent or [0]}
+    handler = type("Handler", (_Handler,), attributes)
 
     def factory(*args: object, **kwargs: object) -> http.server.BaseHTTPRequestHandler:
         return handler(*args, directory=str(directory), **kwargs)
@@ -214,6 +241,105 @@ def run_cli(
         [sys.executable, "-m", "nestrnn.cli", *args],
         cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def main_cli(argv: Sequence[str], capsys: Any) -> tuple[int, str, str]:
+    """``nestrnn ARGV`` in this process: (exit status, stdout, stderr). An exception other than
+    SystemExit escapes, i.e. fails the test with the traceback the user would have seen."""
+    import torch
+
+    from nestrnn.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, command: str, ok: Sequence[int] = (0,)) -> None:
+    """Success, or exit status 2 with exactly one ``nestrnn <command>: error:`` line on stderr
+    (argparse's usage lines and warnings may come before it), never a traceback."""
+    assert "Traceback" not in err
+    if code in ok:
+        return
+    assert code == 2, err
+    lines = [line for line in err.split("\n") if line.strip()]
+    errors = [line for line in lines if line.startswith(f"nestrnn {command}: error: ")]
+    assert len(errors) == 1, err
+    others = [line for line in lines if line not in errors]
+    assert all(re.match(r"(usage: |warning: |\s+)", line) for line in others), err
+
+
+def start_cli(
+    args: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``python -m nestrnn ARGS`` started in the background (stdout and stderr piped)."""
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "nestrnn", *args], cwd=cwd, env=environment, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The steps of the "train" records of a run (a torn last line left out)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if record.get("event") == "train":
+                steps.append(record["step"])
+    return steps
+
+
+def wait_for_step(
+    run_dir: Path, step: int, process: subprocess.Popen[str], timeout: float = 90
+) -> None:
+    """Wait until the run in ``run_dir`` has logged optimizer step ``step``."""
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in train_steps(run_dir)):
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run_dir} did not reach step {step} in {timeout} s")
+        time.sleep(0.2)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the processes whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+    return found
+
+
+def wait_until_gone(text: str, timeout: float = 60) -> None:
+    """Wait until no process mentions ``text`` (e.g. a run directory) on its command line."""
+    deadline = time.monotonic() + timeout
+    while processes_mentioning(text):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes still running: {processes_mentioning(text)}")
+        time.sleep(0.2)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """The sha256 of every file under ``folder``, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def gz(data: bytes) -> bytes:

@@ -1,7 +1,9 @@
-"""Data-parallel training under torchrun (gloo on CPU), elastic restarts and crash-safe checkpoints.
+"""Data-parallel training under torchrun (gloo on CPU), elastic restarts, crash-safe checkpoints
+and the ``--nproc`` launcher's handling of signals.
 
 Each test starts real processes (``python -m torch.distributed.run``) on a tiny character-level
-language model, so that the carried TBPTT state and the sharded streams are exercised too.
+language model, so that the carried TBPTT state and the sharded streams are exercised too. Faults
+are injected from the test side (``tests/faults.py`` wraps a function of the package).
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults import PAUSED
+from helpers_tasks import start_cli, wait_for_step, wait_until_gone
 
 from nestrnn.cli import main
 from nestrnn.engine import rundir as rd
+
+FAULTS = str(Path(__file__).with_name("faults.py"))
 
 pytestmark = pytest.mark.skipif(
     not __import__("torch").distributed.is_available(), reason="torch.distributed is unavailable"
@@ -41,10 +47,12 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _torchrun(nproc: int, args: list[str], *launcher: str, **env: str):
+def _torchrun(nproc: int, args: list[str], *launcher: str, fault: str = ""):
+    """``torchrun ... nestrnn train ARGS`` (through tests/faults.py when ``fault`` is given)."""
+    program = [FAULTS, fault, "--"] if fault else ["-m", "nestrnn"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *launcher, "-m", "nestrnn", "train", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=120)
+               f"--nproc-per-node={nproc}", *launcher, *program, "train", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
 
 
 def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
@@ -133,9 +141,9 @@ def test_killed_worker_restarts_from_checkpoint(double, corpus, tmp_path):
     (step 4) and finish with the losses of the uninterrupted run."""
     run_dir = tmp_path / "run"
     args = ["--no-progress", "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]
-    result = _torchrun(2, args, "--max-restarts=1", NESTRNN_TEST_CRASH="1:5")
+    result = _torchrun(2, args, "--max-restarts=1", fault="crash:1:5")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "NESTRNN_TEST_CRASH: rank 1 exits after step 5" in result.stderr
+    assert "fault: rank 1 exits after step 5" in result.stderr
     assert "resuming at epoch 2, step 4" in result.stdout
     steps = [r["step"] for r in rd.RunDir(run_dir).records() if r["event"] == "train"]
     assert steps == list(range(1, 9))  # the records of the lost step 5 were dropped, then redone
@@ -150,14 +158,16 @@ def test_elastic_restarts_need_a_run_dir(corpus):
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path):
+    """A kill -9 inside the atomic write of last.pt: the previous last.pt stays whole, and the
+    resume that follows removes the temporary file the killed process left."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "nestrnn", "train", "--no-progress", "--run-dir",
-               str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
+    command = [sys.executable, FAULTS, "pause-in-checkpoint:60", "--", "train", "--no-progress",
+               "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=_env(NESTRNN_TEST_CHECKPOINT_PAUSE="60"))  # fmt: skip
+                            env=_env())  # fmt: skip
     try:
         for line in proc.stdout:
-            if line.startswith("NESTRNN_TEST_CHECKPOINT_PAUSE"):
+            if line.startswith(PAUSED):
                 break
         else:
             pytest.fail("the checkpoint pause was never reached")
@@ -172,6 +182,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path):
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert (run_dir / rd.LAST).read_bytes() == before
+    assert list(run_dir.glob(".last.pt.*.tmp")) == temporary  # left behind by the kill
     ckpt = rd.load_checkpoint(run_dir / rd.LAST)
     assert ckpt["position"]["global_step"] == 2  # the write of step 4 never happened
     import torch
@@ -182,3 +193,36 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] == 8
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_the_launcher_takes_torchrun_and_its_workers_along(corpus, tmp_path):
+    """``kill -9`` of the --nproc launcher: torchrun and both workers stop too (they save last.pt
+    at the step they reached); SIGTERM to a resumed launch: the same, and exit status 143."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--nproc", "2", "--no-progress", f"task.path={corpus}", *OVERRIDES,
+            "train.steps_per_epoch=10000000", "train.checkpoint_every=0"]  # fmt: skip
+    launcher = start_cli([*args, "--run-dir", str(run_dir)])
+    try:
+        wait_for_step(run_dir, 3, launcher)
+        launcher.kill()
+        launcher.communicate(timeout=30)
+        wait_until_gone(str(run_dir))
+    finally:
+        launcher.kill()
+    step = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
+    assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
+
+    resumed = start_cli([*args, "--resume", str(run_dir)])
+    try:
+        wait_for_step(run_dir, step + 3, resumed)
+        resumed.send_signal(signal.SIGTERM)
+        _, err = resumed.communicate(timeout=90)
+        wait_until_gone(str(run_dir))
+    finally:
+        resumed.kill()
+    assert resumed.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert f"nestrnn train --resume {run_dir}" in err and "Traceback" not in err
+    last = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
+    steps = [r["step"] for r in rd.RunDir(run_dir).records() if r["event"] == "train"]
+    assert steps == list(range(1, last + 1))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,37 @@ def test_wrong_size_and_validator(served: Path, tmp_path: Path) -> None:
         with pytest.raises(DataError, match="looks wrong"):
             download(url + "good.bin", dest, validate=reject, progress=False)
     assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_download_without_length_is_not_read_past_its_limit(tmp_path: Path) -> None:
+    """A server that sends no Content-Length and never stops: reading ends at the first byte
+    beyond the known size (or a task's max_size), not at the end of the stream."""
+    sent = [0]
+    with http_server(tmp_path, endless=["big.bin"], sent=sent) as url:
+        with pytest.raises(DataError, match="more than 1,000 bytes, but the canonical file has"):
+            download(url + "big.bin", tmp_path / "a" / "big.bin", size=1000, progress=False)
+        remote = RemoteFile("big.bin", max_size=5000)
+        with pytest.raises(DataError, match="more than 5,000 bytes, but expected at most 5,000"):
+            fetch(remote, tmp_path / "b", [url], progress=False)
+    assert sent[0] < 64 << 20  # the server stopped when the client hung up (1 GB otherwise)
+    assert not (tmp_path / "a" / "big.bin").exists() and _leftovers(tmp_path / "a") == []
+    assert not (tmp_path / "b" / "big.bin").exists()
+
+
+def test_a_data_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(DataError, match="data folder .*data is a file; point task.data_dir"):
+        fetch(RemoteFile("x.bin"), tmp_path / "data", ["http://127.0.0.1:9/"], progress=False)
+
+
+def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "shared.bin") as handle:
+            handle.write(b"data")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.bin").stat().st_mode) == 0o640
 
 
 def test_fetch_tries_mirrors_in_order(served: Path, tmp_path: Path) -> None:

@@ -66,6 +66,16 @@ def test_resume_continues_exactly(tmp_path: Path, kind: str) -> None:
     assert split == whole
 
 
+def test_fit_again_continues_where_fit_stopped(tmp_path: Path) -> None:
+    config = copy_config()
+    Trainer(config, tmp_path / "whole", echo=None).fit()
+    trainer = Trainer(config, tmp_path / "split", echo=None)
+    assert trainer.fit(stop_at=3).reason == "stopped"
+    assert trainer.fit().reason == "completed"
+    assert trainer.fit().reason == "already_finished"
+    assert _records(tmp_path / "split") == _records(tmp_path / "whole")
+
+
 def test_resume_across_an_epoch_boundary_and_more_epochs(tmp_path: Path) -> None:
     config = text_config(tmp_path, "train.epochs=3")
     Trainer(config, tmp_path / "whole", echo=None).fit()

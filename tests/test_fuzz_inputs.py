@@ -9,7 +9,6 @@ a traceback, and never a changed or lost file. Everything runs in-process throug
 from __future__ import annotations
 
 import gzip
-import hashlib
 import re
 import struct
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_tasks import assert_one_line_error, main_cli, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,50 +69,14 @@ small_overrides = st.lists(
 )
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``nestrnn argv`` in-process: (exit status, stdout, stderr). An exception other than
-    SystemExit escapes, i.e. fails the test with the traceback the user would have seen."""
-    threads = torch.get_num_threads()
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        torch.set_num_threads(threads)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_clean(code: int, err: str, command: str, ok=(0,)) -> None:
-    """Success, or exactly one ``nestrnn <command>: error:`` line (after argparse's usage)."""
-    assert "Traceback" not in err
-    if code in ok:
-        return
-    assert code == 2, err
-    lines = [line for line in err.split("\n") if line.strip()]
-    errors = [line for line in lines if line.startswith(f"nestrnn {command}: error: ")]
-    assert len(errors) == 1, err
-    others = [line for line in lines if line not in errors]
-    # argparse's usage lines, and warnings, may come before the error
-    assert all(re.match(r"(usage: |warning: |\s+)", line) for line in others), err
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 # --------------------------------------------------------------------------- config overrides
 
 
 @fuzz
 @given(overrides)
 def test_any_override_prints_a_config_or_one_error_line(capsys, items):
-    code, _, err = run_cli(["train", "--print-config", *items], capsys)
-    assert_clean(code, err, "train")
+    code, _, err = main_cli(["train", "--print-config", *items], capsys)
+    assert_one_line_error(code, err, "train")
 
 
 @fuzz
@@ -121,9 +85,9 @@ def test_any_small_override_trains_or_fails_cleanly(capsys, items):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         argv = ["train", "--run-dir", str(run_dir), *TINY, *items]
-        code, _, err = run_cli(argv, capsys)
+        code, _, err = main_cli(argv, capsys)
         # 1: training diverged (a non-finite loss, e.g. with optim.lr=1e3): reported in one line
-        assert_clean(code, err, "train", ok=(0, 1))
+        assert_one_line_error(code, err, "train", ok=(0, 1))
         if code == 1:
             assert re.fullmatch(r"nestrnn train: the .* became .*\n", err), err
 
@@ -144,9 +108,9 @@ def finished_run(tmp_path_factory) -> Path:
 def test_failed_resume_changes_no_file(capsys, finished_run, items):
     before = snapshot(finished_run)
     argv = ["train", "--resume", str(finished_run), "model.hidden_size=5", *items]
-    code, _, err = run_cli(argv, capsys)  # the model cannot change: always an error
+    code, _, err = main_cli(argv, capsys)  # the model cannot change: always an error
     assert code == 2
-    assert_clean(code, err, "train")
+    assert_one_line_error(code, err, "train")
     assert snapshot(finished_run) == before
 
 
@@ -169,8 +133,8 @@ def test_any_command_line_fails_cleanly(capsys, command, args):
         args = [*args, "--print-config"]  # never start a real training run
     if "-h" in args or "--version" in args:
         return  # help and version exit 0 by design
-    code, out, err = run_cli([command, *args], capsys)
-    assert_clean(code, err, command)
+    code, out, err = main_cli([command, *args], capsys)
+    assert_one_line_error(code, err, command)
 
 
 def test_bad_command_line_examples(capsys, tmp_path, finished_run):
@@ -182,8 +146,8 @@ def test_bad_command_line_examples(capsys, tmp_path, finished_run):
         (["train", "--resume", str(finished_run), "-c", "default"], "--resume takes"),
     ]
     for argv, message in cases:
-        code, _, err = run_cli(argv, capsys)
-        assert_clean(code, err, argv[0])
+        code, _, err = main_cli(argv, capsys)
+        assert_one_line_error(code, err, argv[0])
         assert code == 2 and message in err
 
 
@@ -199,8 +163,8 @@ def test_random_text_file(capsys, data):
         argv = ["train", "--run-dir", str(Path(tmp) / "run"), "task.name=text_file",
                 f"task.path={path}", "train.bptt=4", "train.batch_size=2",
                 *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))]]  # fmt: skip
-        code, _, err = run_cli(argv, capsys)
-        assert_clean(code, err, "train")
+        code, _, err = main_cli(argv, capsys)
+        assert_one_line_error(code, err, "train")
         assert path.read_bytes() == data
 
 
@@ -236,8 +200,8 @@ def test_random_idx_files(capsys, contents, zipped):
                 f"task.data_dir={folder}", "task.download=false", "task.valid_size=1",
                 "train.batch_size=1", "train.eval_batch_size=4",
                 *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))]]  # fmt: skip
-        code, _, err = run_cli(argv, capsys)
-        assert_clean(code, err, "train")
+        code, _, err = main_cli(argv, capsys)
+        assert_one_line_error(code, err, "train")
         assert snapshot(folder) == before
 
 
@@ -264,8 +228,8 @@ def test_random_quatrain_files(capsys, contents):
                 f"task.data_dir={folder}", "train.bptt=4", "train.batch_size=1",
                 "train.eval_batch_size=1",
                 *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))]]  # fmt: skip
-        code, _, err = run_cli(argv, capsys)
-        assert_clean(code, err, "train")
+        code, _, err = main_cli(argv, capsys)
+        assert_one_line_error(code, err, "train")
         assert snapshot(folder) == before
 
 
@@ -281,8 +245,8 @@ def test_corrupt_run_directory(capsys, finished_run, data, name):
         (run_dir / name).write_bytes(data)
         before = snapshot(run_dir)
         for argv in (["eval", str(run_dir)], ["train", "--resume", str(run_dir)]):
-            code, _, err = run_cli(argv, capsys)
-            assert_clean(code, err, argv[0])
+            code, _, err = main_cli(argv, capsys)
+            assert_one_line_error(code, err, argv[0])
         assert snapshot(run_dir) == before
 
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
 
-from nestrnn.cli import CommandError
-from nestrnn.config import ConfigError
-from nestrnn.data_utils import DataError
+from nestrnn.errors import UserError
 
 HELP = "evaluate a trained run on a split (valid or test)"
 
@@ -18,7 +14,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="config overrides, e.g. task.data_dir=/data/ptb (the data moved)",
+        help="config overrides, e.g. task.data_dir=/data/ptb (the data moved); the model is the "
+        "checkpoint's and cannot be changed",
     )  # fmt: skip
     parser.add_argument("--split", default="test", choices=("valid", "test"), help="default: test")
     parser.add_argument(
@@ -26,19 +23,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="best (default), last, or a path to a checkpoint file",
     )  # fmt: skip
     parser.add_argument("--device", help="auto, cpu, cuda (default: the run's train.device)")
-    parser.add_argument("--max-batches", type=int, default=0, help="evaluate on at most N batches")
+    parser.add_argument(
+        "--max-batches", type=int, default=0, metavar="N",
+        help="evaluate on at most N batches (default 0: the whole split)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from nestrnn.engine.loading import load_run
-    from nestrnn.engine.trainer import _fmt, evaluate
+    from nestrnn.engine.trainer import evaluate, format_metrics
 
-    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
-    try:
-        loaded = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from None
+    if args.max_batches < 0:
+        raise UserError(f"--max-batches must be >= 0 (0: the whole split), got {args.max_batches}")
+    loaded = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
     train = loaded.config.train
     metrics = evaluate(
         loaded.model, loaded.task, args.split, train.eval_batch_size or train.batch_size,
@@ -51,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         step = loaded.checkpoint["position"]["global_step"]
         print(f"{loaded.config.task.name} {args.split} ({loaded.path.name}, step {step}): "
-              f"{_fmt(metrics)}")  # fmt: skip
+              f"{format_metrics(metrics)}")  # fmt: skip
     return 0

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nestrnn.cli import CommandError
+from nestrnn.errors import UserError
 
 HELP = "plot training curves (metrics.jsonl) of one or more runs, overlaid, to a PNG"
 
@@ -44,20 +44,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    """The run's metrics.jsonl (a run still writing may have a partial last line: left out)."""
+    from nestrnn.engine.rundir import METRICS
+    from nestrnn.engine.rundir import read_records as read_metrics
+
+    path = run_dir / METRICS
     if not path.is_file():
-        raise CommandError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # a run still writing may have a partial last line
-            if number != len(path.read_text(encoding="utf-8").splitlines()):
-                raise CommandError(f"{path}, line {number} is not JSON") from None
-    return records
+        raise UserError(f"{run_dir} has no {METRICS} (is it a run directory?)")
+    return read_metrics(path)
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
@@ -110,17 +104,17 @@ def run(args: argparse.Namespace) -> int:
     from nestrnn import figures
 
     if not 0.0 <= args.smooth < 1.0:
-        raise CommandError("--smooth must be in [0, 1)")
+        raise UserError("--smooth must be in [0, 1)")
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         if not d.is_dir():
-            raise CommandError(f"no run directory {d}")
+            raise UserError(f"no run directory {d}")
     configs = [_config(d) for d in dirs]
     runs = [read_records(d) for d in dirs]
     if args.labels:
         labels = [label.strip() for label in args.labels.split(",")]
         if len(labels) != len(dirs):
-            raise CommandError(f"--labels gives {len(labels)} names for {len(dirs)} runs")
+            raise UserError(f"--labels gives {len(labels)} names for {len(dirs)} runs")
     else:
         labels = [default_label(d, c) for d, c in zip(dirs, configs)]
     if args.metric:
@@ -128,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         metrics = list(dict.fromkeys(primary_metric(d, c) for d, c in zip(dirs, configs)))
     if not metrics:
-        raise CommandError("--metric names no metric")
+        raise UserError("--metric names no metric")
     found = {
         key
         for records in runs
@@ -153,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 "value",
             }
         )
-        raise CommandError(
+        raise UserError(
             f"no run has the metric(s) {', '.join(missing)}; they have: "
             f"{', '.join(known) or 'no metrics yet'}"
         )
@@ -163,8 +157,11 @@ def run(args: argparse.Namespace) -> int:
         out = dirs[0] / "figures" / "curves.png"
     else:
         out = Path("curves.png")
+    from nestrnn.engine.rundir import writing
+
     fig = figures.curves_figure(
         list(zip(labels, runs)), metrics, args.smooth, args.log_y, args.title
     )
-    print(f"wrote {figures.save(fig, out)}")
+    with writing(out):
+        print(f"wrote {figures.save(fig, out)}")
     return 0

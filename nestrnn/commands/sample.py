@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
-from nestrnn.cli import CommandError
-from nestrnn.config import ConfigError
-from nestrnn.data_utils import DataError
+from nestrnn.errors import UserError
 
 HELP = "generate text from a trained language model (ptb_char, text8, chinese_poems, text_file)"
 
@@ -50,23 +49,17 @@ def run(args: argparse.Namespace) -> int:
     from nestrnn.engine.loading import load_run
 
     if args.length < 0:
-        raise CommandError("--length must be >= 0")
-    if args.temperature < 0:
-        raise CommandError("--temperature must be >= 0")
-    try:
-        loaded = load_run(args.run_dir, args.checkpoint, (), args.device or "cpu", prepare=False)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from None
+        raise UserError(f"--length must be >= 0, got {args.length}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    loaded = load_run(args.run_dir, args.checkpoint, (), args.device or "cpu", prepare=False)
     task = loaded.task
     if getattr(task, "kind", None) != "lm" or not hasattr(task, "encode"):
-        raise CommandError(
+        raise UserError(
             f"task {loaded.config.task.name!r} is not a language model; sample works for "
             "ptb_char, text8, chinese_poems and text_file runs"
         )
-    try:
-        prime = task.encode(args.prime)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    prime = task.encode(args.prime)  # text it cannot encode: a UserError naming the symbols
     shown = args.prime
     if not prime:
         symbols = task.vocab.symbols

@@ -1,40 +1,36 @@
 """``nestrnn train``: train a model on a task.
 
 With no arguments it trains a small Nested LSTM on the synthetic adding problem (no download;
-about a minute on a laptop CPU). ``-c configs/<experiment>.yaml`` loads an experiment;
-``key=value`` arguments override any config value; ``--resume RUN_DIR`` continues a run exactly.
+about a minute on a laptop CPU). ``-c NAME`` loads a bundled experiment config (``-c FILE`` any
+YAML file); ``key=value`` arguments override any config value; ``--resume RUN_DIR`` continues a
+run exactly. What the run is (new, resumed, where) is decided in :mod:`nestrnn.engine.launch`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import signal
 import sys
-import warnings
-from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
-from nestrnn.cli import CommandError
-from nestrnn.config import (
-    ConfigError,
-    format_config,
-    load_config,
-    load_yaml,
-    section,
-    task_class,
-)  # fmt: skip
-from nestrnn.data_utils import DataError
+from nestrnn.config import ConfigError, bundled_config_names, format_config, section
 from nestrnn.engine.distributed import (
     BACKENDS,
     DistContext,
+    is_main_process,
     launched_by_torchrun,
-    max_restarts,
     restart_count,
 )  # fmt: skip
-from nestrnn.engine.rundir import CheckpointError
+from nestrnn.engine.launch import (
+    RunPlan,
+    plan_on_main,
+    plan_run,
+    resume_dir,
+    run_config,
+    run_torchrun,
+)
+from nestrnn.errors import UserError
 
 HELP = "train a model on a task (no arguments: the synthetic adding problem, ~1 minute on a CPU)"
 
@@ -43,10 +39,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "examples:\n"
         "  nestrnn train                                   the default run (adding problem)\n"
-        "  nestrnn train -c configs/ptb_char.yaml model.family=stacked_lstm\n"
+        "  nestrnn train -c ptb_char model.family=stacked_lstm   a bundled experiment config\n"
         "  nestrnn train task.name=text_file task.path=input.txt train.epochs=5\n"
         "  nestrnn train --resume runs/adding-20250101-120000\n"
+        "  nestrnn train --resume auto --run-dir runs/job   continue runs/job, or start it\n"
         "  nestrnn train --nproc 2 --run-dir runs/ddp     data parallel, 2 processes (torchrun)\n"
+        "KEY=VALUE overrides and options may come in any order.\n"
+        "A run directory holds one run: a new run refuses a directory that holds one (see\n"
+        "--overwrite), and a second process on a run that is being written is refused.\n"
+        "SIGTERM or Ctrl-C saves last.pt at the current step and exits with 143 or 130;\n"
+        "continue with --resume. Exit status: 0 done, 1 training diverged, 2 a user error.\n"
         "see docs/training.md (tasks, configs, data, checkpoints) and docs/distributed.md"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -56,15 +58,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "-c", "--config", action="append", default=[], metavar="FILE",
-        help="YAML config file (repeatable, later files win); a bare name means configs/NAME.yaml",
+        help="YAML config file (repeatable, later files win); a bare NAME is a config shipped "
+        f"with nestrnn: {', '.join(bundled_config_names())}",
     )  # fmt: skip
     parser.add_argument(
-        "--run-dir", metavar="DIR", help="where the run's files go (default: runs/<task>-<time>)"
-    )
+        "--run-dir", metavar="DIR",
+        help="where the run's files go (default: runs/<task>-<time>); must not hold a run",
+    )  # fmt: skip
     parser.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue RUN_DIR from its last checkpoint (KEY=VALUE overrides still apply); "
-        "'auto': continue --run-dir when it has a checkpoint, else start it",
+        "'auto': continue --run-dir when it has a checkpoint, else start it there",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="let a new run replace the run already in --run-dir (its checkpoints, metrics and "
+        "summary are deleted)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-data-change", action="store_true",
+        help="resume even though the task's data differs from the data the run was trained on",
     )  # fmt: skip
     parser.add_argument(
         "--nproc", type=int, metavar="N",
@@ -74,223 +87,135 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=BACKENDS, default="auto",
         help="torch.distributed backend under torchrun (auto: nccl on GPUs, gloo on CPUs)",
     )  # fmt: skip
-    parser.add_argument(
+    show = parser.add_mutually_exclusive_group()
+    show.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration and exit"
     )
-    parser.add_argument(
+    show.add_argument(
         "--print-params", action="store_true",
         help="print the size of every model family (nlstm, lstm, stacked_lstm) and exit",
     )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bar (there is one only when stderr is a terminal)",
+    )  # fmt: skip
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+def run(args: argparse.Namespace) -> int:
+    if args.print_config or args.print_params:
+        return _show(args)
+    if args.nproc is not None:
+        return _launch(args)
+    with DistContext.from_env(args.backend) as dist:
+        restarted = restart_count() > 0
+        plan = plan_on_main(dist, lambda: plan_run(args, restarted))
+        return _train(args, plan, dist)
 
 
-def _auto_resume(args: argparse.Namespace) -> bool:
-    """``--resume auto``, or a worker that torchrun restarted: continue --run-dir if it can."""
-    return args.resume == "auto" or (restart_count() > 0 and not args.resume)
-
-
-def _load(args: argparse.Namespace):
-    if _auto_resume(args):
-        if not args.run_dir:
-            raise CommandError("--resume auto (and torchrun --max-restarts) needs --run-dir DIR")
-        run_dir = Path(args.run_dir)
-        if (run_dir / "last.pt").is_file() and (run_dir / "config.yaml").is_file():
-            args.resume, args.config = str(run_dir), []
-        else:
-            args.resume = None
-            config = load_config(args.config, args.overrides)
-            if restart_count() > 0 and (run_dir / "metrics.jsonl").is_file():
-                (run_dir / "metrics.jsonl").unlink()  # of a failed attempt that saved nothing
-            return config, None
-    if args.resume:
-        if args.config:
-            raise CommandError("--resume takes the configuration from the run directory; "
-                               "give KEY=VALUE overrides only")  # fmt: skip
-        run_dir = Path(args.resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise CommandError(f"{run_dir} is not a run directory (no config.yaml)")
-        if not (run_dir / "last.pt").is_file():
-            raise CommandError(f"{run_dir} has no checkpoint (last.pt) to resume from")
-        base = OmegaConf.to_container(load_yaml(saved))
-        return load_config([], args.overrides, base=base), run_dir
-    return load_config(args.config, args.overrides), None
+def _show(args: argparse.Namespace) -> int:
+    """--print-config / --print-params: the configuration the run would have; nothing is written."""
+    config = run_config(args, resume_dir(args, restart_count() > 0))
+    if not is_main_process():
+        return 0
+    if args.print_config:
+        print(format_config(config), end="")
+    else:
+        print_params(config)
+    return 0
 
 
 def print_params(config) -> None:
+    from nestrnn.engine.build import build_task, model_settings
     from nestrnn.models import family_table, format_family_table
 
-    task = task_class(config.task.name)(OmegaConf.to_object(config.task), seed=config.train.seed)
-    task.prepare()
+    task = build_task(config)
     model_cfg = section(config, "model")
-    try:
+    with model_settings():
         rows = family_table(model_cfg, task.build_model)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     what = f"target {model_cfg.target_params:,}" if model_cfg.target_params else "same hidden size"
     print(f"task {config.task.name}, {what}:")
     print(format_family_table(rows, model_cfg.family))
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
-
-
 def _launch(args: argparse.Namespace) -> int:
-    """``--nproc N``: run this command again under torchrun with N local processes."""
-    from nestrnn.engine.rundir import default_run_dir
-
+    """``--nproc N``: check the run here, then run this command again under torchrun."""
     if args.nproc < 1:
-        raise CommandError(f"--nproc must be at least 1, got {args.nproc}")
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if launched_by_torchrun():
-        raise CommandError("--nproc starts torchrun itself; under torchrun leave it out")
-    if args.print_config or args.print_params:
-        return _run(args)  # nothing to train: no processes needed
-    try:
-        config, resume_dir = _load(args)  # errors show once, here, not in every process
-        if config.train.batch_size % args.nproc:
-            raise ConfigError(
-                f"train.batch_size ({config.train.batch_size}) must be a multiple of the number "
-                f"of processes ({args.nproc}): each one trains on an equal share"
-            )
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as error:
-        raise CommandError(str(error)) from None
-    argv = [*args.overrides, "--backend", args.backend]
-    if resume_dir is not None:
-        argv += ["--resume", str(resume_dir)]
-    else:
-        # the parent picks the run directory, so every process (and a restart) agrees on it
+        raise UserError("--nproc starts torchrun itself; under torchrun leave it out")
+    plan = plan_run(args, restarted=False)  # mistakes show once, here, not in every process
+    if plan.config.train.batch_size % args.nproc:
+        raise ConfigError(
+            f"train.batch_size ({plan.config.train.batch_size}) must be a multiple of the number "
+            f"of processes ({args.nproc}): each one trains on an equal share"
+        )
+    argv = ["train", *args.overrides, "--backend", args.backend]
+    if plan.resume:
+        argv += ["--resume", str(plan.run_dir)]
+    else:  # the launcher picks the run directory, so every process (and a restart) agrees on it
         for path in args.config:
             argv += ["-c", path]
-        argv += ["--run-dir", str(args.run_dir or default_run_dir(config.task.name))]
+        argv += ["--run-dir", str(plan.run_dir)]
+        argv += {"any": ["--overwrite"], "incomplete": ["--resume", "auto"], "nothing": []}[
+            plan.replace
+        ]
+    argv += [flag for flag, on in (("--no-progress", args.no_progress),
+                                   ("--allow-data-change", args.allow_data_change)) if on]  # fmt: skip
+    return run_torchrun(args.nproc, argv)
+
+
+def _train(args: argparse.Namespace, plan: RunPlan, dist: DistContext) -> int:
+    from nestrnn.engine.stopping import StopSignals, exit_status
+    from nestrnn.engine.trainer import Trainer, TrainingDiverged, format_metrics
+
+    config = plan.config
     if args.no_progress:
-        argv.append("--no-progress")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", "nestrnn", "train", *argv]  # fmt: skip
-    return subprocess.call(command)
-
-
-def _decide(args: argparse.Namespace, dist: DistContext) -> tuple[Any, Path | None, Path]:
-    """(config, resume dir, run dir): decided by rank 0 and sent to every rank."""
-    from nestrnn.engine.rundir import default_run_dir
-
-    result: Any = None
+        OmegaConf.update(config, "train.progress", False)
+    trainer = Trainer(
+        config, plan.run_dir, resume=plan.resume, replace=plan.replace,
+        allow_data_change=args.allow_data_change, dist=dist,
+        echo=print if dist.is_main else None,
+    )  # fmt: skip
     if dist.is_main:
-        try:
-            if max_restarts() > 0 and not (args.run_dir or args.resume):
-                raise CommandError(
-                    "with torchrun --max-restarts give --run-dir DIR: restarted workers continue "
-                    "from DIR/last.pt"
-                )
-            config, resume_dir = _load(args)
-            if args.no_progress:
-                OmegaConf.update(config, "train.progress", False)
-            run_dir = resume_dir or Path(args.run_dir or default_run_dir(config.task.name))
-            result = ("ok", OmegaConf.to_container(config), resume_dir, run_dir)
-        except (CommandError, ConfigError, DataError, FileNotFoundError, CheckpointError) as error:
-            result = ("error", str(error))
-    result = dist.broadcast(result)
-    if result[0] == "error":
-        raise CommandError(result[1])
-    _, container, resume_dir, run_dir = result
-    return load_config([], [], base=container), resume_dir, run_dir
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.nproc is not None:
-        return _launch(args)
-    rank = int(os.environ.get("RANK", "0") or 0) if launched_by_torchrun() else 0
+        print(trainer.describe(), flush=True)
     try:
-        return _run(args)
-    except CommandError:
-        if rank:  # every rank fails alike; only rank 0 prints the error
-            return 2
-        raise
-    finally:
-        if torch_distributed_initialized():
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
-
-
-def torch_distributed_initialized() -> bool:
-    if "torch" not in sys.modules:
-        return False
-    import torch.distributed
-
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _run(args: argparse.Namespace) -> int:
-    from nestrnn.engine.trainer import Trainer, TrainingDiverged, _fmt
-
-    warnings.showwarning = _show_warning
-    dist = DistContext.single()
-    try:
-        if args.print_config or args.print_params or not launched_by_torchrun():
-            config, resume_dir = _load(args)
-            if args.no_progress:
-                OmegaConf.update(config, "train.progress", False)
-            first = not launched_by_torchrun() or os.environ["RANK"] == "0"
-            if args.print_config:
-                if first:
-                    print(format_config(config), end="")
-                return 0
-            if args.print_params:
-                if first:
-                    print_params(config)
-                return 0
-            from nestrnn.engine.rundir import default_run_dir
-
-            run_dir = resume_dir or Path(args.run_dir or default_run_dir(config.task.name))
-        else:
-            try:
-                dist = DistContext.from_env(args.backend)
-            except ValueError as error:
-                raise CommandError(str(error)) from None
-            config, resume_dir, run_dir = _decide(args, dist)
-        echo = print if dist.is_main else None
-        trainer = Trainer(config, run_dir, resume=resume_dir is not None, dist=dist, echo=echo)
-        if dist.is_main:
-            print(trainer.describe(), flush=True)
-        try:
-            summary = trainer.fit()
-        except KeyboardInterrupt:
-            if trainer.last_checkpoint_step is not None and dist.is_main:
-                print(f"interrupted; continue from step {trainer.last_checkpoint_step} with: "
-                      f"nestrnn train --resume {run_dir}", file=sys.stderr)  # fmt: skip
-            raise
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as error:
-        raise CommandError(str(error)) from None
+        with StopSignals() as stop:
+            summary = trainer.fit(stop=stop)
     except TrainingDiverged as error:
         if dist.is_main:
             print(f"nestrnn train: {error}", file=sys.stderr)
         return 1
-    except RuntimeError as error:
-        if "state_dict" in str(error) and args.resume:
-            first = str(error).splitlines()[0]
-            raise CommandError(f"the checkpoint does not fit the configuration: {first}") from None
-        raise
-
+    run_dir = summary.run_dir
+    if summary.reason == "interrupted":
+        if dist.is_main:
+            name = signal.Signals(summary.signal).name
+            print(f"nestrnn train: stopped by {name} after step {summary.steps}; "
+                  f"{run_dir / 'last.pt'} holds it. Continue with: nestrnn train --resume "
+                  f"{run_dir}", file=sys.stderr)  # fmt: skip
+        return exit_status(summary.signal)
     if not dist.is_main:
+        return 0
+    if summary.reason == "already_finished":
+        print(f"nothing to do: {run_dir} is finished ({summary.epochs} epochs, {summary.steps} "
+              "steps); to train further raise train.epochs (or train.max_steps, "
+              "train.early_stopping) in the overrides")  # fmt: skip
         return 0
     metric = summary.primary_metric
     print(f"finished ({summary.reason.replace('_', ' ')}) in {_duration(summary.elapsed)}: "
           f"{summary.epochs} epochs, {summary.steps} steps")  # fmt: skip
     if summary.best:
-        print(f"best valid {_fmt(summary.best, [metric])} at epoch {summary.best_epoch} "
-              f"({_fmt(summary.best)})")  # fmt: skip
+        print(f"best valid {format_metrics(summary.best, [metric])} at epoch "
+              f"{summary.best_epoch} ({format_metrics(summary.best)})")  # fmt: skip
     if summary.test:
-        print(
-            f"test ({'best checkpoint' if summary.best else 'final model'}): {_fmt(summary.test)}"
-        )
-    print(f"run directory: {summary.run_dir}")
-    print(f"  nestrnn eval {summary.run_dir} --split test")
+        source = "best checkpoint" if summary.best else "final model"
+        print(f"test ({source}): {format_metrics(summary.test)}")
+    print(f"run directory: {run_dir}")
+    print(f"  nestrnn eval {run_dir} --split test")
     if summary.reason == "max_steps":
-        print(f"  nestrnn train --resume {summary.run_dir} train.max_steps=0   # to continue")
+        print(f"  nestrnn train --resume {run_dir} train.max_steps=0   # to continue")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

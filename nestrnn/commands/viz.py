@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from nestrnn.cli import CommandError
+from nestrnn.errors import UserError
 
 HELP = "figures and timescales of each memory level of a trained run (outer/inner, lower/upper)"
 
@@ -118,10 +118,10 @@ def _parse_units(spec: str | None, hidden: int) -> list[int] | None:
     try:
         units = [int(u) for u in spec.replace(" ", "").split(",") if u]
     except ValueError:
-        raise CommandError(f"--units must be comma-separated integers, got {spec!r}") from None
+        raise UserError(f"--units must be comma-separated integers, got {spec!r}") from None
     bad = [u for u in units if not 0 <= u < hidden]
     if bad or not units:
-        raise CommandError(f"--units: the model has units 0..{hidden - 1}; got {spec!r}")
+        raise UserError(f"--units: the model has units 0..{hidden - 1}; got {spec!r}")
     return units
 
 
@@ -148,7 +148,7 @@ def _first_batch(task: Any, split: str, rows: int, bptt: int) -> Any:
     try:
         batch = next(iter(task.eval_batches(split, rows, bptt)))
     except StopIteration:
-        raise CommandError(f"the {split} split is empty") from None
+        raise UserError(f"the {split} split is empty") from None
     return batch.inputs
 
 
@@ -160,13 +160,10 @@ def plotted_sequence(
 
     if args.text is not None:
         if not _is_lm(task):
-            raise CommandError("--text works for language-model runs only; use --split for others")
-        try:
-            ids = task.encode(args.text)
-        except ValueError as error:
-            raise CommandError(str(error)) from None
+            raise UserError("--text works for language-model runs only; use --split for others")
+        ids = task.encode(args.text)  # text it cannot encode: a UserError naming the symbols
         if not ids:
-            raise CommandError("--text is empty (after removing what the task ignores)")
+            raise UserError("--text is empty (after removing what the task ignores)")
         x = torch.tensor([ids], dtype=torch.long)
         return None, x, _symbols(task, ids), f"the given text ({len(ids)} symbols)"
     ids = _split_ids(task, args.split)
@@ -180,7 +177,7 @@ def plotted_sequence(
         return warm, window.unsqueeze(0), labels, text
     inputs = _first_batch(task, args.split, args.example + 1, bptt)
     if args.example >= inputs.shape[0]:
-        raise CommandError(f"--example {args.example}: the {args.split} split is too small")
+        raise UserError(f"--example {args.example}: the {args.split} split is too small")
     x = inputs[args.example : args.example + 1, : args.length]
     labels = [str(int(v)) for v in x[0]] if not x.is_floating_point() else None
     return None, x, labels, f"{args.split} split, example {args.example}"
@@ -199,7 +196,7 @@ def timescale_inputs(task: Any, args: argparse.Namespace, bptt: int) -> tuple[An
         if ids.numel() < need:
             length = max(ids.numel() - args.warmup, 0)
             if length < 8:
-                raise CommandError(f"the {args.split} split ({ids.numel()} symbols) is too short")
+                raise UserError(f"the {args.split} split ({ids.numel()} symbols) is too short")
             warnings.warn(
                 f"the {args.split} split is short: timescales over {length} steps", stacklevel=2
             )
@@ -220,7 +217,7 @@ def timescale_inputs(task: Any, args: argparse.Namespace, bptt: int) -> tuple[An
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, bool]:
-    from nestrnn.config import ConfigError
+    """The run, and whether its data is loaded (with --text, missing data is not needed)."""
     from nestrnn.data_utils import DataError
     from nestrnn.engine.loading import load_run
 
@@ -228,44 +225,38 @@ def _load(args: argparse.Namespace) -> tuple[Any, bool]:
         return load_run(args.run_dir, args.checkpoint, args.overrides, args.device), True
     except DataError as error:
         if args.text is None:
-            raise CommandError(str(error)) from None
+            raise
         print(
             f"warning: the task's data is not available ({error}); timescales are measured on "
             "the given text",
             file=sys.stderr,
         )
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from None
-    try:
-        return load_run(args.run_dir, args.checkpoint, args.overrides, args.device, False), False
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from None
+    return load_run(args.run_dir, args.checkpoint, args.overrides, args.device, False), False
 
 
 def run(args: argparse.Namespace) -> int:
     for name in ("length", "timescale_length", "num_units", "heat_units", "streams"):
         if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("offset", "warmup", "max_lag", "example"):
         if getattr(args, name) < 0:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 0")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if args.threads < 0:
-        raise CommandError("--threads must be >= 0")
+        raise UserError("--threads must be >= 0")
     import torch
 
-    threads, show = torch.get_num_threads(), warnings.showwarning
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
         return _run(args)
     finally:
         torch.set_num_threads(threads)
-        warnings.showwarning = show
 
 
 def _run(args: argparse.Namespace) -> int:
     from nestrnn import analysis
+    from nestrnn.engine.rundir import json_safe, writing
 
     loaded, has_data = _load(args)
     task, model, device = loaded.task, loaded.model, loaded.device
@@ -290,13 +281,14 @@ def _run(args: argparse.Namespace) -> int:
     state = analysis.warm_state(model, None if ts_warm is None else ts_warm.to(device))
     recording = analysis.record_cells(model, ts_x.to(device), state)
     if recording.steps < 3:
-        raise CommandError(f"{recording.steps} steps are too few to measure a timescale")
+        raise UserError(f"{recording.steps} steps are too few to measure a timescale")
     max_lag = args.max_lag or None
     rows = analysis.timescales(recording, max_lag=max_lag)
     print(f"timescales of {family} ({loaded.path.name}) over {ts_what}:")
     print(analysis.format_table(rows))
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     plot_info: dict[str, Any] = {}
     if not args.timescales_only:
@@ -307,27 +299,14 @@ def _run(args: argparse.Namespace) -> int:
         chosen = units or analysis.pick_units(plotted, args.num_units)
         heat = list(range(min(args.heat_units, hidden)))
         title = f"{family}: {plot_what}"
-        written.append(
-            figures.save(
-                figures.cells_figure(plotted, chosen, labels, title=title), out / "cells.png"
-            )
-        )
+        drawn = {"cells.png": figures.cells_figure(plotted, chosen, labels, title=title)}
         if labels is not None and _is_lm(task):
-            written.append(
-                figures.save(
-                    figures.text_figure(plotted, chosen, labels, title=title), out / "text.png"
-                )
-            )
-        written.append(
-            figures.save(
-                figures.heatmap_figure(plotted, heat, labels, title=title), out / "heatmap.png"
-            )
-        )
-        written.append(
-            figures.save(
-                figures.acf_figure(rows, title=f"{family}: {ts_what}"), out / "autocorrelation.png"
-            )
-        )
+            drawn["text.png"] = figures.text_figure(plotted, chosen, labels, title=title)
+        drawn["heatmap.png"] = figures.heatmap_figure(plotted, heat, labels, title=title)
+        drawn["autocorrelation.png"] = figures.acf_figure(rows, title=f"{family}: {ts_what}")
+        for name, fig in drawn.items():
+            with writing(out / name):
+                written.append(figures.save(fig, out / name))
         plot_info = {
             "what": plot_what,
             "steps": plotted.steps,
@@ -358,22 +337,11 @@ def _run(args: argparse.Namespace) -> int:
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     path = out / "timescales.json"
-    path.write_text(
-        json.dumps(_json_safe(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    with writing(path):
+        path.write_text(
+            json.dumps(json_safe(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     written.append(path)
     for item in written:
         print(f"wrote {item}")
     return 0
-
-
-def _json_safe(value: Any) -> Any:
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+from nestrnn.config import ConfigError
+from nestrnn.errors import UserError
+
+T = TypeVar("T")
 
 #: environment variables torchrun sets for every worker
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -31,6 +38,11 @@ BACKENDS = ("auto", "nccl", "gloo")
 
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARS)
+
+
+def is_main_process() -> bool:
+    """Whether this process speaks for the job: rank 0 under torchrun, or a lone process."""
+    return not launched_by_torchrun() or os.environ["RANK"] == "0"
 
 
 def restart_count() -> int:
@@ -83,7 +95,7 @@ class DistContext:
         collective_device = torch.device("cpu")
         if name == "nccl":
             if not torch.cuda.is_available():
-                raise ValueError("the nccl backend needs CUDA; use --backend gloo on CPUs")
+                raise ConfigError("the nccl backend needs CUDA; use --backend gloo on CPUs")
             torch.cuda.set_device(local_rank)
             collective_device = torch.device("cuda", local_rank)
         if not torch.distributed.is_initialized():
@@ -107,6 +119,20 @@ class DistContext:
     @property
     def active(self) -> bool:
         return self.world_size > 1 and torch.distributed.is_initialized()
+
+    def from_main(self, produce: Callable[[], T]) -> T:
+        """``produce()``, run by rank 0 alone, on every rank; a UserError it raises is raised on
+        every rank, so that all of them stop alike (rank 0 reads files, the others receive)."""
+        outcome: Any = None
+        if self.is_main:
+            try:
+                outcome = ("ok", produce())
+            except UserError as error:
+                outcome = ("error", error)
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "error":
+            raise outcome[1]
+        return outcome[1]
 
     def _require(self) -> None:
         if not torch.distributed.is_initialized():
@@ -162,3 +188,14 @@ class DistContext:
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    def __enter__(self) -> DistContext:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,7 +1,8 @@
-"""Loading a finished (or running) run for evaluation and sampling."""
+"""Loading a finished (or running) run for evaluation, sampling and visualisation."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nestrnn.config import load_config, load_yaml, section, task_class
+from nestrnn.config import ConfigError, check_device, load_config, load_yaml, model_changes, section
 from nestrnn.engine import rundir as rd
+from nestrnn.engine.build import build_task, load_weights, model_settings
 from nestrnn.engine.trainer import resolve_device
 
 
@@ -37,31 +39,46 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
 def load_run(
     run_dir: str | Path,
     which: str = "best",
-    overrides: tuple[str, ...] | list[str] = (),
+    overrides: Sequence[str] = (),
     device: str | None = None,
     prepare: bool = True,
 ) -> LoadedRun:
     """Rebuild the task and model of a run from its checkpoint (and its config, with overrides).
 
+    The model is the checkpoint's: a ``config.yaml`` or an override that changes it is a
+    ConfigError (only ``model.backend``, ``model.dropout`` and ``model.lstm_impl`` may differ).
     ``prepare=False`` skips loading the data set (enough for sampling from a language model).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run directory {run_dir}")
+        raise rd.RunDirError(f"no run directory {run_dir}")
+    if device is not None:
+        check_device(device, "--device")
     path = checkpoint_path(run_dir, which)
     checkpoint = rd.load_checkpoint(path, "cpu")
-    saved = run_dir / rd.CONFIG
-    base = OmegaConf.to_container(
-        load_yaml(saved) if saved.exists() else OmegaConf.create(checkpoint["config"])
+    trained = load_config(
+        [], [], base=OmegaConf.to_container(OmegaConf.create(checkpoint["config"]))
     )
+    saved = run_dir / rd.CONFIG
+    base = OmegaConf.to_container(load_yaml(saved) if saved.exists() else trained)
+    _check_same_model(trained, load_config([], [], base=base), f"{saved} (edited?)", path)
     config = load_config([], list(overrides), base=base)
+    _check_same_model(trained, config, "the overrides", path)
     torch_device = resolve_device(device or config.train.device)
-    task = task_class(config.task.name)(OmegaConf.to_object(config.task), seed=config.train.seed)
-    task.load_state_dict(checkpoint["task"])
-    if prepare:
-        task.prepare()
-    hidden = checkpoint["model_meta"]["hidden_size"]
-    model = task.build_model(section(config, "model"), hidden)
-    model.load_state_dict(checkpoint["model"])
+    task = build_task(config, checkpoint["task"], prepare)
+    with model_settings():
+        model = task.build_model(section(config, "model"), checkpoint["model_meta"]["hidden_size"])
+    load_weights(model, checkpoint["model"], path)
     model.to(torch_device).eval()
     return LoadedRun(config, task, model, checkpoint, path, torch_device)
+
+
+def _check_same_model(trained: DictConfig, config: DictConfig, source: str, path: Path) -> None:
+    changed = model_changes(trained, config)
+    if trained.task.name != config.task.name:
+        changed.insert(0, f"task.name: {trained.task.name!r} -> {config.task.name!r}")
+    if changed:
+        raise ConfigError(
+            f"{source} would change the model trained in {path} ({'; '.join(changed)}); the "
+            "checkpoint fixes the task and the model"
+        )

@@ -10,9 +10,12 @@ Layout::
         last.pt            the latest checkpoint (everything needed to resume exactly)
         best.pt            the model with the best validation metric so far
         summary.json       the final result
+        .lock              locked while a process writes the run; holds that process's pid
 
-Checkpoints are written atomically (a temporary file in the same folder, then ``os.replace``) and
-read with ``torch.load(weights_only=True)``: they hold only tensors and plain Python containers.
+Checkpoints and the other files are written atomically (a temporary file in the same folder, then
+``os.replace``) and checkpoints are read with ``torch.load(weights_only=True)``: they hold only
+tensors and plain Python containers. A write that fails (a full disk, a read-only folder) is a
+one-line :class:`RunDirError` and leaves the previous file as it was.
 """
 
 from __future__ import annotations
@@ -20,19 +23,23 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib.metadata
+import io
 import json
 import math
 import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from nestrnn.data_utils import atomic_write
+from nestrnn.data_utils import atomic_write, temporaries_of
+from nestrnn.engine.lock import DirectoryLock
+from nestrnn.errors import UserError
 
 CONFIG = "config.yaml"
 ENVIRONMENT = "environment.json"
@@ -40,7 +47,18 @@ METRICS = "metrics.jsonl"
 LAST = "last.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
+LOCK = ".lock"
+#: the files a run writes (what --overwrite replaces; the lock file stays)
+RUN_FILES = (CONFIG, ENVIRONMENT, METRICS, LAST, BEST, SUMMARY)
 FORMAT = "nestrnn-checkpoint/1"
+
+
+class CheckpointError(UserError, ValueError):
+    """A file that is not a readable nestrnn checkpoint, or one that does not fit the run."""
+
+
+class RunDirError(UserError):
+    """A run directory that cannot be used as asked: taken, busy, not writable, full."""
 
 
 def default_run_dir(task: str, root: str | Path = "runs") -> Path:
@@ -54,14 +72,45 @@ def default_run_dir(task: str, root: str | Path = "runs") -> Path:
     return path
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings ("nan", "inf"): JSON has no literal for them."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf": JSON has no literal for them
+        return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a torn last line (a kill or a full disk in the middle
+    of a write) is left out, any other line that is not a JSON object is a RunDirError."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number < len(lines):  # a complete line (the file continues after it)
+            raise RunDirError(f"{path}, line {number} is not a JSON record; repair or remove it")
+    return records
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` (full disk, read-only folder) into a RunDirError."""
+    try:
+        yield
+    except OSError as error:
+        raise RunDirError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 class RunDir:
@@ -74,68 +123,105 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def create(self) -> None:
-        if self.is_main:
+    # -- what is there
+
+    def holds_run(self) -> bool:
+        """Whether any file of a run is here (a finished, running, or killed one)."""
+        return any((self.path / name).exists() for name in RUN_FILES)
+
+    def resumable(self) -> bool:
+        """Whether a run can continue from here (its configuration and ``last.pt``)."""
+        return (self.path / CONFIG).is_file() and (self.path / LAST).is_file()
+
+    def check_new_run(self, replace: str) -> None:
+        """RunDirError unless a new run may start here: ``replace`` is ``"nothing"``,
+        ``"incomplete"`` (a run without a checkpoint) or ``"any"`` (see :class:`Trainer`)."""
+        self.check_is_directory()
+        if replace != "any" and (self.path / LAST).exists():
+            raise RunDirError(
+                f"{self.path} already holds a run (with {LAST}); continue it with --resume "
+                f"{self.path}, replace it with --overwrite, or choose another --run-dir"
+            )
+        if replace == "nothing" and self.holds_run():
+            raise RunDirError(
+                f"{self.path} holds the files of a run that saved no checkpoint; start it again "
+                "with --overwrite (or --resume auto), or choose another --run-dir"
+            )
+
+    def check_is_directory(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a run directory")
+
+    def check_not_busy(self) -> None:
+        """LockError when another process is writing this run (writes nothing)."""
+        DirectoryLock.check_free(self.path / LOCK, f"the run directory {self.path}")
+
+    def lock(self) -> DirectoryLock:
+        """Create the directory if needed and hold its lock (LockError when another process
+        holds it); release it with ``.release()`` or a ``with`` block."""
+        self.check_is_directory()
+        with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
+        return DirectoryLock.acquire(self.path / LOCK, f"the run directory {self.path}")
+
+    # -- writing (with the lock held)
+
+    def remove_leftovers(self) -> None:
+        """Remove temporary files of atomic writes that a killed process left."""
+        for name in RUN_FILES:
+            for leftover in temporaries_of(self.path / name):
+                with writing(leftover):
+                    leftover.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove the files of a previous run (``--overwrite``); other files stay."""
+        self.remove_leftovers()
+        for name in RUN_FILES:
+            with writing(self.path / name):
+                (self.path / name).unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> None:
         if self.is_main:
-            with atomic_write(self.path / name, "w") as handle:
+            with writing(self.path / name), atomic_write(self.path / name, "w") as handle:
                 handle.write(text)
 
     def write_json(self, name: str, data: Any) -> None:
-        self.write_text(name, json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
+        self.write_text(name, json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n")
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl."""
         if self.is_main:
-            with open(self.path / METRICS, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(_json_safe(record)) + "\n")
+            path = self.path / METRICS
+            with writing(path), open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(json_safe(record)) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return read_records(self.path / METRICS)
 
     def truncate_records(self, step: int) -> None:
-        """Drop records written after optimizer step ``step`` (before resuming from there)."""
+        """Drop records written after optimizer step ``step`` (before resuming from there), and
+        a torn last line."""
         if not self.is_main or not (self.path / METRICS).exists():
             return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        self.write_text(METRICS, "".join(json.dumps(_json_safe(r)) + "\n" for r in kept))
+        self.write_text(METRICS, "".join(json.dumps(json_safe(r)) + "\n" for r in kept))
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
         if self.is_main:
-            with atomic_write(self.path / name) as handle:
-                torch.save(payload, handle)
-                _test_pause(self.path / name)
+            buffer = io.BytesIO()  # serialised first: a failed write is then a plain OSError
+            torch.save(payload, buffer)
+            with writing(self.path / name), atomic_write(self.path / name) as handle:
+                handle.write(buffer.getbuffer())
 
     def load_checkpoint(self, name: str = LAST, map_location: Any = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.path / name, map_location)
-
-
-def _test_pause(path: Path) -> None:
-    """Test hook: ``NESTRNN_TEST_CHECKPOINT_PAUSE=SECONDS`` sleeps inside the atomic write of a
-    checkpoint that replaces an existing one (temporary file written, ``os.replace`` not yet done),
-    after printing ``NESTRNN_TEST_CHECKPOINT_PAUSE <path>`` so that a test can kill the process."""
-    seconds = os.environ.get("NESTRNN_TEST_CHECKPOINT_PAUSE")
-    if seconds and path.exists():
-        import time
-
-        print(f"NESTRNN_TEST_CHECKPOINT_PAUSE {path}", flush=True)
-        time.sleep(float(seconds))
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable nestrnn checkpoint."""
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); a clear error when it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:

@@ -8,7 +8,13 @@ model, optimizer, schedule, every RNG state, the data position (the global step:
 pure function of ``k``), the carried state and the partial metric sums.
 
 A non-finite loss or gradient norm stops the run with :class:`TrainingDiverged` before the optimizer
-step, so the checkpoints on disk stay the last good ones.
+step, so the checkpoints on disk stay the last good ones. A SIGTERM or SIGINT (see
+:mod:`nestrnn.engine.stopping`) stops it at the end of the current step, with ``last.pt`` saved
+there.
+
+Building a :class:`Trainer` checks everything (the configuration against the data and the
+checkpoint, the memory the run needs) and writes nothing; :meth:`Trainer.fit` takes the run
+directory (its lock: one writer at a time) and writes.
 
 Under ``torchrun`` (a :class:`~nestrnn.engine.distributed.DistContext` with ``world_size > 1``)
 the model is wrapped in ``DistributedDataParallel``, each rank trains on its rows of the global
@@ -18,23 +24,28 @@ batch, metric sums are all-reduced, and rank 0 alone writes; checkpoints hold th
 
 from __future__ import annotations
 
+import json
 import math
-import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from nestrnn.config import ConfigError, format_config, section, task_class, to_container
+from nestrnn.config import ConfigError, format_config, model_changes, section, to_container
 from nestrnn.engine import rundir as rd
-from nestrnn.engine.distributed import DistContext, restart_count
+from nestrnn.engine.build import build_task, load_weights, model_settings
+from nestrnn.engine.distributed import DistContext
+from nestrnn.engine.lock import DirectoryLock
+from nestrnn.engine.resources import Workload, check_fits, minimum_parameters, recurrent_levels
 from nestrnn.engine.schedule import LRSchedule, build_optimizer
+from nestrnn.engine.stopping import StopSignals
 from nestrnn.models import Sizing, describe_family, size_model
 
 #: with train.threads=0 ("auto"), CPU runs of models smaller than this use one thread
@@ -45,10 +56,17 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradients became non-finite; the message says what to do."""
 
 
+#: what a new run may replace in its directory: nothing, the files of a run that saved no
+#: checkpoint (``--resume auto``), or any run (``--overwrite``)
+Replace = Literal["nothing", "incomplete", "any"]
+
+
 @dataclass
 class Summary:
     run_dir: Path
-    reason: str  # completed | early_stopping | max_steps | stopped
+    #: completed | early_stopping | max_steps | stopped (fit's stop_at) | interrupted (a signal) |
+    #: already_finished (a resumed run with nothing left to do: nothing was written)
+    reason: str
     epochs: int
     steps: int
     elapsed: float
@@ -56,6 +74,7 @@ class Summary:
     best: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     primary_metric: str = "loss"
+    signal: int = 0  # the number of the signal that interrupted the run
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -92,29 +111,21 @@ def _detach(state: Any) -> Any:
     return type(state)(_detach(s) for s in state)
 
 
-#: model settings a resumed run may change (everything else must match the checkpoint)
-RESUME_MAY_CHANGE = ("backend", "dropout", "lstm_impl")
-
-
 def _check_resumable(saved: DictConfig, config: DictConfig) -> None:
     """Raise ConfigError when ``config`` changes what the checkpoint was built with."""
     if saved.task.name != config.task.name:
         raise ConfigError(
             f"cannot resume a {saved.task.name} run as task {config.task.name}; start a new run"
         )
-    old, new = to_container(saved.model), to_container(config.model)
-    changed = [
-        f"model.{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)
-    ]
+    changed = model_changes(saved, config)
     if changed:
         raise ConfigError(
             "the model cannot change when resuming (" + "; ".join(changed) + "); start a new run"
         )
 
 
-def _fmt(metrics: dict[str, float], keys: list[str] | None = None) -> str:
+def format_metrics(metrics: dict[str, float], keys: list[str] | None = None) -> str:
+    """``"loss 1.2345 bpc 1.7810 error 12.50"``: metrics as printed on the console."""
     keys = keys or list(metrics)
     parts = []
     for key in keys:
@@ -165,8 +176,12 @@ class Trainer:
 
     Args:
         config: a resolved configuration (:func:`nestrnn.config.load_config`).
-        run_dir: where the run's files go (created when missing).
+        run_dir: where the run's files go (created by :meth:`fit` when missing).
         resume: continue from ``run_dir/last.pt``.
+        replace: for a new run, what it may replace in ``run_dir``: ``"nothing"`` (the default:
+            a directory holding a run is an error), ``"incomplete"`` (the files of a run that
+            saved no checkpoint) or ``"any"`` (any previous run: ``--overwrite``).
+        allow_data_change: resume even when the task's data differs from the checkpoint's.
         dist: the process topology (single process by default).
         echo: where progress lines go (``print``-like; None: silent).
     """
@@ -177,6 +192,8 @@ class Trainer:
         run_dir: str | Path,
         *,
         resume: bool = False,
+        replace: Replace = "nothing",
+        allow_data_change: bool = False,
         dist: DistContext | None = None,
         echo: Callable[[str], None] | None = print,
     ) -> None:
@@ -186,7 +203,14 @@ class Trainer:
         self.train_cfg = section(config, "train")
         self.dist = dist or DistContext.single()
         self.run = rd.RunDir(run_dir, self.dist.is_main)
+        self.replace = replace
+        #: whether run_dir holds this run already (resumed, or written by an earlier fit)
+        self._continues = resume
         self._echo = echo
+        self._lock: DirectoryLock | None = None
+        self._stop: StopSignals | None = None
+        self._stop_agreed = False
+        self._last_stamp: tuple[int, ...] | None = None  # the last.pt this trainer knows
         tc = self.train_cfg
         self.device = resolve_device(tc.device)
         if self.dist.world_size > 1:
@@ -206,34 +230,31 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         rd.seed_everything(tc.seed)
 
-        checkpoint = self._load_shared(rd.LAST) if resume else None
+        checkpoint = self.dist.from_main(self._read_last) if resume else None
         if checkpoint is not None:
             _check_resumable(OmegaConf.create(checkpoint["config"]), config)
-        options = OmegaConf.to_object(config.task)
-        try:
-            self.task = task_class(config.task.name)(options, seed=tc.seed)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        if checkpoint is not None:
-            self.task.load_state_dict(checkpoint["task"])
-        try:
-            self.task.prepare()
-        except ValueError as error:  # options that do not fit the data (DataError passes)
-            raise ConfigError(str(error)) from None
+        self.task = build_task(config, None if checkpoint is None else checkpoint["task"])
+        self.data_fingerprint = self.task.data_fingerprint()
+        if checkpoint is not None and not allow_data_change:
+            self._check_same_data(checkpoint.get("data_fingerprint"))
 
-        if checkpoint is not None:
-            meta = checkpoint["model_meta"]
-            self.sizing = Sizing(
-                meta["family"], meta["hidden_size"], meta["params"], meta["target"]
-            )
-        else:
-            try:
+        with model_settings():
+            if checkpoint is not None:
+                meta = checkpoint["model_meta"]
+                self.sizing = Sizing(
+                    meta["family"], meta["hidden_size"], meta["params"], meta["target"]
+                )
+            else:
+                if not self.model_cfg.target_params:  # refuse a huge model before building it
+                    self._check_memory(
+                        minimum_parameters(self.model_cfg), self.model_cfg.hidden_size
+                    )
                 self.sizing = size_model(self.model_cfg, self.task.build_model)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-        if not tc.threads and self.device.type == "cpu" and self.sizing.params < SMALL_MODEL:
-            torch.set_num_threads(1)  # tiny recurrent models run fastest on one thread
-        self.model = self.task.build_model(self.model_cfg, self.sizing.hidden_size).to(self.device)
+            self._check_memory(self.sizing.params, self.sizing.hidden_size)
+            if not tc.threads and self.device.type == "cpu" and self.sizing.params < SMALL_MODEL:
+                torch.set_num_threads(1)  # tiny recurrent models run fastest on one thread
+            model = self.task.build_model(self.model_cfg, self.sizing.hidden_size)
+        self.model = model.to(self.device)
         if self.dist.rank:  # its own dropout masks (the model is rank 0's: DDP broadcasts it)
             rd.seed_everything(tc.seed + 7919 * self.dist.rank)
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
@@ -267,12 +288,7 @@ class Trainer:
 
         if checkpoint is not None:
             self._restore(checkpoint)
-            self.run.truncate_records(self.global_step)
             del checkpoint
-        else:
-            self.run.create()
-            self.run.write_json(rd.ENVIRONMENT, rd.environment(self.device))
-        self.run.write_text(rd.CONFIG, format_config(config))  # with a resume's overrides
         self.net: torch.nn.Module = self.model  # what training calls: DDP over the processes
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -280,24 +296,83 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
 
-    def _load_shared(self, name: str, missing_ok: bool = False) -> dict[str, Any] | None:
-        """Rank 0 reads checkpoint ``name`` and sends it to every rank (same errors everywhere);
-        None when it is missing and ``missing_ok``."""
-        result: Any = None
-        if self.dist.is_main:
-            try:
-                if missing_ok and not (self.run / name).exists():
-                    result = ("ok", None)
-                else:
-                    result = ("ok", self.run.load_checkpoint(name))
-            except (FileNotFoundError, ValueError) as error:
-                result = (type(error).__name__, str(error))
-        result = self.dist.broadcast(result)
-        if result[0] == "FileNotFoundError":
-            raise FileNotFoundError(result[1])
-        if result[0] != "ok":
-            raise rd.CheckpointError(result[1])
-        return result[1]
+    # ------------------------------------------------------------------ checks before writing
+
+    def _read_last(self) -> dict[str, Any]:
+        """``last.pt`` (rank 0), noting which file it was: :meth:`fit` checks that no other
+        process replaced it in between."""
+        checkpoint = self.run.load_checkpoint(rd.LAST)
+        self._last_stamp = _stamp(self.run / rd.LAST)
+        return checkpoint
+
+    def _check_same_data(self, saved: str | None) -> None:
+        if saved is not None and self.data_fingerprint not in (None, saved):
+            raise ConfigError(
+                f"the data of task {self.config.task.name} differs from the data {self.run.path} "
+                f"was trained on (fingerprint {self.data_fingerprint[:12]}, checkpoint "
+                f"{saved[:12]}); restore the original data, start a new run, or pass "
+                "--allow-data-change to continue on this data"
+            )
+
+    def _check_memory(self, params: int, hidden_size: int) -> None:
+        tc = self.train_cfg
+        steps = tc.bptt if self.task.carries_state else self._sequence_length()
+        check_fits(
+            Workload(params, self.optim_cfg.name, tc.batch_size // self.dist.world_size, steps,
+                     hidden_size, recurrent_levels(self.model_cfg)),
+            self.device,
+        )  # fmt: skip
+
+    def _sequence_length(self) -> int:
+        inputs = self.task.train_batch(0, 1, self.train_cfg.bptt).inputs
+        return int(inputs.shape[1]) if inputs.dim() > 1 else 1
+
+    # ------------------------------------------------------------------ the run directory
+
+    def _take_run_dir(self) -> None:
+        """Lock the run directory (rank 0), check that it is still what this trainer was built
+        for, and write the start of the run; the lock is held until :meth:`fit` ends."""
+        lock = self.run.lock()
+        try:
+            if self._continues:
+                if _stamp(self.run / rd.LAST) != self._last_stamp:
+                    raise rd.RunDirError(
+                        f"{self.run / rd.LAST} was replaced by another process since this one "
+                        "read it; run the command again"
+                    )
+                self.run.remove_leftovers()
+                self.run.truncate_records(self.global_step)
+            else:
+                self.run.check_new_run(self.replace)
+                self.run.clear()
+                self.run.write_json(rd.ENVIRONMENT, rd.environment(self.device))
+            self.run.write_text(rd.CONFIG, format_config(self.config))  # with a resume's overrides
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        self._continues = True
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a resumed run that has nothing left to do (None: there is work)."""
+        tc = self.train_cfg
+        done = (
+            self.epoch >= tc.epochs
+            or (tc.max_steps and self.global_step >= tc.max_steps)
+            or (tc.early_stopping and self.bad_epochs >= tc.early_stopping)
+        )
+        if not (self._continues and done):
+            return None
+        try:
+            summary = json.loads((self.run / rd.SUMMARY).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):  # none (killed before it), or a torn one
+            return None
+        return summary if summary.get("steps") == self.global_step else None
 
     # ------------------------------------------------------------------ output
 
@@ -345,6 +420,7 @@ class Trainer:
                 "target": self.sizing.target,
             },
             "task": self.task.state_dict(),
+            "data_fingerprint": self.data_fingerprint,
             "config": OmegaConf.to_yaml(to_container(self.config)),
             "position": {
                 "epoch": self.epoch,
@@ -391,11 +467,13 @@ class Trainer:
                     else [torch.cat(parts, dim=-2) for parts in zip(*carries)]
                 )  # fmt: skip
             self.run.save_checkpoint(name, payload)
+            if full:
+                self._last_stamp = _stamp(self.run / rd.LAST)
         if full:
             self.last_checkpoint_step = self.global_step
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], self.run / rd.LAST)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         position, metrics, progress = ckpt["position"], ckpt["metrics"], ckpt["progress"]
@@ -452,13 +530,17 @@ class Trainer:
         output, new_state = self.net(batch.inputs, state)
         loss, stats = self.task.loss(output, batch)
         keys = sorted(stats)
+        # a stop request rides along with the statistics: every rank stops after the same step
+        stop = float(self._stop is not None and self._stop.received is not None)
         values = torch.stack(
-            [loss.detach().double(), *(stats[k].to(loss.device).double() for k in keys)]
-        )
+            [loss.detach().double(), *(stats[k].to(loss.device).double() for k in keys),
+             torch.tensor(stop, dtype=torch.float64, device=loss.device)]
+        )  # fmt: skip
         if self.dist.world_size > 1:  # sums over the ranks; the loss: the mean of equal shards
             values = self.dist.all_reduce_tensor(values)
             values[0] /= self.dist.world_size
         values = values.tolist()
+        self._stop_agreed = values[-1] > 0
         if not math.isfinite(values[0]):
             raise self._diverged("loss", values[0])
         self.optimizer.zero_grad(set_to_none=True)
@@ -471,8 +553,7 @@ class Trainer:
         self.carry = _detach(new_state) if self.task.carries_state else None
         self.global_step += 1
         self.step_in_epoch += 1
-        _test_crash(self.dist.rank, self.global_step)
-        step_stats = dict(zip(keys, values[1:]))
+        step_stats = dict(zip(keys, values[1:-1]))
         self._accumulate(self.epoch_stats, step_stats)
         self._accumulate(self.log_stats, step_stats)
         if self.global_step % tc.log_every == 0:
@@ -498,7 +579,9 @@ class Trainer:
         return tqdm(
             total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
             desc=f"epoch {self.epoch + 1}/{self.train_cfg.epochs}", file=sys.stderr,
-            disable=not (self.train_cfg.progress and self.dist.is_main), dynamic_ncols=True,
+            # None: tqdm shows the bar only on a terminal
+            disable=None if self.train_cfg.progress and self.dist.is_main else True,
+            dynamic_ncols=True,
             mininterval=0.25,
         )  # fmt: skip
 
@@ -515,6 +598,8 @@ class Trainer:
                 if stop_at is not None and self.global_step >= stop_at:
                     return "stopped"
                 loss, _ = self.train_step()
+                if self._stop_agreed:
+                    return "interrupted"
                 bar.update(1)
                 if bar.n % 5 == 0 or self.step_in_epoch == self.steps_per_epoch:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.schedule.lr:.2g}", refresh=False)
@@ -557,15 +642,33 @@ class Trainer:
         keys = [k for k in valid if k != "baseline"]
         self.log(
             f"epoch {self.epoch:>{len(str(self.train_cfg.epochs))}}/{self.train_cfg.epochs}"
-            f" | train {_fmt(train_metrics, [k for k in keys if k in train_metrics])}"
-            f" | valid {_fmt(valid, keys)} | lr {self.schedule.lr:.2g} | {seconds:.1f}s"
+            f" | train {format_metrics(train_metrics, [k for k in keys if k in train_metrics])}"
+            f" | valid {format_metrics(valid, keys)} | lr {self.schedule.lr:.2g} | {seconds:.1f}s"
             + ("  *" if better else "")
         )
         patience = self.train_cfg.early_stopping
         return bool(patience and self.bad_epochs >= patience)
 
-    def fit(self, stop_at: int | None = None) -> Summary:
-        """Train to the end (or to global step ``stop_at``, leaving a checkpoint to resume from)."""
+    def fit(self, stop_at: int | None = None, stop: StopSignals | None = None) -> Summary:
+        """Train to the end, or to global step ``stop_at``, or until ``stop`` receives a signal
+        (then ``last.pt`` holds the current step). The run directory stays locked meanwhile.
+
+        A resumed run with nothing left to do (its summary written) changes nothing and returns
+        a summary with reason ``already_finished``."""
+        finished = self.dist.from_main(self._finished_summary)
+        if finished is not None:
+            return Summary(self.run.path, "already_finished", self.epoch, self.global_step,
+                           self.elapsed, self.best_epoch, self.best_metrics,
+                           finished.get("test") or {}, self.task.primary_metric)  # fmt: skip
+        self.dist.from_main(self._take_run_dir)
+        self._stop = stop
+        try:
+            return self._fit(stop_at)
+        finally:
+            self._stop = None
+            self._release_run_dir()
+
+    def _fit(self, stop_at: int | None) -> Summary:
         tc = self.train_cfg
         reason = "completed"
         if self.global_step and self.epoch < tc.epochs:
@@ -582,10 +685,17 @@ class Trainer:
                 reason = "early_stopping"
                 self.log(f"early stopping: no improvement in {tc.early_stopping} epochs")
                 break
-        if reason == "stopped":
-            self.run.log({"event": "stopped", "step": self.global_step, "epoch": self.epoch + 1})
+        if reason in ("stopped", "interrupted"):
+            record: dict[str, Any] = {"event": "stopped", "step": self.global_step,
+                                      "epoch": self.epoch + 1}  # fmt: skip
+            signum = 0
+            if reason == "interrupted":  # a rank stopped by another's signal reports SIGTERM
+                signum = (self._stop and self._stop.received) or signal.SIGTERM
+                record["signal"] = signal.Signals(signum).name
+            self.run.log(record)
             return Summary(self.run.path, reason, self.epoch, self.global_step, self.elapsed,
-                           self.best_epoch, self.best_metrics, {}, self.task.primary_metric)  # fmt: skip
+                           self.best_epoch, self.best_metrics, {}, self.task.primary_metric,
+                           int(signum))  # fmt: skip
         test: dict[str, float] = {}
         if tc.test:
             test = self.test()
@@ -601,30 +711,22 @@ class Trainer:
 
     def test(self) -> dict[str, float]:
         """Evaluate the best checkpoint (or the current model) on the test split."""
-        source = "best checkpoint"
-        best = self._load_shared(rd.BEST, missing_ok=True)
+        best_path = self.run / rd.BEST
+        best = self.dist.from_main(
+            lambda: self.run.load_checkpoint(rd.BEST) if best_path.exists() else None
+        )
         if best is not None:
-            try:
-                self.model.load_state_dict(best["model"])
-            except (KeyError, RuntimeError) as error:
-                raise rd.CheckpointError(
-                    f"{self.run / rd.BEST} does not fit the model ({type(error).__name__})"
-                ) from None
-        else:
-            source = "current model"
+            load_weights(self.model, best["model"], best_path)
+        source = "best checkpoint" if best is not None else "current model"
         metrics = self.evaluate("test", max_batches=0)
         self.run.log({"event": "test", "step": self.global_step, "source": source, **metrics})
         return metrics
 
 
-def _test_crash(rank: int, step: int) -> None:
-    """Test hook: ``NESTRNN_TEST_CRASH=RANK:STEP`` kills rank RANK after step STEP, once (only in
-    the first attempt of an elastic job), to check that torchrun's restarts resume the run."""
-    spec = os.environ.get("NESTRNN_TEST_CRASH")
-    if not spec or restart_count() > 0:
-        return
-    crash_rank, _, crash_step = spec.partition(":")
-    if int(crash_rank) == rank and int(crash_step) == step:
-        sys.stderr.write(f"NESTRNN_TEST_CRASH: rank {rank} exits after step {step}\n")
-        sys.stderr.flush()
-        os._exit(1)
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """Which file is at ``path`` (inode, size, modification time); None when there is none."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)

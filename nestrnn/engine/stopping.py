@@ -1,0 +1,62 @@
+"""Stopping a run cleanly on SIGTERM (what schedulers send first) and SIGINT (Ctrl-C).
+
+While a :class:`StopSignals` block is active, a SIGTERM or SIGINT only records a request; the
+trainer sees it at the end of the current optimizer step, saves ``last.pt`` there and stops. More
+SIGTERMs change nothing (a scheduler may signal every process of a job, and torchrun then signals
+its workers again); a second SIGINT acts at once, as Ctrl-C does (the checkpoint on disk stays
+whole: it is written atomically).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+#: the signals that ask a run to stop at the next consistent point
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_status(signum: int) -> int:
+    """The conventional exit status of a process stopped by signal ``signum`` (128 + number)."""
+    return 128 + signum
+
+
+class StopSignals:
+    """Records the first SIGTERM/SIGINT received inside the ``with`` block (main thread only;
+    elsewhere it records nothing and signals keep their handlers)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """The received signal's name ("SIGTERM"), or "" when none came."""
+        return signal.Signals(self.received).name if self.received else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts
+            signal.signal(signum, self._previous.pop(signum))
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._restore()

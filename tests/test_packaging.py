@@ -1,0 +1,58 @@
+"""The wheel: the experiment configs are package data, and ``-c NAME`` finds them in an installed
+copy, far from any checkout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers_tasks import REPO
+
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The project's wheel, built from a copy of the source and unpacked into a folder."""
+    pytest.importorskip("setuptools")
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".*", "build", "dist", "*.egg-info", "__pycache__", "runs", "tests", "benchmarks"))  # fmt: skip
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+         "--quiet", "--wheel-dir", str(root / "dist")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (root / "dist").glob("nestrnn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert [n for n in names if n.startswith("nestrnn/configs/") and n.endswith(".yaml")] == [
+        f"nestrnn/configs/{name}" for name in CONFIGS
+    ]
+    site = root / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    return site
+
+
+def _python(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(site))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_bare_config_names_resolve_to_the_package_data(installed: Path, tmp_path: Path) -> None:
+    code = "from nestrnn.config import resolve_config_path as r; print(r('ptb_char'))"
+    result = _python(installed, tmp_path, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == installed / "nestrnn" / "configs" / "ptb_char.yaml"
+
+    printed = _python(installed, tmp_path, "-m", "nestrnn", "train", "-c", "mnist_glimpses",
+                      "--print-config")  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    assert "name: mnist_glimpses" in printed.stdout and "target_params: 250000" in printed.stdout
