@@ -38,14 +38,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nestrnn.errors import UserError, one_line
+from nestrnn.init import RECURRENT_INITS
+from nestrnn.layer import LAYER_BACKENDS
 
 DEFAULT_TASK = "adding"
 FAMILIES = ("nlstm", "lstm", "stacked_lstm")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "plateau", "step", "cosine")
 LSTM_IMPLS = ("torch", "nestrnn")
-MODEL_BACKENDS = ("auto", "generic", "naive", "fused", "triton")
-RECURRENT_INITS = ("orthogonal", "uniform")
+MODEL_BACKENDS = LAYER_BACKENDS
 #: the package that holds the bundled experiment configs (the repository's ``configs/`` folder)
 CONFIGS_PACKAGE = "nestrnn.configs"
 #: deeper nesting is far beyond any experiment and takes minutes to build (Python's recursion
@@ -77,7 +78,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on the recurrent input and output (and between layers)
     forget_bias: float | None = 1.0  # initial forget-gate bias on every level (null: PyTorch init)
     recurrent_init: str = "orthogonal"  # orthogonal | uniform initialisation of recurrent weights
-    backend: str = "auto"  # NestedLSTM backend: auto | generic | naive | fused | triton
+    backend: str = "auto"  # NestedLSTM backend (auto, generic, naive, fused, an op implementation)
     lstm_impl: str = "torch"  # lstm/stacked_lstm: torch (nn.LSTM, cuDNN on GPU) | nestrnn (depth 1)
 
 
