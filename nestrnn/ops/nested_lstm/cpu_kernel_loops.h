@@ -322,14 +322,14 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
 
 /* ---------------------------------------------------------------------------------------------
  * One step of the outer LSTM around a memory function written in Python (ops/outer_lstm): the
- * pointwise math before and after the memory function, and its backward. ``rows`` (B, 4H) tiles
- * are row-major; z holds the step's pre-activations on entry to outer_gates (the GEMMs are the
+ * pointwise math before the memory function, and its backward. ``rows`` (B, 4H) tiles are
+ * row-major; z holds the step's pre-activations on entry to outer_gates (the GEMMs are the
  * caller's), its activated gates afterwards. Codes as in the loops above.
  * ------------------------------------------------------------------------------------------- */
 
-/* z: activate; gc = f * c_prev, gi = i * g */
+/* z: activate; gc = f * c_prev, gi = i * g, o = the output gate */
 int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, REAL *z,
-                            const REAL *c_prev, REAL *gc, REAL *gi) {
+                            const REAL *c_prev, REAL *gc, REAL *gi, REAL *o) {
     for (int64_t b = 0; b < rows; b++) {
         REAL *zr = z + b * 4 * H;
         SFX(activate)(gate, zr, 2 * H);
@@ -339,48 +339,20 @@ int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, 
         for (int64_t u = 0; u < H; u++) {
             gc[b * H + u] = zr[H + u] * c_prev[b * H + u];
             gi[b * H + u] = zr[u] * zr[2 * H + u];
+            o[b * H + u] = zr[3 * H + u];
         }
     }
     return 0;
 }
 
-/* act_c = act(c); h = o * act_c */
-int SFX(nlstm_outer_output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, const REAL *c,
-                             REAL *act_c, REAL *h) {
-    memcpy(act_c, c, (size_t)(rows * H) * sizeof(REAL));
-    SFX(activate)(cell, act_c, rows * H);
-    for (int64_t b = 0; b < rows; b++) {
-        const REAL *o = z + b * 4 * H + 3 * H;
-#pragma omp simd
-        for (int64_t u = 0; u < H; u++)
-            h[b * H + u] = o[u] * act_c[b * H + u];
-    }
-    return 0;
-}
-
-/* from dh: the o gate's gradient by its activated value (into dz; outer_gates_backward takes it
- * through the activation) and dc = dh * o * act'(c) */
-int SFX(nlstm_outer_output_backward)(int64_t rows, int64_t H, int32_t cell, const REAL *z,
-                                      const REAL *act_c, const REAL *dh, REAL *dz, REAL *dc) {
-    for (int64_t b = 0; b < rows; b++) {
-        const REAL *o = z + b * 4 * H + 3 * H;
-        REAL *d_o = dz + b * 4 * H + 3 * H;
-#pragma omp simd
-        for (int64_t u = 0; u < H; u++) {
-            d_o[u] = dh[b * H + u] * act_c[b * H + u];
-            dc[b * H + u] = dh[b * H + u] * o[u];
-        }
-    }
-    SFX(times_derivative)(cell, act_c, dc, rows * H);
-    return 0;
-}
-
-/* from d(f * c_prev) and d(i * g): the pre-activation gradients of i, f, g and o (whose gradient
- * by its value outer_output_backward left in dz) and dc_prev = d(f * c_prev) * f */
+/* from the gradients of gc = f * c_prev, gi = i * g and o (by their values): the pre-activation
+ * gradients of i, f, g and o (into dz) and dc_prev = d(gc) * f */
 int SFX(nlstm_outer_gates_backward)(int64_t rows, int64_t H, int32_t gate, int32_t cand,
                                      const REAL *z, const REAL *c_prev, const REAL *d_gc,
-                                     const REAL *d_gi, REAL *dz, REAL *dc_prev) {
+                                     const REAL *d_gi, const REAL *d_o, REAL *dz, REAL *dc_prev) {
     const int32_t act[2] = {gate, cand};
+    for (int64_t b = 0; b < rows; b++)
+        memcpy(dz + b * 4 * H + 3 * H, d_o + b * H, (size_t)H * sizeof(REAL));
     SFX(gate_backward)(rows, H, act, z, c_prev, d_gi, H, d_gc, H, dz, dc_prev);
     return 0;
 }

@@ -53,7 +53,7 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 3  # NLSTM_ABI_VERSION in cpu_kernel.c
+ABI_VERSION = 4  # NLSTM_ABI_VERSION in cpu_kernel.c
 _SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
@@ -159,10 +159,8 @@ _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 #: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
 #: rows, H, activation codes, then pointers
 _STEP_ARGTYPES = {
-    "outer_gates": [_I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR],
-    "outer_output": [_I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR],
-    "outer_output_backward": [_I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "outer_gates_backward": [_I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "outer_gates": [_I64, _I64, _I32, _I32, *[_PTR] * 5],
+    "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 7],
 }
 
 _lock = threading.Lock()

@@ -1,22 +1,23 @@
 """The outer LSTM around any memory function, with the outer LSTM's own work fused.
 
-Only the memory function's step goes through autograd; everything of the outer LSTM is done by
-hand, as in the whole-sequence op:
+Only the memory function's step and ``h = o * tanh(c)`` go through autograd; the rest of the
+outer LSTM is done by hand, as in the whole-sequence op:
 
 * ``_Prologue``: the input projection of every step is one GEMM; in the backward (which autograd
   runs after every step's, since every step consumes its output ``token``) the gradients of x and
   of every outer weight are a few large GEMMs over all steps, from the gate gradients ``dz`` the
   steps left in a shared buffer;
-* ``_GatesStep``: per step, ``z += h_{t-1} W_hh^T`` and, in C, the gate activations and the two
-  inputs of the memory function, ``f * c_{t-1}`` and ``i * g``; its backward the i, f, g, o gate
-  gradients (into ``dz``) and the gradients of h_{t-1} (one GEMM) and c_{t-1};
-* the memory function, as the user wrote it (or compiled, see ``outer_lstm``);
-* ``_OutStep``: ``h_t = o * tanh(c_t)`` and, in its backward, the gradient of c_t and of o.
+* ``_GatesStep``: per step, ``z += h_{t-1} W_hh^T`` and, in C, the gate activations, the two
+  inputs of the memory function, ``f * c_{t-1}`` and ``i * g``, and the output gate ``o``; its
+  backward writes the i, f, g, o gate gradients into ``dz`` and returns those of h_{t-1} (one
+  GEMM) and c_{t-1};
+* the memory function, as the user wrote it (or compiled, see ``outer_lstm``), and
+  ``h_t = o * tanh(c_t)``, both plain autograd.
 
-Autograd then runs one backward pass over the whole sequence: one node per step and function
-instead of the ~20 small ops of the naive path, and no weight gradient inside the loop. It runs on
-CPU in float32 and float64 when the CPU kernel is available (see ``applies``); shapes as in
-``naive.py``, without a projection.
+Autograd then runs one backward pass over the whole sequence: one node of ours per step besides
+the memory function's, instead of the ~20 small ops of the naive path, and no weight gradient
+inside the loop. It runs on CPU in float32 and float64 when the CPU kernel is available (see
+``applies``); shapes as in ``naive.py``, without a projection.
 """
 
 from __future__ import annotations
@@ -51,45 +52,30 @@ def applies(x: Tensor, weights: LevelWeights, h0: Tensor, c0: Tensor) -> bool:
 
 class _Sequence:
     """What the steps of one call share: the gate buffer ``gates`` (T, B, 4H), which holds the
-    input projection, then each step's activated gates; ``act_cells`` (T, B, H); the h that
-    entered each step, ``h_prev`` (T, B, H), for the weight gradient; and ``dz`` (T, B, 4H), the
-    gate gradients the steps' backwards leave for the prologue's. Per-step views and addresses
-    are made once here: the steps are small, and each view costs about a microsecond."""
+    input projection, then each step's activated gates; the h that entered each step, ``h_prev``
+    (T, B, H), for the weight gradient; and ``dz`` (T, B, 4H), the gate gradients the steps'
+    backwards leave for the prologue's. Per-step views and addresses are made once here: the
+    steps are small, and each view costs about a microsecond."""
 
-    def __init__(self, x: Tensor, weights: LevelWeights, candidate: str):
+    def __init__(self, x: Tensor, weights: LevelWeights, candidate: str, packed: bool):
         steps, batch, _ = x.shape
         hidden = weights.weight_hh.shape[1]
         self.hidden, self.batch = hidden, batch
         self.w_hh = weights.weight_hh.detach()
         self.w_hh_t = self.w_hh.t()
-        self.gate, self.candidate, self.cell = (
-            activation_code(name) for name in ("sigmoid", candidate, "tanh")
-        )
+        self.gate, self.candidate = activation_code("sigmoid"), activation_code(candidate)
+        # rows of a packed batch that are inactive at a step must read zero in h_prev and dz
+        new = x.new_zeros if packed else x.new_empty
         self.gates = x.new_empty(steps, batch, 4 * hidden)
-        self.act_cells = x.new_empty(steps, batch, hidden)
-        self.h_prev = x.new_zeros(steps, batch, hidden)
-        self.dz = x.new_zeros(steps, batch, 4 * hidden)  # steps autograd never reaches stay 0
+        self.h_prev, self.dz = new(steps, batch, hidden), new(steps, batch, 4 * hidden)
+        self.reached = [False] * steps  # steps whose backward ran (the others' dz must be 0)
         self.gates_at, self.dz_at = self.gates.unbind(0), self.dz.unbind(0)
         self.h_prev_at = self.h_prev.unbind(0)
-        size = x.element_size()
-        self.gates_ptr, self.gates_stride = self.gates.data_ptr(), batch * 4 * hidden * size
-        self.act_ptr, self.act_stride = self.act_cells.data_ptr(), batch * hidden * size
-        self.dz_ptr = self.dz.data_ptr()
+        self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
+        self.stride = batch * 4 * hidden * x.element_size()  # bytes from one step to the next
         kernel = native.kernel()
-        (
-            self.outer_gates,
-            self.outer_output,
-            self.outer_output_backward,
-            self.outer_gates_backward,
-        ) = (
-            kernel.step_function(name, x.dtype)
-            for name in (
-                "outer_gates",
-                "outer_output",
-                "outer_output_backward",
-                "outer_gates_backward",
-            )
-        )
+        self.outer_gates = kernel.step_function("outer_gates", x.dtype)
+        self.outer_gates_backward = kernel.step_function("outer_gates_backward", x.dtype)
 
     def rows_at(self, views: tuple[Tensor, ...], t: int, rows: int) -> Tensor:
         return views[t] if rows == self.batch else views[t][:rows]
@@ -117,20 +103,23 @@ class _Prologue(torch.autograd.Function):
         x, w_ih = ctx.saved_tensors
         seq = ctx.seq
         steps, batch, in_size = x.shape
+        for t, reached in enumerate(seq.reached):  # a loss that did not depend on every step
+            if not reached:
+                seq.dz_at[t].zero_()
+        seq.reached = [False] * steps  # for a second backward through a retained graph
         dz = seq.dz.view(steps * batch, -1)
         need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
         dx = dz.mm(w_ih).view(x.shape) if need_x else None
         dw_ih = dz.t().mm(x.reshape(-1, in_size)) if need_ih else None
         dw_hh = dz.t().mm(seq.h_prev.view(steps * batch, -1)) if need_hh else None
         db = dz.sum(0) if need_bih or need_bhh else None
-        seq.dz.zero_()  # for a second backward through a retained graph
         d_bih = db if need_bih and ctx.has_bias[0] else None
         d_bhh = (db.clone() if d_bih is not None else db) if need_bhh and ctx.has_bias[1] else None
         return None, dx, dw_ih, dw_hh, d_bih, d_bhh
 
 
 class _GatesStep(torch.autograd.Function):
-    """(token, h_{t-1}, c_{t-1}) of the ``rows`` active rows -> ``f * c_{t-1}``, ``i * g``."""
+    """(token, h_{t-1}, c_{t-1}) of the ``rows`` active rows -> ``f * c_{t-1}``, ``i * g``, ``o``."""
 
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
@@ -138,52 +127,27 @@ class _GatesStep(torch.autograd.Function):
         seq.rows_at(seq.gates_at, t, rows).addmm_(h_prev, seq.w_hh_t)
         seq.rows_at(seq.h_prev_at, t, rows).copy_(h_prev)
         c_prev = c_prev.contiguous()
-        gated_cell, gated_input = torch.empty_like(c_prev), torch.empty_like(c_prev)
-        z = seq.gates_ptr + t * seq.gates_stride
-        seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, z, c_prev.data_ptr(),
-                        gated_cell.data_ptr(), gated_input.data_ptr())  # fmt: skip
+        gated_cell, gated_input, out_gate = (torch.empty_like(c_prev) for _ in range(3))
+        seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, seq.gates_ptr + t * seq.stride,
+                        c_prev.data_ptr(), gated_cell.data_ptr(), gated_input.data_ptr(),
+                        out_gate.data_ptr())  # fmt: skip
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
-        return gated_cell, gated_input
+        return gated_cell, gated_input, out_gate
 
     @staticmethod
-    def backward(ctx, d_gated_cell, d_gated_input):
+    def backward(ctx, d_gated_cell, d_gated_input, d_out_gate):
         (c_prev,) = ctx.saved_tensors
         seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
-        d_gated_cell = _grad(d_gated_cell, c_prev)
-        d_gated_input = _grad(d_gated_input, c_prev)
+        grads = [_grad(g, c_prev) for g in (d_gated_cell, d_gated_input, d_out_gate)]
         dc_prev = torch.empty_like(c_prev)
-        z, dz = seq.gates_ptr + t * seq.gates_stride, seq.dz_ptr + t * seq.gates_stride
-        seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, z, c_prev.data_ptr(),
-                                 d_gated_cell.data_ptr(), d_gated_input.data_ptr(), dz,
+        seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate,
+                                 seq.gates_ptr + t * seq.stride, c_prev.data_ptr(),
+                                 *(g.data_ptr() for g in grads), seq.dz_ptr + t * seq.stride,
                                  dc_prev.data_ptr())  # fmt: skip
         dh_prev = seq.rows_at(seq.dz_at, t, rows).mm(seq.w_hh)
+        seq.reached[t] = True
         return c_prev.new_empty(0), dh_prev, dc_prev, None, None
-
-
-class _OutStep(torch.autograd.Function):
-    """The new outer cell c_t of the ``rows`` active rows -> h_t = o * tanh(c_t)."""
-
-    @staticmethod
-    def forward(ctx, cell, seq: _Sequence, t: int):
-        rows = cell.shape[0]
-        cell = cell.contiguous()
-        h = torch.empty_like(cell)
-        z, act = seq.gates_ptr + t * seq.gates_stride, seq.act_ptr + t * seq.act_stride
-        seq.outer_output(rows, seq.hidden, seq.cell, z, cell.data_ptr(), act, h.data_ptr())
-        ctx.seq, ctx.t, ctx.rows = seq, t, rows
-        return h
-
-    @staticmethod
-    def backward(ctx, d_h):
-        seq, t, rows = ctx.seq, ctx.t, ctx.rows
-        d_h = d_h.contiguous()
-        d_cell = torch.empty_like(d_h)
-        z, act = seq.gates_ptr + t * seq.gates_stride, seq.act_ptr + t * seq.act_stride
-        dz = seq.dz_ptr + t * seq.gates_stride
-        seq.outer_output_backward(rows, seq.hidden, seq.cell, z, act, d_h.data_ptr(), dz,
-                                  d_cell.data_ptr())  # fmt: skip
-        return d_cell, None, None
 
 
 def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -192,7 +156,7 @@ def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _check_memory_output(memory: MemoryFunction, cell: Tensor, state, like: Tensor) -> None:
-    """The C step functions read raw memory: check what the memory function returned first."""
+    """The next step's C function reads the cell as raw memory: check it first."""
     if cell.shape != like.shape or cell.dtype != like.dtype or len(state) != memory.num_states:
         raise RuntimeError(
             f"{type(memory).__name__} returned a cell of shape {tuple(cell.shape)} and dtype "
@@ -213,9 +177,9 @@ def outer_lstm_stepwise(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of one layer (shapes as in ``naive.py``); see the module docstring."""
     steps, batch = x.shape[0], x.shape[1]
-    seq = _Sequence(x, weights, candidate_activation)
-    token = _Prologue.apply(seq, x, *weights)
     sizes = [batch] * steps if batch_sizes is None else batch_sizes.tolist()
+    seq = _Sequence(x, weights, candidate_activation, packed=min(sizes, default=batch) < batch)
+    token = _Prologue.apply(seq, x, *weights)
     h, cells = h0, tuple(c0.unbind(0))
     outputs: list[Tensor] = [h0.new_empty(0)] * steps
     for t in time_order(steps, reverse):
@@ -224,10 +188,10 @@ def outer_lstm_stepwise(
             outputs[t] = h.new_zeros(h.shape)
             continue
         active = (h, cells) if rows == batch else (h[:rows], tuple(c[:rows] for c in cells))
-        gated_cell, gated_input = _GatesStep.apply(token, active[0], active[1][0], seq, t)
+        gated_cell, gated_input, out_gate = _GatesStep.apply(token, active[0], active[1][0], seq, t)
         cell, state = memory(gated_cell, gated_input, active[1][1:])
         _check_memory_output(memory, cell, state, gated_cell)
-        h_new = _OutStep.apply(cell, seq, t)
+        h_new = out_gate * torch.tanh(cell)
         if rows == batch:
             h, cells = h_new, (cell, *state)
             outputs[t] = h
