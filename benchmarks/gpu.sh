@@ -20,7 +20,8 @@
 # Results: benchmarks/results/speed_cuda_<dtype>.{json,md} and gpu_run.log (the whole output). With
 # $OUT set (a directory), the log is written there and each result file is copied there as soon as
 # it exists (7 files). Each step gets a timeout within the run's deadline (GPU_SH_SECONDS overrides
-# it); a failing step does not stop the others; the exit status is 1 if any failed.
+# it); a failing step does not stop the others; the exit status is 1 if any failed, 2 without a
+# CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +66,8 @@ mkdir -p "$results"
 log="${OUT:-$results}/gpu_run.log"
 mkdir -p "$(dirname "$log")"
 exec > >(tee -a "$log") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # the log is complete when the script ends
 failed=()
 
 limited() {  # run "$@" with a timeout of at most $1 s, cut to the time left before the deadline
@@ -85,6 +88,10 @@ echo "== gpu.sh $mode, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
     echo "nvidia-smi: not available"
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ "$device" = cuda ] && ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA device here (bash benchmarks/gpu.sh --dry-run runs the steps on CPU)"
+    exit 2
+fi
 
 echo "== 1-2. offline compile for sm_90 and the correctness check, in parallel"
 tmp=$(mktemp -d)
@@ -96,7 +103,7 @@ if [ "$compile_check" = yes ]; then
     names+=(compile_check)
 fi
 for dt in $check_dtypes; do
-    limited 240 "$python" benchmarks/gpu_check.py "${check_args[@]}" --dtypes "$dt" \
+    limited 240 "$python" benchmarks/gpu_check.py ${check_args[@]+"${check_args[@]}"} --dtypes "$dt" \
         > "$tmp/gpu_check_$dt" 2>&1 &
     pids+=($!)
     names+=("gpu_check_$dt")
