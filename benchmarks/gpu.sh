@@ -1,23 +1,134 @@
 #!/usr/bin/env bash
-# Every GPU check and timing in one command, on a CUDA machine with torch and triton:
-#   bash benchmarks/gpu.sh            (results in benchmarks/results/speed_cuda_*.{json,md})
-# 1. the Triton kernels against the naive reference on the real compiler (stops on any failure);
-# 2. NestedLSTM depth 1-3 (Triton backend) against cuDNN nn.LSTM with 1-3 layers, per dtype, at the
-#    shapes of the Triton issue, forward and forward+backward, device-event timing, one process each;
-# 3. the plain per-step PyTorch loop at depth 2, for the "10x faster than the plain loop" goal.
-set -euo pipefail
+# Every GPU check and timing in one command, on a CUDA machine where torch and triton import (nothing
+# else is needed: no pip, no network; PyTorch 2.11 / Triton 3.6 or newer):
+#
+#   bash benchmarks/gpu.sh             the whole run, ended by 540 s at the latest
+#   bash benchmarks/gpu.sh --quick     a shorter second run (fewer cases and repeats), by 300 s
+#   bash benchmarks/gpu.sh --dry-run   its Python steps on CPU at a tiny size, float32, Triton's
+#                                      interpreter (results in $OUT, else a temporary directory)
+#
+# 1. compile_check.py --quick: every kernel through the real compiler for sm_90, offline;
+# 2. gpu_check.py: the Triton kernels against the naive reference (fp32, bf16, fp16; depths 1-3;
+#    dense, packed, reverse; activation variants, bias-free levels; CUDA-graph mode), one process
+#    per dtype in parallel with step 1 (compiling is most of their time); its "timed" cases compile
+#    the kernels that step 3 times into Triton's cache;
+# 3. speed.py per dtype, alone on the GPU: NestedLSTM depth 1-3 on backend triton against cuDNN
+#    nn.LSTM with 1-3 layers, the plain per-step loop (torch_loop) at depth 2, and the per-step
+#    time split at depth 2, at (B, H, T) = (32, 256, 100), (128, 512, 100), (128, 1024, 100),
+#    (256, 1024, 100), (16, 768, 1024); forward and forward+backward, CUDA-event timing.
+#
+# Results: benchmarks/results/speed_cuda_<dtype>.{json,md} and gpu_run.log (the whole output). With
+# $OUT set (a directory), the log is written there and each result file is copied there as soon as
+# it exists (7 files). Each step gets a timeout within the run's deadline (GPU_SH_SECONDS overrides
+# it); a failing step does not stop the others; the exit status is 1 if any failed, 2 without a
+# CUDA device.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-unset TRITON_INTERPRET
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out=benchmarks/results
+
+mode=full
+case "${1:-}" in
+    "") ;;
+    --quick) mode=quick ;;
+    --dry-run) mode=dry-run ;;
+    *) echo "usage: bash benchmarks/gpu.sh [--quick | --dry-run]" >&2; exit 2 ;;
+esac
+
+python=$(command -v python || command -v python3)
 shapes=32x256x100,128x512x100,128x1024x100,256x1024x100,16x768x1024
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python benchmarks/gpu_check.py
-for dtype in float32 bfloat16 float16; do
-    python benchmarks/speed.py --device cuda --backend triton --dtype "$dtype" --shapes "$shapes" \
-        --repeats 11 --json "$out/speed_cuda_$dtype.json" --markdown "$out/speed_cuda_$dtype.md"
+dtypes="float32 bfloat16 float16"
+check_dtypes="fp32 bf16 fp16"
+device=cuda
+results=benchmarks/results
+compile_check=yes
+check_args=()
+speed_args=(--repeats 11 --budget 15 --plain-loop-repeats 2)
+seconds=540
+if [ "$mode" = quick ]; then
+    check_args=(--quick)
+    speed_args=(--repeats 5 --budget 6 --plain-loop-repeats 1)
+    seconds=300
+elif [ "$mode" = dry-run ]; then
+    export TRITON_INTERPRET=1
+    shapes=3x17x4
+    dtypes=float32
+    check_dtypes=fp32
+    device=cpu
+    results=${OUT:-$(mktemp -d)}
+    compile_check=no  # tests/test_op_triton.py runs it
+    check_args=(--interpret)
+    speed_args=(--repeats 1 --plain-loop-repeats 1 --max-interference 1)
+fi
+if [ "$mode" != dry-run ]; then
+    unset TRITON_INTERPRET
+fi
+deadline=$((SECONDS + ${GPU_SH_SECONDS:-$seconds}))
+mkdir -p "$results"
+log="${OUT:-$results}/gpu_run.log"
+mkdir -p "$(dirname "$log")"
+exec > >(tee -a "$log") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # the log is complete when the script ends
+failed=()
+
+limited() {  # run "$@" with a timeout of at most $1 s, cut to the time left before the deadline
+    local cap=$1 left=$((deadline - SECONDS))
+    shift
+    if [ "$left" -le 10 ]; then
+        echo "skipped (no time left before the deadline): $*"
+        return 124
+    fi
+    timeout -k 10 "$((cap < left ? cap : left))" "$@"
+}
+
+keep() {  # copy result files into $OUT as soon as they exist
+    if [ -n "${OUT:-}" ] && ! [ "$results" -ef "$OUT" ]; then cp "$@" "$OUT"/ || true; fi
+}
+
+echo "== gpu.sh $mode, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
+    echo "nvidia-smi: not available"
+"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ "$device" = cuda ] && ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA device here (bash benchmarks/gpu.sh --dry-run runs the steps on CPU)"
+    exit 2
+fi
+
+echo "== 1-2. offline compile for sm_90 and the correctness check, in parallel"
+tmp=$(mktemp -d)
+pids=()
+names=()
+if [ "$compile_check" = yes ]; then
+    limited 150 "$python" benchmarks/compile_check.py --quick > "$tmp/compile_check" 2>&1 &
+    pids+=($!)
+    names+=(compile_check)
+fi
+for dt in $check_dtypes; do
+    limited 240 "$python" benchmarks/gpu_check.py ${check_args[@]+"${check_args[@]}"} --dtypes "$dt" \
+        > "$tmp/gpu_check_$dt" 2>&1 &
+    pids+=($!)
+    names+=("gpu_check_$dt")
 done
-python benchmarks/speed.py --device cuda --backend naive --dtype float32 --depths 2 \
-    --shapes "$shapes" --repeats 3 --json "$out/speed_cuda_naive_float32.json" \
-    --markdown "$out/speed_cuda_naive_float32.md"
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || failed+=("${names[$i]}")
+    grep -v '^OK ' "$tmp/${names[$i]}"
+done
+rm -rf "$tmp"
+echo "== correctness done after $SECONDS s"
+
+echo "== 3. timing, one dtype at a time"
+for dtype in $dtypes; do
+    json="$results/speed_${device}_$dtype.json"
+    markdown="$results/speed_${device}_$dtype.md"
+    limited 200 "$python" benchmarks/speed.py --device "$device" --backend triton \
+        --dtype "$dtype" --shapes "$shapes" --plain-loop torch_loop --split "${speed_args[@]}" \
+        --json "$json" --markdown "$markdown" || failed+=("speed_$dtype")
+    if [ -f "$json" ]; then keep "$json" "$markdown"; fi
+    echo "== $dtype done after $SECONDS s"
+done
+
+echo "== gpu.sh $mode finished after $SECONDS s; results in $results"
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "ALL STEPS PASSED"

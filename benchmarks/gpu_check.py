@@ -1,17 +1,26 @@
-"""One-command correctness check of the Triton-fused nested-LSTM op on a real GPU.
+"""One-command correctness check of the op's Triton kernels on a real GPU.
 
-    python benchmarks/gpu_check.py            # from the repository root; needs CUDA
-    python benchmarks/gpu_check.py --quick    # fewer cases
-    python benchmarks/gpu_check.py --interpret   # dry run of this script on CPU (TRITON_INTERPRET)
+    python benchmarks/gpu_check.py                  # from the repository root; needs CUDA
+    python benchmarks/gpu_check.py --quick          # fewer cases
+    python benchmarks/gpu_check.py --dtypes bf16    # a subset (gpu.sh runs one process per dtype)
+    python benchmarks/gpu_check.py --interpret      # dry run on CPU under TRITON_INTERPRET=1
 
-Compares ``nested_lstm_triton`` (real Triton compiler, not the interpreter) with the naive reference
-(``nested_lstm_naive`` in float64 on the same device, fed the same rounded inputs) in float32,
-bfloat16 and float16, depths 1-3, plain / packed / reverse / packed+reverse, on outputs, final
-states and every gradient (x, h0, c0, all weights and biases); then CUDA-graph mode (capture and a
-replay with new inputs). Prints PASS/FAIL per case with the largest scaled error
-(max |got - want| / max(1, max |want|)) and exits non-zero on any failure.
+Runs ``nested_lstm(..., backend="triton")`` on the real Triton compiler against the naive reference
+(``nested_lstm_naive`` in float64 on the same device, fed the same rounded inputs), on outputs,
+final states and every gradient (x, h0, c0, every weight and bias). For each dtype:
 
-Only torch, triton and this repository need to be importable.
+    timed     dense, the paper's activations, depths 1-3, at batch sizes that give the block
+              configurations of gpu.sh's timed shapes (speed.py then finds these kernels compiled
+              in Triton's cache)
+    modes     depths 1-3, dense / packed / reverse / packed+reverse, tiny and with several
+              programs and masked tails in every dimension
+    variant   per-level activations that put every activation in every role; bias-free levels
+    graph     CUDA-graph mode (NESTRNN_TRITON_CUDA_GRAPH=1): a capture, then replays with new inputs
+
+A case fails when an error exceeds the tolerance or when the Triton kernels did not run (the op
+falls back to another implementation when they fail; the reason is printed). One PASS/FAIL line per
+case and seed, with the largest scaled error (max |got - want| / max(1, max |want|)); exit status 1
+on any failure. Only torch, triton and this repository need to be importable.
 """
 
 from __future__ import annotations
@@ -20,53 +29,137 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from bench_common import (
+    activation_variant,
+    describe_line,
+    describe_machine,
+    environment,
+    import_nestrnn,
+)
 
-try:
-    import nestrnn.ops.nested_lstm  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import_nestrnn()
 
-from nestrnn.ops.nested_lstm.common import LevelWeights
-from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
+# the module (the package's ``plan`` is the function): a failed kernel is recorded there, and this
+# diagnostic forgets it after reporting so that every case gets its own try
+from nestrnn.ops.nested_lstm import (  # noqa: E402
+    LevelWeights,
+    nested_lstm,
+    nested_lstm_naive,
+    plan,
+    planning,
+)
+from nestrnn.ops.nested_lstm.layout import standard_activations  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TINY = (6, 3, 5, 17)  # (T, B, I, H)
+TILED = (8, 70, 64, 200)  # several batch and unit tiles, masked tails, several reduction chunks
+#: batch sizes whose block configurations are those of gpu.sh's shapes (B = 16, 32, >= 64)
+TIMED_BATCHES = (16, 32, 128)
+MODES = ((False, False), (True, False), (False, True), (True, True))  # (packed, reverse)
+#: which of a level's two biases exist
+BIASES = {"both": (True, True), "none": (False, False), "ih": (True, False), "hh": (False, True)}
 
 
-def make_case(T, B, In, H, D, packed, bias, seed, device):
+@dataclass(frozen=True)
+class Case:
+    """One comparison with the reference (one line of output per seed)."""
+
+    group: str
+    dtype: str
+    size: tuple[int, int, int, int]
+    depth: int
+    packed: bool = False
+    reverse: bool = False
+    variant: int | None = None  # index in bench_common.ACTIVATION_VARIANTS; None: the paper's
+    biases: tuple[str, ...] | None = None  # a key of BIASES per level; None: all "both"
+    cuda_graph: bool = False
+    seeds: tuple[int, ...] = (0,)
+
+    def label(self) -> str:
+        T, B, I, H = self.size
+        mode = "packed" if self.packed else "dense"
+        extra = [f"variant {self.variant}"] if self.variant is not None else []
+        extra += [f"biases {','.join(self.biases)}"] if self.biases else []
+        extra += ["reverse"] * self.reverse + ["CUDA graph"] * self.cuda_graph
+        return f"{self.group} {self.dtype} D={self.depth} T={T} B={B} I={I} H={H} " + " ".join(
+            [mode, *extra]
+        )
+
+    def activations(self):
+        if self.variant is None:
+            return standard_activations(self.depth)
+        return activation_variant(self.variant, self.depth)
+
+
+def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
+    """The cases for one dtype (see the module docstring). Without CUDA neither the timed cases
+    (the interpreter's block configurations differ) nor the CUDA-graph cases."""
+    depths = (1, 2, 3)
+    timed = [Case("timed", dtype, (4, b, 64, 64), d) for b in TIMED_BATCHES for d in depths]
+    if quick:
+        modes = [Case("modes", dtype, TINY, d, True, True) for d in depths]
+        variants = [Case("variant", dtype, TINY, 3, True, True, 0, ("none", "both", "ih"))]
+        graphs = [Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph=True, seeds=(0, 1))]
+    else:
+        modes = [Case("modes", dtype, TINY, d, *mode) for d in depths for mode in MODES]
+        modes += [Case("modes", dtype, TILED, d, *mode) for d in depths for mode in MODES[::3]]
+        modes.append(Case("modes", dtype, TINY, 2, True, False, biases=("none", "none")))
+        variants = [
+            Case("variant", dtype, TINY, 3, True, True, 0, ("none", "both", "ih")),
+            Case("variant", dtype, TINY, 3, False, False, 1, ("hh", "none", "both")),
+            Case("variant", dtype, TILED, 2, True, False, 1, ("both", "none")),
+            Case("variant", dtype, TINY, 1, False, True, 0, ("none",)),
+        ]
+        graphs = [
+            Case("graph", dtype, (6, 4, 5, 24), 2, True, reverse, cuda_graph=True, seeds=(0, 1, 2))
+            for reverse in (False, True)
+        ]
+        graphs.append(Case("graph", dtype, (6, 4, 5, 24), 3, cuda_graph=True, seeds=(0, 1)))
+    return timed + modes + variants + graphs if cuda else modes + variants
+
+
+# ------------------------------------------------------------------------------- one case
+
+
+def make_inputs(case: Case, seed: int, device: str):
+    """fp64 x, LevelWeights, h0, c0 (scaled like nn.LSTM's init) and batch_sizes."""
+    T, B, I, H = case.size
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
 
-    weights = [
-        LevelWeights(
-            rnd(4 * H, In if k == 0 else H, scale=1.0 / (In if k == 0 else H) ** 0.5),
-            rnd(4 * H, H, scale=1.0 / H**0.5),
-            rnd(4 * H, scale=0.5) if bias else None,
-            rnd(4 * H, scale=0.5) if bias else None,
+    weights = []
+    for k, kind in enumerate(case.biases or ("both",) * case.depth):
+        has_ih, has_hh = BIASES[kind]
+        fan_in = I if k == 0 else H
+        weights.append(
+            LevelWeights(
+                rnd(4 * H, fan_in, scale=fan_in**-0.5),
+                rnd(4 * H, H, scale=H**-0.5),
+                rnd(4 * H, scale=0.5) if has_ih else None,
+                rnd(4 * H, scale=0.5) if has_hh else None,
+            )
         )
-        for k in range(D)
-    ]
     batch_sizes = None
-    if packed:  # non-increasing, first step full, last step one row
+    if case.packed:  # non-increasing, first step full, last step one row
         lengths = torch.linspace(T, 1, B).round().long()
-        batch_sizes = torch.tensor(
-            [(lengths > t).sum().item() for t in range(T)], dtype=torch.int64
-        )
-    return rnd(T, B, In), weights, rnd(B, H), rnd(D, B, H), batch_sizes
+        batch_sizes = torch.tensor([(lengths > t).sum().item() for t in range(T)])
+    return rnd(T, B, I), weights, rnd(B, H), rnd(case.depth, B, H), batch_sizes
 
 
-def run(fn, x, weights, h0, c0, batch_sizes, reverse, dtype, seed=99):
+def run(fn, x, weights, h0, c0, batch_sizes, reverse, activations, dtype, seed=99) -> dict:
+    """Outputs and every gradient of ``fn`` in ``dtype`` (fp64 copies), by name."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
     wts = [
         LevelWeights(*[None if p is None else p.detach().to(dtype).requires_grad_() for p in lw])
         for lw in weights
     ]
-    out = fn(leaves[0], wts, leaves[1], leaves[2], batch_sizes, reverse)
+    out = fn(leaves[0], wts, leaves[1], leaves[2], batch_sizes, reverse, activations)
     g = torch.Generator().manual_seed(seed)
     loss = sum(
         (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
@@ -82,7 +175,12 @@ def run(fn, x, weights, h0, c0, batch_sizes, reverse, dtype, seed=99):
     return res
 
 
-def compare(ref, got):
+def triton_op(x, weights, h0, c0, batch_sizes, reverse, activations):
+    return nested_lstm(x, weights, h0, c0, batch_sizes, reverse, activations, backend="triton")
+
+
+def scaled_errors(ref: dict, got: dict) -> dict[str, float]:
+    """max |got - want| / max(1, max |want|) per name; a missing or NaN result is infinite."""
     errs = {}
     for name, want in ref.items():
         have = got.get(name)
@@ -90,126 +188,113 @@ def compare(ref, got):
             errs[name] = float("inf")
             continue
         err = (have - want).abs().max().item() / max(1.0, want.abs().max().item())
-        errs[name] = err if err == err else float("inf")  # NaN counts as a failure
+        errs[name] = err if err == err else float("inf")
     return errs
 
 
-DEVICE = "cuda"
+def check_seed(case: Case, seed: int, device: str) -> bool:
+    """Print one PASS/FAIL line for ``case`` with inputs from ``seed``; True when it passed."""
+    dtype, acts = DTYPES[case.dtype], case.activations()
+    x, weights, h0, c0, bs = make_inputs(case, seed, device)
+    # the reference gets exactly the op's (rounded) inputs, computed in float64
+    x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
+    weights = [LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw])
+               for lw in weights]  # fmt: skip
+    label = f"{case.label()} seed={seed}"
+    planned = plan(x.to(dtype), bs, case.reverse, acts, True, "triton")
+    if planned.implementation != "triton":
+        print(f"FAIL {label}: Triton cannot run here ({planned.note})")
+        return False
+    ref = run(nested_lstm_naive, x, weights, h0, c0, bs, case.reverse, acts, torch.float64)
+    start = time.perf_counter()
+    try:
+        with environment("NESTRNN_TRITON_CUDA_GRAPH", "1" if case.cuda_graph else "0"):
+            got = run(triton_op, x, weights, h0, c0, bs, case.reverse, acts, dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:  # report and go on with the other cases
+        print(f"FAIL {label}: {type(exc).__name__}: {exc}")
+        return False
+    ms = (time.perf_counter() - start) * 1e3
+    failure = planning.failures().get("triton")
+    planning.forget_failures()
+    if failure is not None:
+        print(f"FAIL {label}: the Triton kernels failed, another implementation ran: {failure}")
+        return False
+    errs = scaled_errors(ref, got)
+    worst = max(errs, key=errs.get)
+    passed = errs[worst] <= TOL[dtype]
+    print(
+        f"{'PASS' if passed else 'FAIL'} {label}: max scaled error {errs[worst]:.2e} ({worst}); "
+        f"output {errs['output']:.1e}, h_n {errs['h_n']:.1e}, c_n {errs['c_n']:.1e}, "
+        f"dx {errs['dx']:.1e} [{ms:.0f} ms incl. compile]",
+        flush=True,
+    )
+    if not passed:
+        bad = ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if v > TOL[dtype])
+        print(f"     over tolerance {TOL[dtype]:.0e}: {bad}")
+    return passed
 
 
-def check_case(label, dtype, T, B, In, H, D, packed, reverse, bias=True, config=None, seeds=(0,)):
-    from nestrnn.ops.nested_lstm.fused_triton import nested_lstm_triton
+# ------------------------------------------------------------------------------- main
 
-    ok = True
-    for seed in seeds:
-        x, weights, h0, c0, bs = make_case(T, B, In, H, D, packed, bias, seed, DEVICE)
-        # the reference gets exactly the op's (rounded) inputs, computed in float64
-        x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
-        weights = [LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw])
-                   for lw in weights]  # fmt: skip
-        ref = run(nested_lstm_naive, x, weights, h0, c0, bs, reverse, torch.float64)
-        start = time.perf_counter()
-        try:
-            got = run(
-                lambda *a: nested_lstm_triton(*a, config=config),
-                x, weights, h0, c0, bs, reverse, dtype,
-            )  # fmt: skip
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-        except Exception as exc:  # report and go on with the other cases
-            print(f"FAIL {label} seed={seed}: {type(exc).__name__}: {exc}")
-            ok = False
-            continue
-        ms = (time.perf_counter() - start) * 1e3
-        errs = compare(ref, got)
-        worst = max(errs, key=errs.get)
-        passed = errs[worst] <= TOL[dtype]
-        ok &= passed
-        print(
-            f"{'PASS' if passed else 'FAIL'} {label} seed={seed}: max scaled error "
-            f"{errs[worst]:.2e} ({worst}); output {errs['output']:.1e}, h_n {errs['h_n']:.1e}, "
-            f"c_n {errs['c_n']:.1e}, dx {errs['dx']:.1e} [{ms:.0f} ms incl. compile]"
+
+def parse_dtypes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {unknown[0]!r}; choose from {list(DTYPES)}"
         )
-        if not passed:
-            bad = ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if v > TOL[dtype])
-            print(f"     over tolerance {TOL[dtype]:.0e}: {bad}")
-    return ok
+    return names
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and modes")
-    parser.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated subset")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="fewer modes, variants and graphs")
+    parser.add_argument(
+        "--dtypes", type=parse_dtypes, default=list(DTYPES), help="comma-separated subset of "
+        f"{','.join(DTYPES)} (default: all)",
+    )  # fmt: skip
     parser.add_argument(
         "--interpret",
         action="store_true",
-        help="dry run on CPU under TRITON_INTERPRET=1 (tiny sizes, no bf16, no CUDA graphs)",
+        help="dry run on CPU under TRITON_INTERPRET=1: the quick cases but the timed and CUDA-graph "
+        "ones, no bf16",
     )
     args = parser.parse_args(argv)
-
-    global DEVICE
     if args.interpret:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            print("--interpret must be given before triton is imported")
-            return 2
+            parser.error("--interpret must be given before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
-        DEVICE = "cpu"
+        device = "cpu"
     elif os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 is set: unset it to check the real compiler (or use --interpret)")
-        return 2
+        parser.error("TRITON_INTERPRET=1 is set: unset it to check the real compiler")
     elif not torch.cuda.is_available():
-        print("no CUDA device: this check needs a GPU (the CPU tests run under TRITON_INTERPRET=1)")
-        return 2
-    import triton
+        parser.error("no CUDA device (the CPU tests run the kernels under TRITON_INTERPRET=1)")
+    else:
+        device = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 kernels then use exact IEEE dots
 
-    from nestrnn.ops.nested_lstm.fused_triton import TritonConfig
-
-    where = (
-        "CPU interpreter"
-        if DEVICE == "cpu"
-        else f"{torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})"
-    )
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {where}")
-    sizes = [(6, 3, 5, 17), (8, 20, 64, 200)]  # (T, B, I, H): tiny + many programs / masked tails
-    modes = [(False, False), (True, False), (False, True), (True, True)]  # (packed, reverse)
-    if args.quick or DEVICE == "cpu":
-        sizes = sizes[:1] if DEVICE == "cpu" else sizes[1:]
-        modes = [(False, False), (True, True)]
-    ok = True
-    for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname.strip()]
-        if DEVICE == "cpu" and dtype == torch.bfloat16:
+    print(describe_line(describe_machine(device)), flush=True)
+    failed: list[str] = []
+    total = 0
+    for dtype in args.dtypes:
+        if device == "cpu" and dtype == "bf16":
             print("SKIP bf16: computed wrongly by the interpreter")
             continue
-        for D in (1, 2, 3):
-            for T, B, In, H in sizes:
-                for packed, reverse in modes:
-                    label = (
-                        f"{dname} D={D} T={T} B={B} I={In} H={H} "
-                        f"{'packed' if packed else 'dense'}{' reverse' if reverse else ''}"
-                    )
-                    ok &= check_case(label, dtype, T, B, In, H, D, packed, reverse)
-        ok &= check_case(f"{dname} D=2 no bias", dtype, 6, 3, 5, 17, 2, True, False, bias=False)
-        ok &= check_case(
-            f"{dname} D=3 tiles 16x16x16", dtype, 5, 33, 7, 40, 3, True, True,
-            config=TritonConfig(block_b=16, block_h=16, block_k=16),
-        )  # fmt: skip
-    if DEVICE == "cpu":
-        print("SKIP CUDA graphs: no CUDA device")
-        print("ALL PASS" if ok else "SOME CASES FAILED")
-        return 0 if ok else 1
-    graph = TritonConfig(cuda_graph=True)
-    for reverse in (False, True):
-        ok &= check_case(
-            f"fp32 D=2 CUDA graph (capture + replay){' reverse' if reverse else ''}",
-            torch.float32, 6, 4, 5, 24, 2, True, reverse, config=graph, seeds=(0, 1, 2),
-        )  # fmt: skip
-    ok &= check_case(
-        "bf16 D=3 CUDA graph", torch.bfloat16, 6, 4, 5, 24, 3, False, False, config=graph,
-        seeds=(0, 1),
-    )  # fmt: skip
-    print("ALL PASS" if ok else "SOME CASES FAILED")
-    return 0 if ok else 1
+        for case in cases(dtype, args.quick or args.interpret, cuda=device == "cuda"):
+            for seed in case.seeds:
+                total += 1
+                if not check_seed(case, seed, device):
+                    failed.append(f"{case.label()} seed={seed}")
+    if device == "cpu":
+        print("SKIP timed and CUDA-graph cases: no CUDA device")
+    if failed:
+        print(f"FAILED {len(failed)} of {total}:\n  " + "\n  ".join(failed))
+        return 1
+    print(f"ALL PASS ({total} checks)")
+    return 0
 
 
 if __name__ == "__main__":

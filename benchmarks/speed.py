@@ -1,29 +1,42 @@
-"""Speed of NestedLSTM (depth 1, 2, 3) against torch.nn.LSTM (num_layers 1, 2, 3), same process.
+"""Speed of Nested LSTMs against torch.nn.LSTM, every comparison measured in one process.
 
-    python benchmarks/speed.py                       # CPU, float32, default shapes
-    python benchmarks/speed.py --quick               # one small shape, few repeats
-    python benchmarks/speed.py --device cuda --backend triton --json out.json
-    python benchmarks/speed.py --shapes 32x256x100,128x512x100 --repeats 9 --markdown out.md
+    python benchmarks/speed.py                          # CPU, float32, default shapes
+    python benchmarks/speed.py --quick                  # (B, H, T) = (32, 256, 100), 3 repeats
+    python benchmarks/speed.py --threads 1 --clock process --variants --memories
+    python benchmarks/speed.py --device cuda --backend triton --plain-loop torch_loop --split
 
-A depth-D Nested LSTM has the parameter count and FLOPs of a D-layer stacked LSTM of the same hidden
-size (DESIGN.md section 1), so NLSTM-D is compared with nn.LSTM(num_layers=D); the ratio against
-nn.LSTM(num_layers=1) is reported too. Input size = hidden size, batch_first=False, inputs and
-parameters in one dtype (float32 by default), TF32 off on CUDA.
+Rows, each timed forward only and forward+backward, and the rows each is compared with:
 
-What is timed, per shape (B, H, T):
-    fwd     forward only, inference (eval mode, torch.no_grad())
-    fwd+bwd forward and backward in training mode; the input requires grad (as it does after an
-            embedding or a previous layer); the backward gets a fixed random output gradient
+    NLSTM-D       the standard nested chain of depth D (the paper's activations, biases), one layer
+                  and direction through the op, as NestedLSTM(H, H, depth=D) runs it, with
+                  ``--backend`` (``generic``: NestedLSTM's per-step path). Against
+                  nn.LSTM(H, H, num_layers=D), which has its parameter count and FLOPs
+                  (docs/design.md), and nn.LSTM(num_layers=1).
+    --variants    depth-2 variants of the chain on the same backend: the outer candidate tanh, the
+                  nested cell activation softsign, a bias-free nested level. Against NLSTM-2.
+    --memories    memory functions written by users, on NestedLSTM's generic path (backend
+                  "auto"): the README's LeakyMemory and the GRU plugin's GRUMemory (skipped when
+                  nestrnn-gru is not installed). Against nn.LSTM(num_layers=1), which does the
+                  outer LSTM's work.
+    --plain-loop  NLSTM-2 through another implementation (``torch_loop``: the plain per-step
+                  PyTorch loop), at most ``--plain-loop-repeats`` times. Against NLSTM-2: its
+                  ratio is the speed-up of ``--backend`` over it.
+    --split       per shape, a per-step time split of NLSTM-2 (see ``time_split``).
+
+fwd is inference (eval mode, torch.no_grad()); fwd+bwd is training mode with an input that
+requires grad (as after an embedding or another layer) and a fixed random output gradient. Input
+size = hidden size, batch_first=False, one dtype for inputs and parameters, TF32 off on CUDA.
+
 Every repeat times every model once, in an order rotated from one repeat to the next, so that
-drift of the machine hits all models alike; the table reports the median time per model and the
-median over repeats of the per-repeat ratio NLSTM-D / LSTM-D (and NLSTM-D / LSTM-1).
+drift of the machine hits all alike; a ratio is the median over repeats of the per-repeat ratio.
+``--budget`` caps the repeats of a shape from the warm-up times. On CPU a measurement during which
+other processes took more than ``--max-interference`` of the machine (/proc/stat) is taken again.
 
-On a shared Linux machine a measurement during which other processes took a noticeable share of
-the CPU (read from /proc/stat) is thrown away and taken again (``--max-interference``), since two
-OpenMP threads competing with a third process can slow a kernel several times.
-
-Before timing, the backend is checked against the naive reference at a small size (outputs, final
-states and every gradient); a wrong kernel is never timed. Only torch and nestrnn are imported.
+Before timing, every row is compared with the naive reference at a small size (outputs, final
+states, every gradient); a wrong kernel is never timed, and neither is a fallback: the
+implementation the op runs for each row is checked before and after timing and reported.
+Imports torch and nestrnn (and nestrnn_gru when installed). Without nestrnn's own dependencies
+(a bare GPU machine) only the op's rows are available.
 """
 
 from __future__ import annotations
@@ -31,52 +44,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_common import describe_line, describe_machine, environment, import_nestrnn
 
-try:
-    from nestrnn import NestedLSTM
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nestrnn import NestedLSTM
+MISSING = import_nestrnn()  # None, or why only the op is available
+
+from nestrnn.memory.base import MemoryFunction  # noqa: E402
+from nestrnn.ops.nested_lstm import (  # noqa: E402
+    LevelActivations,
+    LevelWeights,
+    nested_lstm,
+    nested_lstm_naive,
+    plan,
+)
+from nestrnn.ops.nested_lstm.layout import standard_activations  # noqa: E402
 
 DEFAULT_SHAPES = "32x256x100,128x512x100,16x128x100,64x512x50"
 QUICK_SHAPES = "32x256x100"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: implementations of the op, and "naive" (its reference); "generic" is NestedLSTM's per-step path
+CHAIN_BACKENDS = ("auto", "fused", "c_loop", "torch_loop", "triton", "naive")
+BACKENDS = (*CHAIN_BACKENDS, "generic")
+MODES = ("fwd", "fwd+bwd")
+#: depth-2 variants of the standard chain, as NestedLSTM runs ``memory={"name": "nested", OPTION}``
+#: with OPTION outer_candidate_activation="tanh", cell_activation="softsign" or bias=False:
+#: per-level activations and (level 0, level 1) biases
+VARIANTS = {
+    "outer candidate tanh": ((LevelActivations(), LevelActivations()), (True, True)),
+    "cell softsign": (
+        (LevelActivations(candidate="identity"), LevelActivations(cell="softsign")),
+        (True, True),
+    ),
+    "bias-free level": (standard_activations(2), (True, False)),
+}
 
 
-# ---------------------------------------------------------------------------------- helpers
-
-
-def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """'32x256x100,128x512x100' -> [(B, H, T), ...]."""
-    shapes = []
-    for part in text.split(","):
-        b, h, t = (int(v) for v in part.lower().split("x"))
-        shapes.append((b, h, t))
-    return shapes
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
+# ---------------------------------------------------------------------------------- timing
 
 
 class Interference:
@@ -177,32 +187,172 @@ class Timer:
         self.contaminated += 1
         return ms
 
+    def note(self) -> str:
+        return (
+            f"{self.measured} measurements, {self.retaken} retaken because other processes used "
+            f"> {self.max_interference:.0%} of the CPU, {self.contaminated} kept anyway after "
+            f"{self.tries} tries"
+        )
+
+
+def seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall-clock seconds of one synchronised call (warm-up runs, budgets)."""
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
 
 # ---------------------------------------------------------------------------------- models
 
 
-def make_nested(hidden: int, depth: int, backend: str, device, dtype) -> torch.nn.Module:
-    return NestedLSTM(hidden, hidden, num_layers=1, depth=depth, backend=backend).to(device, dtype)
+class OpChain(torch.nn.Module):
+    """One direction of one Nested LSTM layer through the op, as NestedLSTM calls it, from a zero
+    state. Level k holds an ``nn.LSTMCell``'s parameters and initialisation (biases or not);
+    backend "naive" runs the op's reference instead."""
+
+    def __init__(self, hidden: int, activations, biases, backend: str) -> None:
+        super().__init__()
+        self.levels = torch.nn.ModuleList(torch.nn.LSTMCell(hidden, hidden, b) for b in biases)
+        self.activations, self.backend = tuple(activations), backend
+
+    def weights(self) -> list[LevelWeights]:
+        return [LevelWeights(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in self.levels]
+
+    def forward(self, x: torch.Tensor):
+        depth, batch, hidden = len(self.levels), x.shape[1], self.levels[0].hidden_size
+        h0, c0 = x.new_zeros(batch, hidden), x.new_zeros(depth, batch, hidden)
+        args = (x, self.weights(), h0, c0, None, False, self.activations)
+        if self.backend == "naive":
+            out, h_n, c_n = nested_lstm_naive(*args)
+        else:
+            out, h_n, c_n = nested_lstm(*args, backend=self.backend)
+        return out, (h_n, c_n)
+
+    def implementation(self, x: torch.Tensor, training: bool) -> str:
+        """The implementation the op runs for ``x`` (a warning says why, where it falls back)."""
+        if self.backend == "naive":
+            return "naive"
+        return plan(x, None, False, self.activations, training, self.backend).implementation
 
 
-def make_lstm(hidden: int, layers: int, device, dtype) -> torch.nn.Module:
-    return torch.nn.LSTM(hidden, hidden, num_layers=layers).to(device, dtype)
+class LeakyMemory(MemoryFunction):
+    """The README's example memory function (there registered as "leaky").
+
+    c_t = a * (f*c_{t-1}) + (1 - a) * tanh(i*g), with a learned per-unit a.
+    """
+
+    num_states = 0  # extra (batch, hidden) tensors carried between steps
+    outer_candidate_activation = "tanh"  # what the outer LSTM applies to g
+
+    def __init__(self, hidden_size):
+        super().__init__(hidden_size)
+        self.logit = torch.nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, gated_cell, gated_input, state):
+        a = torch.sigmoid(self.logit)
+        return a * gated_cell + (1 - a) * torch.tanh(gated_input), ()
 
 
-def check_correctness(backend: str, device: torch.device, dtype: torch.dtype, depths) -> dict:
-    """Compare NestedLSTM(backend) with NestedLSTM(backend='naive') at a small size: outputs,
-    final states and every gradient. Raises AssertionError on a mismatch."""
-    torch.manual_seed(0)
-    steps, batch, hidden = 7, 3, 16
-    # float64 on CPU where the backend supports it; otherwise the benchmark dtype vs naive fp64
-    run_dtype = torch.float64 if device.type == "cpu" else dtype
-    tol = 1e-9 if run_dtype == torch.float64 else (2e-3 if dtype == torch.float32 else 1e-1)
+Build = Callable[[int, str], torch.nn.Module]  # (hidden size, backend) -> model
+
+
+def lstm(layers: int) -> Build:
+    return lambda hidden, _backend: torch.nn.LSTM(hidden, hidden, layers)
+
+
+def op_chain(activations, biases) -> Build:
+    return lambda hidden, backend: OpChain(hidden, activations, biases, backend)
+
+
+def standard_chain(depth: int) -> Build:
+    """The paper's depth-``depth`` chain with biases, through the op."""
+    return op_chain(standard_activations(depth), (True,) * depth)
+
+
+def layer(**options) -> Build:
+    """NestedLSTM(H, H, **options); ``memory`` given as a factory of the hidden size."""
+    from nestrnn.layer import NestedLSTM
+
+    memory = options.pop("memory", None)
+
+    def build(hidden: int, backend: str) -> torch.nn.Module:
+        extra = {"memory": memory(hidden)} if memory else {}
+        return NestedLSTM(hidden, hidden, backend=backend, **options, **extra)
+
+    return build
+
+
+def implementation_of(model: torch.nn.Module, x: torch.Tensor, training: bool) -> str:
+    if isinstance(model, OpChain):
+        return model.implementation(x, training)
+    if isinstance(model, torch.nn.LSTM):
+        return "cuDNN" if x.is_cuda else "torch"
+    return f"NestedLSTM backend {model.backend}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """A model timed at every shape, and the rows its times are divided by."""
+
+    name: str
+    group: str  # "depth", "lstm", "variant", "memory" or "plain loop"
+    build: Build
+    backend: str = ""  # "" for nn.LSTM (nothing to check)
+    baselines: tuple[str, ...] = ()
+    max_repeats: int | None = None
+
+
+def make_rows(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """The rows the options ask for, and notes on rows left out."""
+    notes = []
+    needs_nlstm2 = args.variants or args.plain_loop or args.split
+    depths = sorted({*args.depths, *([2] if needs_nlstm2 else [])})
+    rows = []
+    for d in depths:
+        build = layer(depth=d) if args.backend == "generic" else standard_chain(d)
+        rows.append(Row(f"NLSTM-{d}", "depth", build, args.backend, (f"LSTM-{d}", "LSTM-1")))
+    rows += [Row(f"LSTM-{d}", "lstm", lstm(d)) for d in sorted({1, *depths})]
+    for name, (acts, biases) in VARIANTS.items() if args.variants else ():
+        rows.append(Row(name, "variant", op_chain(acts, biases), args.backend, ("NLSTM-2",)))
+    if args.memories:
+        rows.append(Row("LeakyMemory", "memory", layer(memory=LeakyMemory), "auto", ("LSTM-1",)))
+        try:
+            from nestrnn_gru import GRUMemory
+        except ImportError as err:
+            notes.append(f"GRUMemory row skipped: the nestrnn-gru plugin is not importable ({err})")
+        else:
+            rows.append(Row("GRUMemory", "memory", layer(memory=GRUMemory), "auto", ("LSTM-1",)))
+    if args.plain_loop:
+        name, repeats = f"NLSTM-2 {args.plain_loop}", args.plain_loop_repeats
+        rows.append(
+            Row(name, "plain loop", standard_chain(2), args.plain_loop, ("NLSTM-2",), repeats)
+        )
+    return rows, notes
+
+
+# ---------------------------------------------------------------------------------- correctness
+
+
+def check_rows(rows: list[Row], device: torch.device, dtype: torch.dtype) -> dict:
+    """Compare every row's model with the same model on backend "naive" in float64 at a small
+    size: outputs, final states and every gradient. Raises AssertionError on a mismatch, and
+    RuntimeError where a row's backend would not run what it names (see ``require_backend``)."""
+    steps, batch, hidden = 7, 3, 17
     report = {}
-    for depth in depths:
-        fast = make_nested(hidden, depth, backend, device, run_dtype)
-        ref = make_nested(hidden, depth, "naive", device, torch.float64)
+    for row in rows:
+        if row.backend in ("", "naive"):
+            continue
+        # float64 on CPU where the implementation has it (Triton has not); else the timed dtype
+        run_dtype = torch.float64 if device.type == "cpu" and row.backend != "triton" else dtype
+        tol = 1e-9 if run_dtype == torch.float64 else (2e-3 if dtype == torch.float32 else 1e-1)
+        torch.manual_seed(0)
+        fast = row.build(hidden, row.backend).to(device, run_dtype)
+        ref = row.build(hidden, "naive").to(device, torch.float64)
         ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
-        x = torch.randn(steps, batch, hidden, device=device, dtype=run_dtype)
+        x = torch.randn(steps, batch, hidden, device=device, dtype=torch.float64)
+        require_backend([row], implementations({row.name: fast}, x.to(dtype)))
         grad_out = torch.randn(steps, batch, hidden, device=device, dtype=torch.float64)
         results = []
         for model, dt in ((fast, run_dtype), (ref, torch.float64)):
@@ -210,246 +360,436 @@ def check_correctness(backend: str, device: torch.device, dtype: torch.dtype, de
             out, (h_n, c_n) = model(xi)
             loss = (out.double() * grad_out).sum() + h_n.double().sum() + c_n.double().sum()
             loss.backward()
-            grads = [xi.grad] + [p.grad for p in model.parameters()]
-            results.append([out, h_n, c_n, *grads])
-        worst = 0.0
-        for got, want in zip(*results):
-            want = want.double()
-            err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
-            worst = max(worst, err)
+            results.append([out, h_n, c_n, xi.grad, *(p.grad for p in model.parameters())])
+        worst = max(
+            (got.double() - want.double()).abs().max().item() / max(1.0, want.abs().max().item())
+            for got, want in zip(*results)
+        )
         if not worst <= tol:
             raise AssertionError(
-                f"backend {backend!r} depth {depth} differs from the naive reference: "
-                f"scaled error {worst:.3g} > {tol:g}; refusing to time a wrong kernel"
+                f"{row.name} (backend {row.backend}) differs from the naive reference: scaled "
+                f"error {worst:.3g} > {tol:g}; refusing to time a wrong kernel"
             )
-        report[f"depth{depth}"] = worst
-    return {"dtype": str(run_dtype).replace("torch.", ""), "tolerance": tol, "max_error": report}
+        report[row.name] = {"dtype": str(run_dtype).removeprefix("torch."), "max_error": worst}
+    return report
 
 
-# ---------------------------------------------------------------------------------- timing
+def implementations(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, dict]:
+    return {
+        name: {mode: implementation_of(model, x, mode == "fwd+bwd") for mode in MODES}
+        for name, model in models.items()
+    }
 
 
-def time_shape(shape, depths, backend, device, dtype, repeats, timer, warmup) -> dict:
-    """Interleaved timing of every model at one shape. Returns per-model times (ms)."""
+def require_backend(rows: list[Row], planned: dict[str, dict]) -> None:
+    """A row whose backend names an implementation must run it (no fallback under its name)."""
+    for row in rows:
+        for mode, chosen in planned[row.name].items():
+            if row.backend in ("c_loop", "torch_loop", "triton") and chosen != row.backend:
+                raise RuntimeError(
+                    f"{row.name} {mode}: backend {row.backend!r} runs {chosen} here (the warning "
+                    "above says why); refusing to time it under that name"
+                )
+
+
+# ---------------------------------------------------------------------------------- one shape
+
+
+def time_shape(shape, rows, device, dtype, args, timer) -> tuple[dict, int, dict]:
+    """Interleaved timing of every row at one shape: times (ms) by row and mode, the repeats
+    taken, and the implementation each row ran."""
     batch, hidden, steps = shape
     torch.manual_seed(0)
-    models: dict[str, torch.nn.Module] = {}
-    for d in depths:
-        models[f"NLSTM-{d}"] = make_nested(hidden, d, backend, device, dtype)
-    for d in sorted({1, *depths}):
-        models[f"LSTM-{d}"] = make_lstm(hidden, d, device, dtype)
+    models = {row.name: row.build(hidden, row.backend).to(device, dtype) for row in rows}
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
     x_train = x.clone().requires_grad_()
     grad_out = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
 
-    def fwd(model):
-        def run():
-            with torch.no_grad():
-                model(x)
+    def run(name: str, mode: str) -> Callable[[], None]:
+        """Set the model's mode and clear gradients (untimed); return the call to time."""
+        model = models[name]
+        model.train(mode == "fwd+bwd")
+        if mode == "fwd":
+            return lambda: inference(model, x)
+        model.zero_grad(set_to_none=True)
+        x_train.grad = None
+        return lambda: model(x_train)[0].backward(grad_out)
 
-        return run
-
-    def fwd_bwd(model):
-        def run():
-            out, _ = model(x_train)
-            out.backward(grad_out)
-
-        return run
-
-    runs = {name: (fwd(m), fwd_bwd(m)) for name, m in models.items()}
-    names = list(models)
-    for name in names:  # warm-up (first-call allocation, Triton compilation)
-        for _ in range(warmup):
-            models[name].eval()
-            runs[name][0]()
-            models[name].train()
-            runs[name][1]()
-    times = {name: {"fwd": [], "fwd+bwd": []} for name in names}
+    planned = implementations(models, x)
+    require_backend(rows, planned)
+    cost = {name: 0.0 for name in models}  # seconds of one repeat, from the last warm-up
+    for name in models:
+        for _ in range(args.warmup):  # first-call allocation, kernel compilation
+            cost[name] = sum(seconds(run(name, mode), device) for mode in MODES)
+    repeats = budgeted_repeats(rows, cost, args.repeats, args.budget)
+    times = {name: {mode: [] for mode in MODES} for name in models}
     for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            model = models[name]
-            model.eval()
-            times[name]["fwd"].append(timer(runs[name][0]))
-            model.train()
-            for p in model.parameters():
-                p.grad = None
-            x_train.grad = None
-            times[name]["fwd+bwd"].append(timer(runs[name][1]))
-    return times
+        for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            if row.max_repeats is None or r < row.max_repeats:
+                for mode in MODES:
+                    times[row.name][mode].append(timer(run(row.name, mode)))
+    after = implementations(models, x)
+    changed = [name for name in planned if after[name] != planned[name]]
+    if changed:
+        raise RuntimeError(
+            f"the implementation changed during the timing of {shape}: "
+            + "; ".join(f"{name}: {planned[name]} -> {after[name]}" for name in changed)
+        )
+    return times, repeats, planned
 
 
-def summarize(shape, depths, times) -> list[dict]:
-    """Median times and median per-repeat ratios for one shape."""
-    rows = []
-    for d in depths:
-        row = {"B": shape[0], "H": shape[1], "T": shape[2], "depth": d}
-        for mode in ("fwd", "fwd+bwd"):
-            nl, same, one = (times[k][mode] for k in (f"NLSTM-{d}", f"LSTM-{d}", "LSTM-1"))
-            row[f"{mode}_ms_nlstm"] = statistics.median(nl)
-            row[f"{mode}_ms_lstm_same"] = statistics.median(same)
-            row[f"{mode}_ms_lstm1"] = statistics.median(one)
-            row[f"{mode}_ratio_vs_lstm_same"] = statistics.median(a / b for a, b in zip(nl, same))
-            row[f"{mode}_ratio_vs_lstm1"] = statistics.median(a / b for a, b in zip(nl, one))
-        rows.append(row)
-    return rows
+def inference(model: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(x)
 
 
-TABLE_HEAD = (
+def budgeted_repeats(rows: list[Row], cost: dict[str, float], repeats: int, budget) -> int:
+    """``repeats``, or fewer (at least 3) where the warm-up times say they exceed ``budget`` s."""
+    if budget is None:
+        return repeats
+    capped = sum(cost[r.name] * min(r.max_repeats, repeats) for r in rows if r.max_repeats)
+    per_repeat = sum(cost[r.name] for r in rows if r.max_repeats is None)
+    fitting = int((budget - capped) / per_repeat) if per_repeat > 0 else repeats
+    return max(min(repeats, 3), min(repeats, fitting))
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over the repeats both have of the per-repeat ratio a / b."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def summarize(shape, rows: list[Row], times: dict, repeats: int, planned: dict) -> list[dict]:
+    """One record per row with baselines: its median times and its ratios to each baseline."""
+    records = []
+    for row in rows:
+        if not row.baselines:
+            continue
+        mine = times[row.name]
+        record = {"B": shape[0], "H": shape[1], "T": shape[2], "row": row.name,
+                  "group": row.group, "repeats": repeats, "implementation": planned[row.name]}  # fmt: skip
+        for mode in MODES:
+            record[f"{mode}_ms"] = statistics.median(mine[mode])
+        record["vs"] = {
+            base: {
+                **{f"{mode}_ms": statistics.median(times[base][mode]) for mode in MODES},
+                **{f"{mode}_ratio": median_ratio(mine[mode], times[base][mode]) for mode in MODES},
+            }
+            for base in row.baselines
+        }
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------- split
+
+
+def step_gemms(shape, dtype, device, backward: bool) -> Callable[[], None]:
+    """The per-step GEMMs of a depth-2 step at ``shape``, T times (forward: h W_hh0^T and
+    [x~|h~] W1^T; ``backward`` adds dA0 W_hh0 and dA1 W1), as one callable: on CUDA a captured
+    CUDA graph (no launch overhead), else a loop of torch.mm calls."""
+    batch, hidden, steps = shape
+
+    def rand(*size):
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    w0, w1, d = rand(4 * hidden, hidden), rand(4 * hidden, 2 * hidden), rand(batch, 4 * hidden)
+    a0, a1, out = rand(batch, hidden), rand(batch, 2 * hidden), rand(batch, 4 * hidden)
+    g0, g1 = rand(batch, hidden), rand(batch, 2 * hidden)
+
+    def loop() -> None:
+        for _ in range(steps):
+            torch.mm(a0, w0.t(), out=out)
+            torch.mm(a1, w1.t(), out=out)
+            if backward:
+                torch.mm(d, w0, out=g0)
+                torch.mm(d, w1, out=g1)
+
+    if device.type != "cuda":
+        return loop
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        loop()  # warm-up outside the capture (cuBLAS workspaces)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loop()
+    return graph.replay
+
+
+def time_split(shape, records, backend, device, dtype, timer, repeats=3) -> dict:
+    """Microseconds per step of depth-2 work at ``shape``: NLSTM-2 and cuDNN's LSTM-2 (from the
+    table), NLSTM-2 with its Triton step loops in CUDA graphs (``backend`` triton on CUDA), and
+    the per-step GEMMs alone. op - graph is launch overhead; graph - GEMMs is the rest of the
+    kernels' work (pointwise math, memory traffic) plus the GEMMs outside the loop."""
+    steps = shape[2]
+    mine = next(r for r in records if r["row"] == "NLSTM-2")
+    split = {"B": shape[0], "H": shape[1], "T": steps}
+    for mode in MODES:
+        split[f"{mode}_op"] = mine[f"{mode}_ms"] * 1e3 / steps
+        split[f"{mode}_lstm2"] = mine["vs"]["LSTM-2"][f"{mode}_ms"] * 1e3 / steps
+        gemms = step_gemms(shape, dtype, device, backward=mode == "fwd+bwd")
+        split[f"{mode}_gemms"] = statistics.median(timer(gemms) for _ in range(repeats)) * 1e3 / steps  # fmt: skip
+    split.update(graphed_op(shape, backend, device, dtype, timer, repeats))
+    return split
+
+
+def graphed_op(shape, backend, device, dtype, timer, repeats) -> dict:
+    """NLSTM-2's times per step with CUDA graphs, or why there are none."""
+    if backend != "triton" or device.type != "cuda":
+        return {"graph_note": "CUDA graphs: Triton backend on CUDA only"}
+    batch, hidden, steps = shape
+    model = standard_chain(2)(hidden, "triton").to(device, dtype)
+    x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+
+    calls = {"fwd": lambda: inference(model, x), "fwd+bwd": lambda: model(x)[0].backward(grad_out)}
+    result = {}
+    with environment("NESTRNN_TRITON_CUDA_GRAPH", "1"):  # the op's step loops as CUDA graphs
+        for mode, fn in calls.items():
+            fn()  # capture
+            ran = implementation_of(model, x, mode == "fwd+bwd")
+            if ran != "triton":
+                return {"graph_note": f"CUDA graphs: the op ran {ran}"}
+            result[f"{mode}_graph"] = statistics.median(timer(fn) for _ in range(repeats)) * 1e3 / steps  # fmt: skip
+    return result
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+DEPTH_HEAD = (
     "| B | H | T | D | fwd NLSTM-D ms | fwd LSTM-D ms | fwd ratio | fwd vs LSTM-1 "
     "| f+b NLSTM-D ms | f+b LSTM-D ms | f+b ratio | f+b vs LSTM-1 |\n" + "|" + "---|" * 12
 )
+OTHER_HEAD = (
+    "| B | H | T | row | compared with | fwd ms | fwd baseline ms | fwd ratio "
+    "| f+b ms | f+b baseline ms | f+b ratio |\n" + "|" + "---|" * 11
+)
+SPLIT_HEAD = (
+    "| B | H | T | fwd op | fwd op, CUDA graphs | fwd step GEMMs | fwd cuDNN LSTM-2 "
+    "| f+b op | f+b op, CUDA graphs | f+b step GEMMs | f+b cuDNN LSTM-2 |\n" + "|" + "---|" * 11
+)
 
 
-def format_row(r: dict) -> str:
+def depth_line(r: dict) -> str:
+    depth = r["row"].split("-")[1]
+    same, one = r["vs"][f"LSTM-{depth}"], r["vs"]["LSTM-1"]
     return (
-        f"| {r['B']} | {r['H']} | {r['T']} | {r['depth']} "
-        f"| {r['fwd_ms_nlstm']:.2f} | {r['fwd_ms_lstm_same']:.2f} "
-        f"| **{r['fwd_ratio_vs_lstm_same']:.2f}** | {r['fwd_ratio_vs_lstm1']:.2f} "
-        f"| {r['fwd+bwd_ms_nlstm']:.2f} | {r['fwd+bwd_ms_lstm_same']:.2f} "
-        f"| **{r['fwd+bwd_ratio_vs_lstm_same']:.2f}** | {r['fwd+bwd_ratio_vs_lstm1']:.2f} |"
+        f"| {r['B']} | {r['H']} | {r['T']} | {depth} "
+        f"| {r['fwd_ms']:.2f} | {same['fwd_ms']:.2f} | **{same['fwd_ratio']:.2f}** "
+        f"| {one['fwd_ratio']:.2f} | {r['fwd+bwd_ms']:.2f} | {same['fwd+bwd_ms']:.2f} "
+        f"| **{same['fwd+bwd_ratio']:.2f}** | {one['fwd+bwd_ratio']:.2f} |"
     )
 
 
-def format_table(rows: list[dict]) -> str:
-    return "\n".join([TABLE_HEAD, *(format_row(r) for r in rows)])
+def other_line(r: dict) -> str:
+    base, vs = next(iter(r["vs"].items()))
+    return (
+        f"| {r['B']} | {r['H']} | {r['T']} | {r['row']} | {base} "
+        f"| {r['fwd_ms']:.2f} | {vs['fwd_ms']:.2f} | **{vs['fwd_ratio']:.2f}** "
+        f"| {r['fwd+bwd_ms']:.2f} | {vs['fwd+bwd_ms']:.2f} | **{vs['fwd+bwd_ratio']:.2f}** |"
+    )
+
+
+def split_line(s: dict) -> str:
+    cells = []
+    for mode in MODES:
+        graph = s.get(f"{mode}_graph")
+        cells += [f"{s[f'{mode}_op']:.1f}", "n/a" if graph is None else f"{graph:.1f}",
+                  f"{s[f'{mode}_gemms']:.1f}", f"{s[f'{mode}_lstm2']:.1f}"]  # fmt: skip
+    return f"| {s['B']} | {s['H']} | {s['T']} | " + " | ".join(cells) + " |"
+
+
+def summary_lines(records: list[dict]) -> list[str]:
+    """The range over shapes of every ratio: the goal checks of the speed issues."""
+    lines = []
+    for row, base in dict.fromkeys((r["row"], b) for r in records for b in r["vs"]):
+        ranges = []
+        for mode in MODES:
+            ratios = sorted(
+                (r["vs"][base][f"{mode}_ratio"], f"{r['B']}x{r['H']}x{r['T']}")
+                for r in records
+                if r["row"] == row
+            )
+            (low, at_low), (high, at_high) = ratios[0], ratios[-1]
+            ranges.append(f"{mode} {low:.2f} ({at_low}) to {high:.2f} ({at_high})")
+        lines.append(f"{row} / {base}: " + ", ".join(ranges))
+    return lines
+
+
+def tables(records: list[dict], splits: list[dict]) -> str:
+    """The Markdown tables of a run."""
+    parts = [DEPTH_HEAD, *(depth_line(r) for r in records if r["group"] == "depth")]
+    others = [r for r in records if r["group"] != "depth"]
+    if others:
+        parts += ["", OTHER_HEAD, *(other_line(r) for r in others)]
+    if splits:
+        parts += ["", "Microseconds per step, depth 2 (see speed.py's time_split):", "",
+                  SPLIT_HEAD, *(split_line(s) for s in splits)]  # fmt: skip
+        parts += sorted({s["graph_note"] for s in splits if "graph_note" in s})
+    return "\n".join(parts)
+
+
+def run_header(info: dict, args: argparse.Namespace, planned: dict) -> str:
+    """One line: the machine, the settings and the implementation of every row (fwd / f+b)."""
+    ran = [
+        f"{name}: " + " / ".join(dict.fromkeys(modes.values())) for name, modes in planned.items()
+    ]
+    return (
+        f"{describe_line(info)}; {info['threads']} threads; {args.dtype}; backend {args.backend}; "
+        f"median of up to {args.repeats} repeats; clock {info['clock']}; implementations: "
+        + "; ".join(ran)
+    )
+
+
+def write_results(args, info, check, records, splits, raw, notes, summary) -> None:
+    payload = {"info": info, "correctness": check, "results": records, "split": splits,
+               "summary": summary, "notes": notes, "raw": raw}  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        header = info.get("header", describe_line(info))
+        text = [header, "", tables(records, splits), "", *summary, *notes, info["timer"]]
+        Path(args.markdown).write_text("\n".join(text) + "\n")
 
 
 # ---------------------------------------------------------------------------------- main
 
 
-def cpu_loop() -> str:
-    """Which time loop the fused op runs on CPU (float32/float64), and why."""
-    from nestrnn.ops.nested_lstm import native
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'32x256x100,128x512x100' -> [(B, H, T), ...]."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            b, h, t = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {part!r} is not BxHxT") from None
+        if min(b, h, t) < 1:
+            raise argparse.ArgumentTypeError(f"shape {part!r} has a size below 1")
+        shapes.append((b, h, t))
+    return shapes
 
-    status = native.status()
-    return "C kernel loop" if status.available else f"PyTorch loop ({status.reason})"
+
+def parse_depths(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"depths {text!r} are not integers") from None
+    if min(depths) < 1:
+        raise argparse.ArgumentTypeError("depths must be at least 1")
+    return depths
+
+
+def positive(cast):
+    """An argparse type: ``cast(text)``, which must be above 0."""
+
+    def parse(text: str):
+        value = cast(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse's message: "invalid int value: 'x'"
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="speed.py", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="of the NLSTM rows: the op's backend, naive, or generic (NestedLSTM's "
+                   "per-step path)")  # fmt: skip
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help=f"BxHxT list (default {DEFAULT_SHAPES})")  # fmt: skip
+    p.add_argument("--depths", type=parse_depths, default=[1, 2, 3], help="default 1,2,3")
+    p.add_argument("--repeats", type=positive(int), default=None, help="timed runs (default 7)")
+    p.add_argument("--warmup", type=positive(int), default=1, help="untimed runs first")
+    p.add_argument("--budget", type=positive(float), default=None,
+                   help="seconds per shape: fewer repeats (at least 3) where the warm-up says "
+                   "they would take longer")  # fmt: skip
+    p.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="CPU timing: wall-clock, or this process's CPU time (with --threads 1 "
+                   "on a shared machine)")  # fmt: skip
+    p.add_argument("--max-interference", type=float, default=0.05,
+                   help="retake a CPU measurement when other processes took more than this "
+                   "share of the machine (default 0.05; 1 disables)")  # fmt: skip
+    p.add_argument("--variants", action="store_true", help="depth-2 variant rows")
+    p.add_argument("--memories", action="store_true", help="LeakyMemory and GRUMemory rows")
+    p.add_argument("--plain-loop", choices=CHAIN_BACKENDS, default=None,
+                   help="an NLSTM-2 row on this backend (torch_loop: the plain loop)")  # fmt: skip
+    p.add_argument("--plain-loop-repeats", type=positive(int), default=3)
+    p.add_argument("--split", action="store_true", help="per-step time split at depth 2")
+    p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 3 repeats")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--markdown", default=None, help="write the tables to this file")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes or parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    if args.variants and args.backend == "generic":
+        p.error("--variants times the op's variants: choose one of the op's backends")
+    layer_needed = args.memories or args.backend == "generic"
+    if layer_needed and MISSING:
+        p.error(f"NestedLSTM needs nestrnn's dependencies ({MISSING}): --memories and backend "
+                "generic are unavailable")  # fmt: skip
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--backend", default="auto", help="NestedLSTM backend (auto/fused/triton)")
-    parser.add_argument("--shapes", default=None, help=f"BxHxT list (default {DEFAULT_SHAPES})")
-    parser.add_argument("--depths", default="1,2,3", help="Nested LSTM depths (default 1,2,3)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per model")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument(
-        "--max-interference",
-        type=float,
-        default=0.05,
-        help="retry a CPU measurement when other processes took more than this "
-        "share of the machine (default 0.05; 1 disables)",
-    )
-    parser.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "process"],
-        help="CPU timing: wall-clock (default) or this process's CPU time (use with --threads 1 "
-        "on a shared machine)",
-    )
-    parser.add_argument(
-        "--own-depth1",
-        action="store_true",
-        help="time the hand-written kernel at depth 1 too (by default depth 1 runs torch's LSTM)",
-    )
-    parser.add_argument(
-        "--cpu-loop",
-        default="auto",
-        choices=["auto", "torch"],
-        help="time loop of the fused op on CPU: auto (the C kernel where it builds) or torch "
-        "(the PyTorch loop, as on a machine without a C compiler)",
-    )
-    parser.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 3 repeats")
-    parser.add_argument("--json", default=None, help="write results to this JSON file")
-    parser.add_argument("--markdown", default=None, help="write the table to this file")
-    parser.add_argument("--skip-check", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda but CUDA is not available")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_loop == "torch":
-        os.environ["NESTRNN_NATIVE"] = "0"
-    dtype = DTYPES[args.dtype]
-    shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES))
-    depths = [int(d) for d in args.depths.split(",")]
-    repeats = args.repeats or (3 if args.quick else 7)
-
-    if args.own_depth1:  # diagnostic: keep depth 1 off torch's LSTM kernel (checked below too)
-        from nestrnn.ops.nested_lstm import fused
-
-        fused._torch_lstm_applies = lambda *a: False
-    check = None
-    if not args.skip_check:
-        check = check_correctness(args.backend, device, dtype, depths)
-        print(
-            f"correctness vs naive ({check['dtype']}): OK, max scaled error "
-            + ", ".join(f"{k} {v:.1e}" for k, v in check["max_error"].items())
-        )
-
+    rows, notes = make_rows(args)
+    try:
+        check = check_rows(rows, device, dtype)
+    except (AssertionError, RuntimeError) as err:
+        sys.exit(f"speed.py: {err}")
+    errors = ", ".join(f"{k} {v['max_error']:.1e}" for k, v in check.items())
+    print(f"correctness vs naive: OK, max scaled error {errors}" if check else "nothing to check")
     if args.clock == "process" and torch.get_num_threads() != 1:
         print("warning: --clock process with several threads also counts their spin-waiting")
     timer = Timer(device, Interference(), args.max_interference, clock=args.clock)
-    info = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "dtype": args.dtype,
-        "backend": args.backend,
-        "repeats": repeats,
-        "clock": "cuda events" if device.type == "cuda" else args.clock,
-        "depth1_kernel": "hand-written (--own-depth1)" if args.own_depth1 else "backend default",
-        "cpu_loop": cpu_loop() if device.type == "cpu" else None,
-        "python": platform.python_version(),
-    }
-    print(
-        f"{info['device']} | torch {info['torch']} | {info['threads']} threads | {args.dtype} | "
-        f"backend {args.backend} | {repeats} repeats, median | clock {info['clock']}"
-        + (f" | {info['cpu_loop']}" if info["cpu_loop"] else "")
-    )
-    all_rows, raw = [], []
-    print(TABLE_HEAD, flush=True)
-    for shape in shapes:
-        times = time_shape(shape, depths, args.backend, device, dtype, repeats, timer, args.warmup)
-        rows = summarize(shape, depths, times)
-        all_rows += rows
+    info = describe_machine(device.type)
+    info.update(threads=torch.get_num_threads(), dtype=args.dtype, backend=args.backend,
+                clock="cuda events" if device.type == "cuda" else args.clock,
+                nestrnn="op only: " + MISSING if MISSING else "whole package")  # fmt: skip
+    records, raw, failure = [], [], None
+    for shape in args.shapes:
+        try:
+            times, repeats, planned = time_shape(shape, rows, device, dtype, args, timer)
+        except RuntimeError as err:  # keep what was measured
+            failure = f"speed.py: stopped at {shape}: {err}"
+            print(failure, file=sys.stderr)
+            break
+        if "header" not in info:  # the implementations are known from the first shape on
+            info["header"] = run_header(info, args, planned)
+            print(info["header"], flush=True)
+        records += summarize(shape, rows, times, repeats, planned)
         raw.append({"B": shape[0], "H": shape[1], "T": shape[2], "times_ms": times})
-        print("\n".join(format_row(r) for r in rows), flush=True)
-    info["measurements"] = timer.measured
-    info["retaken_for_interference"] = timer.retaken
-    info["contaminated_kept"] = timer.contaminated
-    note = (
-        f"{timer.measured} measurements, {timer.retaken} retaken because other processes used "
-        f"> {args.max_interference:.0%} of the CPU, {timer.contaminated} kept anyway after "
-        f"{timer.tries} tries"
-    )
-    print("ratio = median over repeats of NLSTM-D / LSTM-D time (same process, interleaved)")
-    print(note)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = {"info": info, "correctness": check, "results": all_rows, "raw": raw}
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        header = (
-            f"{info['device']}, torch {info['torch']}, {info['threads']} threads, "
-            f"{args.dtype}, backend {args.backend}, median of {repeats} repeats, "
-            f"clock {info['clock']}"
-            + (f", {info['cpu_loop']}" if info["cpu_loop"] else "")
-            + f"; {note}\n\n"
-        )
-        Path(args.markdown).write_text(header + format_table(all_rows) + "\n")
-    return 0
+        print(f"{shape}: {repeats} repeats", flush=True)
+    splits = []
+    if args.split:  # last: a CUDA-graph capture that fails leaves the op on another implementation
+        done = {(r["B"], r["H"], r["T"]) for r in records}
+        for shape in (s for s in args.shapes if s in done):
+            shape_records = [r for r in records if (r["B"], r["H"], r["T"]) == shape]
+            splits.append(time_split(shape, shape_records, args.backend, device, dtype, timer))
+    print(tables(records, splits))
+    summary = summary_lines(records)
+    info["timer"] = timer.note()
+    print("ratio = median over repeats of the per-repeat time ratio (same process, interleaved)")
+    print("\n".join([*summary, *notes, info["timer"]]))
+    write_results(args, info, check, records, splits, raw, notes, summary)
+    return 1 if failure else 0
 
 
 if __name__ == "__main__":

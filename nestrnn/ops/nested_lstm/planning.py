@@ -58,8 +58,9 @@ def failures() -> dict[str, str]:
 
 
 def forget_failures() -> None:
-    """Plan every implementation again (after fixing what made one fail)."""
+    """Plan every implementation again (after fixing what made one fail), and warn again."""
     _broken.clear()
+    _warned.clear()
 
 
 def warn_once(message: str) -> None:

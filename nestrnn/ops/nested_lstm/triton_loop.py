@@ -224,13 +224,16 @@ def _run(
     bufs: dict[str, Tensor],
     outputs: tuple[str, ...],
     fill: Callable[[dict[str, Tensor]], None],
+    write_only: tuple[str, ...],
 ) -> dict[str, Tensor]:
     """Run a step loop directly, or through a cached CUDA graph when enabled and on CUDA.
 
     ``bufs`` holds every tensor the loop touches; ``fill(bufs)`` writes values into parts of buffers
-    (the initial state slots). In graph mode every buffer not named in ``outputs`` is copied into
-    the graph's static twin, ``fill`` is applied to the static buffers, and the outputs are cloned
-    out (the static buffers are reused by the next call).
+    (the initial state slots). In graph mode every buffer not named in ``write_only`` (what the
+    loop only writes, or what ``fill`` writes) is copied into the graph's static twin, ``fill`` is
+    applied to the static buffers, and ``outputs`` are cloned out (the static buffers are reused
+    by the next call). A buffer read and written, like the gates that come in holding the input
+    projection, is both copied in and cloned out.
     """
     if not _graph_enabled(launch, bufs):
         fill(bufs)
@@ -238,7 +241,7 @@ def _run(
         return bufs
     key = (loop.__name__, bufs["gates"].device, launch,
            *((name, tuple(v.shape), v.dtype) for name, v in sorted(bufs.items())))  # fmt: skip
-    inputs = {name: v for name, v in bufs.items() if name not in outputs}
+    inputs = {name: v for name, v in bufs.items() if name not in write_only}
     graphed = _GRAPHS.get(key)
     if graphed is None:
         static = {name: torch.zeros_like(v) for name, v in bufs.items()}
@@ -329,7 +332,8 @@ def forward(
         b["h"][first] = h0
         b["cells"][:, first] = c0
 
-    bufs = _run(_forward_loop, m, bufs, ("gates", "cells", "act_cells", "inputs", "h", "y"), fill)
+    written = ("cells", "act_cells", "inputs", "h", "y")
+    bufs = _run(_forward_loop, m, bufs, ("gates", *written), fill, written)
     h_n = bufs["h"][last].clone()
     c_n = bufs["cells"][:, last].to(x.dtype, copy=True)
     saved = Saved(bufs["gates"], bufs["cells"], bufs["act_cells"], bufs["inputs"])
@@ -364,7 +368,8 @@ def backward(
         b["dh"].copy_(d_hn)
         b["dc"].copy_(d_cn)
 
-    bufs = _run(_backward_loop, m, bufs, ("dA", "dh", "dc"), fill)
+    written = ("dA", "dh", "dc")
+    bufs = _run(_backward_loop, m, bufs, written, fill, written)
     dA, dh = bufs["dA"], bufs["dh"]
     # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
     first = T - 1 if reverse else 0

@@ -1,0 +1,138 @@
+"""What the benchmark scripts share: importing nestrnn from this checkout, also on a machine that
+has nothing but torch and triton, and describing the machine for the result files.
+
+``nestrnn/__init__.py`` loads the plugin registry, which needs pluggy; the op package
+``nestrnn.ops.nested_lstm`` needs only torch (and triton for its kernels). Where the package's
+own dependencies are missing (a bare GPU machine), :func:`import_nestrnn` registers an empty
+``nestrnn`` package that points at the checkout, so that the op imports without the top-level
+``__init__``; the layer (``NestedLSTM``) and the registry are then unavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: two depth-3 activation variants (``gate,candidate,cell`` a level) that between them put every
+#: activation the fused kernels know in every role
+ACTIVATION_VARIANTS = (
+    ("sigmoid,relu,softsign", "tanh,hardtanh,identity", "softsign,identity,relu"),
+    ("hardtanh,softsign,hardtanh", "identity,sigmoid,sigmoid", "relu,tanh,tanh"),
+)
+
+
+def import_nestrnn() -> str | None:
+    """Put this checkout first on ``sys.path`` and import ``nestrnn``.
+
+    Returns None when the whole package imported, else why only the op is available (the name of
+    the missing dependency).
+    """
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        import nestrnn  # noqa: F401
+    except ModuleNotFoundError as err:
+        if not err.name or err.name.split(".")[0] in ("nestrnn", "torch"):
+            raise
+        package = types.ModuleType("nestrnn")
+        package.__path__ = [str(REPO_ROOT / "nestrnn")]
+        sys.modules["nestrnn"] = package
+        return f"{err.name} is not installed"
+    return None
+
+
+def activation_variant(index: int, depth: int) -> tuple:
+    """The first ``depth`` levels of ``ACTIVATION_VARIANTS[index]`` as ``LevelActivations``."""
+    from nestrnn.ops.nested_lstm import LevelActivations
+
+    return tuple(
+        LevelActivations(*level.split(",")) for level in ACTIVATION_VARIANTS[index][:depth]
+    )
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` inside the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi (or why it is unknown)."""
+    try:
+        run = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"unknown ({type(err).__name__})"
+    return run.stdout.strip().splitlines()[0] if run.stdout.strip() else "unknown"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def describe_machine(device_type: str) -> dict:
+    """Card or CPU, driver and library versions: the header of every result file."""
+    import torch
+
+    info = {
+        "device_type": device_type,
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            device=torch.cuda.get_device_name(0),
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            driver=nvidia_driver(),
+            cuda=torch.version.cuda,
+        )
+    else:
+        info["device"] = info["cpu"]
+    return info
+
+
+def describe_line(info: dict) -> str:
+    """One line of :func:`describe_machine`'s facts."""
+    parts = [info["device"]]
+    if info["device_type"] == "cuda":
+        parts += [f"capability {info['capability']}", f"driver {info['driver']}",
+                  f"CUDA {info['cuda']}"]  # fmt: skip
+    parts += [f"torch {info['torch']}", f"triton {info['triton'] or 'not installed'}"]
+    return ", ".join(parts)

@@ -1,0 +1,198 @@
+"""Compile every Triton kernel of the nested-LSTM op for a CUDA GPU offline (no GPU needed).
+
+    python benchmarks/compile_check.py             # sm_90, every variant
+    python benchmarks/compile_check.py --quick     # every kernel and branch, each dtype
+    python benchmarks/compile_check.py --arch 80   # another architecture
+
+Runs the real Triton compiler (Triton IR, LLVM, ptxas) on each kernel of
+``nestrnn/ops/nested_lstm/triton_kernels.py`` in the variants the op launches: float32, float16 and
+bfloat16 operands; depths 1-3; dense and packed+reverse; the paper's activations and two variants
+that put every activation in every role; biased and bias-free nested levels; the block configurations
+``triton_loop.pick_config`` chooses at the shapes of ``gpu.sh``. This catches what the interpreter
+lets through (dot sizes below 16, mismatched branch types, constexpr arithmetic a Triton version
+does not fold) without a GPU.
+
+Prints one OK or FAIL line per compiled variant (FAIL with the compiler's message) and a summary.
+Exit status: 0 all compiled, 1 some failed, 3 this Triton build cannot compile for CUDA offline
+(a ``SETUP`` line says why). Imports triton, torch and the kernel modules only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be decorated for the real compiler
+
+import triton
+from bench_common import activation_variant, import_nestrnn
+
+import_nestrnn()
+
+from nestrnn.activations import activation_code  # noqa: E402
+from nestrnn.ops.nested_lstm import triton_kernels  # noqa: E402
+from nestrnn.ops.nested_lstm.layout import LevelActivations, standard_activations  # noqa: E402
+from nestrnn.ops.nested_lstm.triton_loop import TritonConfig, pack_codes, pick_config  # noqa: E402
+
+SETUP_FAILED = 3
+DTYPES = ("fp32", "fp16", "bf16")
+#: buffers that are float32 whatever the input dtype (see triton_kernels' module docstring)
+FP32_BUFFERS = {"gates_ptr", "cells_ptr", "act_cells_ptr", "dA_ptr", "dh_ptr", "dc_ptr", "bias_ptr"}
+#: (B, H) of the timed shapes of gpu.sh and of gpu_check.py's cases, for their block configurations
+SHAPES = ((32, 256), (128, 1024), (16, 768), (3, 17), (20, 200))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way the op launches its kernels."""
+
+    dtype: str
+    depth: int
+    packed_reverse: bool
+    activations: tuple[LevelActivations, ...]
+    nested_bias: bool
+    config: TritonConfig
+
+    def common(self) -> dict:
+        """Constexprs every kernel takes."""
+        return dict(
+            REVERSE=self.packed_reverse,
+            HAS_BS=self.packed_reverse,
+            BLOCK_B=self.config.block_b,
+            BLOCK_H=self.config.block_h,
+            BLOCK_K=self.config.block_k,
+            DOT_PREC="ieee" if self.dtype == "fp32" else "tf32",
+        )
+
+    def packed(self, field: str) -> int:
+        return pack_codes([getattr(level, field) for level in self.activations])
+
+    def level(self, k: int) -> dict:
+        acts = self.activations[k]
+        return dict(GATE_ACT=activation_code(acts.gate), CAND_ACT=activation_code(acts.candidate))
+
+    def jobs(self) -> Iterator[tuple[triton.JITFunction, dict]]:
+        """Every kernel launch of a forward and a backward, with its constexprs."""
+        common, depth, cells = self.common(), self.depth, self.packed("cell")
+        yield (
+            triton_kernels.fwd_outer_kernel,
+            dict(common, DEPTH=depth, CELL_ACTS=cells, **self.level(0)),
+        )
+        for k in range(1, depth):
+            yield triton_kernels.fwd_nested_kernel, dict(
+                common, LEVEL=k, DEPTH=depth, CELL_ACTS=cells, HAS_BIAS=self.nested_bias,
+                **self.level(k),
+            )  # fmt: skip
+        yield triton_kernels.bwd_inner_kernel, dict(
+            common, DEPTH=depth, GATE_ACTS=self.packed("gate"),
+            CAND_ACTS=self.packed("candidate"), CELL_ACTS=cells,
+        )  # fmt: skip
+        for k in range(depth - 1):
+            yield triton_kernels.bwd_level_kernel, dict(common, LEVEL=k, **self.level(k))
+
+
+def signature(fn: triton.JITFunction, dtype: str, consts: dict) -> dict[str, str]:
+    """Triton's type string of every argument: constexpr, int32 scalar or typed pointer."""
+    types = {}
+    for name in fn.arg_names:
+        if name in consts:
+            types[name] = "constexpr"
+        elif name == "bs_ptr":
+            types[name] = "*i32"
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def compile_kernel(fn, dtype: str, consts: dict, num_warps: int, target) -> None:
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts)
+    triton.compile(source, target=target, options={"num_warps": num_warps})
+
+
+def variants(quick: bool) -> list[Variant]:
+    """The variants to compile. ``quick``: packed+reverse at one block configuration; depth 1 with
+    the paper's activations, depth 3 with each of ``ACTIVATION_VARIANTS`` (bias-free nested levels
+    with the first): every kernel and constexpr branch but the dense forward direction."""
+    if quick:
+        config = pick_config(*SHAPES[0])
+        return [
+            Variant(dtype, depth, True, acts, bias, config)
+            for dtype in DTYPES
+            for depth, acts, bias in (
+                (1, standard_activations(1), True),
+                (3, activation_variant(0, 3), False),
+                (3, activation_variant(1, 3), True),
+            )
+        ]
+    configs = sorted({pick_config(b, h) for b, h in SHAPES}, key=str)
+    result = []
+    for dtype, depth, mode, config in itertools.product(DTYPES, (1, 2, 3), (False, True), configs):
+        for acts, bias in (
+            (standard_activations(depth), True),
+            (activation_variant(0, depth), False),
+            (activation_variant(1, depth), True),
+        ):
+            result.append(Variant(dtype, depth, mode, acts, bias, config))
+    return result
+
+
+def probe(target) -> str | None:
+    """Why this Triton cannot compile for ``target`` offline (None when it can)."""
+    try:
+        compile_kernel(_probe_kernel, "fp32", {"BLOCK": 16}, 4, target)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
+
+
+@triton.jit
+def _probe_kernel(x_ptr, BLOCK: triton.language.constexpr):
+    offsets = triton.language.arange(0, BLOCK)
+    triton.language.store(x_ptr + offsets, triton.language.load(x_ptr + offsets) + 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="compile_check.py", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (default 90)")
+    parser.add_argument("--quick", action="store_true", help="fewer variants (see variants())")
+    args = parser.parse_args(argv)
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", args.arch, 32)
+    print(f"triton {triton.__version__}, offline compile for sm_{args.arch}", flush=True)
+    why_not = probe(target)
+    if why_not is not None:
+        print(f"SETUP cannot compile for CUDA offline here: {why_not}")
+        return SETUP_FAILED
+    done: set[tuple] = set()
+    failed = 0
+    start = time.perf_counter()
+    for variant in variants(args.quick):
+        for fn, consts in variant.jobs():
+            key = (fn.__name__, variant.dtype, tuple(sorted(consts.items())))
+            if key in done:  # e.g. bwd_level_kernel does not depend on the depth
+                continue
+            done.add(key)
+            label = f"{fn.__name__} {variant.dtype} {consts}"
+            try:
+                compile_kernel(fn, variant.dtype, consts, variant.config.num_warps, target)
+                print(f"OK {label}", flush=True)
+            except Exception as exc:
+                failed += 1
+                print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:3000]}", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"{len(done) - failed} of {len(done)} kernel variants compiled in {seconds:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

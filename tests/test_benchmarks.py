@@ -1,0 +1,143 @@
+"""The GPU and speed benchmark scripts run end to end on CPU, at tiny sizes.
+
+``bash benchmarks/gpu.sh --dry-run`` runs gpu.sh's Python steps on CPU under Triton's interpreter,
+so that what a GPU session runs in one go is known to work before it gets a GPU. The issue rows of
+``speed.py`` (variants, user memory functions) run on the CPU path, and the op-only mode that a
+machine without nestrnn's dependencies gets is checked with pluggy hidden.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+TINY = ["--shapes", "3x8x3", "--repeats", "1", "--max-interference", "1"]
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """This interpreter's environment first on PATH (gpu.sh calls ``python``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return {**env, **extra}
+
+
+def load(name: str, monkeypatch):
+    """Import a benchmark script as a module."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def test_gpu_sh_dry_run(tmp_path):
+    pytest.importorskip("triton")
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"], cwd=REPO,
+                         env=script_env(OUT=str(tmp_path)), capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "ALL PASS" in run.stdout and run.stdout.rstrip().endswith("ALL STEPS PASSED")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "gpu_run.log", "speed_cpu_float32.json", "speed_cpu_float32.md"
+    }  # fmt: skip
+    result = json.loads((tmp_path / "speed_cpu_float32.json").read_text())
+    rows = {r["row"]: r for r in result["results"]}
+    assert set(rows) == {"NLSTM-1", "NLSTM-2", "NLSTM-3", "NLSTM-2 torch_loop"}
+    assert all(rows[f"NLSTM-{d}"]["implementation"]["fwd+bwd"] == "triton" for d in (1, 2, 3))
+    assert rows["NLSTM-2 torch_loop"]["implementation"]["fwd+bwd"] == "torch_loop"
+    assert [s["T"] for s in result["split"]] == [4]
+    assert (tmp_path / "gpu_run.log").read_text().rstrip().endswith("ALL STEPS PASSED")
+
+
+def test_speed_issue_rows_on_cpu(tmp_path):
+    """The variant and user-function rows, each with its ratio, in one run."""
+    out = tmp_path / "speed.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "speed.py"), *TINY, "--depths", "2", "--variants",
+         "--memories", "--threads", "1", "--clock", "process", "--json", str(out)],
+        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    expected = {"outer candidate tanh": "NLSTM-2", "cell softsign": "NLSTM-2",
+                "bias-free level": "NLSTM-2", "LeakyMemory": "LSTM-1", "GRUMemory": "LSTM-1"}  # fmt: skip
+    if importlib.util.find_spec("nestrnn_gru") is None:
+        del expected["GRUMemory"]
+    for name, baseline in expected.items():
+        assert rows[name]["vs"][baseline]["fwd+bwd_ratio"] > 0
+    assert "LeakyMemory / LSTM-1: fwd" in run.stdout
+
+
+HIDE_PLUGGY = (
+    "import os, runpy, sys; sys.modules['pluggy'] = None; sys.argv = sys.argv[1:]; "
+    "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_speed_without_nestrnn_dependencies_times_the_op(tmp_path):
+    """A bare GPU machine has torch and triton only: the op's rows still run."""
+    out = tmp_path / "speed.json"
+    command = [sys.executable, "-c", HIDE_PLUGGY, str(BENCHMARKS / "speed.py")]
+    run = subprocess.run([*command, *TINY, "--depths", "1", "--backend", "torch_loop",
+                          "--json", str(out)], cwd=REPO, env=script_env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(out.read_text())["info"]["nestrnn"] == "op only: pluggy is not installed"
+    refused = subprocess.run([*command, *TINY, "--memories"], cwd=REPO, env=script_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2
+    assert "NestedLSTM needs nestrnn's dependencies (pluggy is not installed)" in refused.stderr
+
+
+def test_speed_refuses_to_time_a_fallback_under_the_backend_name():
+    """Without the interpreter, Triton cannot run on CPU: the op would fall back, speed.py stops."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), *TINY, "--depths", "1",
+                          "--backend", "triton"], cwd=REPO, env=script_env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip().endswith("refusing to time it under that name")
+    assert "backend 'triton' runs" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shapes", "3x4"], "shape '3x4' is not BxHxT"),
+        (["--shapes", "3x0x4"], "has a size below 1"),
+        (["--depths", "0"], "depths must be at least 1"),
+        (["--repeats", "0"], "0 is not positive"),
+        (["--backend", "cudnn"], "invalid choice: 'cudnn'"),
+        (["--variants", "--backend", "generic"], "--variants times the op's variants"),
+    ],
+)
+def test_speed_rejects_bad_arguments(argv, message, monkeypatch, capsys):
+    speed = load("speed", monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        speed.parse_args(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("speed.py: error:") and message in error
+
+
+def test_gpu_check_rejects_bad_arguments(monkeypatch, capsys):
+    gpu_check = load("gpu_check", monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for argv, message in ((["--dtypes", "fp64"], "unknown dtype 'fp64'"),
+                          ([], "TRITON_INTERPRET=1 is set")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            gpu_check.main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_gpu_sh_rejects_an_unknown_option():
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--fast"], cwd=REPO,
+                         env=script_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip() == "usage: bash benchmarks/gpu.sh [--quick | --dry-run]"
