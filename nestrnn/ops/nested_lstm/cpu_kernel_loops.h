@@ -322,14 +322,37 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
 
 /* ---------------------------------------------------------------------------------------------
  * One step of the outer LSTM around a memory function written in Python (ops/outer_lstm): the
- * pointwise math before the memory function, and its backward. ``rows`` (B, 4H) tiles are
- * row-major; z holds the step's pre-activations on entry to outer_gates (the GEMMs are the
- * caller's), its activated gates afterwards. Codes as in the loops above.
+ * recurrent GEMM and the pointwise math before the memory function, and their backward. ``rows``
+ * (B, 4H) tiles are row-major; z holds the step's input projection on entry to outer_gates, its
+ * activated gates afterwards. The weight is a matrix made once per sequence by nlstm_matrix_new
+ * (packed where MKL's packed GEMM is there). Codes as in the loops above.
  * ------------------------------------------------------------------------------------------- */
 
-/* z: activate; gc = f * c_prev, gi = i * g, o = the output gate */
-int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, REAL *z,
-                            const REAL *c_prev, REAL *gc, REAL *gi, REAL *o) {
+/* A GEMM operand kept across calls (see SFX(operand)); freed by nlstm_matrix_free. */
+void *SFX(nlstm_matrix_new)(const REAL *w, int32_t transposed, int64_t m, int64_t k,
+                            int64_t full_n) {
+    if (m < 1 || k < 1 || full_n < 1 || m > INT32_MAX || k > INT32_MAX || full_n > INT32_MAX)
+        return NULL;
+    SFX(operand) *op = malloc(sizeof *op);
+    if (op)
+        SFX(operand_init)(op, w, transposed ? 'T' : 'N', (int)m, (int)k, (int)full_n);
+    return op;
+}
+
+void SFX(nlstm_matrix_free)(void *op) {
+    if (op) {
+        SFX(operand_free)((SFX(operand) *)op);
+        free(op);
+    }
+}
+
+/* z += h W_hh^T; activate; gc = f * c_prev, gi = i * g, o = the output gate */
+int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, const void *w_hh,
+                            const REAL *h, REAL *z, const REAL *c_prev, REAL *gc, REAL *gi,
+                            REAL *o) {
+    if (!w_hh || rows < 1 || rows > INT32_MAX)
+        return NLSTM_EINVAL;
+    SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, h, 1, z);
     for (int64_t b = 0; b < rows; b++) {
         REAL *zr = z + b * 4 * H;
         SFX(activate)(gate, zr, 2 * H);
@@ -346,13 +369,17 @@ int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, 
 }
 
 /* from the gradients of gc = f * c_prev, gi = i * g and o (by their values): the pre-activation
- * gradients of i, f, g and o (into dz) and dc_prev = d(gc) * f */
+ * gradients of i, f, g and o (into dz), dc_prev = d(gc) * f and dh_prev = dz W_hh */
 int SFX(nlstm_outer_gates_backward)(int64_t rows, int64_t H, int32_t gate, int32_t cand,
-                                     const REAL *z, const REAL *c_prev, const REAL *d_gc,
-                                     const REAL *d_gi, const REAL *d_o, REAL *dz, REAL *dc_prev) {
+                                     const void *w_hh, const REAL *z, const REAL *c_prev,
+                                     const REAL *d_gc, const REAL *d_gi, const REAL *d_o, REAL *dz,
+                                     REAL *dc_prev, REAL *dh_prev) {
+    if (!w_hh || rows < 1 || rows > INT32_MAX)
+        return NLSTM_EINVAL;
     const int32_t act[2] = {gate, cand};
     for (int64_t b = 0; b < rows; b++)
         memcpy(dz + b * 4 * H + 3 * H, d_o + b * H, (size_t)H * sizeof(REAL));
     SFX(gate_backward)(rows, H, act, z, c_prev, d_gi, H, d_gc, H, dz, dc_prev);
+    SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, dz, 0, dh_prev);
     return 0;
 }

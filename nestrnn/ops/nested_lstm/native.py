@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "ABI_VERSION",
     "Args",
     "Kernel",
+    "Matrix",
     "NativeStatus",
     "args_layout",
     "build",
@@ -53,7 +55,7 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 4  # NLSTM_ABI_VERSION in cpu_kernel.c
+ABI_VERSION = 5  # NLSTM_ABI_VERSION in cpu_kernel.c
 _SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
@@ -128,9 +130,31 @@ class Kernel:
                     fn = getattr(lib, f"nlstm_{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, ctypes.c_int
                     self._steps[name, dtype] = fn
+            self._matrix = {}
+            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                new, free = (
+                    getattr(lib, f"nlstm_matrix_new_{suffix}"),
+                    getattr(lib, f"nlstm_matrix_free_{suffix}"),
+                )
+                new.argtypes, new.restype = [_PTR, _I32, _I64, _I64, _I64], _PTR
+                free.argtypes, free.restype = [_PTR], None
+                self._matrix[dtype] = (new, free)
         except AttributeError as err:
             raise RuntimeError(f"the library lacks an entry point ({err})") from None
         self.set_blas.restype = ctypes.c_int
+
+    def matrix(self, weight: torch.Tensor, transposed: bool, rows: int) -> Matrix:
+        """``weight`` (row-major, contiguous) as a GEMM operand for ``step_function``s: ``W^T``
+        when ``transposed``; packed for products with ``rows`` rows where MKL can. The
+        ``Matrix`` keeps ``weight`` alive and frees its copy with itself."""
+        new, free = self._matrix[weight.dtype]
+        m, k = (weight.shape[0], weight.shape[1]) if transposed else weight.shape[::-1]
+        handle = new(weight.data_ptr(), int(transposed), m, k, rows)
+        if not handle:
+            raise RuntimeError(
+                f"the CPU kernel could not make a GEMM operand of {tuple(weight.shape)}"
+            )
+        return Matrix(handle, weight, free)
 
     def step_function(self, name: str, dtype: torch.dtype) -> Callable[..., None]:
         """One of the outer-step functions (``_STEP_ARGTYPES``: sizes, codes, then pointers as
@@ -156,11 +180,21 @@ class Kernel:
 
 
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
+class Matrix:
+    """A weight matrix prepared by the kernel (``Kernel.matrix``); ``handle`` is its address."""
+
+    def __init__(self, handle: int, weight: torch.Tensor, free: Callable[[int], None]):
+        self.handle, self.weight = handle, weight  # the kernel may read the weight itself
+        self._finalizer = weakref.finalize(self, free, handle)
+
+
 #: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
 #: rows, H, activation codes, then pointers
 _STEP_ARGTYPES = {
-    "outer_gates": [_I64, _I64, _I32, _I32, *[_PTR] * 5],
-    "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 7],
+    "outer_gates": [_I64, _I64, _I32, _I32, *[_PTR] * 7],
+    "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 9],
 }
 
 _lock = threading.Lock()
