@@ -201,3 +201,33 @@ def test_custom_activation_runs_the_op_like_the_generic_path_and_differs():
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     torch.testing.assert_close(changed(x)[0], generic(x)[0], rtol=1e-10, atol=1e-10)
     assert not torch.allclose(changed(x)[0], standard(x)[0])
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_projection_above_depth_one_matches_a_step_by_step_reference(depth):
+    """proj_size > 0 above depth 1: h = W_hr (o * tanh(c)) is proj_size wide and feeds the
+    recurrence and the next layer; written out here step by step from the parameters."""
+    torch.manual_seed(depth)
+    layer = NestedLSTM(3, 5, num_layers=2, proj_size=2, depth=depth).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    out, (h_n, c_n) = layer(x)
+    assert out.shape == (4, 2, 2) and h_n.shape == (2, 2, 2) and c_n.shape == (depth, 2, 2, 5)
+    inputs = x
+    for k in range(2):
+        w_ih, w_hh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
+        b = getattr(layer, f"bias_ih_l{k}") + getattr(layer, f"bias_hh_l{k}")
+        w_hr, memory = getattr(layer, f"weight_hr_l{k}"), getattr(layer, f"memory_l{k}")
+        h = torch.zeros(2, 2, dtype=torch.float64)
+        cells = [torch.zeros(2, 5, dtype=torch.float64)] * depth
+        outputs = []
+        for t in range(4):
+            i, f, g, o = (inputs[t] @ w_ih.T + h @ w_hh.T + b).chunk(4, dim=1)
+            i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()  # identity candidate: nested
+            cell, state = memory(f * cells[0], i * g, tuple(cells[1:]))
+            h = (o * cell.tanh()) @ w_hr.T
+            cells = [cell, *state]
+            outputs.append(h)
+        torch.testing.assert_close(h_n[k], h)
+        torch.testing.assert_close(c_n[:, k], torch.stack(cells))
+        inputs = torch.stack(outputs)
+    torch.testing.assert_close(out, inputs)

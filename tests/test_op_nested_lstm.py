@@ -312,6 +312,9 @@ def test_plans_on_cpu():
     assert plan(x, None, False, std1, training=False).implementation == "torch_lstm"
     expected = "c_loop" if native.status().available else "torch_loop"
     assert plan(x, None, False, std1, training=True).implementation == expected
+    # eager training at depth 1 runs torch's LSTM with its own autograd, outside the op
+    assert plan(x, None, False, std1, training=True, eager=True).implementation == "torch_lstm"
+    assert plan(x, None, False, std2, training=True, eager=True).implementation == expected
     assert plan(x, None, False, std2, training=False).implementation == expected
     assert plan(x.bfloat16(), None, False, std2, training=True).implementation == expected
     # packed in reverse is beyond torch's LSTM kernel; so is a variant
@@ -320,7 +323,9 @@ def test_plans_on_cpu():
     relu = (LevelActivations(candidate="relu"),)
     assert plan(x, None, False, relu, training=False).implementation == expected
     assert plan(x, None, False, std2, True, "torch_loop").implementation == "torch_loop"
-    with pytest.raises(RuntimeError, match="the torch_lstm implementation cannot run this call: "):
+    with pytest.raises(
+        RuntimeError, match="torch_lstm implementation cannot run this call: it trains"
+    ):
         plan(x, None, False, std1, training=True, backend="torch_lstm")
     with pytest.raises(RuntimeError, match="the c_loop implementation cannot run this call: input"):
         plan(x.to("meta"), None, False, std2, training=True, backend="c_loop")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm import op
+from nestrnn.ops.nested_lstm import op, torch_lstm
 from nestrnn.ops.nested_lstm.checks import check_inputs
 from nestrnn.ops.nested_lstm.layout import (
     LevelActivations,
@@ -88,6 +88,14 @@ def nested_lstm(
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat))
     if not grads or torch.compiler.is_exporting():  # an exported graph holds the inference op
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
-    if torch._C._are_functorch_transforms_active():
+    functorch = torch._C._are_functorch_transforms_active()
+    if not (functorch or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        levels = activations or standard_activations(len(weights))
+        if (
+            plan(x, batch_sizes, reverse, levels, True, backend, eager=True).implementation
+            == "torch_lstm"
+        ):
+            return torch_lstm.forward(x, weights[0], h0, c0, batch_sizes, reverse)
+    if functorch:
         return op.FunctorchNestedLSTM.apply(x, h0, c0, *args, *flat)[:3]
     return torch.ops.nestrnn.nested_lstm_train(x, flat, h0, c0, *args)[:3]

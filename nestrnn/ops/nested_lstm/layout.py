@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-#: activations the fused implementations know, by name (the kernels use the index as a code)
-ACTIVATION_NAMES = ("sigmoid", "tanh", "identity", "relu", "hardtanh", "softsign")
+from nestrnn.activations import check_activation
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -52,20 +52,13 @@ def encode_activations(levels: tuple[LevelActivations, ...] | list[LevelActivati
     This string is the op's ``activations`` argument (custom ops take no list of strings)."""
     for level in levels:
         for name in level:
-            if name not in ACTIVATION_NAMES:
-                raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATION_NAMES}")
+            check_activation(name)
     return ";".join(",".join(level) for level in levels)
 
 
 def decode_activations(text: str) -> tuple[LevelActivations, ...]:
     """Inverse of :func:`encode_activations`."""
     return tuple(LevelActivations(*group.split(",")) for group in text.split(";"))
-
-
-def activation_codes(text: str) -> list[int]:
-    """The 3D activation codes (index in ``ACTIVATION_NAMES``) of an ``activations`` string,
-    level by level: gate, candidate, cell."""
-    return [ACTIVATION_NAMES.index(name) for level in decode_activations(text) for name in level]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -150,9 +143,3 @@ def time_order(steps: int, reverse: bool) -> range:
 def state_slots(steps: int, reverse: bool) -> tuple[int, int]:
     """The slots of the initial and the final state in ``Saved.cells``."""
     return (steps, 0) if reverse else (0, steps)
-
-
-def packed_output_mask(batch_sizes: Tensor, batch: int, device: torch.device) -> Tensor:
-    """(T, B, 1) mask: 1 where row b is active at step t of a packed batch."""
-    rows = torch.arange(batch, device=batch_sizes.device)
-    return (rows < batch_sizes.unsqueeze(1)).unsqueeze(2).to(device)

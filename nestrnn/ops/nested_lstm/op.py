@@ -280,6 +280,8 @@ def _(x, weights, h0, out, gates, cells, act_cells, inputs, batch_sizes, reverse
 
 def _save(ctx, inputs, tensors: list[Tensor]) -> None:
     x, weights, h0, _, batch_sizes, reverse, activations, backend = inputs
+    # outputs nobody used get None, not zeros: the saved tensors would be gigabytes of them
+    ctx.set_materialize_grads(False)
     packed = [] if batch_sizes is None else [batch_sizes]
     ctx.save_for_backward(x, h0, *weights, *packed, *tensors)
     ctx.n_weights, ctx.packed = len(weights), batch_sizes is not None

@@ -2,7 +2,10 @@
 
 Implementations (each a module of this package):
 
-    "torch_lstm"  torch's own LSTM kernel: depth 1, standard activations, inference only
+    "torch_lstm"  torch's own LSTM kernel: depth 1, standard activations; inference inside the op,
+                  and training in eager mode, where torch's LSTM runs with its own autograd
+                  outside the op (nn.LSTM's numbers and speed; the op's loops need a saved
+                  layout torch's kernel does not give)
     "c_loop"      the C time loops on CPU (float32/float64; half precision runs in float32)
     "torch_loop"  the time loops in plain PyTorch calls, any device
     "triton"      the fused Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1 for tests)
@@ -92,8 +95,11 @@ def plan(
     activations: tuple[LevelActivations, ...],
     training: bool,
     backend: str = "auto",
+    eager: bool = False,
 ) -> Plan:
-    """The implementation for this call (see the module docstring)."""
+    """The implementation for this call (see the module docstring). ``eager``: the caller can run
+    torch's LSTM with its own autograd (no compile, export, trace or torch.func transform)."""
+    training = training and not eager  # torch's LSTM trains only outside the op
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("auto", "triton"):
@@ -125,7 +131,7 @@ def _fused(x, batch_sizes, reverse, activations, training) -> str:
 def _pinned_reason(backend, x, batch_sizes, reverse, activations, training) -> str | None:
     if backend == "torch_lstm":
         if training:
-            return "it runs inference only"
+            return "it trains only in eager mode, outside the op"
         return torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations)
     if backend == "c_loop":
         return c_loop.unavailable_reason(x.device, state_dtype(x.dtype))

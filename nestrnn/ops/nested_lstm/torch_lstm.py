@@ -3,8 +3,9 @@ cuDNN on CUDA), which gives exactly ``nn.LSTM``'s numbers.
 
 It covers the standard LSTM (sigmoid gates, tanh candidate and cell) on unpacked input in either
 direction, and packed input in forward order whose rows all have at least one step (what
-``pack_padded_sequence`` accepts). Training runs one of the op's own loops instead: the backward
-needs the op's saved-tensor layout.
+``pack_padded_sequence`` accepts). Inside the op it runs inference; in eager mode the entry point
+also trains with it, outside the op, through torch's own autograd (inside, the op's backward
+needs its saved-tensor layout, which torch's kernel does not give).
 """
 
 from __future__ import annotations
@@ -33,22 +34,24 @@ def unavailable_reason(
 def forward(
     x: Tensor, w: LevelWeights, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None, reverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Output (T, B, H), h_n (B, H), c_n (1, B, H) of one LSTM direction, without gradients."""
+    """Output (T, B, H), h_n (B, H), c_n (1, B, H) of one LSTM direction (differentiable by
+    torch's autograd when called outside the op)."""
     has_bias = w.bias_ih is not None or w.bias_hh is not None
     params = [w.weight_ih, w.weight_hh]
     if has_bias:  # a lone missing bias is a zero bias
         zero = w.weight_hh.new_zeros(w.weight_hh.shape[0])
         params += [zero if b is None else b for b in (w.bias_ih, w.bias_hh)]
     hx = (h0.unsqueeze(0), c0)
+    train = torch.is_grad_enabled()  # the kernel keeps what its backward needs
     if batch_sizes is None:
         xs = x.flip(0) if reverse else x
-        out, h_n, c_n = torch._VF.lstm(xs, hx, params, has_bias, 1, 0.0, False, False, False)
+        out, h_n, c_n = torch._VF.lstm(xs, hx, params, has_bias, 1, 0.0, train, False, False)
         return (out.flip(0) if reverse else out), h_n[0], c_n
     steps, batch = x.shape[0], x.shape[1]
     lengths = (batch_sizes.unsqueeze(1) > torch.arange(batch)).sum(0)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=True)
     data, h_n, c_n = torch._VF.lstm(
-        packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, False
+        packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, train, False
     )
     out, _ = torch.nn.utils.rnn.pad_packed_sequence(
         torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes), total_length=steps

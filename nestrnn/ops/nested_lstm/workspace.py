@@ -1,10 +1,9 @@
 """A pool of large CPU buffers that the time loops reuse from one call to the next.
 
 PyTorch caches GPU memory but not CPU memory, and fresh memory from the system costs a page fault
-on its first touch: for the buffers of a depth-2 forward+backward at (B, H, T) = (32, 256, 100)
-that was ~15% of the time (docs/design.md). The pool hands a buffer out again only when nothing
-but the pool references its storage any more (the caller, or the autograd graph that saved it,
-has let it go). Up to ``NESTRNN_WORKSPACE_MB`` (default 2048; 0 turns pooling off) is kept;
+on its first touch (what that costs: docs/design.md). The pool hands a buffer out again only when
+nothing but the pool references its storage any more (the caller, or the autograd graph that saved
+it, has let it go). Up to ``NESTRNN_WORKSPACE_MB`` (default 2048; 0 turns pooling off) is kept;
 ``clear_workspace()`` releases it. Other devices get plain ``torch.empty``.
 """
 
