@@ -277,11 +277,11 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
             dht[e] = dout[e] + dh[e];
         /* back through the ascent: level k's o gradient (by its activated value), and the
          * gradient of its new cell (into scratch, used as (rows, H)) */
-        REAL *dcl = scratch;
+        REAL *d_cell = scratch;
         for (int64_t k = 0; k < D; k++) {
             const REAL *z = AT(a->gates[k], t, B4H), *ac = AT(a->act_cells[k], t, BH);
-            const REAL *grad = k == 0 ? dht : dcl;
-            const REAL *dck = AT(a->dc, k, BH);
+            const REAL *grad = k == 0 ? dht : d_cell;
+            const REAL *d_carried = AT(a->dc, k, BH);
             REAL *dz = AT(a->d_gates[k], t, B4H);
             for (int64_t b = 0; b < rows; b++) {
                 const REAL *zr = z + b * 4 * H;
@@ -290,18 +290,18 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
                 for (int64_t u = 0; u < H; u++) {
                     const REAL gr = grad[b * H + u];
                     dr[3 * H + u] = gr * ac[b * H + u];
-                    dcl[b * H + u] = gr * zr[3 * H + u];
+                    d_cell[b * H + u] = gr * zr[3 * H + u];
                 }
             }
-            SFX(times_derivative)(act[3 * k + 2], ac, dcl, rows * H);
+            SFX(times_derivative)(act[3 * k + 2], ac, d_cell, rows * H);
 #pragma omp simd
             for (int64_t e = 0; e < rows * H; e++)
-                dcl[e] += dck[e]; /* plus the gradient carried from the next step */
+                d_cell[e] += d_carried[e]; /* plus the gradient carried from the next step */
         }
-        /* innermost: c = i g + f c_prev, so d(i g) = d(f c_prev) = dcl */
+        /* innermost: c = i g + f c_prev, so d(i g) = d(f c_prev) = d_cell */
         const int64_t last = D - 1;
         SFX(gate_backward)(rows, H, act + 3 * last, AT(a->gates[last], t, B4H),
-                           AT(a->cells[last], j, BH), dcl, H, dcl, H, AT(a->d_gates[last], t, B4H),
+                           AT(a->cells[last], j, BH), d_cell, H, d_cell, H, AT(a->d_gates[last], t, B4H),
                            AT(a->dc, last, BH));
         /* descent: [d x~ | d h~] of level k-1 = level k's gate gradients @ [W_ih | W_hh] */
         for (int64_t k = D - 1; k > 0; k--) {
