@@ -139,6 +139,45 @@ def test_retained_graph_and_partial_losses():
     torch.testing.assert_close(first_only, ref_first)
 
 
+def partial_loss(out, h_n, c_n, used):
+    """A loss of the steps' outputs in ``used`` (step numbers; "h", "c": the final states)."""
+    terms = [out[t] for t in used if isinstance(t, int)]
+    terms += [s for name, s in (("h", h_n), ("c", c_n)) if name in used]
+    return sum((t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view(t.shape)).sum()
+               for t in terms)  # fmt: skip
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    memory=st.sampled_from(sorted(MEMORIES)),
+    steps=st.integers(1, 5),
+    packed=st.booleans(),
+    reverse=st.booleans(),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_losses_of_some_outputs_through_a_retained_graph(memory, steps, packed, reverse, seed,
+                                                         data):  # fmt: skip
+    """Losses that use only some outputs (so that some steps' nodes never run their backward),
+    one after another through the same retained graph: every gradient as the naive path's."""
+    memory, weights, x, h0, c0 = case(memory, steps, 3, 2, 4, True, seed)
+    batch_sizes = torch.tensor([3] + [2] * (steps - 1)) if packed else None
+    args = (x, weights, memory, h0, c0, batch_sizes, reverse, memory.outer_candidate_activation)
+    leaves = [x, h0, c0, *(w for w in weights if w is not None), *memory.parameters()]
+    outputs = [*range(steps), "h", "c"]
+    fast = stepwise.outer_lstm_stepwise(*args)
+    for _ in range(2):
+        used = data.draw(st.lists(st.sampled_from(outputs), min_size=1, unique=True))
+        got = torch.autograd.grad(partial_loss(*fast, used), leaves, retain_graph=True,
+                                  allow_unused=True)  # fmt: skip
+        want = torch.autograd.grad(partial_loss(*outer_lstm_naive(*args), used), leaves,
+                                   allow_unused=True)  # fmt: skip
+        for n, (g, w, leaf) in enumerate(zip(got, want, leaves)):
+            g = torch.zeros_like(leaf) if g is None else g
+            w = torch.zeros_like(leaf) if w is None else w
+            torch.testing.assert_close(g, w, msg=lambda m, n=n, used=used: f"{used} {n}: {m}")
+
+
 def test_a_memory_function_returning_the_wrong_shape_is_a_clear_error():
     class Wrong(MemoryFunction):
         def forward(self, gated_cell, gated_input, state):

@@ -377,9 +377,106 @@ int SFX(nlstm_outer_gates_backward)(int64_t rows, int64_t H, int32_t gate, int32
     if (!w_hh || rows < 1 || rows > INT32_MAX)
         return NLSTM_EINVAL;
     const int32_t act[2] = {gate, cand};
-    for (int64_t b = 0; b < rows; b++)
-        memcpy(dz + b * 4 * H + 3 * H, d_o + b * H, (size_t)H * sizeof(REAL));
+    if (d_o) /* else the o gradient (by value) is in dz already, from outer_transition_backward */
+        for (int64_t b = 0; b < rows; b++)
+            memcpy(dz + b * 4 * H + 3 * H, d_o + b * H, (size_t)H * sizeof(REAL));
     SFX(gate_backward)(rows, H, act, z, c_prev, d_gi, H, d_gc, H, dz, dc_prev);
     SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, dz, 0, dh_prev);
+    return 0;
+}
+
+/* h = o * act(c) of one step (z its gates); act_c = act(c) */
+static void SFX(output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, const REAL *c,
+                        REAL *act_c, REAL *h) {
+    memcpy(act_c, c, (size_t)(rows * H) * sizeof(REAL));
+    SFX(activate)(cell, act_c, rows * H);
+    for (int64_t b = 0; b < rows; b++) {
+        const REAL *o = z + b * 4 * H + 3 * H;
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++)
+            h[b * H + u] = o[u] * act_c[b * H + u];
+    }
+}
+
+/* The step after the memory function, when every row is active: this step's output
+ * h = o * act(c) (into h, and into h_copy, the buffer the weight gradient reads), then the next
+ * step's outer_gates from it (z_next, and gc, gi of the next memory call). */
+int SFX(nlstm_outer_transition)(int64_t rows, int64_t H, int32_t gate, int32_t cand, int32_t cell,
+                                 const void *w_hh_t, const REAL *z, const REAL *c, REAL *act_c,
+                                 REAL *h, REAL *h_copy, REAL *z_next, REAL *gc, REAL *gi) {
+    if (!w_hh_t || rows < 1 || rows > INT32_MAX)
+        return NLSTM_EINVAL;
+    SFX(output)(rows, H, cell, z, c, act_c, h);
+    memcpy(h_copy, h, (size_t)(rows * H) * sizeof(REAL));
+    SFX(operand_mul)((const SFX(operand) *)w_hh_t, (int)rows, h, 1, z_next);
+    for (int64_t b = 0; b < rows; b++) {
+        REAL *zr = z_next + b * 4 * H;
+        SFX(activate)(gate, zr, 2 * H);
+        SFX(activate)(cand, zr + 2 * H, H);
+        SFX(activate)(gate, zr + 3 * H, H);
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++) {
+            gc[b * H + u] = zr[H + u] * c[b * H + u];
+            gi[b * H + u] = zr[u] * zr[2 * H + u];
+        }
+    }
+    return 0;
+}
+
+/* The last step's output h = o * act(c). */
+int SFX(nlstm_outer_output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, const REAL *c,
+                             REAL *act_c, REAL *h) {
+    if (rows < 1)
+        return NLSTM_EINVAL;
+    SFX(output)(rows, H, cell, z, c, act_c, h);
+    return 0;
+}
+
+/* From d h (the output's own gradient, in d_h_total on entry): the o gradient by value (into
+ * dz) and d c = d h * o * act'(c), added to d_cell. */
+static void SFX(output_backward)(int64_t rows, int64_t H, int32_t cell, const REAL *z,
+                                 const REAL *act_c, REAL *d_h_total, REAL *dz, REAL *d_cell) {
+    for (int64_t b = 0; b < rows; b++) {
+        const REAL *o = z + b * 4 * H + 3 * H;
+        REAL *d_o = dz + b * 4 * H + 3 * H, *dh = d_h_total + b * H;
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++) {
+            d_o[u] = dh[u] * act_c[b * H + u];
+            dh[u] *= o[u];
+        }
+    }
+    SFX(times_derivative)(cell, act_c, d_h_total, rows * H);
+#pragma omp simd
+    for (int64_t e = 0; e < rows * H; e++)
+        d_cell[e] += d_h_total[e];
+}
+
+/* Backward of outer_transition: the next step's gate gradients (dz_next, whose o part holds its
+ * gradient by value), d h = d_h + dz_next W_hh (in scratch), this step's o gradient by value
+ * (dz) and the gradient of c, d_cell = d(gc) * f_next + d h * o * act'(c). */
+int SFX(nlstm_outer_transition_backward)(int64_t rows, int64_t H, int32_t gate, int32_t cand,
+                                          int32_t cell, const void *w_hh, const REAL *z,
+                                          const REAL *act_c, const REAL *z_next, const REAL *c,
+                                          const REAL *d_h, const REAL *d_gc, const REAL *d_gi,
+                                          REAL *dz, REAL *dz_next, REAL *d_cell, REAL *scratch) {
+    if (!w_hh || rows < 1 || rows > INT32_MAX)
+        return NLSTM_EINVAL;
+    const int32_t act[2] = {gate, cand};
+    SFX(gate_backward)(rows, H, act, z_next, c, d_gi, H, d_gc, H, dz_next, d_cell);
+    SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, dz_next, 0, scratch);
+#pragma omp simd
+    for (int64_t e = 0; e < rows * H; e++)
+        scratch[e] += d_h[e];
+    SFX(output_backward)(rows, H, cell, z, act_c, scratch, dz, d_cell);
+    return 0;
+}
+
+/* Backward of outer_output (d_h is overwritten). */
+int SFX(nlstm_outer_output_backward)(int64_t rows, int64_t H, int32_t cell, const REAL *z,
+                                      const REAL *act_c, REAL *d_h, REAL *dz, REAL *d_cell) {
+    if (rows < 1)
+        return NLSTM_EINVAL;
+    memset(d_cell, 0, (size_t)(rows * H) * sizeof(REAL));
+    SFX(output_backward)(rows, H, cell, z, act_c, d_h, dz, d_cell);
     return 0;
 }

@@ -55,7 +55,7 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 5  # NLSTM_ABI_VERSION in cpu_kernel.c
+ABI_VERSION = 6  # NLSTM_ABI_VERSION in cpu_kernel.c
 _SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
@@ -195,6 +195,10 @@ class Matrix:
 _STEP_ARGTYPES = {
     "outer_gates": [_I64, _I64, _I32, _I32, *[_PTR] * 7],
     "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 9],
+    "outer_transition": [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 9],
+    "outer_output": [_I64, _I64, _I32, *[_PTR] * 4],
+    "outer_transition_backward": [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 12],
+    "outer_output_backward": [_I64, _I64, _I32, *[_PTR] * 5],
 }
 
 _lock = threading.Lock()

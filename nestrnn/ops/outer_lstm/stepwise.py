@@ -1,23 +1,25 @@
 """The outer LSTM around any memory function, with the outer LSTM's own work fused.
 
-Only the memory function's step and ``h = o * tanh(c)`` go through autograd; the rest of the
-outer LSTM is done by hand, as in the whole-sequence op:
+Only the memory function's step goes through autograd; the outer LSTM's work is done by hand, in
+the C kernel, as in the whole-sequence op:
 
 * ``_Prologue``: the input projection of every step is one GEMM; in the backward (which autograd
   runs after every step's, since every step consumes its output ``token``) the gradients of x and
   of every outer weight are a few large GEMMs over all steps, from the gate gradients ``dz`` the
   steps left in a shared buffer;
-* ``_GatesStep``: per step, in one call of the C kernel, ``z += h_{t-1} W_hh^T`` (MKL's packed
-  GEMM, the weight packed once per call), the gate activations, the two inputs of the memory
-  function, ``f * c_{t-1}`` and ``i * g``, and the output gate ``o``; its backward writes the i,
-  f, g, o gate gradients into ``dz`` and returns those of h_{t-1} (one GEMM) and c_{t-1};
-* the memory function, as the user wrote it (or compiled, see ``outer_lstm``), and
-  ``h_t = o * tanh(c_t)``, both plain autograd.
+* ``_GatesStep``: the first step's gates: ``z += h_{t-1} W_hh^T`` (MKL's packed GEMM, the weight
+  packed once per call), the gate activations and the two inputs of the memory function,
+  ``f * c_{t-1}`` and ``i * g``; its backward writes the gate gradients into ``dz`` and returns
+  those of h_{t-1} (one GEMM) and c_{t-1};
+* ``_Transition``: what lies between two memory calls, in one node and one kernel call: this
+  step's ``h_t = o * tanh(c_t)`` and the next step's gates from it; ``_Output``: the last step's h.
 
 Autograd then runs one backward pass over the whole sequence: one node of ours per step besides
 the memory function's, instead of the ~20 small ops of the naive path, and no weight gradient
-inside the loop. It runs on CPU in float32 and float64 when the CPU kernel is available (see
-``applies``); shapes as in ``naive.py``, without a projection.
+inside the loop. A packed batch, whose active rows change from step to step, keeps ``_GatesStep``
+at every step and computes h with plain autograd. This path runs on CPU in float32 and float64
+when the CPU kernel is available (see ``applies``); shapes as in ``naive.py``, without a
+projection.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ def applies(x: Tensor, weights: LevelWeights, h0: Tensor, c0: Tensor) -> bool:
 class _Sequence:
     """What the steps of one call share: the gate buffer ``gates`` (T, B, 4H), which holds the
     input projection, then each step's activated gates; the h that entered each step, ``h_prev``
-    (T, B, H), for the weight gradient; and ``dz`` (T, B, 4H), the gate gradients the steps'
-    backwards leave for the prologue's. Per-step views and addresses are made once here: the
-    steps are small, and each view costs about a microsecond."""
+    (T, B, H), for the weight gradient; ``act_cells`` (T, B, H), tanh of each new cell; and ``dz``
+    (T, B, 4H), the gate gradients the steps' backwards leave for the prologue's. Per-step views
+    and addresses are made once here: the steps are small, and each view costs about a
+    microsecond."""
 
     def __init__(self, x: Tensor, weights: LevelWeights, candidate: str, packed: bool):
         steps, batch, _ = x.shape
@@ -72,17 +75,35 @@ class _Sequence:
         self.gates = WORKSPACE.empty((steps, batch, 4 * hidden), dtype, device)
         self.h_prev = new((steps, batch, hidden), dtype, device)
         self.dz = new((steps, batch, 4 * hidden), dtype, device)
-        self.reached = [False] * steps  # steps whose backward ran (the others' dz must be 0)
+        self.act_cells = WORKSPACE.empty((steps, batch, hidden), dtype, device)
+        self.scratch = torch.empty(batch, hidden, dtype=dtype, device=device)
+        self.cell = activation_code("tanh")
+        # per step, whether a backward wrote its gate gradients into dz (the others' must be 0),
+        # and whether one wrote the o gradient of its output (else the gates' backward takes 0)
+        self.reached, self.output_reached = [False] * steps, [False] * steps
         self.gates_at, self.dz_at = self.gates.unbind(0), self.dz.unbind(0)
         self.h_prev_at = self.h_prev.unbind(0)
         self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
+        self.h_prev_ptr, self.act_ptr = self.h_prev.data_ptr(), self.act_cells.data_ptr()
         self.stride = batch * 4 * hidden * x.element_size()  # bytes from one step to the next
+        self.state_stride = batch * hidden * x.element_size()
         kernel = native.kernel()
         w_hh = weights.weight_hh.detach().contiguous()
         self.w_hh_t = kernel.matrix(w_hh, transposed=True, rows=batch)  # for h W_hh^T
         self.w_hh = kernel.matrix(w_hh, transposed=False, rows=batch)  # for dz W_hh
-        self.outer_gates = kernel.step_function("outer_gates", x.dtype)
-        self.outer_gates_backward = kernel.step_function("outer_gates_backward", x.dtype)
+        for name in ("outer_gates", "outer_transition", "outer_output"):
+            setattr(self, name, kernel.step_function(name, x.dtype))
+            setattr(self, f"{name}_backward", kernel.step_function(f"{name}_backward", x.dtype))
+
+    def z(self, t: int) -> int:
+        """Address of step t's gates (and, offset the same, of its gate gradients in dz)."""
+        return self.gates_ptr + t * self.stride
+
+    def dz_at_step(self, t: int) -> int:
+        return self.dz_ptr + t * self.stride
+
+    def act(self, t: int) -> int:
+        return self.act_ptr + t * self.state_stride
 
     def rows_at(self, views: tuple[Tensor, ...], t: int, rows: int) -> Tensor:
         return views[t] if rows == self.batch else views[t][:rows]
@@ -113,7 +134,8 @@ class _Prologue(torch.autograd.Function):
         for t, reached in enumerate(seq.reached):  # a loss that did not depend on every step
             if not reached:
                 seq.dz_at[t].zero_()
-        seq.reached = [False] * steps  # for a second backward through a retained graph
+        # for a second backward through a retained graph
+        seq.reached, seq.output_reached = [False] * steps, [False] * steps
         dz = seq.dz.view(steps * batch, -1)
         need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
         dx = dz.mm(w_ih).view(x.shape) if need_x else None
@@ -128,7 +150,8 @@ class _Prologue(torch.autograd.Function):
 
 
 class _GatesStep(torch.autograd.Function):
-    """(token, h_{t-1}, c_{t-1}) of the ``rows`` active rows -> ``f * c_{t-1}``, ``i * g``, ``o``."""
+    """(token, h_{t-1}, c_{t-1}) of the ``rows`` active rows -> ``f * c_{t-1}``, ``i * g``, ``o``
+    (the first step of a sequence, and every step of a packed batch)."""
 
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
@@ -141,20 +164,82 @@ class _GatesStep(torch.autograd.Function):
                         gated_cell.data_ptr(), gated_input.data_ptr(), out_gate.data_ptr())  # fmt: skip
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
+        ctx.set_materialize_grads(False)  # an unused o: its gradient is in dz already
         return gated_cell, gated_input, out_gate
 
     @staticmethod
     def backward(ctx, d_gated_cell, d_gated_input, d_out_gate):
         (c_prev,) = ctx.saved_tensors
         seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
-        grads = [_grad(g, c_prev) for g in (d_gated_cell, d_gated_input, d_out_gate)]
+        grads = [_grad(g, c_prev) for g in (d_gated_cell, d_gated_input)]
+        if d_out_gate is None and seq.output_reached[t]:
+            d_o = 0  # the o gradient is in dz already, from this step's _Transition or _Output
+        else:
+            d_o = _grad(d_out_gate, c_prev).data_ptr()
         dc_prev, dh_prev = torch.empty_like(c_prev), torch.empty_like(c_prev)
         seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, seq.w_hh.handle,
-                                 seq.gates_ptr + t * seq.stride, c_prev.data_ptr(),
-                                 *(g.data_ptr() for g in grads), seq.dz_ptr + t * seq.stride,
-                                 dc_prev.data_ptr(), dh_prev.data_ptr())  # fmt: skip
+                                 seq.z(t), c_prev.data_ptr(), *(g.data_ptr() for g in grads), d_o,
+                                 seq.dz_at_step(t), dc_prev.data_ptr(), dh_prev.data_ptr())  # fmt: skip
         seq.reached[t] = True
         return c_prev.new_empty(0), dh_prev, dc_prev, None, None
+
+
+class _Transition(torch.autograd.Function):
+    """The new cell c_t of step t, every row active -> h_t, and the next step's ``f * c_t`` and
+    ``i * g`` (its ``_GatesStep`` and this step's output in one node and one kernel call)."""
+
+    @staticmethod
+    def forward(ctx, cell, seq: _Sequence, t: int, t_next: int):
+        cell = cell.contiguous()
+        h, gated_cell, gated_input = (torch.empty_like(cell) for _ in range(3))
+        h_copy = seq.h_prev_ptr + t_next * seq.state_stride  # the next step's h_{t-1}
+        seq.outer_transition(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
+                             seq.w_hh_t.handle, seq.z(t), cell.data_ptr(), seq.act(t),
+                             h.data_ptr(), h_copy, seq.z(t_next), gated_cell.data_ptr(),
+                             gated_input.data_ptr())  # fmt: skip
+        ctx.seq, ctx.t, ctx.t_next = seq, t, t_next
+        ctx.save_for_backward(cell)
+        ctx.set_materialize_grads(False)
+        return h, gated_cell, gated_input
+
+    @staticmethod
+    def backward(ctx, d_h, d_gated_cell, d_gated_input):
+        (cell,) = ctx.saved_tensors
+        seq, t, t_next = ctx.seq, ctx.t, ctx.t_next
+        grads = [_grad(g, cell) for g in (d_h, d_gated_cell, d_gated_input)]
+        d_cell = torch.empty_like(cell)
+        if not seq.output_reached[t_next]:  # the next step's h fed nothing the loss used
+            seq.dz_at[t_next][:, 3 * seq.hidden :].zero_()
+        seq.outer_transition_backward(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
+                                      seq.w_hh.handle, seq.z(t), seq.act(t), seq.z(t_next),
+                                      cell.data_ptr(), *(g.data_ptr() for g in grads),
+                                      seq.dz_at_step(t), seq.dz_at_step(t_next), d_cell.data_ptr(),
+                                      seq.scratch.data_ptr())  # fmt: skip
+        seq.reached[t_next] = seq.output_reached[t] = True
+        return d_cell, None, None, None
+
+
+class _Output(torch.autograd.Function):
+    """The last step's new cell, every row active -> its h."""
+
+    @staticmethod
+    def forward(ctx, cell, seq: _Sequence, t: int):
+        cell = cell.contiguous()
+        h = torch.empty_like(cell)
+        seq.outer_output(seq.batch, seq.hidden, seq.cell, seq.z(t), cell.data_ptr(), seq.act(t),
+                         h.data_ptr())  # fmt: skip
+        ctx.seq, ctx.t = seq, t
+        return h
+
+    @staticmethod
+    def backward(ctx, d_h):
+        seq, t = ctx.seq, ctx.t
+        d_h = d_h.clone(memory_format=torch.contiguous_format)  # the kernel overwrites it
+        d_cell = torch.empty_like(d_h)
+        seq.outer_output_backward(seq.batch, seq.hidden, seq.cell, seq.z(t), seq.act(t),
+                                  d_h.data_ptr(), seq.dz_at_step(t), d_cell.data_ptr())  # fmt: skip
+        seq.output_reached[t] = True
+        return d_cell, None, None
 
 
 def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -164,11 +249,16 @@ def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
 
 def _check_memory_output(memory: MemoryFunction, cell: Tensor, state, like: Tensor) -> None:
     """The next step's C function reads the cell as raw memory: check it first."""
-    if cell.shape != like.shape or cell.dtype != like.dtype or len(state) != memory.num_states:
+    if (
+        cell.shape != like.shape
+        or cell.dtype != like.dtype
+        or cell.device != like.device
+        or len(state) != memory.num_states
+    ):
         raise RuntimeError(
-            f"{type(memory).__name__} returned a cell of shape {tuple(cell.shape)} and dtype "
-            f"{cell.dtype} with {len(state)} state tensors; expected {tuple(like.shape)}, "
-            f"{like.dtype} and num_states={memory.num_states}"
+            f"{type(memory).__name__} returned a cell of shape {tuple(cell.shape)}, dtype "
+            f"{cell.dtype} on {cell.device} with {len(state)} state tensors; expected "
+            f"{tuple(like.shape)}, {like.dtype} on {like.device} and num_states={memory.num_states}"
         )
 
 
@@ -201,15 +291,36 @@ def outer_lstm_stepwise(
     sizes = [batch] * steps if batch_sizes is None else batch_sizes.tolist()
     seq = _Sequence(x, weights, candidate_activation, packed=min(sizes, default=batch) < batch)
     token = _Prologue.apply(seq, x, *weights)
-    with _collector_paused():
-        h, cells, outputs = _loop(seq, token, memory, h0, c0, sizes, reverse)
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
+    loop = _dense_loop if min(sizes) == batch else _packed_loop
+    with _collector_paused():
+        h, cells, outputs = loop(seq, token, memory, h0, c0, sizes, reverse)
     return torch.stack(outputs), h, torch.stack(cells)
 
 
-def _loop(seq, token, memory, h0, c0, sizes, reverse):
-    """The time loop of ``outer_lstm_stepwise``: the final h and cells and the output of each step."""
+def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
+    """The time loop when every row is active at every step: per step, the memory function and
+    one node of ours (its output and the next step's gates)."""
+    order = list(time_order(len(sizes), reverse))
+    outputs: list[Tensor] = [h0.new_empty(0)] * len(sizes)
+    cells = tuple(c0.unbind(0))
+    gated_cell, gated_input, _ = _GatesStep.apply(token, h0, cells[0], seq, order[0])
+    state = cells[1:]
+    for n, t in enumerate(order):
+        cell, state = memory(gated_cell, gated_input, state)
+        _check_memory_output(memory, cell, state, gated_cell)
+        if n + 1 < len(order):
+            h, gated_cell, gated_input = _Transition.apply(cell, seq, t, order[n + 1])
+        else:
+            h = _Output.apply(cell, seq, t)
+        outputs[t] = h
+    return h, (cell, *state), outputs
+
+
+def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
+    """The time loop of a packed batch: the active rows change from step to step, and the rows
+    beyond them keep their state."""
     steps, batch = len(sizes), h0.shape[0]
     h, cells = h0, tuple(c0.unbind(0))
     outputs: list[Tensor] = [h0.new_empty(0)] * steps
@@ -227,7 +338,6 @@ def _loop(seq, token, memory, h0, c0, sizes, reverse):
             h, cells = h_new, (cell, *state)
             outputs[t] = h
             continue
-        # a packed batch sorted by length: the rows beyond `rows` keep their state
         h = torch.cat([h_new, h[rows:]])
         cells = tuple(torch.cat([new, old[rows:]]) for new, old in zip((cell, *state), cells))
         outputs[t] = torch.cat([h_new, h_new.new_zeros(batch - rows, h_new.shape[1])])
