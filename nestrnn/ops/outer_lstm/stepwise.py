@@ -24,8 +24,6 @@ projection.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -262,20 +260,6 @@ def _check_memory_output(memory: MemoryFunction, cell: Tensor, state, like: Tens
         )
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cyclic garbage collector off while the loop runs: its ~20 small objects a step
-    (tensors, autograd contexts) set off collections that cost a fifth of the forward at
-    (B, H) = (32, 75). Everything the loop makes is freed by reference counting."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def outer_lstm_stepwise(
     x: Tensor,
     weights: LevelWeights,
@@ -294,8 +278,7 @@ def outer_lstm_stepwise(
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
     loop = _dense_loop if min(sizes) == batch else _packed_loop
-    with _collector_paused():
-        h, cells, outputs = loop(seq, token, memory, h0, c0, sizes, reverse)
+    h, cells, outputs = loop(seq, token, memory, h0, c0, sizes, reverse)
     return torch.stack(outputs), h, torch.stack(cells)
 
 
