@@ -346,12 +346,11 @@ void SFX(nlstm_matrix_free)(void *op) {
     }
 }
 
-/* z += h W_hh^T; activate; gc = f * c_prev, gi = i * g, o = the output gate */
-int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, const void *w_hh,
+/* z += h W_hh^T; activate; gc = f * c_prev, gi = i * g and, unless o is NULL, o = the output
+ * gate */
+static void SFX(gates_step)(int64_t rows, int64_t H, int32_t gate, int32_t cand, const void *w_hh,
                             const REAL *h, REAL *z, const REAL *c_prev, REAL *gc, REAL *gi,
                             REAL *o) {
-    if (!w_hh || rows < 1 || rows > INT32_MAX)
-        return NLSTM_EINVAL;
     SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, h, 1, z);
     for (int64_t b = 0; b < rows; b++) {
         REAL *zr = z + b * 4 * H;
@@ -362,9 +361,18 @@ int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, 
         for (int64_t u = 0; u < H; u++) {
             gc[b * H + u] = zr[H + u] * c_prev[b * H + u];
             gi[b * H + u] = zr[u] * zr[2 * H + u];
-            o[b * H + u] = zr[3 * H + u];
         }
+        if (o)
+            memcpy(o + b * H, zr + 3 * H, (size_t)H * sizeof(REAL));
     }
+}
+
+int SFX(nlstm_outer_gates)(int64_t rows, int64_t H, int32_t gate, int32_t cand, const void *w_hh,
+                            const REAL *h, REAL *z, const REAL *c_prev, REAL *gc, REAL *gi,
+                            REAL *o) {
+    if (!w_hh || rows < 1 || rows > INT32_MAX)
+        return NLSTM_EINVAL;
+    SFX(gates_step)(rows, H, gate, cand, w_hh, h, z, c_prev, gc, gi, o);
     return 0;
 }
 
@@ -408,18 +416,7 @@ int SFX(nlstm_outer_transition)(int64_t rows, int64_t H, int32_t gate, int32_t c
         return NLSTM_EINVAL;
     SFX(output)(rows, H, cell, z, c, act_c, h);
     memcpy(h_copy, h, (size_t)(rows * H) * sizeof(REAL));
-    SFX(operand_mul)((const SFX(operand) *)w_hh_t, (int)rows, h, 1, z_next);
-    for (int64_t b = 0; b < rows; b++) {
-        REAL *zr = z_next + b * 4 * H;
-        SFX(activate)(gate, zr, 2 * H);
-        SFX(activate)(cand, zr + 2 * H, H);
-        SFX(activate)(gate, zr + 3 * H, H);
-#pragma omp simd
-        for (int64_t u = 0; u < H; u++) {
-            gc[b * H + u] = zr[H + u] * c[b * H + u];
-            gi[b * H + u] = zr[u] * zr[2 * H + u];
-        }
-    }
+    SFX(gates_step)(rows, H, gate, cand, w_hh_t, h, z_next, c, gc, gi, NULL);
     return 0;
 }
 
