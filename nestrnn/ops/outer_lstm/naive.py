@@ -78,20 +78,36 @@ def outer_lstm_naive(
     outputs: list[Tensor] = [h0.new_empty(0)] * steps
     for t in time_order(steps, reverse):
         active = batch if batch_sizes is None else int(batch_sizes[t])
-        if active == batch:
-            h, cells = outer_step(
-                projected[t], h, cells, weights, memory, candidate_activation, weight_hr
-            )
-            outputs[t] = h
-            continue
-        # a packed batch sorted by length: only the first `active` rows take a step
+        h_active, cells_active = active_rows(h, cells, active)
         h_new, cells_new = outer_step(
-            projected[t, :active], h[:active], tuple(c[:active] for c in cells),
+            projected[t, :active], h_active, cells_active,
             weights, memory, candidate_activation, weight_hr,
         )  # fmt: skip
-        h = torch.cat([h_new, h[active:]])
-        cells = tuple(torch.cat([new, old[active:]]) for new, old in zip(cells_new, cells))
-        outputs[t] = torch.cat([h_new, h_new.new_zeros(batch - active, h_new.shape[1])])
+        h, cells, outputs[t] = merge_rows(h, cells, h_new, cells_new)
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
     return torch.stack(outputs), h, torch.stack(cells)
+
+
+def active_rows(
+    h: Tensor, cells: tuple[Tensor, ...], active: int
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The state of the first ``active`` rows: those that take a step of a packed batch sorted by
+    length (the whole state when every row does)."""
+    if active == h.shape[0]:
+        return h, cells
+    return h[:active], tuple(c[:active] for c in cells)
+
+
+def merge_rows(
+    h: Tensor, cells: tuple[Tensor, ...], h_new: Tensor, cells_new: tuple[Tensor, ...]
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """After a step that only the first rows took (as many as ``h_new`` has): the state of every
+    row (the others' unchanged) and the step's output (zero in the others' rows)."""
+    active, batch = h_new.shape[0], h.shape[0]
+    if active == batch:
+        return h_new, tuple(cells_new), h_new
+    output = torch.cat([h_new, h_new.new_zeros(batch - active, h_new.shape[1])])
+    h = torch.cat([h_new, h[active:]])
+    cells = tuple(torch.cat([new, old[active:]]) for new, old in zip(cells_new, cells))
+    return h, cells, output

@@ -34,6 +34,7 @@ from nestrnn.activations import activation_code
 from nestrnn.ops.nested_lstm import native
 from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
 from nestrnn.ops.nested_lstm.workspace import WORKSPACE
+from nestrnn.ops.outer_lstm.naive import active_rows, merge_rows
 
 if TYPE_CHECKING:
     from nestrnn.memory.base import MemoryFunction
@@ -66,6 +67,7 @@ class _Sequence:
         hidden = weights.weight_hh.shape[1]
         self.hidden, self.batch = hidden, batch
         self.gate, self.candidate = activation_code("sigmoid"), activation_code(candidate)
+        self.cell = activation_code("tanh")
         # buffers from the pool: fresh memory would page-fault on its first touch, every call;
         # rows of a packed batch that are inactive at a step must read zero in h_prev and dz
         new = WORKSPACE.zeros if packed else WORKSPACE.empty
@@ -75,12 +77,10 @@ class _Sequence:
         self.dz = new((steps, batch, 4 * hidden), dtype, device)
         self.act_cells = WORKSPACE.empty((steps, batch, hidden), dtype, device)
         self.scratch = torch.empty(batch, hidden, dtype=dtype, device=device)
-        self.cell = activation_code("tanh")
         # per step, whether a backward wrote its gate gradients into dz (the others' must be 0),
         # and whether one wrote the o gradient of its output (else the gates' backward takes 0)
         self.reached, self.output_reached = [False] * steps, [False] * steps
-        self.gates_at, self.dz_at = self.gates.unbind(0), self.dz.unbind(0)
-        self.h_prev_at = self.h_prev.unbind(0)
+        self.dz_at, self.h_prev_at = self.dz.unbind(0), self.h_prev.unbind(0)
         self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
         self.h_prev_ptr, self.act_ptr = self.h_prev.data_ptr(), self.act_cells.data_ptr()
         self.stride = batch * 4 * hidden * x.element_size()  # bytes from one step to the next
@@ -94,17 +94,16 @@ class _Sequence:
             setattr(self, f"{name}_backward", kernel.step_function(f"{name}_backward", x.dtype))
 
     def z(self, t: int) -> int:
-        """Address of step t's gates (and, offset the same, of its gate gradients in dz)."""
+        """Address of step t's gates."""
         return self.gates_ptr + t * self.stride
 
     def dz_at_step(self, t: int) -> int:
+        """Address of step t's gate gradients."""
         return self.dz_ptr + t * self.stride
 
     def act(self, t: int) -> int:
+        """Address of tanh of step t's new cell."""
         return self.act_ptr + t * self.state_stride
-
-    def rows_at(self, views: tuple[Tensor, ...], t: int, rows: int) -> Tensor:
-        return views[t] if rows == self.batch else views[t][:rows]
 
 
 class _Prologue(torch.autograd.Function):
@@ -153,16 +152,16 @@ class _GatesStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
-        rows = h_prev.shape[0]
-        h_prev = seq.rows_at(seq.h_prev_at, t, rows).copy_(h_prev)  # contiguous, for the kernel
+        rows, slot = h_prev.shape[0], seq.h_prev_at[t]
+        h_prev = (slot if rows == seq.batch else slot[:rows]).copy_(h_prev)  # contiguous
         c_prev = c_prev.contiguous()
         gated_cell, gated_input, out_gate = (torch.empty_like(c_prev) for _ in range(3))
         seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, seq.w_hh_t.handle,
-                        h_prev.data_ptr(), seq.gates_ptr + t * seq.stride, c_prev.data_ptr(),
+                        h_prev.data_ptr(), seq.z(t), c_prev.data_ptr(),
                         gated_cell.data_ptr(), gated_input.data_ptr(), out_gate.data_ptr())  # fmt: skip
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
-        ctx.set_materialize_grads(False)  # an unused o: its gradient is in dz already
+        ctx.set_materialize_grads(False)  # an unused output gets no zeros (see backward)
         return gated_cell, gated_input, out_gate
 
     @staticmethod
@@ -273,11 +272,12 @@ def outer_lstm_stepwise(
     """One direction of one layer (shapes as in ``naive.py``); see the module docstring."""
     steps, batch = x.shape[0], x.shape[1]
     sizes = [batch] * steps if batch_sizes is None else batch_sizes.tolist()
-    seq = _Sequence(x, weights, candidate_activation, packed=min(sizes, default=batch) < batch)
+    packed = min(sizes, default=batch) < batch
+    seq = _Sequence(x, weights, candidate_activation, packed)
     token = _Prologue.apply(seq, x, *weights)
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
-    loop = _dense_loop if min(sizes) == batch else _packed_loop
+    loop = _packed_loop if packed else _dense_loop
     h, cells, outputs = loop(seq, token, memory, h0, c0, sizes, reverse)
     return torch.stack(outputs), h, torch.stack(cells)
 
@@ -304,7 +304,7 @@ def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
 def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
     """The time loop of a packed batch: the active rows change from step to step, and the rows
     beyond them keep their state."""
-    steps, batch = len(sizes), h0.shape[0]
+    steps = len(sizes)
     h, cells = h0, tuple(c0.unbind(0))
     outputs: list[Tensor] = [h0.new_empty(0)] * steps
     for t in time_order(steps, reverse):
@@ -312,18 +312,13 @@ def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
         if rows == 0:
             outputs[t] = h.new_zeros(h.shape)
             continue
-        active = (h, cells) if rows == batch else (h[:rows], tuple(c[:rows] for c in cells))
-        gated_cell, gated_input, out_gate = _GatesStep.apply(token, active[0], active[1][0], seq, t)
-        cell, state = memory(gated_cell, gated_input, active[1][1:])
+        h_active, cells_active = active_rows(h, cells, rows)
+        gated_cell, gated_input, out_gate = _GatesStep.apply(
+            token, h_active, cells_active[0], seq, t
+        )
+        cell, state = memory(gated_cell, gated_input, cells_active[1:])
         _check_memory_output(memory, cell, state, gated_cell)
-        h_new = out_gate * torch.tanh(cell)
-        if rows == batch:
-            h, cells = h_new, (cell, *state)
-            outputs[t] = h
-            continue
-        h = torch.cat([h_new, h[rows:]])
-        cells = tuple(torch.cat([new, old[rows:]]) for new, old in zip((cell, *state), cells))
-        outputs[t] = torch.cat([h_new, h_new.new_zeros(batch - rows, h_new.shape[1])])
+        h, cells, outputs[t] = merge_rows(h, cells, out_gate * torch.tanh(cell), (cell, *state))
     return h, cells, outputs
 
 
