@@ -115,6 +115,26 @@ static void SFX(times_derivative)(int code, const REAL *y, REAL *g, int64_t n) {
     }
 }
 
+/* One row of a level's gates, z = [i, f, g, o] (4H), activated in place. */
+static void SFX(activate_gates)(int32_t gate, int32_t cand, REAL *z, int64_t H) {
+    SFX(activate)(gate, z, 2 * H);     /* i, f */
+    SFX(activate)(cand, z + 2 * H, H); /* g */
+    SFX(activate)(gate, z + 3 * H, H); /* o */
+}
+
+/* h = o * act(c) of one step (z its gates); act_c = act(c) */
+static void SFX(output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, const REAL *c,
+                        REAL *act_c, REAL *h) {
+    memcpy(act_c, c, (size_t)(rows * H) * sizeof(REAL));
+    SFX(activate)(cell, act_c, rows * H);
+    for (int64_t b = 0; b < rows; b++) {
+        const REAL *o = z + b * 4 * H + 3 * H;
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++)
+            h[b * H + u] = o[u] * act_c[b * H + u];
+    }
+}
+
 static int SFX(check_args)(const nlstm_args *a) {
     if (a->steps < 0 || a->batch < 1 || a->hidden < 1 || a->depth < 1 || !a->activations)
         return NLSTM_EINVAL;
@@ -177,9 +197,7 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
             REAL *x = k == D - 1 ? NULL : AT(a->inputs[k], ts, B2H);
             for (int64_t b = 0; b < rows; b++) {
                 REAL *zr = z + b * 4 * H;
-                SFX(activate)(act[3 * k], zr, 2 * H);         /* i, f */
-                SFX(activate)(act[3 * k + 1], zr + 2 * H, H); /* g */
-                SFX(activate)(act[3 * k], zr + 3 * H, H);     /* o */
+                SFX(activate_gates)(act[3 * k], act[3 * k + 1], zr, H);
                 if (x) {
                     const REAL *cr = cp + b * H;
                     REAL *xr = x + b * 2 * H;
@@ -209,14 +227,7 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
             const REAL *cn = AT(a->cells[k], jn % cell_slots, BH);
             REAL *ac = AT(a->act_cells[k], ts, BH);
             REAL *up = k == 0 ? hn : AT(a->cells[k - 1], jn % cell_slots, BH);
-            memcpy(ac, cn, (size_t)(rows * H) * sizeof(REAL));
-            SFX(activate)(act[3 * k + 2], ac, rows * H);
-            for (int64_t b = 0; b < rows; b++) {
-                const REAL *zr = z + b * 4 * H;
-#pragma omp simd
-                for (int64_t u = 0; u < H; u++)
-                    up[b * H + u] = zr[3 * H + u] * ac[b * H + u];
-            }
+            SFX(output)(rows, H, act[3 * k + 2], z, cn, ac, up); /* up = o_k act_k(c^k) */
         }
     }
     SFX(operand_free)(&w0);
@@ -354,9 +365,7 @@ static void SFX(gates_step)(int64_t rows, int64_t H, int32_t gate, int32_t cand,
     SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, h, 1, z);
     for (int64_t b = 0; b < rows; b++) {
         REAL *zr = z + b * 4 * H;
-        SFX(activate)(gate, zr, 2 * H);
-        SFX(activate)(cand, zr + 2 * H, H);
-        SFX(activate)(gate, zr + 3 * H, H);
+        SFX(activate_gates)(gate, cand, zr, H);
 #pragma omp simd
         for (int64_t u = 0; u < H; u++) {
             gc[b * H + u] = zr[H + u] * c_prev[b * H + u];
@@ -391,19 +400,6 @@ int SFX(nlstm_outer_gates_backward)(int64_t rows, int64_t H, int32_t gate, int32
     SFX(gate_backward)(rows, H, act, z, c_prev, d_gi, H, d_gc, H, dz, dc_prev);
     SFX(operand_mul)((const SFX(operand) *)w_hh, (int)rows, dz, 0, dh_prev);
     return 0;
-}
-
-/* h = o * act(c) of one step (z its gates); act_c = act(c) */
-static void SFX(output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, const REAL *c,
-                        REAL *act_c, REAL *h) {
-    memcpy(act_c, c, (size_t)(rows * H) * sizeof(REAL));
-    SFX(activate)(cell, act_c, rows * H);
-    for (int64_t b = 0; b < rows; b++) {
-        const REAL *o = z + b * 4 * H + 3 * H;
-#pragma omp simd
-        for (int64_t u = 0; u < H; u++)
-            h[b * H + u] = o[u] * act_c[b * H + u];
-    }
 }
 
 /* The step after the memory function, when every row is active: this step's output
