@@ -45,25 +45,19 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 class _Weights:
-    """Every level's weights as the kernel reads them (contiguous, nn.LSTM's gate order)."""
+    """Every level's weights as the kernel reads them (contiguous, nn.LSTM's gate order); the
+    biases only where the forward needs them (the backward does not read them)."""
 
-    def __init__(self, weights: list[LevelWeights]):
+    def __init__(self, weights: list[LevelWeights], with_bias: bool):
         self.w_hh0 = weights[0].weight_hh.contiguous()
         self.nested: list[Tensor | None] = [None]  # level k >= 1: (4H, 2H) [W_ih | W_hh]
-        self.bias: list[Tensor | None] = [_bias(weights[0])]
+        self.bias = [lw.combined_bias() if with_bias else None for lw in weights]
         for w_ih, w_hh, _, _ in weights[1:]:
             hidden = w_hh.shape[1]
             both = WORKSPACE.empty((4 * hidden, 2 * hidden), w_hh.dtype, w_hh.device)
             both[:, :hidden].copy_(w_ih)
             both[:, hidden:].copy_(w_hh)
             self.nested.append(both)
-        self.bias += [_bias(lw) for lw in weights[1:]]
-
-
-def _bias(lw: LevelWeights) -> Tensor | None:
-    """b_ih + b_hh (4H,), or None without biases."""
-    present = [b for b in (lw.bias_ih, lw.bias_hh) if b is not None]
-    return None if not present else present[0] if len(present) == 1 else present[0] + present[1]
 
 
 def _pointers(tensors) -> ctypes.Array:
@@ -152,7 +146,7 @@ def forward(
     first, last = state_slots(steps, reverse)
     for cell, c in zip(cells, c0):
         cell[first % cell.shape[0]].copy_(c)
-    w = _Weights(weights)
+    w = _Weights(weights, with_bias=True)
     projection = gates[0].view(steps * batch, 4 * hidden)
     x2 = x.reshape(steps * batch, in_size)
     if w.bias[0] is None:
@@ -172,7 +166,7 @@ def forward(
     for k, cell in enumerate(cells):
         c_n[k].copy_(cell[last % cell.shape[0]])
     if packed:
-        mask = torch.tensor(sizes).unsqueeze(1) > torch.arange(batch)
+        mask = call.sizes.unsqueeze(1) > torch.arange(batch)
         out.copy_(h_store[1:] if not reverse else h_store[:steps])
         out.mul_(mask.unsqueeze(2).to(dtype))
     return out, h_n, c_n, saved
@@ -200,7 +194,9 @@ def backward(
     scratch = torch.empty(batch, 2 * hidden, dtype=dtype)
     dht = torch.empty(batch, hidden, dtype=dtype)
     buffers = tuple(list(t.unbind(0)) for t in saved)
-    call = _Call(steps, _Weights(weights), buffers, [], sizes, reverse, True, activations)
+    call = _Call(
+        steps, _Weights(weights, with_bias=False), buffers, [], sizes, reverse, True, activations
+    )
     call.arrays["d_gates"] = _pointers(list(dz.unbind(0)))
     args = call.args
     args.d_out, args.dh, args.dc = d_out.data_ptr(), dh.data_ptr(), dc.data_ptr()

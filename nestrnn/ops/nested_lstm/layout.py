@@ -14,8 +14,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from nestrnn.activations import check_activation
-
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -29,6 +27,11 @@ class LevelWeights(NamedTuple):
     weight_hh: Tensor
     bias_ih: Tensor | None
     bias_hh: Tensor | None
+
+    def combined_bias(self) -> Tensor | None:
+        """b_ih + b_hh (4H,) as the gates add it, or None without biases."""
+        present = [b for b in (self.bias_ih, self.bias_hh) if b is not None]
+        return None if not present else present[0] if len(present) == 1 else present[0] + present[1]
 
 
 class LevelActivations(NamedTuple):
@@ -49,10 +52,8 @@ def standard_activations(depth: int) -> tuple[LevelActivations, ...]:
 
 def encode_activations(levels: tuple[LevelActivations, ...] | list[LevelActivations]) -> str:
     """``"sigmoid,identity,tanh;sigmoid,tanh,tanh"``: one ``gate,candidate,cell`` group a level.
-    This string is the op's ``activations`` argument (custom ops take no list of strings)."""
-    for level in levels:
-        for name in level:
-            check_activation(name)
+    This string is the op's ``activations`` argument (custom ops take no list of strings); the
+    names are checked by ``checks.check_inputs``."""
     return ";".join(",".join(level) for level in levels)
 
 

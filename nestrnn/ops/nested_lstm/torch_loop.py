@@ -48,9 +48,8 @@ def _activate_gates_(z: Tensor, act: LevelActivations) -> None:
 def _nested_weights(weights: list[LevelWeights]) -> list[tuple[Tensor, Tensor | None] | None]:
     """Per level k >= 1: ``[W_ih | W_hh]`` (4H, 2H) and ``b_ih + b_hh`` (or None)."""
     out: list[tuple[Tensor, Tensor | None] | None] = [None]
-    for w_ih, w_hh, b_ih, b_hh in weights[1:]:
-        biases = [b for b in (b_ih, b_hh) if b is not None]
-        out.append((torch.cat([w_ih, w_hh], dim=1), sum(biases) if biases else None))
+    for level in weights[1:]:
+        out.append((torch.cat([level.weight_ih, level.weight_hh], dim=1), level.combined_bias()))
     return out
 
 
@@ -72,11 +71,11 @@ def forward(
     gates, cells, act_cells, inputs = saved
     first, last = state_slots(steps, reverse)
     cells[:, first] = c0
-    w_ih0, w_hh0, b_ih0, b_hh0 = weights[0]
-    biases0 = [b for b in (b_ih0, b_hh0) if b is not None]
+    w_ih0, w_hh0 = weights[0].weight_ih, weights[0].weight_hh
+    bias0 = weights[0].combined_bias()
     projection = x.reshape(-1, in_size) @ w_ih0.t()
-    if biases0:
-        projection += sum(biases0)
+    if bias0 is not None:
+        projection += bias0
     gates[0] = projection.view(steps, batch, 4 * hidden)
     nested = _nested_weights(weights)
     out = x.new_zeros(steps, batch, hidden)

@@ -113,10 +113,10 @@ class _Prologue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seq: _Sequence, x, w_ih, w_hh, b_ih, b_hh):
         steps, batch, in_size = x.shape
-        bias = [b for b in (b_ih, b_hh) if b is not None]
+        bias = LevelWeights(w_ih, w_hh, b_ih, b_hh).combined_bias()
         gates = seq.gates.view(steps * batch, -1)
-        if bias:
-            torch.addmm(sum(bias), x.reshape(-1, in_size), w_ih.t(), out=gates)
+        if bias is not None:
+            torch.addmm(bias, x.reshape(-1, in_size), w_ih.t(), out=gates)
         else:
             torch.mm(x.reshape(-1, in_size), w_ih.t(), out=gates)
         ctx.seq, ctx.has_bias = seq, (b_ih is not None, b_hh is not None)
