@@ -82,7 +82,8 @@ def nested_lstm(
     check_inputs(x, weights, h0, c0, batch_sizes, activations)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    acts = encode_activations(activations or standard_activations(len(weights)))
+    levels = activations or standard_activations(len(weights))
+    acts = encode_activations(levels)
     flat = op.flat_weights(weights, x)
     args = (batch_sizes, bool(reverse), acts, backend)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat))
@@ -90,11 +91,8 @@ def nested_lstm(
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     functorch = torch._C._are_functorch_transforms_active()
     if not (functorch or torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        levels = activations or standard_activations(len(weights))
-        if (
-            plan(x, batch_sizes, reverse, levels, True, backend, eager=True).implementation
-            == "torch_lstm"
-        ):
+        chosen = plan(x, batch_sizes, reverse, levels, True, backend, eager=True)
+        if chosen.implementation == "torch_lstm":
             return torch_lstm.forward(x, weights[0], h0, c0, batch_sizes, reverse)
     if functorch:
         return op.FunctorchNestedLSTM.apply(x, h0, c0, *args, *flat)[:3]

@@ -35,13 +35,10 @@ def previous_hidden(
         return [(slice(0, 1), first), (slice(1, steps), out[:-1])]
     later = out[1:]
     if batch_sizes is not None:
-        rows = (batch_sizes[1:].unsqueeze(1) > _arange(batch, batch_sizes)).unsqueeze(2)
+        rows = batch_sizes[1:].unsqueeze(1) > torch.arange(batch, device=batch_sizes.device)
+        rows = rows.unsqueeze(2)
         later = later.where(rows.to(out.device), first)
     return [(slice(0, steps - 1), later), (slice(steps - 1, steps), first)]
-
-
-def _arange(n: int, like: Tensor) -> Tensor:
-    return like.new_tensor(range(n))
 
 
 def parameter_gradients(

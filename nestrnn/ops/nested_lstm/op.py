@@ -296,20 +296,21 @@ def _restore(ctx) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, list[Ten
 
 
 def _gradients(
-    ctx, x, h0, weights, batch_sizes, out, saved, grads, needs_x, needs_w, needs_h0, needs_c0,
+    ctx, x, h0, weights, batch_sizes, out, saved, grads, needs,
     backward_op=torch.ops.nestrnn.nested_lstm_backward,
 ):  # fmt: skip
-    """Call the backward op; map its empty placeholders back to None."""
+    """Call the backward op; map its empty placeholders back to None. ``needs``: x, h0, c0,
+    then one per weight (the backward op's order). Returns dx, the weights' gradients, dh0, dc0."""
     d_out, d_hn, d_cn = grads
     depth, batch, hidden = saved[1].shape[0], h0.shape[0], h0.shape[1]
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = h0.new_zeros(depth, batch, hidden) if d_cn is None else d_cn
-    needs = [needs_x, needs_h0, needs_c0, *needs_w]
     dx, dh0, dc0, d_weights = backward_op(
         x, weights, h0, out, *saved, batch_sizes, ctx.reverse, ctx.activations, ctx.backend,
         d_out, d_hn, d_cn, needs,
     )  # fmt: skip
+    needs_x, needs_h0, needs_c0, *needs_w = needs
     d_weights = [
         g if need and w.numel() else None for g, w, need in zip(d_weights, weights, needs_w)
     ]
@@ -321,6 +322,16 @@ def _gradients(
     )
 
 
+def _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads):
+    """The gradients of the op's arguments: x, weights, h0, c0, then None for the others."""
+    needs = ctx.needs_input_grad  # x, weights (a list), h0, c0, ...
+    dx, dw, dh0, dc0 = _gradients(
+        ctx, x, h0, weights, batch_sizes, out, saved, grads,
+        [needs[0], needs[2], needs[3], *needs[1]],
+    )  # fmt: skip
+    return dx, dw, dh0, dc0, None, None, None, None
+
+
 def _setup_train(ctx, inputs, output) -> None:
     out, _, _, *saved = output
     ctx.mark_non_differentiable(*saved)
@@ -329,12 +340,7 @@ def _setup_train(ctx, inputs, output) -> None:
 
 def _backward_train(ctx, d_out, d_hn, d_cn, *_saved_grads):
     x, h0, weights, batch_sizes, (out, *saved) = _restore(ctx)
-    needs = ctx.needs_input_grad
-    dx, dw, dh0, dc0 = _gradients(
-        ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
-        needs[0], list(needs[1]), needs[2], needs[3],
-    )  # fmt: skip
-    return dx, dw, dh0, dc0, None, None, None, None
+    return _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn))
 
 
 def _setup_inference(ctx, inputs, output) -> None:
@@ -346,12 +352,7 @@ def _backward_inference(ctx, d_out, d_hn, d_cn):
     out, _, _, *saved = torch.ops.nestrnn.nested_lstm_train(
         x, weights, h0, c0, batch_sizes, ctx.reverse, ctx.activations, ctx.backend
     )
-    needs = ctx.needs_input_grad
-    dx, dw, dh0, dc0 = _gradients(
-        ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
-        needs[0], list(needs[1]), needs[2], needs[3],
-    )  # fmt: skip
-    return dx, dw, dh0, dc0, None, None, None, None
+    return _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn))
 
 
 nested_lstm_train_op.register_autograd(_backward_train, setup_context=_setup_train)
@@ -377,10 +378,10 @@ class FunctorchNestedLSTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
         x, h0, weights, batch_sizes, (out, *saved) = _restore(ctx)
-        needs = ctx.needs_input_grad
+        needs = ctx.needs_input_grad  # x, h0, c0, four non-tensors, then the weights
         dx, dw, dh0, dc0 = _gradients(
             ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
-            needs[0], list(needs[7:]), needs[1], needs[2], _functorch_backward_op,
+            [*needs[:3], *needs[7:]], _functorch_backward_op,
         )  # fmt: skip
         return dx, dh0, dc0, None, None, None, None, *dw
 

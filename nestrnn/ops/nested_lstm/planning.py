@@ -21,6 +21,7 @@ is recorded with :func:`mark_broken` and not planned again in this process.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -83,9 +84,15 @@ def triton_unavailable_reason(x: Tensor, depth: int) -> str | None:
         return f"input dtype {x.dtype}"
     if depth > TRITON_MAX_DEPTH:
         return f"depth {depth} > {TRITON_MAX_DEPTH}"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "Triton is not installed"
     return None
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Looked up once: the plan is made on every call (~30 us a lookup)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def plan(
