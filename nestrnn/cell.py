@@ -11,7 +11,7 @@ from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_leve
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options
 from nestrnn.ops.nested_lstm.layout import LevelWeights
 from nestrnn.ops.outer_lstm.naive import outer_step
-from nestrnn.state import check_input, check_state, memory_spec_for_depth
+from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
 
 
 class NestedLSTMCell(nn.Module):
@@ -74,9 +74,9 @@ class NestedLSTMCell(nn.Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         if hx is None:
-            zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
-            state = self.memory.init_state(x.shape[0], x.dtype, x.device)
-            h0, c0 = zeros, torch.stack([zeros, *state])
+            batch, dtype, device = x.shape[0], x.dtype, x.device
+            h0 = torch.zeros(batch, self.hidden_size, dtype=dtype, device=device)
+            c0 = initial_cells(self.memory, batch, self.hidden_size, dtype, device)
         else:
             h0, c0 = check_state(
                 hx, batched, (), x.shape[0], self.hidden_size, self.hidden_size,

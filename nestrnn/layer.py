@@ -20,7 +20,7 @@ from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, ne
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.outer_lstm import outer_lstm
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
-from nestrnn.state import check_input, check_state, memory_spec_for_depth
+from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
 
 #: "generic" runs any memory function step by step (fast outer LSTM), "naive" the references
 LAYER_BACKENDS = ("generic", "naive", *BACKENDS)
@@ -198,10 +198,9 @@ class NestedLSTM(nn.Module):
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
         if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            check_input(data, (2,), self.input_size, weight, "PackedSequence data")
-            x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes))  # (T, B, I), sorted
-            batched = True
+            x, batch_sizes, sorted_indices, unsorted_indices = input  # x: the data (N, I)
+            check_input(x, (2,), self.input_size, weight, "PackedSequence data")
+            batched, batch = True, int(batch_sizes[0]) if len(batch_sizes) else 0
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             check_input(input, (2, 3), self.input_size, weight)
@@ -209,26 +208,30 @@ class NestedLSTM(nn.Module):
             x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
             if self.batch_first:
                 x = x.transpose(0, 1)
+            batch = x.shape[1]
         if hx is None:
-            h0, c0 = self._zero_state(x)
+            h0, c0 = self._zero_state(batch, x.dtype, x.device)
         else:
             h0, c0 = check_state(
-                hx, batched, (self.num_layers * len(self._suffixes),), x.shape[1],
+                hx, batched, (self.num_layers * len(self._suffixes),), batch,
                 self._output_size, self.hidden_size, self.num_cells, weight,
             )  # fmt: skip
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(2, sorted_indices)
 
-        if self._is_torch_lstm():
+        if self._is_torch_lstm():  # takes a packed batch's data as it is
             x, h_out, c_out = self._torch_lstm(x, h0, c0, batch_sizes)
+        elif packed:
+            x, _ = pad_packed_sequence(PackedSequence(x, batch_sizes))  # (T, B, I), sorted
+            x, h_out, c_out = self._layers(x, h0, c0, batch_sizes)
+            lengths = (batch_sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
+            x = pack_padded_sequence(x, lengths).data
         else:
             x, h_out, c_out = self._layers(x, h0, c0, batch_sizes)
 
         if packed:
-            lengths = (batch_sizes.unsqueeze(0) > torch.arange(x.shape[1]).unsqueeze(1)).sum(1)
-            out_data = pack_padded_sequence(x, lengths).data
             output: Tensor | PackedSequence = PackedSequence(
-                out_data, batch_sizes, sorted_indices, unsorted_indices
+                x, batch_sizes, sorted_indices, unsorted_indices
             )
             if unsorted_indices is not None:
                 h_out = h_out.index_select(1, unsorted_indices)
@@ -242,22 +245,16 @@ class NestedLSTM(nn.Module):
             c_out = c_out.squeeze(0)
         return output, (h_out, c_out)
 
-    def _zero_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """h_0 = 0, outer cells = 0 and every memory function's ``init_state``, for x (T, B, I)."""
-        batch, dtype, device = x.shape[1], x.dtype, x.device
+    def _zero_state(
+        self, batch: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """h_0 = 0, outer cells = 0 and every memory function's ``init_state``."""
         directions = self.num_layers * len(self._suffixes)
         h0 = torch.zeros(directions, batch, self._output_size, dtype=dtype, device=device)
-        per_direction = []
-        for memory in self.memories():
-            state = tuple(memory.init_state(batch, dtype, device))
-            expected = (batch, self.hidden_size)
-            if len(state) != memory.num_states or any(s.shape != expected for s in state):
-                raise RuntimeError(
-                    f"{type(memory).__name__}.init_state must return num_states="
-                    f"{memory.num_states} tensors of shape {expected}"
-                )
-            outer = torch.zeros(expected, dtype=dtype, device=device)
-            per_direction.append(torch.stack([outer, *state]))
+        per_direction = [
+            initial_cells(memory, batch, self.hidden_size, dtype, device)
+            for memory in self.memories()
+        ]
         return h0, torch.stack(per_direction, dim=1)
 
     def _layers(self, x, h0, c0, batch_sizes) -> tuple[Tensor, Tensor, Tensor]:
@@ -319,7 +316,7 @@ class NestedLSTM(nn.Module):
         whole stack, exactly as nn.LSTM does (the op has no projection)."""
         return (
             self.proj_size > 0
-            and self.backend != "naive"
+            and self.backend not in ("generic", "naive")  # the step-by-step paths, when asked for
             and all(
                 m.fused_levels() == [] and m.outer_candidate_activation == "tanh"
                 for m in self.memories()
@@ -337,11 +334,8 @@ class NestedLSTM(nn.Module):
         common = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if batch_sizes is None:
             out, h_n, c_n = torch._VF.lstm(x, hx, flat, *common, False)
-            return out, h_n, c_n.unsqueeze(0)
-        lengths = (batch_sizes.unsqueeze(1) > torch.arange(x.shape[1])).sum(0)
-        data = pack_padded_sequence(x, lengths).data
-        out_data, h_n, c_n = torch._VF.lstm(data, batch_sizes, hx, flat, *common)
-        out, _ = pad_packed_sequence(PackedSequence(out_data, batch_sizes), total_length=x.shape[0])
+        else:  # x is a packed batch's data, and so is the output
+            out, h_n, c_n = torch._VF.lstm(x, batch_sizes, hx, flat, *common)
         return out, h_n, c_n.unsqueeze(0)
 
     def extra_repr(self) -> str:

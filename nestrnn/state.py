@@ -1,4 +1,4 @@
-"""Input and state validation shared by NestedLSTM and NestedLSTMCell.
+"""Input and state validation, and the default state, shared by NestedLSTM and NestedLSTMCell.
 
 Everything here runs before any computation, so bad input gets a one-line error that names the
 argument and what was expected, not a stack trace from inside a kernel. The exception types are
@@ -9,12 +9,15 @@ that is not a tensor at all.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from nestrnn.arguments import check_int
+
+if TYPE_CHECKING:
+    from nestrnn.memory.base import MemoryFunction
 
 
 def memory_spec_for_depth(depth: int | None) -> Any:
@@ -22,6 +25,21 @@ def memory_spec_for_depth(depth: int | None) -> Any:
     depth = 2 if depth is None else depth
     check_int(depth, "depth")
     return "additive" if depth == 1 else {"name": "nested", "depth": depth}
+
+
+def initial_cells(
+    memory: MemoryFunction, batch: int, hidden: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The cells of one direction when no state is given, (1 + S, B, H): a zero outer cell, then
+    the memory function's ``init_state`` (checked: it is a plugin's code)."""
+    state = tuple(memory.init_state(batch, dtype, device))
+    expected = (batch, hidden)
+    if len(state) != memory.num_states or any(s.shape != expected for s in state):
+        raise RuntimeError(
+            f"{type(memory).__name__}.init_state must return num_states="
+            f"{memory.num_states} tensors of shape {expected}"
+        )
+    return torch.stack([torch.zeros(expected, dtype=dtype, device=device), *state])
 
 
 def check_input(

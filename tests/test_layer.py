@@ -10,7 +10,7 @@ from oracle import oracle_lstm
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
-from nestrnn import NestedLSTM
+from nestrnn import MemoryFunction, NestedLSTM, NestedLSTMCell
 
 BACKENDS = ["auto", "generic", "naive"]
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -162,6 +162,35 @@ def test_depth_one_is_nn_lstm(backend, s):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@given(setups(depth=st.just(1)), st.data())
+def test_projected_depth_one_is_nn_lstm(backend, s, data):
+    """proj_size > 0 at depth 1, packed or not: nn.LSTM's results and gradients exactly."""
+    s["hidden_size"] = max(s["hidden_size"], 2)
+    proj = data.draw(st.integers(1, s["hidden_size"] - 1))
+    torch.manual_seed(s["seed"])
+    options = {"bias": s["bias"], "batch_first": s["batch_first"], "proj_size": proj}
+    reference = nn.LSTM(
+        s["input_size"], s["hidden_size"], s["num_layers"], bidirectional=s["bidirectional"],
+        **options,
+    ).double()  # fmt: skip
+    layer = NestedLSTM(
+        s["input_size"], s["hidden_size"], s["num_layers"], bidirectional=s["bidirectional"],
+        depth=1, backend=backend, **options,
+    ).double()  # fmt: skip
+    layer.load_state_dict(reference.state_dict(), strict=True)
+    seqs, h0, c0 = make_inputs(s)
+    h0 = h0[..., :proj].contiguous()
+    leaves = [*(q.requires_grad_() for q in seqs), h0.requires_grad_(), c0.requires_grad_()]
+    check_against(
+        run_module(reference, s, seqs, h0, c0, 1),
+        run_module(layer, s, seqs, h0, c0, 1),
+        [*leaves, *reference.parameters()],
+        [*leaves, *layer.parameters()],
+        s["seed"],
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(setups())
 def test_matches_oracle(backend, s):
     layer = make_layer(s, backend)
@@ -173,3 +202,49 @@ def test_matches_oracle(backend, s):
     got = run_module(layer, s, seqs, h0, c0, s["depth"])
     leaves = [*seqs, *state_leaves(s, h0, c0), *layer.parameters()]
     check_against(expected, got, leaves, leaves, s["seed"])
+
+
+class _Trace(MemoryFunction):
+    """A memory with one state of its own that starts at ``start`` (its ``init_state``)."""
+
+    num_states = 1
+
+    def __init__(self, hidden_size, start=0.5, shape=None):
+        super().__init__(hidden_size)
+        self.start, self.shape = start, shape
+
+    def init_state(self, batch_size, dtype, device):
+        shape = self.shape or (batch_size, self.hidden_size)
+        return (torch.full(shape, self.start, dtype=dtype, device=device),)
+
+    def forward(self, gated_cell, gated_input, state):
+        trace = 0.5 * state[0] + gated_input
+        return gated_cell + trace, (trace,)
+
+
+def test_a_missing_state_starts_from_the_memory_functions_init_state():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    layer = NestedLSTM(2, 5, 2, bidirectional=True, memory=lambda h: _Trace(h)).double()
+    h0 = torch.zeros(4, 3, 5, dtype=torch.float64)
+    c0 = torch.stack([torch.zeros(4, 3, 5), torch.full((4, 3, 5), 0.5)]).double()
+    assert torch.equal(layer(x)[0], layer(x, (h0, c0))[0])
+    cell = NestedLSTMCell(2, 5, memory=_Trace(5)).double()
+    assert torch.equal(cell(x[0])[1], cell(x[0], (h0[0], c0[:, 0]))[1])
+
+
+@pytest.mark.parametrize("module", ["layer", "cell"])
+def test_an_init_state_of_the_wrong_shape_is_a_clear_error(module):
+    def memory(hidden):
+        return _Trace(hidden, shape=(7, hidden))
+
+    x = torch.randn(3, 2)
+    model = (
+        NestedLSTM(2, 5, memory=memory)
+        if module == "layer"
+        else NestedLSTMCell(2, 5, memory=memory(5))
+    )
+    with pytest.raises(
+        RuntimeError, match=r"_Trace.init_state must return num_states=1 tensors of shape \(3, 5\)"
+    ):
+        model(x.unsqueeze(0) if module == "layer" else x)
