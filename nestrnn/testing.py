@@ -184,16 +184,21 @@ def chunking(make_memory: MemoryFactory, sizes: Sizes) -> None:
     torch.testing.assert_close(c2, c)
 
 
-def packing(make_memory: MemoryFactory, sizes: Sizes) -> None:
-    layer = _layer(make_memory, sizes, bidirectional=True)
+def _sequences(sizes: Sizes) -> list[torch.Tensor]:
+    """``sizes.batch`` sequences (L, 3) of random lengths 1 to ``sizes.steps``."""
     generator = torch.Generator().manual_seed(sizes.seed)
     lengths = torch.randint(1, sizes.steps + 1, (sizes.batch,), generator=generator).tolist()
-    sequences = [torch.randn(n, 3, generator=generator, dtype=DTYPE) for n in lengths]
+    return [torch.randn(n, 3, generator=generator, dtype=DTYPE) for n in lengths]
+
+
+def packing(make_memory: MemoryFactory, sizes: Sizes) -> None:
+    layer = _layer(make_memory, sizes, bidirectional=True)
+    sequences = _sequences(sizes)
     output, (h, c) = layer(pack_sequence(sequences, enforce_sorted=False))
     padded, _ = torch.nn.utils.rnn.pad_packed_sequence(output)
     for b, sequence in enumerate(sequences):
         alone, (h_alone, c_alone) = layer(sequence)
-        torch.testing.assert_close(padded[: lengths[b], b], alone)
+        torch.testing.assert_close(padded[: len(sequence), b], alone)
         torch.testing.assert_close(h[:, b], h_alone)
         torch.testing.assert_close(c[..., b, :], c_alone)
 
@@ -211,9 +216,7 @@ def fast_paths(make_memory: MemoryFactory, sizes: Sizes) -> None:
     naive = _layer(make_memory, sizes, bidirectional=True)
     fast.backend, naive.backend = "auto", "naive"
     naive.load_state_dict(fast.state_dict(), strict=True)
-    generator = torch.Generator().manual_seed(sizes.seed)
-    lengths = torch.randint(1, sizes.steps + 1, (sizes.batch,), generator=generator).tolist()
-    sequences = [torch.randn(n, 3, generator=generator, dtype=DTYPE) for n in lengths]
+    sequences = _sequences(sizes)
     results = []
     for layer in (fast, naive):
         output, (h, c) = layer(pack_sequence(sequences, enforce_sorted=False))
