@@ -148,42 +148,46 @@ class _Launch:
         )
 
     def codes(self, field: str) -> int:
+        """Every level's activation code for ``field``, packed (``pack_codes``)."""
         return pack_codes([getattr(level, field) for level in self.activations])
+
+    def level_codes(self, field: str) -> list[int]:
+        """Each level's activation code for ``field``."""
+        return [activation_code(getattr(level, field)) for level in self.activations]
 
 
 def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
-    acts, cells = m.activations, m.codes("cell")
+    # the codes are computed once a call: the loop is bound by launch overhead
+    gate, cand, cells = m.level_codes("gate"), m.level_codes("candidate"), m.codes("cell")
     for s in range(T):
         fwd_outer_kernel[grid](
             b["gates"], b["h"], b["w_hh0"], b["cells"], b["act_cells"], b["inputs"], b["y"],
-            b["bs"], s, T, B, H, DEPTH=D, GATE_ACT=activation_code(acts[0].gate),
-            CAND_ACT=activation_code(acts[0].candidate), CELL_ACTS=cells, **kw,
+            b["bs"], s, T, B, H, DEPTH=D, GATE_ACT=gate[0], CAND_ACT=cand[0], CELL_ACTS=cells,
+            **kw,
         )  # fmt: skip
         for k in range(1, D):
             fwd_nested_kernel[grid](
                 b["gates"], b["inputs"], b[f"w{k}"], b[f"bias{k}"], b["cells"], b["act_cells"],
-                b["h"], b["y"], b["bs"], s, T, B, H, LEVEL=k, DEPTH=D,
-                GATE_ACT=activation_code(acts[k].gate),
-                CAND_ACT=activation_code(acts[k].candidate), CELL_ACTS=cells,
-                HAS_BIAS=m.has_bias, **kw,
+                b["h"], b["y"], b["bs"], s, T, B, H, LEVEL=k, DEPTH=D, GATE_ACT=gate[k],
+                CAND_ACT=cand[k], CELL_ACTS=cells, HAS_BIAS=m.has_bias, **kw,
             )  # fmt: skip
 
 
 def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
-    acts = m.activations
+    gate, cand = m.level_codes("gate"), m.level_codes("candidate")
+    gate_acts, cand_acts, cell_acts = m.codes("gate"), m.codes("candidate"), m.codes("cell")
     for s in range(T - 1, -1, -1):
         bwd_inner_kernel[grid](
             b["dA"], b["w_hh0"], b["dh"], b["dc"], b["dy"], b["gates"], b["cells"],
-            b["act_cells"], b["bs"], s, T, B, H, DEPTH=D, GATE_ACTS=m.codes("gate"),
-            CAND_ACTS=m.codes("candidate"), CELL_ACTS=m.codes("cell"), **kw,
+            b["act_cells"], b["bs"], s, T, B, H, DEPTH=D, GATE_ACTS=gate_acts,
+            CAND_ACTS=cand_acts, CELL_ACTS=cell_acts, **kw,
         )  # fmt: skip
         for k in range(D - 2, -1, -1):
             bwd_level_kernel[grid](
                 b["dA"], b[f"w{k + 1}"], b["dc"], b["gates"], b["cells"], b["bs"], s, T, B, H,
-                LEVEL=k, GATE_ACT=activation_code(acts[k].gate),
-                CAND_ACT=activation_code(acts[k].candidate), **kw,
+                LEVEL=k, GATE_ACT=gate[k], CAND_ACT=cand[k], **kw,
             )  # fmt: skip
 
 
