@@ -321,9 +321,16 @@ def forward(
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
     saved = empty_saved(T, B, H, D, x.dtype, x.device, m.packed)
-    projection = torch.matmul(x.reshape(T * B, -1), levels[0].weight_ih.t()).float()
+    # the input projection, computed in x's dtype, straight into level 0's fp32 gates
+    projection = saved.gates[0].view(T * B, 4 * H)
+    x2, w_ih0 = x.reshape(T * B, -1), levels[0].weight_ih.t()
+    if x.dtype == projection.dtype:
+        torch.matmul(x2, w_ih0, out=projection)
+    else:
+        projection.copy_(torch.matmul(x2, w_ih0))
     bias0 = _bias(levels[0])
-    saved.gates[0].view(T * B, 4 * H).copy_(projection if bias0 is None else projection + bias0)
+    if bias0 is not None:
+        projection.add_(bias0)
     bufs = {
         **saved._asdict(),
         "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
