@@ -270,11 +270,19 @@ def _bias(lw: LevelWeights) -> Tensor | None:
     return None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
 
 
-def _weights(levels: list[LevelWeights], has_bias: bool) -> dict[str, Tensor]:
-    """``w_hh0`` (4H, H) and per level k >= 1 ``w{k}`` = [W_ih | W_hh] (4H, 2H), ``bias{k}``."""
+def _weights(levels: list[LevelWeights]) -> dict[str, Tensor]:
+    """``w_hh0`` (4H, H) and per level k >= 1 ``w{k}`` = [W_ih | W_hh] (4H, 2H)."""
     bufs = {"w_hh0": levels[0].weight_hh.contiguous()}
     for k, lw in enumerate(levels[1:], start=1):
         bufs[f"w{k}"] = torch.cat([lw.weight_ih, lw.weight_hh], dim=1)
+    return bufs
+
+
+def _biases(levels: list[LevelWeights], has_bias: bool) -> dict[str, Tensor]:
+    """Per level k >= 1 ``bias{k}`` = b_ih + b_hh (4H,) fp32, zeros where the level has none
+    (one zero when no level has any: the kernel then reads none). Only the forward reads them."""
+    bufs = {}
+    for k, lw in enumerate(levels[1:], start=1):
         bias = _bias(lw)
         if bias is None:
             size = lw.weight_hh.shape[0] if has_bias else 1
@@ -293,7 +301,7 @@ def _launch(
 ) -> _Launch:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
-    has_bias = any(_bias(lw) is not None for lw in levels[1:])
+    has_bias = any(lw.bias_ih is not None or lw.bias_hh is not None for lw in levels[1:])
     cfg = pick_config(batch, hidden, config)
     return _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
                    batch_sizes is not None, has_bias, cfg, _dot_precision(x.dtype))  # fmt: skip
@@ -336,7 +344,8 @@ def forward(
         "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
         "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
         "bs": _batch_sizes(batch_sizes, x.device),
-        **_weights(levels, m.has_bias),
+        **_weights(levels),
+        **_biases(levels, m.has_bias),
     }
 
     def fill(b: dict[str, Tensor]) -> None:  # the initial state slots
@@ -372,7 +381,7 @@ def backward(
         "dc": torch.empty((D, B, H), dtype=torch.float32, device=d_out.device),
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
-        **_weights(levels, m.has_bias),
+        **_weights(levels),  # the backward kernels read no bias
     }
 
     def fill(b: dict[str, Tensor]) -> None:  # gradients flowing into the final state
