@@ -118,20 +118,16 @@ class Kernel:
             if layout().decode() != args_layout():
                 raise RuntimeError("its argument struct does not match this module's mirror")
             self.set_blas = lib.nlstm_set_blas
-            self._fns = {}
+            self._fns, self._steps, self._matrix = {}, {}, {}
             for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
                 for name in ("forward", "backward"):
                     fn = getattr(lib, f"nlstm_{name}_{suffix}")
                     fn.argtypes, fn.restype = [ctypes.POINTER(Args)], ctypes.c_int
                     self._fns[name, dtype] = fn
-            self._steps = {}
-            for name, argtypes in _STEP_ARGTYPES.items():
-                for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                for name, argtypes in _STEP_ARGTYPES.items():
                     fn = getattr(lib, f"nlstm_{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, ctypes.c_int
                     self._steps[name, dtype] = fn
-            self._matrix = {}
-            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
                 new, free = (
                     getattr(lib, f"nlstm_matrix_new_{suffix}"),
                     getattr(lib, f"nlstm_matrix_free_{suffix}"),
@@ -238,13 +234,12 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
         return None, NativeStatus(False, blas)
     try:
         path = library_path()
-        found = _open_trusted(path) if path.exists() else None
-        if found is None:  # absent, planted, or unusable: build (again)
-            build()
-            found = _open_trusted(path)
-            if found is None:
+        lib = _open_trusted(path) if path.exists() else None
+        if lib is None:  # absent, planted, or unusable: build (again)
+            build(path)
+            lib = _open_trusted(path)
+            if lib is None:
                 raise RuntimeError(f"{path} could not be loaded after building it")
-        lib, path = found
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
     if lib.set_blas(*blas) != 0:
@@ -252,7 +247,7 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
     return lib, NativeStatus(True, "built", path)
 
 
-def _open_trusted(path: Path) -> tuple[Kernel, Path] | None:
+def _open_trusted(path: Path) -> Kernel | None:
     """Load ``path`` if it is ours and well-formed, else None.
 
     "Ours": a regular file owned by this user that nobody else may write, checked on an open
@@ -271,7 +266,7 @@ def _open_trusted(path: Path) -> tuple[Kernel, Path] | None:
         os.close(fd)
         return None
     try:
-        return Kernel(ctypes.CDLL(str(proc))), path
+        return Kernel(ctypes.CDLL(str(proc)))
     except (OSError, RuntimeError):
         return None  # corrupt, truncated, or from another version: rebuilt by the caller
 
@@ -340,11 +335,12 @@ def library_path() -> Path:
     return _cache_dir() / f"cpu_kernel-{key.hexdigest()[:16]}{user}.so"
 
 
-def build() -> Path:
-    """Compile the kernel to ``library_path()``, atomically (a concurrent builder never sees a
-    partial file, and a file planted under that name is replaced); returns the path."""
+def build(target: Path | None = None) -> Path:
+    """Compile the kernel to ``target`` (default ``library_path()``, which a caller that has it
+    passes), atomically (a concurrent builder never sees a partial file, and a file planted
+    under that name is replaced); returns the path."""
     compiler, cflags = _compiler()
-    target = library_path()
+    target = target or library_path()
     cache = target.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
