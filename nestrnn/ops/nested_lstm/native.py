@@ -254,6 +254,7 @@ def _open_trusted(path: Path) -> Kernel | None:
     descriptor which is then what gets loaded (``/proc/self/fd``), so that the file cannot be
     swapped between the check and the load. A descriptor that was loaded stays open: the loader
     knows libraries by name, and a reused descriptor number would give back the earlier library.
+    One that the loader refused is closed.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -266,9 +267,14 @@ def _open_trusted(path: Path) -> Kernel | None:
         os.close(fd)
         return None
     try:
-        return Kernel(ctypes.CDLL(str(proc)))
-    except (OSError, RuntimeError):
-        return None  # corrupt, truncated, or from another version: rebuilt by the caller
+        lib = ctypes.CDLL(str(proc))
+    except OSError:  # corrupt or truncated (never loaded): rebuilt by the caller
+        os.close(fd)
+        return None
+    try:
+        return Kernel(lib)
+    except RuntimeError:
+        return None  # loaded, but from another version: rebuilt by the caller
 
 
 def _torch_blas() -> list[ctypes.c_void_p] | str:
