@@ -28,7 +28,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -440,6 +440,35 @@ def model_changes(saved: DictConfig, config: DictConfig) -> list[str]:
         for key in sorted(set(old) | set(new))
         if key not in MODEL_KEYS_FREE_AFTER_TRAINING and old.get(key) != new.get(key)
     ]
+
+
+def trained_config(saved: str | Mapping[str, Any]) -> DictConfig:
+    """The configuration a checkpoint holds (its YAML text or a mapping), resolved as
+    :func:`load_config` resolves a saved run's: settings added since it was written take their
+    defaults, so comparing it with a configuration of today reports only real changes."""
+    return load_config([], [], base=OmegaConf.to_container(OmegaConf.create(saved)))
+
+
+def check_same_model(
+    trained: DictConfig,
+    config: DictConfig,
+    changed: Callable[[str], str],
+    task_changed: Callable[[str, str], str] | None = None,
+) -> None:
+    """Raise ConfigError when ``config`` changes the task or the model (see
+    :func:`model_changes`) of the run ``trained`` was the configuration of (see
+    :func:`trained_config`).
+
+    The message is ``changed("model.key: old -> new; ...")``; a changed task is the message
+    ``task_changed(old, new)``, or, without it, listed first (``task.name: 'old' -> 'new'``)."""
+    changes = model_changes(trained, config)
+    old, new = trained.task.name, config.task.name
+    if old != new:
+        if task_changed is not None:
+            raise ConfigError(task_changed(old, new))
+        changes.insert(0, f"task.name: {old!r} -> {new!r}")
+    if changes:
+        raise ConfigError(changed("; ".join(changes)))
 
 
 # --------------------------------------------------------------------------- conversion & printing

@@ -171,6 +171,22 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
         Trainer(config, tmp_path / "run", resume=True, echo=None)
 
 
+def test_resume_fills_in_model_settings_the_checkpoint_predates(tmp_path: Path) -> None:
+    """A checkpoint written before a model setting existed resumes: the setting takes its
+    default, as in ``eval``, and is no change of the model."""
+    Trainer(copy_config("train.max_steps=2"), tmp_path / "run", echo=None).fit()
+    run = rd.RunDir(tmp_path / "run")
+    payload = run.load_checkpoint()
+    saved = OmegaConf.create(payload["config"])
+    del saved.model["recurrent_init"]
+    payload["config"] = OmegaConf.to_yaml(saved)
+    run.save_checkpoint(rd.LAST, payload)
+    assert Trainer(copy_config(), tmp_path / "run", resume=True, echo=None).fit().steps == 8
+    with pytest.raises(ConfigError, match=r"model.recurrent_init: 'orthogonal' -> 'uniform'"):
+        config = copy_config("model.recurrent_init=uniform")
+        Trainer(config, tmp_path / "run", resume=True, echo=None)
+
+
 def test_max_steps_then_resume(tmp_path: Path) -> None:
     config = copy_config("train.max_steps=5")
     summary = Trainer(config, tmp_path / "run", echo=None).fit()

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nestrnn.config import ConfigError, check_device, load_config, load_yaml, model_changes, section
+from nestrnn.config import (
+    check_device,
+    check_same_model,
+    load_config,
+    load_yaml,
+    section,
+    trained_config,
+)
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.build import build_task, load_weights, model_settings
 from nestrnn.engine.trainer import resolve_device
@@ -56,12 +63,13 @@ def load_run(
         check_device(device, "--device")
     path = checkpoint_path(run_dir, which)
     checkpoint = rd.load_checkpoint(path, "cpu")
-    trained = load_config(
-        [], [], base=OmegaConf.to_container(OmegaConf.create(checkpoint["config"]))
-    )
+    trained = trained_config(checkpoint["config"])
     saved = run_dir / rd.CONFIG
-    base = OmegaConf.to_container(load_yaml(saved) if saved.exists() else trained)
-    _check_same_model(trained, load_config([], [], base=base), f"{saved} (edited?)", path)
+    if saved.exists():
+        base = OmegaConf.to_container(load_yaml(saved))
+        _check_same_model(trained, load_config([], [], base=base), f"{saved} (edited?)", path)
+    else:
+        base = OmegaConf.to_container(trained)
     config = load_config([], list(overrides), base=base)
     _check_same_model(trained, config, "the overrides", path)
     torch_device = resolve_device(device or config.train.device)
@@ -74,11 +82,11 @@ def load_run(
 
 
 def _check_same_model(trained: DictConfig, config: DictConfig, source: str, path: Path) -> None:
-    changed = model_changes(trained, config)
-    if trained.task.name != config.task.name:
-        changed.insert(0, f"task.name: {trained.task.name!r} -> {config.task.name!r}")
-    if changed:
-        raise ConfigError(
-            f"{source} would change the model trained in {path} ({'; '.join(changed)}); the "
+    check_same_model(
+        trained,
+        config,
+        lambda changes: (
+            f"{source} would change the model trained in {path} ({changes}); the "
             "checkpoint fixes the task and the model"
-        )
+        ),
+    )

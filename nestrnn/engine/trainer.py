@@ -38,7 +38,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from nestrnn.config import ConfigError, format_config, model_changes, section, to_container
+from nestrnn.config import (
+    ConfigError,
+    check_same_model,
+    format_config,
+    section,
+    to_container,
+    trained_config,
+)
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.build import build_task, load_weights, model_settings
 from nestrnn.engine.distributed import DistContext
@@ -111,17 +118,15 @@ def _detach(state: Any) -> Any:
     return type(state)(_detach(s) for s in state)
 
 
-def _check_resumable(saved: DictConfig, config: DictConfig) -> None:
-    """Raise ConfigError when ``config`` changes what the checkpoint was built with."""
-    if saved.task.name != config.task.name:
-        raise ConfigError(
-            f"cannot resume a {saved.task.name} run as task {config.task.name}; start a new run"
-        )
-    changed = model_changes(saved, config)
-    if changed:
-        raise ConfigError(
-            "the model cannot change when resuming (" + "; ".join(changed) + "); start a new run"
-        )
+def _check_resumable(saved: str, config: DictConfig) -> None:
+    """Raise ConfigError when ``config`` changes what the checkpoint (its ``saved``
+    configuration) was built with."""
+    check_same_model(
+        trained_config(saved),
+        config,
+        lambda changes: f"the model cannot change when resuming ({changes}); start a new run",
+        lambda old, new: f"cannot resume a {old} run as task {new}; start a new run",
+    )
 
 
 def format_metrics(metrics: dict[str, float], keys: list[str] | None = None) -> str:
@@ -232,7 +237,7 @@ class Trainer:
 
         checkpoint = self.dist.from_main(self._read_last) if resume else None
         if checkpoint is not None:
-            _check_resumable(OmegaConf.create(checkpoint["config"]), config)
+            _check_resumable(checkpoint["config"], config)
         self.task = build_task(config, None if checkpoint is None else checkpoint["task"])
         self.data_fingerprint = self.task.data_fingerprint()
         if checkpoint is not None and not allow_data_change:
