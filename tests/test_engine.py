@@ -201,6 +201,10 @@ def test_device_resolution() -> None:
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+        with pytest.raises(ConfigError, match="^--device=cuda:1 but CUDA is not available"):
+            resolve_device("cuda:1", "--device")
+    with pytest.raises(ConfigError, match="^--device must be auto, cpu, cuda or cuda:N; got 'tpu'"):
+        resolve_device("tpu", "--device")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,14 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nestrnn.config import (
-    check_device,
-    check_same_model,
-    load_config,
-    load_yaml,
-    section,
-    trained_config,
-)
+from nestrnn.config import check_same_model, load_config, load_yaml, section, trained_config
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.build import build_task, load_weights, model_settings
 from nestrnn.engine.trainer import resolve_device
@@ -59,8 +52,8 @@ def load_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise rd.RunDirError(f"no run directory {run_dir}")
-    if device is not None:
-        check_device(device, "--device")
+    # a mistaken --device is reported before anything is loaded
+    chosen = None if device is None else resolve_device(device, "--device")
     path = checkpoint_path(run_dir, which)
     checkpoint = rd.load_checkpoint(path, "cpu")
     trained = trained_config(checkpoint["config"])
@@ -72,7 +65,7 @@ def load_run(
         base = OmegaConf.to_container(trained)
     config = load_config([], list(overrides), base=base)
     _check_same_model(trained, config, "the overrides", path)
-    torch_device = resolve_device(device or config.train.device)
+    torch_device = resolve_device(config.train.device) if chosen is None else chosen
     task = build_task(config, checkpoint["task"], prepare)
     with model_settings():
         model = task.build_model(section(config, "model"), checkpoint["model_meta"]["hidden_size"])

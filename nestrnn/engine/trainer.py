@@ -40,6 +40,7 @@ from torch import Tensor
 
 from nestrnn.config import (
     ConfigError,
+    check_device,
     check_same_model,
     format_config,
     section,
@@ -84,12 +85,15 @@ class Summary:
     signal: int = 0  # the number of the signal that interrupted the run
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, what: str = "train.device") -> torch.device:
+    """The device ``spec`` names (auto: CUDA when there is one); ``what`` names the setting in
+    the ConfigError for a spec that names no device or a device that is not here."""
+    check_device(spec, what)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={spec} but CUDA is not available here; use auto or cpu")
+        raise ConfigError(f"{what}={spec} but CUDA is not available here; use auto or cpu")
     return device
 
 
