@@ -24,6 +24,8 @@ batch, metric sums are all-reduced, and rank 0 alone writes; checkpoints hold th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import signal
@@ -324,13 +326,17 @@ class Trainer:
             )
 
     def _check_memory(self, params: int, hidden_size: int) -> None:
+        work = dataclasses.replace(self._workload, params=params, hidden_size=hidden_size)
+        check_fits(work, self.device)
+
+    @functools.cached_property
+    def _workload(self) -> Workload:
+        """What a training step of this run holds in memory, less the model's part (parameters
+        and hidden size, which each check fills in): worked out once, as it reads a batch."""
         tc = self.train_cfg
         steps = tc.bptt if self.task.carries_state else self._sequence_length()
-        check_fits(
-            Workload(params, self.optim_cfg.name, tc.batch_size // self.dist.world_size, steps,
-                     hidden_size, recurrent_levels(self.model_cfg)),
-            self.device,
-        )  # fmt: skip
+        return Workload(0, self.optim_cfg.name, tc.batch_size // self.dist.world_size, steps, 0,
+                        recurrent_levels(self.model_cfg))  # fmt: skip
 
     def _sequence_length(self) -> int:
         inputs = self.task.train_batch(0, 1, self.train_cfg.bptt).inputs
