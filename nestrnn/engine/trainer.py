@@ -545,17 +545,18 @@ class Trainer:
         output, new_state = self.net(batch.inputs, state)
         loss, stats = self.task.loss(output, batch)
         keys = sorted(stats)
-        # a stop request rides along with the statistics: every rank stops after the same step
-        stop = float(self._stop is not None and self._stop.received is not None)
-        values = torch.stack(
-            [loss.detach().double(), *(stats[k].to(loss.device).double() for k in keys),
-             torch.tensor(stop, dtype=torch.float64, device=loss.device)]
-        )  # fmt: skip
+        stop = self._stop is not None and self._stop.received is not None
+        parts = [loss.detach().double(), *(stats[k].to(loss.device).double() for k in keys)]
         if self.dist.world_size > 1:  # sums over the ranks; the loss: the mean of equal shards
-            values = self.dist.all_reduce_tensor(values)
-            values[0] /= self.dist.world_size
-        values = values.tolist()
-        self._stop_agreed = values[-1] > 0
+            # a stop request rides along with the statistics: every rank stops after the same step
+            parts.append(torch.tensor(float(stop), dtype=torch.float64, device=loss.device))
+            summed = self.dist.all_reduce_tensor(torch.stack(parts))
+            summed[0] /= self.dist.world_size
+            values = summed.tolist()
+            stop = values.pop() > 0
+        else:
+            values = torch.stack(parts).tolist()
+        self._stop_agreed = stop
         if not math.isfinite(values[0]):
             raise self._diverged("loss", values[0])
         self.optimizer.zero_grad(set_to_none=True)
@@ -568,7 +569,7 @@ class Trainer:
         self.carry = _detach(new_state) if self.task.carries_state else None
         self.global_step += 1
         self.step_in_epoch += 1
-        step_stats = dict(zip(keys, values[1:-1]))
+        step_stats = dict(zip(keys, values[1:]))
         self._accumulate(self.epoch_stats, step_stats)
         self._accumulate(self.log_stats, step_stats)
         if self.global_step % tc.log_every == 0:
