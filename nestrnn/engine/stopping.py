@@ -31,11 +31,6 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    @property
-    def name(self) -> str:
-        """The received signal's name ("SIGTERM"), or "" when none came."""
-        return signal.Signals(self.received).name if self.received else ""
-
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
