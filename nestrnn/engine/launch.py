@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from nestrnn.config import load_config, load_yaml, to_container
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.distributed import DistContext, max_restarts
+from nestrnn.engine.rundir import Replace
 from nestrnn.engine.stopping import exit_status
-from nestrnn.engine.trainer import Replace
 from nestrnn.errors import UserError
 
 #: what the launcher passes on to torchrun

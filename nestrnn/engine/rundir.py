@@ -32,7 +32,7 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,10 @@ LOCK = ".lock"
 #: the files a run writes (what --overwrite replaces; the lock file stays)
 RUN_FILES = (CONFIG, ENVIRONMENT, METRICS, LAST, BEST, SUMMARY)
 FORMAT = "nestrnn-checkpoint/1"
+
+#: what a new run may replace in its directory: nothing, the files of a run that saved no
+#: checkpoint (``--resume auto``), or any run (``--overwrite``)
+Replace = Literal["nothing", "incomplete", "any"]
 
 
 class CheckpointError(UserError, ValueError):
@@ -133,7 +137,7 @@ class RunDir:
         """Whether a run can continue from here (its configuration and ``last.pt``)."""
         return (self.path / CONFIG).is_file() and (self.path / LAST).is_file()
 
-    def check_new_run(self, replace: str) -> None:
+    def check_new_run(self, replace: Replace) -> None:
         """RunDirError unless a new run may start here: ``replace`` is ``"nothing"``,
         ``"incomplete"`` (a run without a checkpoint) or ``"any"`` (see :class:`Trainer`)."""
         self.check_is_directory()

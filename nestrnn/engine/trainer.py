@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -54,6 +54,7 @@ from nestrnn.engine.build import build_task, load_weights, model_settings
 from nestrnn.engine.distributed import DistContext
 from nestrnn.engine.lock import DirectoryLock
 from nestrnn.engine.resources import Workload, check_fits, minimum_parameters, recurrent_levels
+from nestrnn.engine.rundir import Replace
 from nestrnn.engine.schedule import LRSchedule, build_optimizer
 from nestrnn.engine.stopping import StopSignals
 from nestrnn.models import Sizing, describe_family, size_model
@@ -64,11 +65,6 @@ SMALL_MODEL = 1_000_000
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became non-finite; the message says what to do."""
-
-
-#: what a new run may replace in its directory: nothing, the files of a run that saved no
-#: checkpoint (``--resume auto``), or any run (``--overwrite``)
-Replace = Literal["nothing", "incomplete", "any"]
 
 
 @dataclass
