@@ -10,6 +10,7 @@ own dependencies are missing (a bare GPU machine), :func:`import_nestrnn` regist
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -56,6 +57,20 @@ def activation_variant(index: int, depth: int) -> tuple:
     return tuple(
         LevelActivations(*level.split(",")) for level in ACTIVATION_VARIANTS[index][:depth]
     )
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'32x256x100,128x512x100' -> [(B, H, T), ...] (an argparse type)."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            b, h, t = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {part!r} is not BxHxT") from None
+        if min(b, h, t) < 1:
+            raise argparse.ArgumentTypeError(f"shape {part!r} has a size below 1")
+        shapes.append((b, h, t))
+    return shapes
 
 
 @contextlib.contextmanager

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import import_nestrnn, parse_shapes
 
-try:
-    from nestrnn import NestedLSTM
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nestrnn import NestedLSTM
+MISSING = import_nestrnn()  # None, or why NestedLSTM is unavailable
 
 
 def training_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
@@ -37,6 +33,8 @@ def training_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor)
 
 
 def measure(shape: tuple[int, int, int], depth: int, repeats: int, clock) -> dict:
+    from nestrnn import NestedLSTM  # the whole package (main checks that it imported)
+
     batch, hidden, steps = shape
     torch.manual_seed(0)
     eager = NestedLSTM(hidden, hidden, 1, depth=depth)
@@ -60,17 +58,16 @@ def measure(shape: tuple[int, int, int], depth: int, repeats: int, clock) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--shapes", default="32x256x100,128x512x100", help="BxHxT list")
+    parser.add_argument(
+        "--shapes", type=parse_shapes, default="32x256x100,128x512x100", help="BxHxT list"
+    )
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="1: CPU time, else wall clock")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
-    try:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        assert all(len(s) == 3 for s in shapes)
-    except (ValueError, AssertionError):
-        parser.error(f"--shapes must be BxHxT,... got {args.shapes!r}")
+    if MISSING:
+        parser.error(f"NestedLSTM needs nestrnn's dependencies ({MISSING})")
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     lines = [
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "| B | H | T | first compiled step s | eager ms | compiled ms | compiled / eager |",
         "|---|---|---|---|---|---|---|",
     ]
-    for shape in shapes:
+    for shape in args.shapes:
         r = measure(shape, args.depth, args.repeats, clock)
         lines.append(
             f"| {' | '.join(map(str, shape))} | {r['first_step_s']:.1f} | {r['eager_ms']:.1f} "

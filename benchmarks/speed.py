@@ -52,7 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_common import describe_line, describe_machine, environment, import_nestrnn
+from bench_common import (
+    describe_line,
+    describe_machine,
+    environment,
+    import_nestrnn,
+    parse_shapes,
+)
 
 MISSING = import_nestrnn()  # None, or why only the op is available
 
@@ -657,20 +663,6 @@ def write_results(args, info, check, records, splits, raw, notes, summary) -> No
 
 
 # ---------------------------------------------------------------------------------- main
-
-
-def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """'32x256x100,128x512x100' -> [(B, H, T), ...]."""
-    shapes = []
-    for part in text.split(","):
-        try:
-            b, h, t = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"shape {part!r} is not BxHxT") from None
-        if min(b, h, t) < 1:
-            raise argparse.ArgumentTypeError(f"shape {part!r} has a size below 1")
-        shapes.append((b, h, t))
-    return shapes
 
 
 def parse_depths(text: str) -> list[int]:
