@@ -19,6 +19,10 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +75,12 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
             raise argparse.ArgumentTypeError(f"shape {part!r} has a size below 1")
         shapes.append((b, h, t))
     return shapes
+
+
+def scaled_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max(1, max |want|), in float64 (NaN where either has one)."""
+    want = want.double()
+    return (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from bench_common import (
     describe_machine,
     environment,
     import_nestrnn,
+    scaled_error,
 )
 
 import_nestrnn()
@@ -187,7 +188,7 @@ def scaled_errors(ref: dict, got: dict) -> dict[str, float]:
         if have is None or have.shape != want.shape:
             errs[name] = float("inf")
             continue
-        err = (have - want).abs().max().item() / max(1.0, want.abs().max().item())
+        err = scaled_error(have, want)
         errs[name] = err if err == err else float("inf")
     return errs
 

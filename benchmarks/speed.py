@@ -58,6 +58,7 @@ from bench_common import (
     environment,
     import_nestrnn,
     parse_shapes,
+    scaled_error,
 )
 
 MISSING = import_nestrnn()  # None, or why only the op is available
@@ -367,10 +368,7 @@ def check_rows(rows: list[Row], device: torch.device, dtype: torch.dtype) -> dic
             loss = (out.double() * grad_out).sum() + h_n.double().sum() + c_n.double().sum()
             loss.backward()
             results.append([out, h_n, c_n, xi.grad, *(p.grad for p in model.parameters())])
-        worst = max(
-            (got.double() - want.double()).abs().max().item() / max(1.0, want.abs().max().item())
-            for got, want in zip(*results)
-        )
+        worst = max(scaled_error(got, want) for got, want in zip(*results))
         if not worst <= tol:
             raise AssertionError(
                 f"{row.name} (backend {row.backend}) differs from the naive reference: scaled "
