@@ -14,11 +14,16 @@ final states and every gradient (x, h0, c0, every weight and bias). For each dty
               in Triton's cache)
     modes     depths 1-3, dense / packed / reverse / packed+reverse, tiny and with several
               programs and masked tails in every dimension
-    variant   per-level activations that put every activation in every role; bias-free levels
+    variant   per-level activations that put every activation in every role; bias-free levels;
+              in fp16/bf16 also with smooth stand-ins for relu and hardtanh (see below)
     graph     CUDA-graph mode (NESTRNN_TRITON_CUDA_GRAPH=1): a capture, then replays with new inputs
 
 A case fails when an error exceeds the tolerance or when the Triton kernels did not run (the op
-falls back to another implementation when they fail; the reason is printed). One PASS/FAIL line per
+falls back to another implementation when they fail; the reason is printed). In fp16 and bf16 the
+gradients of a case with relu or hardtanh are printed but not judged: the GEMMs' rounded operands
+move a pre-activation next to a kink to its other side, where the derivative differs by 1, so
+single gradient elements differ from the float64 reference by O(1) however exact the kernels (the
+same errors come out of Triton's interpreter on CPU); their smooth stand-ins are judged instead. One PASS/FAIL line per
 case and seed, with the largest scaled error (max |got - want| / max(1, max |want|)); exit status 1
 on any failure. Only torch, triton and this repository need to be importable.
 """
@@ -29,7 +34,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from bench_common import (
@@ -55,6 +60,9 @@ from nestrnn.ops.nested_lstm import (  # noqa: E402
 from nestrnn.ops.nested_lstm.layout import standard_activations  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+#: activations with a kink, and smooth stand-ins for them (see the module docstring)
+SMOOTH = {"relu": "softsign", "hardtanh": "tanh"}
+FORWARD = ("output", "h_n", "c_n")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY = (6, 3, 5, 17)  # (T, B, I, H)
 TILED = (8, 70, 64, 200)  # several batch and unit tiles, masked tails, several reduction chunks
@@ -79,11 +87,13 @@ class Case:
     biases: tuple[str, ...] | None = None  # a key of BIASES per level; None: all "both"
     cuda_graph: bool = False
     seeds: tuple[int, ...] = (0,)
+    smooth: bool = False  # the variant's relu and hardtanh replaced by SMOOTH
 
     def label(self) -> str:
         T, B, I, H = self.size
         mode = "packed" if self.packed else "dense"
         extra = [f"variant {self.variant}"] if self.variant is not None else []
+        extra += ["smooth"] * self.smooth
         extra += [f"biases {','.join(self.biases)}"] if self.biases else []
         extra += ["reverse"] * self.reverse + ["CUDA graph"] * self.cuda_graph
         return f"{self.group} {self.dtype} D={self.depth} T={T} B={B} I={I} H={H} " + " ".join(
@@ -93,7 +103,17 @@ class Case:
     def activations(self):
         if self.variant is None:
             return standard_activations(self.depth)
-        return activation_variant(self.variant, self.depth)
+        levels = activation_variant(self.variant, self.depth)
+        if not self.smooth:
+            return levels
+        return tuple(type(level)(*(SMOOTH.get(name, name) for name in level)) for level in levels)
+
+    def judged(self, errors: dict[str, float]) -> dict[str, float]:
+        """The errors that decide the case (see the module docstring)."""
+        kinked = any(name in SMOOTH for level in self.activations() for name in level)
+        if self.dtype == "fp32" or not kinked:
+            return errors
+        return {name: errors[name] for name in FORWARD}
 
 
 def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
@@ -120,6 +140,8 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
             for reverse in (False, True)
         ]
         graphs.append(Case("graph", dtype, (6, 4, 5, 24), 3, cuda_graph=True, seeds=(0, 1)))
+    if dtype != "fp32":
+        variants += [replace(case, smooth=True) for case in variants]
     return timed + modes + variants + graphs if cuda else modes + variants
 
 
@@ -223,16 +245,20 @@ def check_seed(case: Case, seed: int, device: str) -> bool:
         print(f"FAIL {label}: the Triton kernels failed, another implementation ran: {failure}")
         return False
     errs = scaled_errors(ref, got)
-    worst = max(errs, key=errs.get)
-    passed = errs[worst] <= TOL[dtype]
+    judged = case.judged(errs)
+    worst = max(judged, key=judged.get)
+    passed = judged[worst] <= TOL[dtype]
     print(
         f"{'PASS' if passed else 'FAIL'} {label}: max scaled error {errs[worst]:.2e} ({worst}); "
         f"output {errs['output']:.1e}, h_n {errs['h_n']:.1e}, c_n {errs['c_n']:.1e}, "
         f"dx {errs['dx']:.1e} [{ms:.0f} ms incl. compile]",
         flush=True,
     )
+    if len(judged) < len(errs):
+        unjudged = max(e for name, e in errs.items() if name not in judged)
+        print(f"     gradients not judged (relu/hardtanh in {case.dtype}): max {unjudged:.1e}")
     if not passed:
-        bad = ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if v > TOL[dtype])
+        bad = ", ".join(f"{k} {v:.1e}" for k, v in judged.items() if v > TOL[dtype])
         print(f"     over tolerance {TOL[dtype]:.0e}: {bad}")
     return passed
 
