@@ -8,6 +8,7 @@ pinned through ``backend``; "auto" is what users get. The Triton kernels have th
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from nestrnn.activations import ACTIVATIONS
 from nestrnn.ops.nested_lstm import (
@@ -24,6 +27,7 @@ from nestrnn.ops.nested_lstm import (
     nested_lstm,
     nested_lstm_naive,
     plan,
+    planning,
 )
 from nestrnn.ops.nested_lstm.layout import encode_activations, standard_activations
 
@@ -329,6 +333,63 @@ def test_plans_on_cpu():
         plan(x, None, False, std1, training=True, backend="torch_lstm")
     with pytest.raises(RuntimeError, match="the c_loop implementation cannot run this call: input"):
         plan(x.to("meta"), None, False, std2, training=True, backend="c_loop")
+
+
+def _cuda_input(steps: int, batch: int, features: int, dtype=torch.float32) -> Tensor:
+    """A fake CUDA tensor: plans look at devices, dtypes and shapes only, so no GPU is needed."""
+    with FakeTensorMode():
+        return torch.empty(steps, batch, features, dtype=dtype, device="cuda")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
+def test_auto_plans_on_cuda_follow_the_measurements(monkeypatch):
+    """``auto`` on CUDA: cuDNN at depth 1, the PyTorch loop for large IEEE float32, else Triton."""
+
+    def auto(x, acts, training, hidden, eager=False, batch_sizes=None):
+        return plan(
+            x, batch_sizes, False, acts, training, eager=eager, hidden=hidden
+        ).implementation
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # it refuses bfloat16
+    small, large = _cuda_input(3, 32, 256), _cuda_input(3, 256, 1024)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _check_auto_plans(auto, small, large)
+        torch.backends.cuda.matmul.allow_tf32 = True  # not measured: the kernels
+        assert auto(large, standard_activations(2), True, 1024) == "triton"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    with pytest.warns(RuntimeWarning, match="planted"):
+        planning.mark_broken("triton", "planted")
+    try:  # kernels that failed: cuDNN where it runs, else the PyTorch loop
+        assert auto(small, standard_activations(1), False, 256) == "torch_lstm"
+        assert auto(small, standard_activations(2), True, 256) == "torch_loop"
+    finally:
+        planning.forget_failures()
+
+
+def _check_auto_plans(auto, small: Tensor, large: Tensor) -> None:
+    std1, std2, std3 = (standard_activations(d) for d in (1, 2, 3))
+    relu = (LevelActivations(candidate="relu"),)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = small.to(dtype)
+        assert auto(x, std1, False, 256) == "torch_lstm"  # cuDNN wherever it can run
+        assert auto(x, std1, True, 256, eager=True) == "torch_lstm"
+        assert auto(x, std1, True, 256) == "triton"  # training inside the op (compiled, say)
+        assert auto(x, relu, False, 256) == "triton"  # a variant: beyond cuDNN
+        assert auto(x, std1, False, 256, batch_sizes=torch.tensor([2, 2, 0])) == "triton"
+        assert auto(x, std2, True, 256) == "triton"
+    # IEEE float32: the PyTorch loop from the sizes where it measured faster
+    assert auto(large, std2, True, 1024) == "torch_loop"
+    assert auto(large, std3, False, 1024) == "torch_loop"
+    medium = _cuda_input(3, 128, 1024)
+    assert auto(medium, std2, False, 1024) == "torch_loop"
+    assert auto(medium, std2, True, 1024) == "triton"
+    assert auto(_cuda_input(3, 128, 512), std2, False, 512) == "triton"
+    assert auto(large, std2, True, None) == "triton"  # hidden size unknown: no size rule
+    for dtype in (torch.bfloat16, torch.float16):
+        assert auto(large.to(dtype), std2, True, 1024) == "triton"
 
 
 def test_triton_backend_falls_back_with_one_warning():

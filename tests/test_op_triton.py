@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -95,6 +96,14 @@ def rounded(case, dtype):
     weights = [LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw])
                for lw in weights]  # fmt: skip
     return x.to(dtype).double(), weights, h0.to(dtype).double(), c0.to(dtype).double()
+
+
+def in_float32(case):
+    """The case's leaves in float32 on DEVICE, without gradients."""
+    x, weights, h0, c0 = case
+    weights = [LevelWeights(*[None if p is None else p.float().to(DEVICE) for p in lw])
+               for lw in weights]  # fmt: skip
+    return x.float().to(DEVICE), weights, h0.float().to(DEVICE), c0.float().to(DEVICE)
 
 
 def triton_op(x, weights, h0, c0, batch_sizes=None, reverse=False, activations=None):
@@ -279,11 +288,19 @@ def test_cuda_graph_matches_naive(reverse, monkeypatch):
             assert len(triton_loop._GRAPHS) == 2  # one forward, one backward graph
 
 
+@cuda_only
+def test_default_cuda_graphs_match_naive(monkeypatch):
+    """auto: a direct run, a capture when the shapes repeat, then a replay; all exact."""
+    monkeypatch.delenv("NESTRNN_TRITON_CUDA_GRAPH", raising=False)
+    triton_loop.clear_cuda_graphs()
+    for seed in (0, 1, 2):
+        check(torch.float32, 5, 3, 6, 17, 2, PACKED, True, seed=seed)
+    assert triton_loop.cuda_graph_count() == 2  # one forward, one backward graph
+
+
 def test_chunked_sequence_equals_whole():
     """Returned state fed back in gives the whole-sequence result (truncated BPTT)."""
-    x, weights, h0, c0 = make_case(4, 2, 3, 8, 2)
-    x, h0, c0 = (t.float().to(DEVICE) for t in (x, h0, c0))
-    weights = [LevelWeights(*[p.float().to(DEVICE) for p in lw]) for lw in weights]
+    x, weights, h0, c0 = in_float32(make_case(4, 2, 3, 8, 2))
     with torch.no_grad(), expect_triton_runs(forward=3, backward=0):
         y, h_n, c_n = triton_op(x, weights, h0, c0)
         y1, h1, c1 = triton_op(x[:2], weights, h0, c0)
@@ -375,37 +392,114 @@ def test_importing_nestrnn_does_not_import_triton():
 # ------------------------------------------------------------------------------- CUDA graphs
 
 
-def test_cuda_graph_buffer_logic_emulated(monkeypatch):
-    """The CUDA-graph path's static buffers (copy in, fill, clone out, cache reuse) on CPU.
+class FakeGraphed:
+    """A stand-in for a captured graph: a replay re-runs the step loop on the static buffers."""
 
-    A stand-in for the captured graph re-runs the step loop on the static buffers, which is what a
-    replay does; so this checks everything but the capture itself (that is ``cuda_only`` above and
-    in ``benchmarks/gpu_check.py``).
-    """
-    made = []
+    made: ClassVar[list[FakeGraphed]] = []
 
-    class FakeGraphed:
-        def __init__(self, loop, launch, static):
-            self.loop, self.launch, self.static = loop, launch, static
-            loop(launch, static)  # warm-up run, as the real one does
-            made.append(self)
+    def __init__(self, loop, launch, static):
+        self.loop, self.launch, self.static = loop, launch, static
+        loop(launch, static)  # warm-up run, as the real one does
+        FakeGraphed.made.append(self)
 
-        def __call__(self, inputs, fill=None):
-            for name, value in inputs.items():
-                self.static[name].copy_(value)
-            if fill is not None:
-                fill(self.static)
-            self.loop(self.launch, self.static)
-            return self.static
+    def __call__(self, inputs, fill=None):
+        for name, value in inputs.items():
+            self.static[name].copy_(value)
+        if fill is not None:
+            fill(self.static)
+        self.loop(self.launch, self.static)
+        return self.static
 
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """The CUDA-graph path on CPU: everything but the capture itself (that is ``cuda_only`` above
+    and in ``benchmarks/gpu_check.py``). Yields the list of graphs made."""
+    monkeypatch.setattr(FakeGraphed, "made", [])
     monkeypatch.setattr(triton_loop, "_Graphed", FakeGraphed)
-    monkeypatch.setattr(triton_loop, "_graph_enabled", lambda launch, bufs: launch.cfg.cuda_graph)
+    monkeypatch.setattr(triton_loop, "_capture_stream", lambda bufs: "stream")
+    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1 << 30)
     monkeypatch.setattr(triton_loop, "_GRAPHS", triton_loop.OrderedDict())
+    monkeypatch.setattr(triton_loop, "_SEEN", triton_loop.OrderedDict())
+    monkeypatch.setattr(triton_loop, "_auto_failure", None)
+    monkeypatch.delenv("NESTRNN_TRITON_CUDA_GRAPH", raising=False)
+    return FakeGraphed.made
+
+
+def test_cuda_graph_buffer_logic_emulated(emulated_graphs):
+    """Static buffers: copy in, fill, clone out, cache reuse across calls and directions."""
     with forced_config(TritonConfig(cuda_graph=True)):
         for seed in (0, 1):  # the second call reuses both cached "graphs" with new inputs
             check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed == 1, seed=seed)
             check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed == 1, seed=seed + 5)
-    assert len(made) == 4  # forward + backward, for each direction
+    assert len(emulated_graphs) == 4  # forward + backward, for each direction
+
+
+def test_cuda_graphs_by_default_once_shapes_repeat(emulated_graphs):
+    """auto: the first call of a shape runs directly, the second captures, later ones replay."""
+    for seed, graphs in ((0, 0), (1, 2), (2, 2), (3, 2)):
+        check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed=seed)
+        assert len(emulated_graphs) == graphs  # forward + backward
+    check(torch.float32, 5, 3, 4, 8, 2, PACKED, seed=4)  # a new length: not captured at once
+    assert len(emulated_graphs) == 2
+    with mock.patch.dict(os.environ, {"NESTRNN_TRITON_CUDA_GRAPH": "0"}):
+        for seed in (5, 6):
+            check(torch.float32, 6, 3, 4, 8, 2, None, seed=seed)
+    assert len(emulated_graphs) == 2
+
+
+def test_auto_cuda_graphs_only_where_they_measured_faster(emulated_graphs, monkeypatch):
+    monkeypatch.setattr(triton_loop, "AUTO_GRAPH_MAX_BATCH_HIDDEN", 3 * 8 - 1)  # B * H = 24
+    for seed in (0, 1, 2):
+        check(torch.float32, 4, 3, 4, 8, 2, None, seed=seed)
+    assert not emulated_graphs
+
+
+def test_auto_cuda_graphs_keep_to_their_memory_budget(emulated_graphs, monkeypatch):
+    """Graphs whose buffers would not fit are not made; older ones are evicted to make room."""
+    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1000)  # bytes: too few
+    for seed in (0, 1):
+        check(torch.float32, 4, 3, 4, 8, 2, None, seed=seed)
+    assert not emulated_graphs
+    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1 << 30)
+    with torch.no_grad():  # forward only: one graph a shape
+        for steps in (2, 3, 2, 3):
+            triton_op(*in_float32(make_case(steps, 3, 4, 8, 2)))
+    assert len(triton_loop._GRAPHS) == 2
+    both = sum(triton_loop._nbytes(g.static) for g in emulated_graphs)
+    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: both)
+    with torch.no_grad():
+        for _ in range(2):
+            triton_op(*in_float32(make_case(4, 3, 4, 8, 2)))
+    (graph,) = triton_loop._GRAPHS.values()  # the new one, larger than either: both evicted
+    assert graph is emulated_graphs[-1] and graph.launch.steps == 4
+
+
+def test_a_failed_automatic_capture_falls_back_with_one_warning(emulated_graphs, monkeypatch):
+    def failing(loop, launch, static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton_loop, "_Graphed", failing)
+    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph failed") as caught:
+        for seed in (0, 1, 2):
+            check(torch.float32, 4, 3, 4, 8, 2, None, seed=seed)
+    assert len([w for w in caught if "CUDA graph" in str(w.message)]) == 1
+    assert "triton" not in planning.failures()  # the kernels themselves still run
+
+
+def test_a_bad_cuda_graph_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("NESTRNN_TRITON_CUDA_GRAPH", "yes")
+    x, weights, h0, c0 = in_float32(make_case(2, 2, 3, 8, 2))
+    with pytest.raises(
+        ValueError, match="NESTRNN_TRITON_CUDA_GRAPH must be 1, 0 or auto, got 'yes'"
+    ):
+        triton_op(x, weights, h0, c0)
+    assert "triton" not in planning.failures()
+
+
+def test_no_graph_is_captured_off_cuda_or_inside_another_capture():
+    bufs = {"gates": torch.zeros(2)}
+    assert triton_loop._capture_stream(bufs) is None  # a CPU tensor (the interpreter)
 
 
 # ------------------------------------------------------------------ the real compiler, offline

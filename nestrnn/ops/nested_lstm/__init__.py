@@ -91,7 +91,9 @@ def nested_lstm(
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     functorch = torch._C._are_functorch_transforms_active()
     if not (functorch or torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        chosen = plan(x, batch_sizes, reverse, levels, True, backend, eager=True)
+        chosen = plan(
+            x, batch_sizes, reverse, levels, True, backend, eager=True, hidden=h0.shape[1]
+        )
         if chosen.implementation == "torch_lstm":
             return torch_lstm.forward(x, weights[0], h0, c0, batch_sizes, reverse)
     if functorch:

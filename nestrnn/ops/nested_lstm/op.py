@@ -78,11 +78,15 @@ def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
     return [LevelWeights(*(None if w is None else w.to(dtype) for w in lw)) for lw in levels]
 
 
-def _with_fallback(run, x, batch_sizes, reverse, activations, training, backend):
+def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, backend):
     """Run the planned implementation; a Triton failure is recorded and the fused choice runs."""
-    chosen = plan(x, batch_sizes, reverse, activations, training, backend).implementation
+    chosen = plan(x, batch_sizes, reverse, activations, training, backend, hidden=hidden)
+    chosen = chosen.implementation
     if chosen != "triton":
         return run(chosen)
+    from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
+
+    triton_loop.cuda_graph_setting()  # a bad setting is the user's error, not a kernel failure
     try:
         return run(chosen)
     except Exception as err:  # a kernel that does not compile or launch on this GPU
@@ -111,7 +115,7 @@ def forward(
     def run(implementation: str) -> ForwardResult:
         return _run_forward(implementation, x, levels, h0, c0, batch_sizes, reverse, acts, save)
 
-    return _with_fallback(run, x, batch_sizes, reverse, acts, save, backend)
+    return _with_fallback(run, x, hidden, batch_sizes, reverse, acts, save, backend)
 
 
 def backward(
@@ -149,7 +153,8 @@ def backward(
     if x.shape[0] == 0:
         dz, dh0, dc0 = saved.gates.new_zeros(saved.gates.shape), d_hn, d_cn
     else:
-        dz, dh0, dc0 = _with_fallback(run, x, batch_sizes, reverse, acts, True, backend)
+        hidden = h0.shape[1]
+        dz, dh0, dc0 = _with_fallback(run, x, hidden, batch_sizes, reverse, acts, True, backend)
     per_level = [tuple(needs[3 + 4 * k : 3 + 4 * k + 4]) for k in range(len(levels))]
     dx, level_grads = parameter_gradients(
         x, h0, out, levels, saved.inputs, dz, batch_sizes, reverse, needs[0],

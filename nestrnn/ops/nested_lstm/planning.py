@@ -10,8 +10,8 @@ Implementations (each a module of this package):
     "torch_loop"  the time loops in plain PyTorch calls, any device
     "triton"      the fused Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1 for tests)
 
-Backends a caller may ask for: "auto" (the fastest that can run: Triton on CUDA where it works,
-else the fused choice), "fused" (torch_lstm for depth-1 inference, else the C loop on CPU, else the
+Backends a caller may ask for: "auto" (the fastest that can run, chosen on CUDA from measurements:
+see :func:`cuda_choice`; elsewhere the fused choice), "fused" (torch_lstm for depth-1 inference, else the C loop on CPU, else the
 PyTorch loop), "triton" (falls back to the fused choice, with a warning once, where Triton cannot
 run), or an implementation's name, which pins it and is an error where it cannot run.
 
@@ -103,9 +103,11 @@ def plan(
     training: bool,
     backend: str = "auto",
     eager: bool = False,
+    hidden: int | None = None,
 ) -> Plan:
     """The implementation for this call (see the module docstring). ``eager``: the caller can run
-    torch's LSTM with its own autograd (no compile, export, trace or torch.func transform)."""
+    torch's LSTM with its own autograd (no compile, export, trace or torch.func transform).
+    ``hidden``: the hidden size, which ``auto``'s choice on CUDA depends on (None: a small one)."""
     training = training and not eager  # torch's LSTM trains only outside the op
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -113,6 +115,9 @@ def plan(
         why_not = triton_unavailable_reason(x, len(activations))
         if backend == "auto" and not x.is_cuda:  # the interpreter runs only when asked for
             why_not = why_not or f"input on {x.device}"
+        if backend == "auto" and x.is_cuda:
+            chosen = cuda_choice(x, batch_sizes, reverse, activations, training, why_not, hidden)
+            return Plan(chosen, "" if why_not is None else f"triton: {why_not}")
         if why_not is None:
             return Plan("triton")
         chosen = _fused(x, batch_sizes, reverse, activations, training)
@@ -125,6 +130,48 @@ def plan(
     if why_not is not None:
         raise RuntimeError(f"the {backend} implementation cannot run this call: {why_not}")
     return Plan(backend)
+
+
+# Measured on an H200 (benchmarks/results/speed_cuda_*.md), IEEE float32 at depth 2: the PyTorch
+# loop (cuBLAS GEMMs) took 0.51x the Triton kernels' forward time at (B, H) = (128, 1024) and 0.30x
+# at (256, 1024), forward+backward 1.13x and 0.66x; at (128, 512) and below the kernels won (1.29x
+# and 2.50x). The kernels' fp32 dots without TF32 are what slows down with B * H * H.
+TORCH_LOOP_FP32_INFERENCE_WORK = 128 * 1024 * 1024  # B * H * H from which inference runs the loop
+TORCH_LOOP_FP32_TRAINING_WORK = 256 * 1024 * 1024  # and training
+
+
+def cuda_choice(
+    x: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    training: bool,
+    triton_why_not: str | None,
+    hidden: int | None = None,
+) -> str:
+    """``auto``'s implementation for a CUDA input, from what was measured on an H200.
+
+    - torch's LSTM (cuDNN) wherever it can run: at depth 1 it took 0.07-0.61x the Triton kernels'
+      time in every dtype and shape measured (``training`` here is training inside the op);
+    - in float32 with exact (IEEE) matmuls, the PyTorch loop once B * H * H reaches the sizes where
+      it measured faster (``TORCH_LOOP_FP32_*_WORK``; ``hidden`` None: not applied); with TF32
+      allowed nothing was measured, so the kernels run;
+    - otherwise the Triton kernels (bfloat16 and float16: 4-10x faster than the PyTorch loop at
+      every size measured); where they cannot run (``triton_why_not``), the fused choice.
+    """
+    if not training and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None:
+        return "torch_lstm"
+    if triton_why_not is not None:
+        return _fused(x, batch_sizes, reverse, activations, training)
+    if (
+        hidden is not None
+        and x.dtype == torch.float32
+        and not torch.backends.cuda.matmul.allow_tf32
+    ):
+        work = x.shape[1] * hidden * hidden
+        if work >= (TORCH_LOOP_FP32_TRAINING_WORK if training else TORCH_LOOP_FP32_INFERENCE_WORK):
+            return "torch_loop"
+    return "triton"
 
 
 def _fused(x, batch_sizes, reverse, activations, training) -> str:

@@ -13,15 +13,23 @@ backward
     GEMMs after the loop (``gradients.py``).
 
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
-dtype as GEMM operands). ``TritonConfig(cuda_graph=True)`` or ``NESTRNN_TRITON_CUDA_GRAPH=1``
-captures each step loop in a CUDA graph, cached per shape (at most ``_MAX_GRAPHS``): inputs are
-copied into the graph's static buffers and its outputs cloned out, so concurrent calls (several
-layers, both directions) stay independent.
+dtype as GEMM operands).
+
+CUDA graphs: a step loop can run as a captured CUDA graph, cached per shape; inputs are copied into
+the graph's static buffers and its outputs cloned out, so calls that share a graph (several layers,
+both directions) stay independent. ``TritonConfig(cuda_graph=...)`` or ``NESTRNN_TRITON_CUDA_GRAPH``
+(``1``, ``0``, ``auto``) decide; by default (``auto``) a loop is captured when its shapes repeat
+(the second call with the same key) and B * H is at most ``AUTO_GRAPH_MAX_BATCH_HIDDEN``, where
+graphs measured faster, while the cached static buffers fit in a share of the device's memory.
+Inside another capture (a user's graph, ``torch.compile(mode="reduce-overhead")``) the loop runs
+directly, to be captured by that one.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +53,15 @@ from nestrnn.ops.nested_lstm.triton_kernels import (
     fwd_outer_kernel,
 )
 
-__all__ = ["TritonConfig", "backward", "forward", "pick_config"]
+__all__ = [
+    "TritonConfig",
+    "backward",
+    "clear_cuda_graphs",
+    "cuda_graph_count",
+    "cuda_graph_setting",
+    "forward",
+    "pick_config",
+]
 
 
 def _interpreting() -> bool:
@@ -60,7 +76,7 @@ class TritonConfig:
     block_h: int | None = None  # hidden units per program, all four gates of each (power of two)
     block_k: int | None = None  # reduction chunk of the per-step GEMMs (power of two)
     num_warps: int | None = None  # warps per program
-    cuda_graph: bool | None = None  # capture the step loops in CUDA graphs (None: env variable)
+    cuda_graph: bool | None = None  # step loops as CUDA graphs (None: the env variable, else auto)
 
 
 def _pow2(n: int) -> int:
@@ -90,10 +106,19 @@ def pick_config(batch: int, hidden: int, config: TritonConfig | None = None) -> 
         if value < 1 or value & (value - 1):
             raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
     num_warps = cfg.num_warps or (4 if block_b * block_h <= 512 else 8)
-    cuda_graph = cfg.cuda_graph
-    if cuda_graph is None:
-        cuda_graph = os.environ.get("NESTRNN_TRITON_CUDA_GRAPH", "0") == "1"
+    cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
     return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph)
+
+
+_GRAPH_SETTINGS = {"1": True, "0": False, "auto": None, "": None}
+
+
+def cuda_graph_setting() -> bool | None:
+    """``NESTRNN_TRITON_CUDA_GRAPH``: True (always), False (never) or None (auto, the default)."""
+    value = os.environ.get("NESTRNN_TRITON_CUDA_GRAPH", "auto").strip().lower()
+    if value not in _GRAPH_SETTINGS:
+        raise ValueError(f"NESTRNN_TRITON_CUDA_GRAPH must be 1, 0 or auto, got {value!r}")
+    return _GRAPH_SETTINGS[value]
 
 
 def pack_codes(names: list[str]) -> int:
@@ -202,7 +227,8 @@ class _Graphed:
             loop(launch, static)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls of other threads (autograd's, say) do not void the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             loop(launch, static)
 
     def __call__(self, inputs: dict[str, Tensor], fill=None) -> dict[str, Tensor]:
@@ -214,12 +240,100 @@ class _Graphed:
         return self.static
 
 
-_GRAPHS: OrderedDict[tuple, _Graphed] = OrderedDict()
+# Measured on an H200 (benchmarks/results/speed_cuda_*.md, depth 2, microseconds a step): graphs cut
+# a bfloat16 forward step from 84 to 26 at (B, H) = (32, 256), from 90 to 38 at (128, 512) and from
+# 76 to 34 at (16, 768), forward+backward likewise; float32 gained at (32, 256) and was even at the
+# others. At (128, 1024) bfloat16 gained 15-28% and float16 lost up to 9%; at (256, 1024) they
+# lost up to 10%.
+AUTO_GRAPH_MAX_BATCH_HIDDEN = 128 * 512
+AUTO_GRAPH_MEMORY_SHARE = 16  # auto graphs' static buffers take at most 1/16 of device memory
 _MAX_GRAPHS = 16
+_MAX_SEEN = 64
+
+_GRAPHS: OrderedDict[tuple, _Graphed] = OrderedDict()  # least recently used first
+_SEEN: OrderedDict[tuple, None] = OrderedDict()  # keys run once without a graph (auto mode)
+_LOCK = threading.Lock()
+_auto_failure: str | None = None  # why an automatic capture failed (none is tried again)
 
 
-def _graph_enabled(launch: _Launch, bufs: dict[str, Tensor]) -> bool:
-    return bool(launch.cfg.cuda_graph) and bufs["gates"].is_cuda
+def cuda_graph_count() -> int:
+    """How many captured step loops are cached."""
+    return len(_GRAPHS)
+
+
+def clear_cuda_graphs() -> None:
+    """Release every cached CUDA graph and its static buffers; shapes must repeat again to be
+    captured anew."""
+    with _LOCK:
+        _GRAPHS.clear()
+        _SEEN.clear()
+
+
+def _capture_stream(bufs: dict[str, Tensor]) -> torch.cuda.Stream | None:
+    """The current CUDA stream of the buffers' device; None where no graph can be captured (not
+    CUDA, or inside another capture, which then records the loop's launches itself)."""
+    device = bufs["gates"].device
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return torch.cuda.current_stream(device)
+
+
+def _graph_budget(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory // AUTO_GRAPH_MEMORY_SHARE
+
+
+def _nbytes(bufs: dict[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in bufs.values())
+
+
+def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only) -> _Graphed | None:
+    """The cached graph of this call's key, or a new one captured now, or None: run directly."""
+    global _auto_failure
+    stream = _capture_stream(bufs)
+    if stream is None or launch.cfg.cuda_graph is False:
+        return None
+    auto = launch.cfg.cuda_graph is None
+    device = bufs["gates"].device
+    key = (loop.__name__, device, stream, launch,
+           *((name, tuple(v.shape), v.dtype) for name, v in sorted(bufs.items())))  # fmt: skip
+    with _LOCK:
+        if key in _GRAPHS:
+            _GRAPHS.move_to_end(key)
+            return _GRAPHS[key]
+        if auto:
+            if _auto_failure or launch.batch * launch.hidden > AUTO_GRAPH_MAX_BATCH_HIDDEN:
+                return None
+            if key not in _SEEN:  # first sighting: shapes that never repeat are not captured
+                _SEEN[key] = None
+                while len(_SEEN) > _MAX_SEEN:
+                    _SEEN.popitem(last=False)
+                return None
+            size, budget = _nbytes(bufs), _graph_budget(device)
+            if size > budget:
+                return None
+            while _GRAPHS and size + sum(_nbytes(g.static) for g in _GRAPHS.values()) > budget:
+                _GRAPHS.popitem(last=False)
+        static = {name: torch.zeros_like(v) for name, v in bufs.items()}
+        for name, v in bufs.items():
+            if name not in write_only:
+                static[name].copy_(v)
+        fill(static)
+        try:
+            graphed = _Graphed(loop, launch, static)
+        except Exception as err:
+            if not auto:
+                raise
+            _auto_failure = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"nestrnn: capturing a CUDA graph failed ({_auto_failure}); the Triton step "
+                "loops run without graphs from now on", RuntimeWarning, stacklevel=2,
+            )  # fmt: skip
+            return None
+        _SEEN.pop(key, None)
+        _GRAPHS[key] = graphed
+        while len(_GRAPHS) > _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+        return graphed
 
 
 def _run(
@@ -230,7 +344,7 @@ def _run(
     fill: Callable[[dict[str, Tensor]], None],
     write_only: tuple[str, ...],
 ) -> dict[str, Tensor]:
-    """Run a step loop directly, or through a cached CUDA graph when enabled and on CUDA.
+    """Run a step loop directly, or through a CUDA graph (see the module docstring).
 
     ``bufs`` holds every tensor the loop touches; ``fill(bufs)`` writes values into parts of buffers
     (the initial state slots). In graph mode every buffer not named in ``write_only`` (what the
@@ -239,25 +353,12 @@ def _run(
     by the next call). A buffer read and written, like the gates that come in holding the input
     projection, is both copied in and cloned out.
     """
-    if not _graph_enabled(launch, bufs):
+    graphed = _graph_for(loop, launch, bufs, fill, write_only)
+    if graphed is None:
         fill(bufs)
         loop(launch, bufs)
         return bufs
-    key = (loop.__name__, bufs["gates"].device, launch,
-           *((name, tuple(v.shape), v.dtype) for name, v in sorted(bufs.items())))  # fmt: skip
-    inputs = {name: v for name, v in bufs.items() if name not in write_only}
-    graphed = _GRAPHS.get(key)
-    if graphed is None:
-        static = {name: torch.zeros_like(v) for name, v in bufs.items()}
-        for name, v in inputs.items():
-            static[name].copy_(v)
-        fill(static)
-        graphed = _GRAPHS[key] = _Graphed(loop, launch, static)
-        while len(_GRAPHS) > _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
-    else:
-        _GRAPHS.move_to_end(key)
-    static = graphed(inputs, fill)
+    static = graphed({name: v for name, v in bufs.items() if name not in write_only}, fill)
     return {**bufs, **{name: static[name].clone() for name in outputs}}
 
 
