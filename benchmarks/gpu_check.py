@@ -16,7 +16,8 @@ final states and every gradient (x, h0, c0, every weight and bias). For each dty
               programs and masked tails in every dimension
     variant   per-level activations that put every activation in every role; bias-free levels;
               in fp16/bf16 also with smooth stand-ins for relu and hardtanh (see below)
-    graph     CUDA-graph mode (NESTRNN_TRITON_CUDA_GRAPH=1): a capture, then replays with new inputs
+    graph     CUDA-graph mode (NESTRNN_TRITON_CUDA_GRAPH=1): a capture, then replays with new inputs;
+              and the default (auto): a direct run, a capture when the shapes repeat, a replay
 
 A case fails when an error exceeds the tolerance or when the Triton kernels did not run (the op
 falls back to another implementation when they fail; the reason is printed). In fp16 and bf16 the
@@ -85,7 +86,7 @@ class Case:
     reverse: bool = False
     variant: int | None = None  # index in bench_common.ACTIVATION_VARIANTS; None: the paper's
     biases: tuple[str, ...] | None = None  # a key of BIASES per level; None: all "both"
-    cuda_graph: bool = False
+    cuda_graph: str = "0"  # NESTRNN_TRITON_CUDA_GRAPH: "0", "1" or "auto"
     seeds: tuple[int, ...] = (0,)
     smooth: bool = False  # the variant's relu and hardtanh replaced by SMOOTH
 
@@ -95,7 +96,8 @@ class Case:
         extra = [f"variant {self.variant}"] if self.variant is not None else []
         extra += ["smooth"] * self.smooth
         extra += [f"biases {','.join(self.biases)}"] if self.biases else []
-        extra += ["reverse"] * self.reverse + ["CUDA graph"] * self.cuda_graph
+        extra += ["reverse"] * self.reverse
+        extra += {"0": [], "1": ["CUDA graph"], "auto": ["CUDA graph auto"]}[self.cuda_graph]
         return f"{self.group} {self.dtype} D={self.depth} T={T} B={B} I={I} H={H} " + " ".join(
             [mode, *extra]
         )
@@ -124,7 +126,7 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
     if quick:
         modes = [Case("modes", dtype, TINY, d, True, True) for d in depths]
         variants = [Case("variant", dtype, TINY, 3, True, True, 0, ("none", "both", "ih"))]
-        graphs = [Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph=True, seeds=(0, 1))]
+        graphs = [Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1))]
     else:
         modes = [Case("modes", dtype, TINY, d, *mode) for d in depths for mode in MODES]
         modes += [Case("modes", dtype, TILED, d, *mode) for d in depths for mode in MODES[::3]]
@@ -136,10 +138,12 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
             Case("variant", dtype, TINY, 1, False, True, 0, ("none",)),
         ]
         graphs = [
-            Case("graph", dtype, (6, 4, 5, 24), 2, True, reverse, cuda_graph=True, seeds=(0, 1, 2))
+            Case("graph", dtype, (6, 4, 5, 24), 2, True, reverse, cuda_graph="1", seeds=(0, 1, 2))
             for reverse in (False, True)
         ]
-        graphs.append(Case("graph", dtype, (6, 4, 5, 24), 3, cuda_graph=True, seeds=(0, 1)))
+        graphs.append(Case("graph", dtype, (6, 4, 5, 24), 3, cuda_graph="1", seeds=(0, 1)))
+    graphs.append(Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="auto",
+                       seeds=(0, 1, 2)))  # fmt: skip
     if dtype != "fp32":
         variants += [replace(case, smooth=True) for case in variants]
     return timed + modes + variants + graphs if cuda else modes + variants
@@ -231,7 +235,7 @@ def check_seed(case: Case, seed: int, device: str) -> bool:
     ref = run(nested_lstm_naive, x, weights, h0, c0, bs, case.reverse, acts, torch.float64)
     start = time.perf_counter()
     try:
-        with environment("NESTRNN_TRITON_CUDA_GRAPH", "1" if case.cuda_graph else "0"):
+        with environment("NESTRNN_TRITON_CUDA_GRAPH", case.cuda_graph):
             got = run(triton_op, x, weights, h0, c0, bs, case.reverse, acts, dtype)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 kernels then use exact IEEE dots
+    from nestrnn.ops.nested_lstm import triton_loop  # imports Triton: after TRITON_INTERPRET is set
 
     print(describe_line(describe_machine(device)), flush=True)
     failed: list[str] = []
@@ -311,10 +316,14 @@ def main(argv: list[str] | None = None) -> int:
             print("SKIP bf16: computed wrongly by the interpreter")
             continue
         for case in cases(dtype, args.quick or args.interpret, cuda=device == "cuda"):
+            triton_loop.clear_cuda_graphs()
             for seed in case.seeds:
                 total += 1
                 if not check_seed(case, seed, device):
                     failed.append(f"{case.label()} seed={seed}")
+            if case.cuda_graph != "0" and triton_loop.cuda_graph_count() == 0:
+                print(f"FAIL {case.label()}: no CUDA graph was captured")
+                failed.append(f"{case.label()}: no graph")
     if device == "cpu":
         print("SKIP timed and CUDA-graph cases: no CUDA device")
     if failed:
