@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -70,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     with concise_warnings():
         try:
-            return int(args.run(args) or 0)
+            code = int(args.run(args) or 0)
+            sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+            return code
+        except BrokenPipeError:  # `nestrnn sample ... | head`: stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13  # the status of a process ended by SIGPIPE
         except (UserError, RegistryError) as error:
             if is_main_process():  # under torchrun every rank fails alike: rank 0 tells
                 print(f"nestrnn {args.command}: error: {one_line(error)}", file=sys.stderr)

@@ -8,6 +8,8 @@ The cases are those that once gave a traceback or did something else than what t
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,14 @@ def test_overrides_and_options_in_any_order(unchanged, monkeypatch, capsys) -> N
     code, out, err = main_cli(["eval", "adding", "--split", "valid", "model.backend=generic",
                                "--json"], capsys)  # fmt: skip
     assert code == 0 and '"split": "valid"' in out, err
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly() -> None:
+    """`nestrnn tasks | head -0`: no traceback, the status of a process ended by SIGPIPE."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "nestrnn", "tasks"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # before the child has imported anything, let alone written
+    _, stderr = child.communicate(timeout=120)
+    assert stderr.decode() == ""
+    assert child.returncode == 141
