@@ -25,6 +25,7 @@ import hashlib
 import os
 import secrets
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,6 +38,9 @@ from nestrnn.errors import UserError
 
 DATA_DIR_ENV = "NESTRNN_DATA_DIR"
 CHUNK = 1 << 20
+#: a download's temporary file untouched this long is a leftover of a killed process (a running
+#: download writes at least once a minute: reads time out after 60 s)
+STALE_TEMPORARY_SECONDS = 3600
 
 
 class DataError(UserError, RuntimeError):
@@ -106,6 +110,17 @@ def temporary_name(path: Path) -> Path:
 def temporaries_of(path: Path) -> list[Path]:
     """The temporary files that atomic writes of ``path`` may have left (after a kill)."""
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files that writes of ``path`` killed outright (SIGKILL, a power cut)
+    left behind; one written to within ``STALE_TEMPORARY_SECONDS`` may belong to a running
+    process, and stays."""
+    now = time.time()
+    for leftover in temporaries_of(path):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if now - leftover.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                leftover.unlink()
 
 
 @contextlib.contextmanager
@@ -259,6 +274,7 @@ def fetch(
     if not allow_download or not urls:
         reason = "downloads are disabled (task.download=false)" if urls else "it has no download"
         raise DataError(f"{path} is missing and {reason}. {how_to}".strip())
+    remove_stale_temporaries(path)
     errors = []
     for base in urls:
         url = join_url(base, remote.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,21 @@ def test_fetch_tries_mirrors_in_order(served: Path, tmp_path: Path) -> None:
     path.write_bytes(data[:-1] + b"x")
     with pytest.raises(DataError, match=r"good\.bin is corrupt: sha256"):
         fetch(remote, tmp_path / "data", [])
+
+
+def test_a_download_removes_what_killed_downloads_left(served: Path, tmp_path: Path) -> None:
+    """Temporary files a SIGKILL left go; a recent one, maybe another process's, stays."""
+    data = (served / "good.bin").read_bytes()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    stale, recent = folder / ".good.bin.0badf00d.tmp", folder / ".good.bin.c0ffee00.tmp"
+    for leftover in (stale, recent):
+        leftover.write_bytes(data[:100])
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    with http_server(served) as url:
+        fetch(RemoteFile("good.bin", _sha(data), len(data)), folder, [url], progress=False)
+    assert _leftovers(folder) == [recent.name]
 
 
 def test_missing_and_downloads_disabled(tmp_path: Path) -> None:
