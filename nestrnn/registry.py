@@ -14,7 +14,8 @@ when the registry is built; an installed plugin is imported on the first use of 
 only its module says which hooks it implements.
 
 A plugin that fails to import or whose hook raises (an exception, or ``SystemExit``) is recorded in
-``failures`` with its name and distribution; it never stops the others. Two providers of one name
+``failures`` with its name and distribution; it never stops the others. So is one that implements a
+hook that does not exist (``register_memory``, say), which pluggy would silently never call. Two providers of one name
 make that name unusable: looking it up raises an error that names both. A script definition may not
 take a name another script definition holds unless it asks with ``replace=True``, which also takes
 the name from plugins. Script registrations apply after the plugins' whenever the registry is built,
@@ -210,7 +211,11 @@ class Registry:
             return self.entries[kind][name]
         except KeyError:
             known = ", ".join(self.names(kind)) or "none"
-            raise RegistryError(f"unknown {kind} {name!r}; known {kind} names: {known}") from None
+            failed = ", ".join(dict.fromkeys(f.provider.plugin for f in self.failures))
+            hint = f" (plugins with errors: {failed}; see `nestrnn plugins`)" if failed else ""
+            raise RegistryError(
+                f"unknown {kind} {name!r}; known {kind} names: {known}{hint}"
+            ) from None
 
     def provided_by(self, provider: Provider) -> dict[str, list[str]]:
         """What ``provider`` registered, by kind (every kind is loaded first)."""
@@ -263,11 +268,21 @@ class Registry:
         for source in [s for s in self._pending if s.may_provide(kind)]:
             self._pending.remove(source)
             try:
-                self._manager.register(source.load(), name=source.provider.plugin)
+                plugin = source.load()
+                self._manager.register(plugin, name=source.provider.plugin)
             except PLUGIN_ERRORS as error:  # a broken plugin must not take the others down
                 self.failures.append(Failure(source.provider, _describe_error(error)))
                 continue
             self.plugins.append(source.provider)
+            unknown = sorted(
+                caller.name
+                for caller in self._manager.get_hookcallers(plugin) or []
+                if caller.name not in hookspecs.HOOKS.values()
+            )
+            if unknown:  # pluggy would call them never, silently: a misspelled name, most likely
+                hooks = ", ".join(hookspecs.HOOKS.values())
+                message = f"implements no hook called {', '.join(unknown)}; the hooks are {hooks}"
+                self.failures.append(Failure(source.provider, message))
 
     def _call_hook(self, hook: Callable[..., None], kind: str, provider: Provider) -> None:
         """Call one plugin's hook; if it raises, that plugin registers nothing of ``kind``."""

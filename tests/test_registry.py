@@ -152,6 +152,31 @@ def test_broken_plugins_are_reported_and_do_not_stop_the_others(plugin_path):
     assert "ZeroDivisionError" in failures["raising"]["error"]
 
 
+MISSPELLED_PLUGIN = """
+import nestrnn
+from nestrnn.memory import AdditiveMemory
+
+@nestrnn.hookimpl
+def register_memory(register):
+    register("spelled", AdditiveMemory)
+"""
+
+
+def test_a_misspelled_hook_is_reported(plugin_path):
+    make_distribution(plugin_path, "nestrnn-typo", "typo_plugin", MISSPELLED_PLUGIN, "typo")
+    make_distribution(plugin_path, "nestrnn-doubling", "doubling_plugin", GOOD_PLUGIN, "doubling")
+    with pytest.raises(registry.RegistryError) as error:
+        nestrnn.NestedLSTM(2, 3, memory="spelled")
+    assert "unknown memory 'spelled'" in str(error.value)
+    assert "(plugins with errors: typo; see `nestrnn plugins`)" in str(error.value)
+    nestrnn.NestedLSTM(2, 3, memory="doubling")  # the others still work
+    (failure,) = registry.get_registry().report()["failures"]
+    assert failure["name"] == "typo" and failure["distribution"] == "nestrnn-typo"
+    assert failure["error"] == (
+        "implements no hook called register_memory; the hooks are register_memories, register_tasks"
+    )
+
+
 def test_duplicate_names_are_an_error_naming_both_providers(plugin_path):
     make_distribution(plugin_path, "nestrnn-doubling", "doubling_plugin", GOOD_PLUGIN, "doubling")
     make_distribution(plugin_path, "nestrnn-dup", "dup_plugin", DUPLICATE_PLUGIN, "dup")
