@@ -226,3 +226,24 @@ def test_the_launcher_takes_torchrun_and_its_workers_along(corpus, tmp_path):
     last = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
     steps = [r["step"] for r in rd.RunDir(run_dir).records() if r["event"] == "train"]
     assert steps == list(range(1, last + 1))
+
+
+def test_a_killed_torchrun_takes_its_workers_along(corpus, tmp_path):
+    """``kill -9`` of torchrun itself (started by hand, not by --nproc): both workers get SIGTERM,
+    save last.pt at the step they reached and stop."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "nestrnn", "train", "--no-progress", "--run-dir",
+               str(run_dir), f"task.path={corpus}", *OVERRIDES, "train.steps_per_epoch=10000000",
+               "train.checkpoint_every=0"]  # fmt: skip
+    agent = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for_step(run_dir, 3, agent)
+        agent.kill()
+        agent.communicate(timeout=30)
+        wait_until_gone(str(run_dir))
+    finally:
+        agent.kill()
+    assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
+    assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] >= 3

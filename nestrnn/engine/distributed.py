@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from nestrnn.config import ConfigError
+from nestrnn.engine.parent_death import libc_prctl, terminate_with_parent
 from nestrnn.errors import UserError
 
 T = TypeVar("T")
@@ -88,6 +89,7 @@ class DistContext:
         """Join the process group torchrun set up; a single process when not under torchrun."""
         if not launched_by_torchrun():
             return cls.single()
+        terminate_with_parent(libc_prctl())  # torchrun's agent: SIGTERM when it is killed
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])

@@ -8,15 +8,15 @@
   processes (through :mod:`nestrnn.engine.torchrun`). torchrun gets its own process group: SIGTERM, SIGINT and SIGHUP sent to the launcher
   (by ``timeout``, a scheduler, Ctrl-C) are forwarded to it once, torchrun passes them on to its
   workers (which save ``last.pt`` and stop) and the launcher waits for all of it. On Linux torchrun
-  also gets SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the
-  launcher leaves no process training behind.
+  also gets SIGTERM when the launcher dies, and each worker when torchrun dies
+  (:mod:`nestrnn.engine.parent_death`), so a ``kill -9`` of either leaves no process training
+  behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -31,13 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from nestrnn.config import load_config, load_yaml, to_container
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.distributed import DistContext, max_restarts
+from nestrnn.engine.parent_death import libc_prctl, terminate_with_parent
 from nestrnn.engine.rundir import Replace
 from nestrnn.engine.stopping import exit_status
 from nestrnn.errors import UserError
 
 #: what the launcher passes on to torchrun
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -165,14 +165,10 @@ def _child_setup() -> Callable[[], None]:
     """What the torchrun process does before it starts: its own process group (so that a
     terminal's Ctrl-C reaches it once, through the launcher) and, on Linux, SIGTERM when the
     launcher dies. Resolved here: a forked child must not load libraries."""
-    parent = os.getpid()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    parent, prctl = os.getpid(), libc_prctl()
 
     def setup() -> None:
         os.setpgrp()
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-            if os.getppid() != parent:  # the launcher died before prctl
-                os.kill(os.getpid(), signal.SIGTERM)
+        terminate_with_parent(prctl, parent)
 
     return setup
