@@ -80,15 +80,14 @@ def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
 
 def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, backend):
     """Run the planned implementation; a Triton failure is recorded and the fused choice runs."""
-    chosen = plan(x, batch_sizes, reverse, activations, training, backend, hidden=hidden)
-    chosen = chosen.implementation
-    if chosen != "triton":
-        return run(chosen)
+    planned = plan(x, batch_sizes, reverse, activations, training, backend, hidden=hidden)
+    if planned.implementation != "triton":
+        return run(planned.implementation)
     from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
 
     triton_loop.cuda_graph_setting()  # a bad setting is the user's error, not a kernel failure
     try:
-        return run(chosen)
+        return run("triton")
     except Exception as err:  # a kernel that does not compile or launch on this GPU
         mark_broken("triton", f"{type(err).__name__}: {err}")
         return run(plan(x, batch_sizes, reverse, activations, training, "fused").implementation)

@@ -10,10 +10,11 @@ Implementations (each a module of this package):
     "torch_loop"  the time loops in plain PyTorch calls, any device
     "triton"      the fused Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1 for tests)
 
-Backends a caller may ask for: "auto" (the fastest that can run, chosen on CUDA from measurements:
-see :func:`cuda_choice`; elsewhere the fused choice), "fused" (torch_lstm for depth-1 inference, else the C loop on CPU, else the
-PyTorch loop), "triton" (falls back to the fused choice, with a warning once, where Triton cannot
-run), or an implementation's name, which pins it and is an error where it cannot run.
+Backends a caller may ask for: "auto" (the fastest that can run: on CUDA chosen from measurements,
+see :func:`cuda_choice`; elsewhere the fused choice), "fused" (torch_lstm for depth-1 inference,
+else the C loop on CPU, else the PyTorch loop), "triton" (falls back to the fused choice, with a
+warning once, where Triton cannot run), or an implementation's name, which pins it and is an error
+where it cannot run.
 
 An implementation that fails at run time (a Triton kernel that does not compile on this GPU, say)
 is recorded with :func:`mark_broken` and not planned again in this process.

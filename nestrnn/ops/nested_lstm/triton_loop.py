@@ -287,8 +287,7 @@ def _nbytes(bufs: dict[str, Tensor]) -> int:
 
 
 def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only) -> _Graphed | None:
-    """The cached graph of this call's key, or a new one captured now, or None: run directly."""
-    global _auto_failure
+    """The cached graph of this call's key, or one captured now, or None: run directly."""
     stream = _capture_stream(bufs)
     if stream is None or launch.cfg.cuda_graph is False:
         return None
@@ -300,19 +299,8 @@ def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only)
         if key in _GRAPHS:
             _GRAPHS.move_to_end(key)
             return _GRAPHS[key]
-        if auto:
-            if _auto_failure or launch.batch * launch.hidden > AUTO_GRAPH_MAX_BATCH_HIDDEN:
-                return None
-            if key not in _SEEN:  # first sighting: shapes that never repeat are not captured
-                _SEEN[key] = None
-                while len(_SEEN) > _MAX_SEEN:
-                    _SEEN.popitem(last=False)
-                return None
-            size, budget = _nbytes(bufs), _graph_budget(device)
-            if size > budget:
-                return None
-            while _GRAPHS and size + sum(_nbytes(g.static) for g in _GRAPHS.values()) > budget:
-                _GRAPHS.popitem(last=False)
+        if auto and not _auto_makes_room(key, launch, _nbytes(bufs), device):
+            return None
         static = {name: torch.zeros_like(v) for name, v in bufs.items()}
         for name, v in bufs.items():
             if name not in write_only:
@@ -323,17 +311,41 @@ def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only)
         except Exception as err:
             if not auto:
                 raise
-            _auto_failure = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"nestrnn: capturing a CUDA graph failed ({_auto_failure}); the Triton step "
-                "loops run without graphs from now on", RuntimeWarning, stacklevel=2,
-            )  # fmt: skip
+            _give_up_automatic_graphs(f"{type(err).__name__}: {err}")
             return None
         _SEEN.pop(key, None)
         _GRAPHS[key] = graphed
         while len(_GRAPHS) > _MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
         return graphed
+
+
+def _auto_makes_room(key: tuple, launch: _Launch, size: int, device: torch.device) -> bool:
+    """Whether auto mode captures this loop now (``size``: bytes of its static buffers): not at a
+    key's first sighting, nor where graphs measured no faster; least recently used graphs are
+    evicted to keep within the memory budget."""
+    if _auto_failure or launch.batch * launch.hidden > AUTO_GRAPH_MAX_BATCH_HIDDEN:
+        return False
+    if key not in _SEEN:  # shapes that never repeat are not captured
+        _SEEN[key] = None
+        while len(_SEEN) > _MAX_SEEN:
+            _SEEN.popitem(last=False)
+        return False
+    budget = _graph_budget(device)
+    if size > budget:
+        return False
+    while _GRAPHS and size + sum(_nbytes(g.static) for g in _GRAPHS.values()) > budget:
+        _GRAPHS.popitem(last=False)
+    return True
+
+
+def _give_up_automatic_graphs(reason: str) -> None:
+    global _auto_failure
+    _auto_failure = reason
+    warnings.warn(
+        f"nestrnn: capturing a CUDA graph failed ({reason}); the Triton step loops run without "
+        "graphs from now on", RuntimeWarning, stacklevel=3,
+    )  # fmt: skip
 
 
 def _run(
