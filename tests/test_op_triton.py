@@ -458,7 +458,7 @@ def test_default_cuda_graphs_in_a_deep_bidirectional_layer(emulated_graphs):
     fast = NestedLSTM(2 * hidden, hidden, num_layers=2, bidirectional=True, backend="triton")
     slow = NestedLSTM(2 * hidden, hidden, num_layers=2, bidirectional=True, backend="naive")
     slow.load_state_dict(fast.state_dict())
-    for call in range(3):
+    for _ in range(3):
         x = torch.randn(4, 3, 2 * hidden)
         results = []
         for model in (fast, slow):
