@@ -703,7 +703,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"BxHxT list (default {DEFAULT_SHAPES})")  # fmt: skip
     p.add_argument("--depths", type=parse_depths, default=[1, 2, 3], help="default 1,2,3")
     p.add_argument("--repeats", type=positive(int), default=None, help="timed runs (default 7)")
-    p.add_argument("--warmup", type=positive(int), default=1, help="untimed runs first")
+    p.add_argument("--warmup", type=positive(int), default=None,
+                   help="untimed runs first (default 1; 2 on CUDA, where the op's step loops are "
+                   "captured in CUDA graphs when their shapes repeat)")  # fmt: skip
     p.add_argument("--budget", type=positive(float), default=None,
                    help="seconds per shape: fewer repeats (at least 3) where the warm-up says "
                    "they would take longer")  # fmt: skip
@@ -726,6 +728,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.shapes = args.shapes or parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     args.repeats = args.repeats or (3 if args.quick else 7)
+    args.warmup = args.warmup or (2 if args.device == "cuda" else 1)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     if args.variants and args.backend == "generic":
