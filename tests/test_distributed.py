@@ -196,20 +196,25 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path):
     assert not list(run_dir.glob(".*.tmp"))
 
 
+def kill_at_step(process: subprocess.Popen[str], run_dir: Path, step: int) -> None:
+    """``kill -9`` of ``process`` once the run has reached ``step``; then wait until no process
+    of the run is left."""
+    try:
+        wait_for_step(run_dir, step, process)
+        process.kill()
+        process.communicate(timeout=30)
+        wait_until_gone(str(run_dir))
+    finally:
+        process.kill()
+
+
 def test_the_launcher_takes_torchrun_and_its_workers_along(corpus, tmp_path):
     """``kill -9`` of the --nproc launcher: torchrun and both workers stop too (they save last.pt
     at the step they reached); SIGTERM to a resumed launch: the same, and exit status 143."""
     run_dir = tmp_path / "run"
     args = ["train", "--nproc", "2", "--no-progress", f"task.path={corpus}", *OVERRIDES,
             "train.steps_per_epoch=10000000", "train.checkpoint_every=0"]  # fmt: skip
-    launcher = start_cli([*args, "--run-dir", str(run_dir)])
-    try:
-        wait_for_step(run_dir, 3, launcher)
-        launcher.kill()
-        launcher.communicate(timeout=30)
-        wait_until_gone(str(run_dir))
-    finally:
-        launcher.kill()
+    kill_at_step(start_cli([*args, "--run-dir", str(run_dir)]), run_dir, 3)
     step = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
     assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
 
@@ -238,12 +243,6 @@ def test_a_killed_torchrun_takes_its_workers_along(corpus, tmp_path):
                "train.checkpoint_every=0"]  # fmt: skip
     agent = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        wait_for_step(run_dir, 3, agent)
-        agent.kill()
-        agent.communicate(timeout=30)
-        wait_until_gone(str(run_dir))
-    finally:
-        agent.kill()
+    kill_at_step(agent, run_dir, 3)
     assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
     assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] >= 3
