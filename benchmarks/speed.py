@@ -238,10 +238,14 @@ class OpChain(torch.nn.Module):
         return out, (h_n, c_n)
 
     def implementation(self, x: torch.Tensor, training: bool) -> str:
-        """The implementation the op runs for ``x`` (a warning says why, where it falls back)."""
+        """The implementation the op runs for ``x`` in eager mode (a warning says why, where it
+        falls back)."""
         if self.backend == "naive":
             return "naive"
-        return plan(x, None, False, self.activations, training, self.backend).implementation
+        hidden = self.levels[0].hidden_size
+        planned = plan(x, None, False, self.activations, training, self.backend, eager=True,
+                       hidden=hidden)  # fmt: skip
+        return planned.implementation
 
 
 class LeakyMemory(MemoryFunction):
