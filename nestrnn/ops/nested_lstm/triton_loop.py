@@ -299,7 +299,7 @@ def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only)
         if key in _GRAPHS:
             _GRAPHS.move_to_end(key)
             return _GRAPHS[key]
-        if auto and not _auto_makes_room(key, launch, _nbytes(bufs), device):
+        if auto and not _auto_captures_now(key, launch, _nbytes(bufs), device):
             return None
         static = {name: torch.zeros_like(v) for name, v in bufs.items()}
         for name, v in bufs.items():
@@ -320,7 +320,7 @@ def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only)
         return graphed
 
 
-def _auto_makes_room(key: tuple, launch: _Launch, size: int, device: torch.device) -> bool:
+def _auto_captures_now(key: tuple, launch: _Launch, size: int, device: torch.device) -> bool:
     """Whether auto mode captures this loop now (``size``: bytes of its static buffers): not at a
     key's first sighting, nor where graphs measured no faster; least recently used graphs are
     evicted to keep within the memory budget."""
