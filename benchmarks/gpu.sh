@@ -11,15 +11,21 @@
 # 2. gpu_check.py: the Triton kernels against the naive reference (fp32, bf16, fp16; depths 1-3;
 #    dense, packed, reverse; activation variants, bias-free levels; CUDA-graph mode), one process
 #    per dtype in parallel with step 1 (compiling is most of their time); its "timed" cases compile
-#    the kernels that step 3 times into Triton's cache;
-# 3. speed.py per dtype, alone on the GPU: NestedLSTM depth 1-3 on backend triton against cuDNN
+#    the kernels that step 4 times into Triton's cache; beside them, tune_triton.py --compile-only
+#    compiles the candidate block configurations of step 3;
+# 3. tune_triton.py (full run only): depth-2 microseconds a step of each candidate block
+#    configuration at the timed shapes (T = 50), each checked against the reference first;
+# 4. speed.py per dtype, alone on the GPU: NestedLSTM depth 1-3 on backend triton against cuDNN
 #    nn.LSTM with 1-3 layers, the plain per-step loop (torch_loop) at depth 2, and the per-step
 #    time split at depth 2, at (B, H, T) = (32, 256, 100), (128, 512, 100), (128, 1024, 100),
-#    (256, 1024, 100), (16, 768, 1024); forward and forward+backward, CUDA-event timing.
+#    (256, 1024, 100), (16, 768, 1024); forward and forward+backward, CUDA-event timing; in the
+#    full run with step 3's best configuration at each shape (speed.py --triton-configs);
+# 5. memory_graphs.py (full run, where nestrnn's dependencies import): the README's LeakyMemory
+#    with the whole layer in CUDA graphs, checked against eager and timed against nn.LSTM.
 #
-# Results: benchmarks/results/speed_cuda_<dtype>.{json,md} and gpu_run.log (the whole output). With
-# $OUT set (a directory), the log is written there and each result file is copied there as soon as
-# it exists (7 files). Each step gets a timeout within the run's deadline (GPU_SH_SECONDS overrides
+# Results: benchmarks/results/speed_cuda_<dtype>.{json,md}, tune_triton_cuda.{json,md},
+# memory_graphs_cuda.{json,md} and gpu_run.log (the whole output). With $OUT set (a directory), the
+# log is written there and each result file is copied there as soon as it exists. Each step gets a timeout within the run's deadline (GPU_SH_SECONDS overrides
 # it); a failing step does not stop the others; the exit status is 1 if any failed, 2 without a
 # CUDA device.
 set -uo pipefail
@@ -40,12 +46,16 @@ check_dtypes="fp32 bf16 fp16"
 device=cuda
 results=benchmarks/results
 compile_check=yes
+tune=yes
+tune_shapes=32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50
+tune_args=(--dtypes bf16,fp16,fp32)
 check_args=()
 speed_args=(--repeats 11 --budget 15 --plain-loop-repeats 2)
 seconds=540
 if [ "$mode" = quick ]; then
     check_args=(--quick)
     speed_args=(--repeats 5 --budget 6 --plain-loop-repeats 1)
+    tune=no
     seconds=300
 elif [ "$mode" = dry-run ]; then
     export TRITON_INTERPRET=1
@@ -55,6 +65,8 @@ elif [ "$mode" = dry-run ]; then
     device=cpu
     results=${OUT:-$(mktemp -d)}
     compile_check=no  # tests/test_op_triton.py runs it
+    tune_shapes=3x17x4
+    tune_args=(--interpret --repeats 1)
     check_args=(--interpret)
     speed_args=(--repeats 1 --plain-loop-repeats 1 --max-interference 1)
 fi
@@ -102,6 +114,12 @@ if [ "$compile_check" = yes ]; then
     pids+=($!)
     names+=(compile_check)
 fi
+if [ "$tune" = yes ] && [ "$device" = cuda ]; then
+    limited 200 "$python" benchmarks/tune_triton.py --compile-only --jobs 6 ${tune_args[@]+"${tune_args[@]}"} \
+        --shapes "$tune_shapes" > "$tmp/tune_compile" 2>&1 &
+    pids+=($!)
+    names+=(tune_compile)
+fi
 for dt in $check_dtypes; do
     limited 240 "$python" benchmarks/gpu_check.py ${check_args[@]+"${check_args[@]}"} --dtypes "$dt" \
         > "$tmp/gpu_check_$dt" 2>&1 &
@@ -115,7 +133,20 @@ done
 rm -rf "$tmp"
 echo "== correctness done after $SECONDS s"
 
-echo "== 3. timing, one dtype at a time"
+if [ "$tune" = yes ]; then
+    echo "== 3. block configurations"
+    tuned="$results/tune_triton_${device}.json"
+    limited 200 "$python" benchmarks/tune_triton.py ${tune_args[@]+"${tune_args[@]}"} \
+        --shapes "$tune_shapes" --json "$tuned" --markdown "$results/tune_triton_${device}.md" ||
+        failed+=(tune)
+    if [ -f "$tuned" ]; then
+        keep "$tuned" "$results/tune_triton_${device}.md"
+        speed_args+=(--triton-configs "$tuned")
+    fi
+    echo "== block configurations done after $SECONDS s"
+fi
+
+echo "== 4. timing, one dtype at a time"
 for dtype in $dtypes; do
     json="$results/speed_${device}_$dtype.json"
     markdown="$results/speed_${device}_$dtype.md"
@@ -125,6 +156,15 @@ for dtype in $dtypes; do
     if [ -f "$json" ]; then keep "$json" "$markdown"; fi
     echo "== $dtype done after $SECONDS s"
 done
+
+if [ "$mode" = full ]; then
+    echo "== 5. a user's memory function in CUDA graphs"
+    limited 90 "$python" benchmarks/memory_graphs.py --json "$results/memory_graphs_cuda.json" \
+        --markdown "$results/memory_graphs_cuda.md" || failed+=(memory_graphs)
+    if [ -f "$results/memory_graphs_cuda.json" ]; then
+        keep "$results/memory_graphs_cuda.json" "$results/memory_graphs_cuda.md"
+    fi
+fi
 
 echo "== gpu.sh $mode finished after $SECONDS s; results in $results"
 if [ "${#failed[@]}" -gt 0 ]; then

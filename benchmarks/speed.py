@@ -650,10 +650,13 @@ def run_header(info: dict, args: argparse.Namespace, planned: dict) -> str:
     ran = [
         f"{name}: " + " / ".join(dict.fromkeys(modes.values())) for name, modes in planned.items()
     ]
+    blocks = info.get("triton_configs")
+    tuned = f"; Triton blocks (tune_triton.py): {blocks}" if blocks else ""
     return (
         f"{describe_line(info)}; {info['threads']} threads; {args.dtype}; backend {args.backend}; "
         f"median of up to {args.repeats} repeats; clock {info['clock']}; implementations: "
         + "; ".join(ran)
+        + tuned
     )
 
 
@@ -727,6 +730,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plain-loop-repeats", type=positive(int), default=3)
     p.add_argument("--split", action="store_true", help="per-step time split at depth 2")
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 3 repeats")
+    p.add_argument("--triton-configs", default=None, metavar="JSON",
+                   help="launch the Triton kernels with the best block configuration that "
+                   "tune_triton.py measured at each (B, H) it tuned (its --json file)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     args = p.parse_args(argv)
@@ -746,6 +752,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.triton_configs:
+        return run(args)
+    import tune_triton
+
+    with tune_triton.tuned(args.triton_configs, args.dtype) as configs:
+        print(f"Triton block configurations from {args.triton_configs}: {configs}")
+        return run(args, {"triton_configs": {f"{b}x{h}": c for (b, h), c in configs.items()}})
+
+
+def run(args: argparse.Namespace, extra_info: dict | None = None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -765,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     info = describe_machine(device.type)
     info.update(threads=torch.get_num_threads(), dtype=args.dtype, backend=args.backend,
                 clock="cuda events" if device.type == "cuda" else args.clock,
-                nestrnn="op only: " + MISSING if MISSING else "whole package")  # fmt: skip
+                nestrnn="op only: " + MISSING if MISSING else "whole package",
+                **(extra_info or {}))  # fmt: skip
     records, raw, failure = [], [], None
     for shape in args.shapes:
         try:

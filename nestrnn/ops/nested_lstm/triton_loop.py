@@ -77,6 +77,7 @@ class TritonConfig:
     block_k: int | None = None  # reduction chunk of the per-step GEMMs (power of two)
     num_warps: int | None = None  # warps per program
     cuda_graph: bool | None = None  # step loops as CUDA graphs (None: the env variable, else auto)
+    num_stages: int | None = None  # software-pipelining depth of the K loops (None: Triton's)
 
 
 def _pow2(n: int) -> int:
@@ -107,7 +108,7 @@ def pick_config(batch: int, hidden: int, config: TritonConfig | None = None) -> 
             raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
     num_warps = cfg.num_warps or (4 if block_b * block_h <= 512 else 8)
     cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
-    return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph)
+    return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, cfg.num_stages)
 
 
 _GRAPH_SETTINGS = {"1": True, "0": False, "auto": None, "": None}
@@ -162,6 +163,7 @@ class _Launch:
         )
 
     def consts(self) -> dict:
+        stages = {} if self.cfg.num_stages is None else {"num_stages": self.cfg.num_stages}
         return dict(
             REVERSE=self.reverse,
             HAS_BS=self.packed,
@@ -170,6 +172,7 @@ class _Launch:
             BLOCK_K=self.cfg.block_k,
             DOT_PREC=self.dot_prec,
             num_warps=self.cfg.num_warps,
+            **stages,
         )
 
     def codes(self, field: str) -> int:

@@ -1,0 +1,348 @@
+"""Block configurations of the Triton kernels, measured: depth-2 microseconds a step per candidate.
+
+    python benchmarks/tune_triton.py --dtypes bf16,fp16 --shapes 128x1024x50,256x1024x50
+    python benchmarks/tune_triton.py --compile-only --jobs 8   # fill Triton's cache in parallel
+    python benchmarks/tune_triton.py --interpret               # dry run on CPU (TRITON_INTERPRET=1)
+
+For each dtype and (B, H, T) every candidate ``TritonConfig`` (``CANDIDATES``, the ones with a batch
+block no larger than the batch needs, and ``pick_config``'s own choice) is
+
+1. checked: the op with that configuration against the naive reference at the shape's B and H over
+   four steps (gpu_check.py's comparison: outputs, final state, every gradient, its tolerances); a
+   configuration that fails or does not launch is reported and not timed;
+2. timed in the paper's depth-2 chain (NLSTM-2 of speed.py), forward (inference) and
+   forward+backward, with the step loops in CUDA graphs (the kernels' own time) and without (as
+   launched from Python), median of ``--repeats`` CUDA-event timings, beside cuDNN's
+   ``nn.LSTM(H, H, 2)`` in the same process.
+
+The table gives microseconds a step and each time against ``pick_config``'s choice; the JSON has
+every number. ``--compile-only`` compiles every candidate's kernels for the given dtypes in
+``--jobs`` processes (Triton caches them on disk), so that the timing run finds them compiled.
+Imports torch, triton and this repository (gpu_check.py and speed.py beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+
+import gpu_check
+import speed
+import torch
+from bench_common import describe_line, describe_machine, environment, parse_shapes
+
+from nestrnn.ops.nested_lstm import planning
+
+#: (block_b, block_h, block_k, num_warps, num_stages or None for Triton's default) that compile
+#: for sm_90 without register spills in bfloat16 (ptxas -v on Triton's PTX), from 16 to 128 rows
+#: and 16 to 64 units a program, and a few other pipelining depths
+CANDIDATES = (
+    (16, 16, 32, 4, None), (16, 16, 64, 4, None), (16, 16, 64, 4, 4), (16, 32, 64, 4, None),
+    (32, 16, 32, 4, None), (32, 16, 64, 4, None), (32, 16, 64, 4, 4), (32, 64, 32, 8, None),
+    (32, 64, 64, 8, None), (64, 16, 32, 4, None), (64, 16, 32, 4, 2), (64, 16, 32, 4, 4),
+    (64, 16, 64, 4, None), (64, 32, 32, 8, None), (64, 32, 64, 8, None), (64, 32, 64, 8, 2),
+    (64, 32, 64, 8, 4), (64, 32, 128, 8, None), (128, 16, 32, 8, None), (128, 16, 64, 8, None),
+)  # fmt: skip
+#: float32 keeps its operands in shared memory at twice the size: the smaller tiles only
+FP32_CANDIDATES = (
+    (16, 16, 32, 4, None), (32, 16, 32, 4, None), (64, 16, 32, 4, None), (16, 16, 64, 4, None),
+    (32, 16, 64, 4, None), (64, 16, 64, 4, None), (32, 32, 32, 4, None),
+)  # fmt: skip
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPEED_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CHECK_STEPS = 4
+
+
+def triton_loop():
+    from nestrnn.ops.nested_lstm import triton_loop as module  # imports Triton
+
+    return module
+
+
+def candidates(dtype: str, batch: int, hidden: int):
+    """The configurations tried at (batch, hidden): ``pick_config``'s first, then the candidates
+    whose batch block is at most the batch rounded up to a power of two (and at least 16)."""
+    loop = triton_loop()
+    current = loop.pick_config(batch, hidden, loop.TritonConfig(cuda_graph=False))
+    limit = max(16, loop._pow2(batch))
+    table = FP32_CANDIDATES if dtype == "fp32" else CANDIDATES
+    found = [current]
+    for entry in table:
+        cfg = make_config(entry)
+        if cfg.block_b <= limit and cfg not in found:
+            found.append(cfg)
+    return found
+
+
+@contextlib.contextmanager
+def forced(config):
+    """The op launches its kernels with ``config``'s block sizes (its graph setting aside)."""
+    loop = triton_loop()
+    choose = loop.pick_config
+
+    def pick(batch, hidden, given=None):
+        cuda_graph = given.cuda_graph if given is not None else None
+        return choose(batch, hidden, replace(config, cuda_graph=cuda_graph))
+
+    loop.pick_config = pick
+    try:
+        yield
+    finally:
+        loop.pick_config = choose
+
+
+def make_config(fields):
+    """A TritonConfig from (block_b, block_h, block_k, num_warps, num_stages), graphs off."""
+    bb, bh, bk, warps, stages = fields
+    return triton_loop().TritonConfig(bb, bh, bk, warps, cuda_graph=False, num_stages=stages)
+
+
+def fields(cfg) -> tuple:
+    return (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages)
+
+
+def label(cfg) -> str:
+    stages = "" if cfg.num_stages is None else f" s{cfg.num_stages}"
+    return f"{cfg.block_b}x{cfg.block_h}x{cfg.block_k} w{cfg.num_warps}{stages}"
+
+
+# ------------------------------------------------------------------------------- compile only
+
+
+def _compile_one(job: tuple[str, tuple]) -> str:
+    """Run one dtype and configuration's kernels once at a tiny size (their compile key is the
+    same as at the timed shapes: B and H multiples of 16); returns a line to print."""
+    dtype, entry = job
+    cfg = make_config(entry)
+    case = gpu_check.Case("compile", dtype, (2, 16, 32, 32), 2)
+    start = time.perf_counter()
+    try:
+        with forced(cfg), environment("NESTRNN_TRITON_CUDA_GRAPH", "0"):
+            x, weights, h0, c0, _ = gpu_check.make_inputs(case, 0, "cuda")
+            gpu_check.run(gpu_check.triton_op, x, weights, h0, c0, None, False,
+                          case.activations(), DTYPES[dtype])  # fmt: skip
+        torch.cuda.synchronize()
+    except Exception as exc:
+        return f"compile {dtype} {label(cfg)}: {type(exc).__name__}: {str(exc)[:200]}"
+    failure = planning.failures().get("triton")
+    state = f"FAILED ({failure})" if failure else "ok"
+    return f"compile {dtype} {label(cfg)}: {state} in {time.perf_counter() - start:.1f} s"
+
+
+def compile_all(dtypes: list[str], shapes, jobs: int) -> None:
+    work = sorted({(dt, fields(cfg)) for dt in dtypes for b, h, _ in shapes
+                   for cfg in candidates(dt, b, h)}, key=str)  # fmt: skip
+    start = time.perf_counter()
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        for line in pool.map(_compile_one, work):
+            print(line, flush=True)
+    print(f"compiled {len(work)} configurations in {time.perf_counter() - start:.0f} s")
+
+
+# ------------------------------------------------------------------------------- check and time
+
+
+def check(dtype: str, cfg, batch: int, hidden: int, device: str) -> bool:
+    case = gpu_check.Case(f"tune {label(cfg)}", dtype, (CHECK_STEPS, batch, hidden, hidden), 2)
+    with forced(cfg):
+        return gpu_check.check_seed(case, 0, device)
+
+
+def time_config(cfg, model, x, grad_out, timer, repeats: int) -> dict:
+    """Microseconds a step of ``model`` under ``cfg``, forward and forward+backward, with the step
+    loops always and never in CUDA graphs."""
+    calls = {"fwd": lambda: speed.inference(model, x), "fwd+bwd": lambda: model(x)[0].backward(grad_out)}  # fmt: skip
+    steps, result = x.shape[0], {}
+    with forced(cfg):
+        for setting, column in (("1", "graph"), ("0", "direct")):
+            with environment("NESTRNN_TRITON_CUDA_GRAPH", setting):
+                for mode, fn in calls.items():
+                    fn()  # warm-up (and capture)
+                    times = [timer(fn) for _ in range(repeats)]
+                    result[f"{mode}_{column}"] = statistics.median(times) * 1e3 / steps
+                    if model.implementation(x, mode == "fwd+bwd") != "triton":
+                        raise RuntimeError("the op did not plan Triton")
+    triton_loop().clear_cuda_graphs()
+    failure = planning.failures().get("triton")
+    if failure:
+        planning.forget_failures()
+        raise RuntimeError(f"the kernels failed and another implementation ran: {failure}")
+    return result
+
+
+def lstm_times(shape, dtype, device: str, timer, repeats: int) -> dict:
+    batch, hidden, steps = shape
+    model = torch.nn.LSTM(hidden, hidden, 2).to(device, dtype)
+    x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    calls = {"fwd": lambda: speed.inference(model, x), "fwd+bwd": lambda: model(x)[0].backward(grad_out)}  # fmt: skip
+    result = {}
+    for mode, fn in calls.items():
+        fn()
+        result[mode] = statistics.median(timer(fn) for _ in range(repeats)) * 1e3 / steps
+    return result
+
+
+def tune_shape(dtype: str, shape, device: str, repeats: int, timer) -> dict:
+    batch, hidden, steps = shape
+    torch_dtype = DTYPES[dtype]
+    model = speed.standard_chain(2)(hidden, "triton").to(device, torch_dtype)
+    x = torch.randn(steps, batch, hidden, device=device, dtype=torch_dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    rows = []
+    for cfg in candidates(dtype, batch, hidden):
+        row = {"config": label(cfg), "fields": fields(cfg)}
+        if not check(dtype, cfg, batch, hidden, device):
+            row["error"] = "wrong or failed (see the check's line)"
+        else:
+            try:
+                row.update(time_config(cfg, model, x, grad_out, timer, repeats))
+            except Exception as exc:  # e.g. out of shared memory: report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(f"  {dtype} {batch}x{hidden}x{steps} {row}", flush=True)
+    return {"dtype": dtype, "B": batch, "H": hidden, "T": steps, "rows": rows,
+            "lstm2": lstm_times(shape, torch_dtype, device, timer, repeats)}  # fmt: skip
+
+
+def best(result: dict) -> tuple | None:
+    """The fields of the fastest correct configuration of one tuned shape: the least sum of its
+    forward and forward+backward times against ``pick_config``'s choice, in the mode the op runs
+    there by default (CUDA graphs up to ``AUTO_GRAPH_MAX_BATCH_HIDDEN``, else direct)."""
+    graphs = result["B"] * result["H"] <= triton_loop().AUTO_GRAPH_MAX_BATCH_HIDDEN
+    mode = "graph" if graphs else "direct"
+    columns = (f"fwd_{mode}", f"fwd+bwd_{mode}")
+    rows = [row for row in result["rows"] if "error" not in row]
+    if not rows:
+        return None
+    base = result["rows"][0] if "error" not in result["rows"][0] else rows[0]
+    row = min(rows, key=lambda r: sum(r[c] / base[c] for c in columns))
+    return tuple(row["fields"])
+
+
+@contextlib.contextmanager
+def tuned(path: str, dtype: str):
+    """The op launches the best configuration of ``path`` (this script's JSON) for ``dtype`` (short
+    or torch's name) at
+    each (B, H) tuned there, and ``pick_config``'s own choice elsewhere (speed.py
+    --triton-configs)."""
+    with open(path) as f:
+        results = json.load(f)["results"]
+    dtype = {long: short for short, long in SPEED_DTYPES.items()}.get(dtype, dtype)
+    table = {(r["B"], r["H"]): best(r) for r in results if r["dtype"] == dtype}
+    loop = triton_loop()
+    choose = loop.pick_config
+
+    def pick(batch, hidden, given=None):
+        entry = table.get((batch, hidden))
+        if entry is None:
+            return choose(batch, hidden, given)
+        graphs = given.cuda_graph if given is not None else None
+        return choose(batch, hidden, replace(make_config(entry), cuda_graph=graphs))
+
+    loop.pick_config = pick
+    try:
+        yield {key: label(make_config(entry)) for key, entry in table.items() if entry}
+    finally:
+        loop.pick_config = choose
+
+
+COLUMNS = ("fwd_graph", "fwd+bwd_graph", "fwd_direct", "fwd+bwd_direct")
+
+
+def markdown(results: list[dict], machine: str) -> str:
+    out = [
+        "# Triton block configurations, depth 2 (benchmarks/tune_triton.py)", "", machine, "",
+        "Microseconds a step; in brackets the time against `pick_config`'s choice (the first row "
+        "of each table). graph: step loops in CUDA graphs (the kernels alone); direct: launched "
+        "from Python. cuDNN: `nn.LSTM(H, H, 2)` in the same process.", "",
+    ]  # fmt: skip
+    for res in results:
+        lstm = res["lstm2"]
+        out += [f"## {res['dtype']} B={res['B']} H={res['H']} T={res['T']} "
+                f"(cuDNN LSTM-2: fwd {lstm['fwd']:.1f}, f+b {lstm['fwd+bwd']:.1f})", "",
+                "| config (B x H x K block, warps) | " + " | ".join(COLUMNS) + " |",
+                "|---|" + "---|" * len(COLUMNS)]  # fmt: skip
+        base = res["rows"][0]
+        for row in res["rows"]:
+            if "error" in row:
+                out.append(f"| {row['config']} | {row['error']} |" + " |" * (len(COLUMNS) - 1))
+                continue
+            cells = []
+            for col in COLUMNS:
+                rel = f" ({row[col] / base[col]:.2f})" if col in base else ""
+                cells.append(f"{row[col]:.1f}{rel}")
+            out.append(f"| {row['config']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def parse_dtypes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if name not in DTYPES:
+            raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {list(DTYPES)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tune_triton.py", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dtypes", type=parse_dtypes, default=["bf16", "fp16"])
+    parser.add_argument("--shapes", type=parse_shapes,
+                        default=parse_shapes("32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50"))  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="dry run on CPU under TRITON_INTERPRET=1 (fp32 only)",
+    )
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args(argv)
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+        device = "cpu"
+        args.dtypes = [dt for dt in args.dtypes if dt == "fp32"] or ["fp32"]
+    elif not torch.cuda.is_available():
+        parser.error("no CUDA device (--interpret runs on CPU)")
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+        device = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False  # as speed.py and gpu_check.py
+    torch.backends.cudnn.allow_tf32 = False
+    if args.compile_only and device == "cuda":
+        compile_all(args.dtypes, args.shapes, args.jobs)
+        return 0
+    machine = describe_line(describe_machine(device))
+    print(machine, flush=True)
+    timer = speed.Timer(torch.device(device), speed.Interference(), 1.0)
+    results = []
+    for dtype in args.dtypes:
+        for shape in args.shapes:
+            results.append(tune_shape(dtype, shape, device, args.repeats, timer))
+            write(results, machine, args)  # after each shape: a run cut short keeps what it did
+    print(markdown(results, machine))
+    return 0
+
+
+def write(results: list[dict], machine: str, args: argparse.Namespace) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "results": results}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, machine) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
