@@ -25,10 +25,11 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be decorated for the real compiler
 
+import torch
 import triton
 from bench_common import activation_variant, import_nestrnn
 
@@ -41,10 +42,20 @@ from nestrnn.ops.nested_lstm.triton_loop import TritonConfig, pack_codes, pick_c
 
 SETUP_FAILED = 3
 DTYPES = ("fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: buffers that are float32 whatever the input dtype (see triton_kernels' module docstring)
-FP32_BUFFERS = {"gates_ptr", "cells_ptr", "act_cells_ptr", "dA_ptr", "dh_ptr", "dc_ptr", "bias_ptr"}
+FP32_BUFFERS = {
+    "gates_ptr",
+    "cells_ptr",
+    "act_cells_ptr",
+    "dA_ptr",
+    "dh_ptr",
+    "dc_ptr",
+    "bias_ptr",
+    "g_ptr",
+}  # g_ptr: the cuBLAS GEMM's result, where torch gives it in float32
 #: (B, H) of the timed shapes of gpu.sh and of gpu_check.py's cases, for their block configurations
-SHAPES = ((32, 256), (128, 1024), (16, 768), (3, 17), (20, 200))
+SHAPES = ((32, 256), (128, 1024), (256, 1024), (16, 768), (3, 17), (20, 200))
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,12 @@ class Variant:
             BLOCK_H=self.config.block_h,
             BLOCK_K=self.config.block_k,
             DOT_PREC="ieee" if self.dtype == "fp32" else "tf32",
+            CUBLAS=bool(self.config.cublas_gemms),
         )
+
+    def backward(self) -> dict:
+        """Constexprs of the backward kernels."""
+        return dict(self.common(), OP_COPY=bool(self.config.cublas_gemms) and self.dtype != "fp32")
 
     def packed(self, field: str) -> int:
         return pack_codes([getattr(level, field) for level in self.activations])
@@ -89,11 +105,11 @@ class Variant:
                 **self.level(k),
             )  # fmt: skip
         yield triton_kernels.bwd_inner_kernel, dict(
-            common, DEPTH=depth, GATE_ACTS=self.packed("gate"),
+            self.backward(), DEPTH=depth, GATE_ACTS=self.packed("gate"),
             CAND_ACTS=self.packed("candidate"), CELL_ACTS=cells,
         )  # fmt: skip
         for k in range(depth - 1):
-            yield triton_kernels.bwd_level_kernel, dict(common, LEVEL=k, **self.level(k))
+            yield triton_kernels.bwd_level_kernel, dict(self.backward(), LEVEL=k, **self.level(k))
 
 
 def signature(fn: triton.JITFunction, dtype: str, consts: dict) -> dict[str, str]:
@@ -111,21 +127,33 @@ def signature(fn: triton.JITFunction, dtype: str, consts: dict) -> dict[str, str
     return types
 
 
-def compile_kernel(fn, dtype: str, consts: dict, num_warps: int, target) -> None:
+def compile_kernel(fn, dtype: str, consts: dict, config: TritonConfig, target) -> None:
     from triton.compiler import ASTSource
 
     source = ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts)
-    triton.compile(source, target=target, options={"num_warps": num_warps})
+    options = {"num_warps": config.num_warps}
+    if config.num_stages is not None:
+        options["num_stages"] = config.num_stages
+    triton.compile(source, target=target, options=options)
+
+
+def config_for(batch: int, hidden: int, dtype: str) -> TritonConfig:
+    """``pick_config``'s choice on a GPU for a call in ``dtype``."""
+    return pick_config(batch, hidden, dtype=getattr(torch, TORCH_DTYPES[dtype]))
 
 
 def variants(quick: bool) -> list[Variant]:
     """The variants to compile. ``quick``: packed+reverse at one block configuration; depth 1 with
     the paper's activations, depth 3 with each of ``ACTIVATION_VARIANTS`` (bias-free nested levels
     with the first): every kernel and constexpr branch but the dense forward direction."""
+    cublas = [  # the kernels reading cuBLAS's GEMMs: every kernel, each dtype
+        Variant(dtype, 3, True, activation_variant(1, 3), True,
+                replace(config_for(*SHAPES[0], dtype), cublas_gemms=True))
+        for dtype in DTYPES
+    ]  # fmt: skip
     if quick:
-        config = pick_config(*SHAPES[0])
-        return [
-            Variant(dtype, depth, True, acts, bias, config)
+        return cublas + [
+            Variant(dtype, depth, True, acts, bias, config_for(*SHAPES[0], dtype))
             for dtype in DTYPES
             for depth, acts, bias in (
                 (1, standard_activations(1), True),
@@ -133,22 +161,22 @@ def variants(quick: bool) -> list[Variant]:
                 (3, activation_variant(1, 3), True),
             )
         ]
-    configs = sorted({pick_config(b, h) for b, h in SHAPES}, key=str)
-    result = []
-    for dtype, depth, mode, config in itertools.product(DTYPES, (1, 2, 3), (False, True), configs):
-        for acts, bias in (
-            (standard_activations(depth), True),
-            (activation_variant(0, depth), False),
-            (activation_variant(1, depth), True),
-        ):
-            result.append(Variant(dtype, depth, mode, acts, bias, config))
+    result = cublas
+    for dtype, depth, mode in itertools.product(DTYPES, (1, 2, 3), (False, True)):
+        for config in sorted({config_for(b, h, dtype) for b, h in SHAPES}, key=str):
+            for acts, bias in (
+                (standard_activations(depth), True),
+                (activation_variant(0, depth), False),
+                (activation_variant(1, depth), True),
+            ):
+                result.append(Variant(dtype, depth, mode, acts, bias, config))
     return result
 
 
 def probe(target) -> str | None:
     """Why this Triton cannot compile for ``target`` offline (None when it can)."""
     try:
-        compile_kernel(_probe_kernel, "fp32", {"BLOCK": 16}, 4, target)
+        compile_kernel(_probe_kernel, "fp32", {"BLOCK": 16}, TritonConfig(num_warps=4), target)
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc)[:300]}"
     return None
@@ -184,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             done.add(key)
             label = f"{fn.__name__} {variant.dtype} {consts}"
             try:
-                compile_kernel(fn, variant.dtype, consts, variant.config.num_warps, target)
+                compile_kernel(fn, variant.dtype, consts, variant.config, target)
                 print(f"OK {label}", flush=True)
             except Exception as exc:
                 failed += 1

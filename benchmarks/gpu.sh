@@ -2,42 +2,46 @@
 # Every GPU check and timing in one command, on a CUDA machine where torch and triton import (nothing
 # else is needed: no pip, no network; PyTorch 2.11 / Triton 3.6 or newer):
 #
-#   bash benchmarks/gpu.sh             the whole run, ended by 540 s at the latest
-#   bash benchmarks/gpu.sh --quick     a shorter second run (fewer cases and repeats), by 300 s
-#   bash benchmarks/gpu.sh --dry-run   its Python steps on CPU at a tiny size, float32, Triton's
-#                                      interpreter (results in $OUT, else a temporary directory)
+#   bash benchmarks/gpu.sh               the whole run, ended by 540 s at the latest
+#   bash benchmarks/gpu.sh --quick       a shorter run (fewer cases and repeats, no step 3), by 300 s
+#   bash benchmarks/gpu.sh --quick-tune  step 3 with tune_triton.py --quick (also with --quick)
+#   bash benchmarks/gpu.sh --dry-run     its Python steps on CPU at a tiny size, float32, Triton's
+#                                        interpreter (results in $OUT, else a temporary directory)
 #
 # 1. compile_check.py --quick: every kernel through the real compiler for sm_90, offline;
 # 2. gpu_check.py: the Triton kernels against the naive reference (fp32, bf16, fp16; depths 1-3;
-#    dense, packed, reverse; activation variants, bias-free levels; CUDA-graph mode), one process
-#    per dtype in parallel with step 1 (compiling is most of their time); its "timed" cases compile
-#    the kernels that step 4 times into Triton's cache; beside them, tune_triton.py --compile-only
-#    compiles the candidate block configurations of step 3;
-# 3. tune_triton.py (full run only): depth-2 microseconds a step of each candidate block
+#    dense, packed, reverse; activation variants, bias-free levels; CUDA-graph mode; GEMMs by
+#    cuBLAS), one process per dtype in parallel with step 1 (compiling is most of their time); its
+#    "timed" cases compile the kernels that step 4 times into Triton's cache; beside them,
+#    tune_triton.py --compile-only compiles the candidates of step 3;
+# 3. tune_triton.py (full run, or --quick-tune): depth-2 microseconds a step of each candidate
 #    configuration at the timed shapes (T = 50), each checked against the reference first;
 # 4. speed.py per dtype, alone on the GPU: NestedLSTM depth 1-3 on backend triton against cuDNN
 #    nn.LSTM with 1-3 layers, the plain per-step loop (torch_loop) at depth 2, and the per-step
 #    time split at depth 2, at (B, H, T) = (32, 256, 100), (128, 512, 100), (128, 1024, 100),
-#    (256, 1024, 100), (16, 768, 1024); forward and forward+backward, CUDA-event timing; in the
-#    full run with step 3's best configuration at each shape (speed.py --triton-configs);
-# 5. memory_graphs.py (full run, where nestrnn's dependencies import): the README's LeakyMemory
-#    with the whole layer in CUDA graphs, checked against eager and timed against nn.LSTM.
+#    (256, 1024, 100), (16, 768, 1024); forward and forward+backward, CUDA-event timing; after
+#    step 3 with its best configuration at each shape (speed.py --triton-configs);
+# 5. memory_graphs.py (on CUDA, where nestrnn's dependencies import): the README's LeakyMemory with
+#    the whole layer in CUDA graphs, checked against eager and timed against nn.LSTM.
 #
 # Results: benchmarks/results/speed_cuda_<dtype>.{json,md}, tune_triton_cuda.{json,md},
 # memory_graphs_cuda.{json,md} and gpu_run.log (the whole output). With $OUT set (a directory), the
-# log is written there and each result file is copied there as soon as it exists. Each step gets a timeout within the run's deadline (GPU_SH_SECONDS overrides
-# it); a failing step does not stop the others; the exit status is 1 if any failed, 2 without a
-# CUDA device.
+# log is written there and each result file is copied there as soon as it exists. Each step gets a
+# timeout within the run's deadline (GPU_SH_SECONDS overrides it); a failing step does not stop the
+# others; the exit status is 1 if any failed, 2 without a CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 mode=full
-case "${1:-}" in
-    "") ;;
-    --quick) mode=quick ;;
-    --dry-run) mode=dry-run ;;
-    *) echo "usage: bash benchmarks/gpu.sh [--quick | --dry-run]" >&2; exit 2 ;;
-esac
+quick_tune=no
+for arg in "$@"; do
+    case "$arg" in
+        --quick-tune) quick_tune=yes ;;
+        --quick) mode=quick ;;
+        --dry-run) mode=dry-run ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--quick | --dry-run] [--quick-tune]" >&2; exit 2 ;;
+    esac
+done
 
 python=$(command -v python || command -v python3)
 shapes=32x256x100,128x512x100,128x1024x100,256x1024x100,16x768x1024
@@ -69,6 +73,10 @@ elif [ "$mode" = dry-run ]; then
     tune_args=(--interpret --repeats 1)
     check_args=(--interpret)
     speed_args=(--repeats 1 --plain-loop-repeats 1 --max-interference 1)
+fi
+if [ "$quick_tune" = yes ]; then
+    tune=yes
+    tune_args+=(--quick)
 fi
 if [ "$mode" != dry-run ]; then
     unset TRITON_INTERPRET
@@ -157,7 +165,7 @@ for dtype in $dtypes; do
     echo "== $dtype done after $SECONDS s"
 done
 
-if [ "$mode" = full ]; then
+if [ "$device" = cuda ]; then
     echo "== 5. a user's memory function in CUDA graphs"
     limited 90 "$python" benchmarks/memory_graphs.py --json "$results/memory_graphs_cuda.json" \
         --markdown "$results/memory_graphs_cuda.md" || failed+=(memory_graphs)

@@ -32,6 +32,7 @@ on any failure. Only torch, triton and this repository need to be importable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -67,8 +68,9 @@ FORWARD = ("output", "h_n", "c_n")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY = (6, 3, 5, 17)  # (T, B, I, H)
 TILED = (8, 70, 64, 200)  # several batch and unit tiles, masked tails, several reduction chunks
-#: batch sizes whose block configurations are those of gpu.sh's shapes (B = 16, 32, >= 64)
-TIMED_BATCHES = (16, 32, 128)
+#: batch sizes whose block configurations (at H = 64) are those of gpu.sh's timed shapes: B = 16,
+#: 32, >= 64, and B * H >= 256 * 1024 (triton_loop._measured_blocks)
+TIMED_BATCHES = (16, 32, 128, 4096)
 MODES = ((False, False), (True, False), (False, True), (True, True))  # (packed, reverse)
 #: which of a level's two biases exist
 BIASES = {"both": (True, True), "none": (False, False), "ih": (True, False), "hh": (False, True)}
@@ -89,6 +91,7 @@ class Case:
     cuda_graph: str = "0"  # NESTRNN_TRITON_CUDA_GRAPH: "0", "1" or "auto"
     seeds: tuple[int, ...] = (0,)
     smooth: bool = False  # the variant's relu and hardtanh replaced by SMOOTH
+    cublas: bool = False  # the per-step GEMMs by cuBLAS (TritonConfig.cublas_gemms)
 
     def label(self) -> str:
         T, B, I, H = self.size
@@ -98,6 +101,7 @@ class Case:
         extra += [f"biases {','.join(self.biases)}"] if self.biases else []
         extra += ["reverse"] * self.reverse
         extra += {"0": [], "1": ["CUDA graph"], "auto": ["CUDA graph auto"]}[self.cuda_graph]
+        extra += ["cuBLAS GEMMs"] * self.cublas
         return f"{self.group} {self.dtype} D={self.depth} T={T} B={B} I={I} H={H} " + " ".join(
             [mode, *extra]
         )
@@ -146,7 +150,17 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
                        seeds=(0, 1, 2)))  # fmt: skip
     if dtype != "fp32":
         variants += [replace(case, smooth=True) for case in variants]
-    return timed + modes + variants + graphs if cuda else modes + variants
+    cublas = [Case("cublas", dtype, TILED, d, *mode, cublas=True) for d in depths
+              for mode in MODES[::3]]  # fmt: skip
+    cublas += [
+        Case("cublas", dtype, TINY, 3, True, True, 0, ("none", "both", "ih"), cublas=True,
+             smooth=dtype != "fp32"),
+        Case("cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1),
+             cublas=True),
+    ]  # fmt: skip
+    if not cuda:
+        return modes + variants + cublas[:-1]
+    return timed + modes + variants + graphs + cublas
 
 
 # ------------------------------------------------------------------------------- one case
@@ -219,6 +233,22 @@ def scaled_errors(ref: dict, got: dict) -> dict[str, float]:
     return errs
 
 
+@contextlib.contextmanager
+def cublas_gemms(on: bool):
+    """With ``on``, the op's Triton loops leave their per-step GEMMs to cuBLAS."""
+    from nestrnn.ops.nested_lstm import triton_loop
+
+    choose = triton_loop.pick_config
+    if on:
+        triton_loop.pick_config = lambda batch, hidden, config=None, dtype=torch.float32: choose(
+            batch, hidden, replace(config or triton_loop.TritonConfig(), cublas_gemms=True), dtype
+        )
+    try:
+        yield
+    finally:
+        triton_loop.pick_config = choose
+
+
 def check_seed(case: Case, seed: int, device: str) -> bool:
     """Print one PASS/FAIL line for ``case`` with inputs from ``seed``; True when it passed."""
     dtype, acts = DTYPES[case.dtype], case.activations()
@@ -235,7 +265,7 @@ def check_seed(case: Case, seed: int, device: str) -> bool:
     ref = run(nested_lstm_naive, x, weights, h0, c0, bs, case.reverse, acts, torch.float64)
     start = time.perf_counter()
     try:
-        with environment("NESTRNN_TRITON_CUDA_GRAPH", case.cuda_graph):
+        with environment("NESTRNN_TRITON_CUDA_GRAPH", case.cuda_graph), cublas_gemms(case.cublas):
             got = run(triton_op, x, weights, h0, c0, bs, case.reverse, acts, dtype)
         if device == "cuda":
             torch.cuda.synchronize()

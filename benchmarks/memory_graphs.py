@@ -20,6 +20,7 @@ The memory function is speed.py's ``LeakyMemory`` (the README's example).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -56,8 +57,12 @@ def compare(shape, dtype, repeats: int, timer) -> dict:
     params = list(layer.parameters())
 
     eager = results_of(layer, x, *train_step(layer, params, x, grad_out))
-    graphed = torch.cuda.make_graphed_callables(layer, (x,))
-    got = results_of(layer, x, *train_step(graphed, params, x, grad_out))
+    # make_graphed_callables graphs a module in place: the graphed one is a copy, with its own input
+    graphed = copy.deepcopy(layer)
+    graphed_params = list(graphed.parameters())
+    x_graphed = x.detach().clone().requires_grad_()
+    torch.cuda.make_graphed_callables(graphed, (x_graphed,))
+    got = results_of(graphed, x_graphed, *train_step(graphed, graphed_params, x_graphed, grad_out))
     errors = {name: scaled_error(got[name], want) for name, want in eager.items()}
     worst = max(errors, key=errors.get)
     passed = errors[worst] <= TOL[dtype]
@@ -68,7 +73,7 @@ def compare(shape, dtype, repeats: int, timer) -> dict:
     lstm = torch.nn.LSTM(hidden, hidden, 1).to("cuda", dtype)
     calls = {
         "LeakyMemory eager": lambda: train_step(layer, params, x, grad_out),
-        "LeakyMemory graphed": lambda: train_step(graphed, params, x, grad_out),
+        "LeakyMemory graphed": lambda: train_step(graphed, graphed_params, x_graphed, grad_out),
         "NLSTM-2 (fused)": lambda: train_step(chain, list(chain.parameters()), x, grad_out),
         "nn.LSTM(H, H, 1)": lambda: train_step(lstm, list(lstm.parameters()), x, grad_out),
     }

@@ -4,8 +4,9 @@
     python benchmarks/tune_triton.py --compile-only --jobs 8   # fill Triton's cache in parallel
     python benchmarks/tune_triton.py --interpret               # dry run on CPU (TRITON_INTERPRET=1)
 
-For each dtype and (B, H, T) every candidate ``TritonConfig`` (``CANDIDATES``, the ones with a batch
-block no larger than the batch needs, and ``pick_config``'s own choice) is
+For each dtype and (B, H, T) every candidate ``TritonConfig`` (``pick_config``'s own choice, the
+same with the per-step GEMMs by cuBLAS, ``CUBLAS_CANDIDATES``, and those of ``CANDIDATES`` with a
+batch block no larger than the batch needs; ``--quick``: the first three) is
 
 1. checked: the op with that configuration against the naive reference at the shape's B and H over
    four steps (gpu_check.py's comparison: outputs, final state, every gradient, its tolerances); a
@@ -56,6 +57,9 @@ FP32_CANDIDATES = (
     (16, 16, 32, 4, None), (32, 16, 32, 4, None), (64, 16, 32, 4, None), (16, 16, 64, 4, None),
     (32, 16, 64, 4, None), (64, 16, 64, 4, None), (32, 32, 32, 4, None),
 )  # fmt: skip
+#: the per-step GEMMs by cuBLAS, the kernels doing the rest (pointwise tiles; no K loop), besides
+#: pick_config's blocks with cuBLAS
+CUBLAS_CANDIDATES = ((32, 32, 32, 4, None, True), (64, 64, 32, 8, None, True))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPEED_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CHECK_STEPS = 4
@@ -67,15 +71,16 @@ def triton_loop():
     return module
 
 
-def candidates(dtype: str, batch: int, hidden: int):
-    """The configurations tried at (batch, hidden): ``pick_config``'s first, then the candidates
-    whose batch block is at most the batch rounded up to a power of two (and at least 16)."""
+def candidates(dtype: str, batch: int, hidden: int, quick: bool = False):
+    """The configurations tried at (batch, hidden): ``pick_config``'s first, then the same with
+    cuBLAS GEMMs, then those of the tables whose batch block is at most the batch rounded up to a
+    power of two (and at least 16); ``quick``: the cuBLAS ones only."""
     loop = triton_loop()
-    current = loop.pick_config(batch, hidden, loop.TritonConfig(cuda_graph=False))
+    current = loop.pick_config(batch, hidden, loop.TritonConfig(cuda_graph=False), DTYPES[dtype])
     limit = max(16, loop._pow2(batch))
-    table = FP32_CANDIDATES if dtype == "fp32" else CANDIDATES
-    found = [current]
-    for entry in table:
+    table = () if quick else FP32_CANDIDATES if dtype == "fp32" else CANDIDATES
+    found = [current, replace(current, cublas_gemms=True)]
+    for entry in (*CUBLAS_CANDIDATES, *table):
         cfg = make_config(entry)
         if cfg.block_b <= limit and cfg not in found:
             found.append(cfg)
@@ -88,9 +93,9 @@ def forced(config):
     loop = triton_loop()
     choose = loop.pick_config
 
-    def pick(batch, hidden, given=None):
+    def pick(batch, hidden, given=None, dtype=torch.float32):
         cuda_graph = given.cuda_graph if given is not None else None
-        return choose(batch, hidden, replace(config, cuda_graph=cuda_graph))
+        return choose(batch, hidden, replace(config, cuda_graph=cuda_graph), dtype)
 
     loop.pick_config = pick
     try:
@@ -100,18 +105,22 @@ def forced(config):
 
 
 def make_config(fields):
-    """A TritonConfig from (block_b, block_h, block_k, num_warps, num_stages), graphs off."""
-    bb, bh, bk, warps, stages = fields
-    return triton_loop().TritonConfig(bb, bh, bk, warps, cuda_graph=False, num_stages=stages)
+    """A TritonConfig from (block_b, block_h, block_k, num_warps, num_stages[, cublas_gemms]),
+    graphs off."""
+    bb, bh, bk, warps, stages, *cublas = fields
+    return triton_loop().TritonConfig(bb, bh, bk, warps, cuda_graph=False, num_stages=stages,
+                                      cublas_gemms=bool(cublas and cublas[0]))  # fmt: skip
 
 
 def fields(cfg) -> tuple:
-    return (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    return (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages,
+            bool(cfg.cublas_gemms))  # fmt: skip
 
 
 def label(cfg) -> str:
     stages = "" if cfg.num_stages is None else f" s{cfg.num_stages}"
-    return f"{cfg.block_b}x{cfg.block_h}x{cfg.block_k} w{cfg.num_warps}{stages}"
+    cublas = " cuBLAS" if cfg.cublas_gemms else ""
+    return f"{cfg.block_b}x{cfg.block_h}x{cfg.block_k} w{cfg.num_warps}{stages}{cublas}"
 
 
 # ------------------------------------------------------------------------------- compile only
@@ -137,9 +146,9 @@ def _compile_one(job: tuple[str, tuple]) -> str:
     return f"compile {dtype} {label(cfg)}: {state} in {time.perf_counter() - start:.1f} s"
 
 
-def compile_all(dtypes: list[str], shapes, jobs: int) -> None:
+def compile_all(dtypes: list[str], shapes, jobs: int, quick: bool) -> None:
     work = sorted({(dt, fields(cfg)) for dt in dtypes for b, h, _ in shapes
-                   for cfg in candidates(dt, b, h)}, key=str)  # fmt: skip
+                   for cfg in candidates(dt, b, h, quick)}, key=str)  # fmt: skip
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         for line in pool.map(_compile_one, work):
@@ -191,14 +200,14 @@ def lstm_times(shape, dtype, device: str, timer, repeats: int) -> dict:
     return result
 
 
-def tune_shape(dtype: str, shape, device: str, repeats: int, timer) -> dict:
+def tune_shape(dtype: str, shape, device: str, repeats: int, timer, quick: bool) -> dict:
     batch, hidden, steps = shape
     torch_dtype = DTYPES[dtype]
     model = speed.standard_chain(2)(hidden, "triton").to(device, torch_dtype)
     x = torch.randn(steps, batch, hidden, device=device, dtype=torch_dtype, requires_grad=True)
     grad_out = torch.randn_like(x)
     rows = []
-    for cfg in candidates(dtype, batch, hidden):
+    for cfg in candidates(dtype, batch, hidden, quick):
         row = {"config": label(cfg), "fields": fields(cfg)}
         if not check(dtype, cfg, batch, hidden, device):
             row["error"] = "wrong or failed (see the check's line)"
@@ -241,12 +250,12 @@ def tuned(path: str, dtype: str):
     loop = triton_loop()
     choose = loop.pick_config
 
-    def pick(batch, hidden, given=None):
+    def pick(batch, hidden, given=None, dtype=torch.float32):
         entry = table.get((batch, hidden))
         if entry is None:
-            return choose(batch, hidden, given)
+            return choose(batch, hidden, given, dtype)
         graphs = given.cuda_graph if given is not None else None
-        return choose(batch, hidden, replace(make_config(entry), cuda_graph=graphs))
+        return choose(batch, hidden, replace(make_config(entry), cuda_graph=graphs), dtype)
 
     loop.pick_config = pick
     try:
@@ -300,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=parse_shapes("32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50"))  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="pick_config's choice and the cuBLAS-GEMM candidates only")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument(
         "--interpret",
@@ -321,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # as speed.py and gpu_check.py
     torch.backends.cudnn.allow_tf32 = False
     if args.compile_only and device == "cuda":
-        compile_all(args.dtypes, args.shapes, args.jobs)
+        compile_all(args.dtypes, args.shapes, args.jobs, args.quick)
         return 0
     machine = describe_line(describe_machine(device))
     print(machine, flush=True)
@@ -329,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for dtype in args.dtypes:
         for shape in args.shapes:
-            results.append(tune_shape(dtype, shape, device, args.repeats, timer))
+            results.append(tune_shape(dtype, shape, device, args.repeats, timer, args.quick))
             write(results, machine, args)  # after each shape: a run cut short keeps what it did
     print(markdown(results, machine))
     return 0

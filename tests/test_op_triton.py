@@ -181,7 +181,9 @@ def forced_config(config: TritonConfig):
     """Launch the kernels with ``config``'s fields instead of ``pick_config``'s choice."""
     choose = triton_loop.pick_config
     return mock.patch.object(
-        triton_loop, "pick_config", lambda batch, hidden, _=None: choose(batch, hidden, config)
+        triton_loop,
+        "pick_config",
+        lambda batch, hidden, _=None, dtype=torch.float32: choose(batch, hidden, config, dtype),
     )
 
 
@@ -270,6 +272,29 @@ def test_many_programs_and_k_chunks(depth, batch_sizes, reverse):
     else:
         with forced_config(TritonConfig(block_b=2, block_h=16, block_k=16)):
             check(torch.float32, 5, 3, 6, 17, depth, batch_sizes, reverse)
+
+
+# the per-step GEMMs by cuBLAS (torch.mm on CPU), the kernels reading their results: every mode,
+# several tiles of every dimension, fp32 (dA is the GEMM operand) and fp16 (its fp16 copy is)
+CUBLAS_CASES = [
+    (torch.float32, 1, 17, PACKED, True, "both", None),
+    (torch.float32, 2, 17, None, False, "both", None),
+    (torch.float32, 3, 40, PACKED, True, "none", None),
+    (torch.float32, 2, 17, None, True, "both", VARIANT_CASES["softsign cell, bias-free level"][0]),
+    (torch.float16, 2, 40, PACKED, False, "both", None),
+    (torch.float16, 3, 17, None, True, "none", None),
+]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize(("dtype", "depth", "hidden", "batch_sizes", "reverse", "biases", "acts"),
+                         CUBLAS_CASES)  # fmt: skip
+def test_cublas_gemms_match_naive(dtype, depth, hidden, batch_sizes, reverse, biases, acts):
+    config = TritonConfig(block_b=2, block_h=16, block_k=16, cublas_gemms=True)
+    if ON_CUDA:
+        config = TritonConfig(cublas_gemms=True)
+    with forced_config(config):
+        check(dtype, 5, 3, 6, hidden, depth, batch_sizes, reverse, biases, activations=acts)
 
 
 @cuda_only
@@ -421,14 +446,16 @@ def emulated_graphs(monkeypatch):
     monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1 << 30)
     monkeypatch.setattr(triton_loop, "_GRAPHS", triton_loop.OrderedDict())
     monkeypatch.setattr(triton_loop, "_SEEN", triton_loop.OrderedDict())
+    monkeypatch.setattr(triton_loop, "_EVICTED", triton_loop.OrderedDict())
     monkeypatch.setattr(triton_loop, "_auto_failure", None)
     monkeypatch.delenv("NESTRNN_TRITON_CUDA_GRAPH", raising=False)
     return FakeGraphed.made
 
 
-def test_cuda_graph_buffer_logic_emulated(emulated_graphs):
+@pytest.mark.parametrize("cublas", [False, True])
+def test_cuda_graph_buffer_logic_emulated(emulated_graphs, cublas):
     """Static buffers: copy in, fill, clone out, cache reuse across calls and directions."""
-    with forced_config(TritonConfig(cuda_graph=True)):
+    with forced_config(TritonConfig(cuda_graph=True, cublas_gemms=cublas)):
         for seed in (0, 1):  # the second call reuses both cached "graphs" with new inputs
             check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed == 1, seed=seed)
             check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed == 1, seed=seed + 5)
@@ -499,6 +526,11 @@ def test_auto_cuda_graphs_keep_to_their_memory_budget(emulated_graphs, monkeypat
             triton_op(*in_float32(make_case(4, 3, 4, 8, 2)))
     (graph,) = triton_loop._GRAPHS.values()  # the new one, larger than either: both evicted
     assert graph is emulated_graphs[-1] and graph.launch.steps == 4
+    made = len(emulated_graphs)
+    with torch.no_grad():  # evicted loops run directly from then on: alternating does not thrash
+        for steps in (2, 3, 4, 2, 3, 4):
+            triton_op(*in_float32(make_case(steps, 3, 4, 8, 2)))
+    assert len(emulated_graphs) == made and list(triton_loop._GRAPHS.values()) == [graph]
 
 
 def test_a_failed_automatic_capture_falls_back_with_one_warning(emulated_graphs, monkeypatch):
@@ -536,7 +568,8 @@ def test_kernels_compile_for_sm90():
 
     Catches what the interpreter lets through (dot sizes < 16, branch type mismatches, ...).
     ``benchmarks/compile_check.py --quick``: each dtype, depths 1 and 3, the paper's activations
-    and two variants that put every activation in every role, biased and bias-free levels.
+    and two variants that put every activation in every role, biased and bias-free levels, GEMMs
+    in the kernels and by cuBLAS.
     Skipped when this Triton build cannot compile for CUDA offline.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -548,7 +581,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip(next(line for line in lines if line.startswith("SETUP")))
     failed = [line for line in lines if line.startswith("FAIL")]
     assert run.returncode == 0 and not failed, "\n".join(failed) or run.stderr[-3000:]
-    assert sum(line.startswith("OK") for line in lines) == 42  # 2 + 6 + 6 kernels, 3 dtypes
+    assert sum(line.startswith("OK") for line in lines) == 60  # (2 + 6 + 6 + 6 cuBLAS) x 3 dtypes
 
 
 # ----------------------------------------------------------------------------------- the layer

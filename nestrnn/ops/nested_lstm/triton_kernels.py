@@ -149,6 +149,26 @@ def _matmul_gates(
 
 
 @triton.jit
+def _add_gemm_gates(acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H, mask):
+    """acc_gate += G[rows, gate * H + units]: the step's GEMM, computed by cuBLAS into ``g_ptr``
+    ((B, 4H), fp32 or the operands' dtype)."""
+    acc_i += tl.load(g_ptr + gtile, mask=mask, other=0.0).to(tl.float32)
+    acc_f += tl.load(g_ptr + gtile + H, mask=mask, other=0.0).to(tl.float32)
+    acc_g += tl.load(g_ptr + gtile + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    acc_o += tl.load(g_ptr + gtile + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _store_grad(dA_ptr, op_ptr, offset, value, mask, OP_COPY: tl.constexpr):
+    """Store a gate gradient into ``dA`` (fp32) and, with OP_COPY, into its copy in the weights'
+    dtype, the operand of the next cuBLAS GEMM (``op_ptr``: this level's (B, 4H) plane)."""
+    tl.store(dA_ptr + offset, value, mask=mask)
+    if OP_COPY:
+        tl.store(op_ptr + offset, value.to(op_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_state(ptr_new, ptr_prev, val, tile, mask, act, HAS_BS: tl.constexpr):
     """Store a state value; in packed batches inactive rows keep the previous value."""
     if HAS_BS:
@@ -211,15 +231,16 @@ def _ascend(
 
 @triton.jit(do_not_specialize=["s", "T"])
 def fwd_outer_kernel(
-    gates_ptr, h_ptr, w_hh_ptr, cells_ptr, act_cells_ptr, inputs_ptr, y_ptr, bs_ptr, s, T, B, H,
-    DEPTH: tl.constexpr, GATE_ACT: tl.constexpr, CAND_ACT: tl.constexpr,
+    gates_ptr, h_ptr, w_hh_ptr, cells_ptr, act_cells_ptr, inputs_ptr, y_ptr, bs_ptr, g_ptr, s, T,
+    B, H, DEPTH: tl.constexpr, GATE_ACT: tl.constexpr, CAND_ACT: tl.constexpr,
     CELL_ACTS: tl.constexpr, REVERSE: tl.constexpr, HAS_BS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    CUBLAS: tl.constexpr,
 ):  # fmt: skip
     """Level 0 of step ``s``: gates = (x W_ih^T + b, in ``gates`` already) + h_{t-1} W_hh^T.
 
     DEPTH == 1: also the cell update and h (a plain LSTM step). DEPTH >= 2: writes level 1's
-    input [x~ | h~] = [i*g | f*c^0_{t-1}].
+    input [x~ | h~] = [i*g | f*c^0_{t-1}]. CUBLAS: h_{t-1} W_hh^T is read from ``g_ptr``.
     """
     rows, units, rmask, umask, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     t, prev, new = _slots(s, T, REVERSE)
@@ -229,14 +250,19 @@ def fwd_outer_kernel(
     act = _active(bs_ptr, t, rows, B, HAS_BS)
 
     gp = gates_ptr + t * (4 * plane)
-    acc_i, acc_f, acc_g, acc_o = _matmul_gates(
-        tl.load(gp + gtile, mask=mask, other=0.0),
-        tl.load(gp + gtile + H, mask=mask, other=0.0),
-        tl.load(gp + gtile + 2 * H, mask=mask, other=0.0),
-        tl.load(gp + gtile + 3 * H, mask=mask, other=0.0),
-        a_ptr=h_ptr + prev * plane, a_stride=H, w_ptr=w_hh_ptr, rows=rows, units=units,
-        rmask=rmask, umask=umask, H=H, K=H, BLOCK_K=BLOCK_K, DOT_PREC=DOT_PREC,
-    )  # fmt: skip
+    acc_i = tl.load(gp + gtile, mask=mask, other=0.0)
+    acc_f = tl.load(gp + gtile + H, mask=mask, other=0.0)
+    acc_g = tl.load(gp + gtile + 2 * H, mask=mask, other=0.0)
+    acc_o = tl.load(gp + gtile + 3 * H, mask=mask, other=0.0)
+    if CUBLAS:
+        acc_i, acc_f, acc_g, acc_o = _add_gemm_gates(acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H,
+                                                     mask)  # fmt: skip
+    else:
+        acc_i, acc_f, acc_g, acc_o = _matmul_gates(
+            acc_i, acc_f, acc_g, acc_o, a_ptr=h_ptr + prev * plane, a_stride=H, w_ptr=w_hh_ptr,
+            rows=rows, units=units, rmask=rmask, umask=umask, H=H, K=H, BLOCK_K=BLOCK_K,
+            DOT_PREC=DOT_PREC,
+        )  # fmt: skip
     i = _act(acc_i, GATE_ACT)
     f = _act(acc_f, GATE_ACT)
     g = _act(acc_g, CAND_ACT)
@@ -252,13 +278,14 @@ def fwd_outer_kernel(
 
 @triton.jit(do_not_specialize=["s", "T"])
 def fwd_nested_kernel(
-    gates_ptr, inputs_ptr, w_ptr, bias_ptr, cells_ptr, act_cells_ptr, h_ptr, y_ptr, bs_ptr, s, T,
-    B, H, LEVEL: tl.constexpr, DEPTH: tl.constexpr, GATE_ACT: tl.constexpr,
+    gates_ptr, inputs_ptr, w_ptr, bias_ptr, cells_ptr, act_cells_ptr, h_ptr, y_ptr, bs_ptr, g_ptr,
+    s, T, B, H, LEVEL: tl.constexpr, DEPTH: tl.constexpr, GATE_ACT: tl.constexpr,
     CAND_ACT: tl.constexpr, CELL_ACTS: tl.constexpr, HAS_BIAS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, CUBLAS: tl.constexpr,
 ):  # fmt: skip
-    """Nested level LEVEL (1..D-1) of step ``s``: gates = b + [x~ | h~] [W_ih | W_hh]^T.
+    """Nested level LEVEL (1..D-1) of step ``s``: gates = b + [x~ | h~] [W_ih | W_hh]^T (CUBLAS:
+    the product read from ``g_ptr``).
 
     Not the last level: writes level LEVEL+1's input. Last level: the cell update, then the
     whole ascent and h for this program's units.
@@ -277,12 +304,16 @@ def fwd_nested_kernel(
         acc_f += tl.load(bias_ptr + H + units, mask=umask, other=0.0)[None, :]
         acc_g += tl.load(bias_ptr + 2 * H + units, mask=umask, other=0.0)[None, :]
         acc_o += tl.load(bias_ptr + 3 * H + units, mask=umask, other=0.0)[None, :]
-    acc_i, acc_f, acc_g, acc_o = _matmul_gates(
-        acc_i, acc_f, acc_g, acc_o,
-        a_ptr=inputs_ptr + ((LEVEL - 1) * T + t) * (2 * plane), a_stride=2 * H, w_ptr=w_ptr,
-        rows=rows, units=units, rmask=rmask, umask=umask, H=H, K=2 * H, BLOCK_K=BLOCK_K,
-        DOT_PREC=DOT_PREC,
-    )  # fmt: skip
+    if CUBLAS:
+        acc_i, acc_f, acc_g, acc_o = _add_gemm_gates(acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H,
+                                                     mask)  # fmt: skip
+    else:
+        acc_i, acc_f, acc_g, acc_o = _matmul_gates(
+            acc_i, acc_f, acc_g, acc_o,
+            a_ptr=inputs_ptr + ((LEVEL - 1) * T + t) * (2 * plane), a_stride=2 * H, w_ptr=w_ptr,
+            rows=rows, units=units, rmask=rmask, umask=umask, H=H, K=2 * H, BLOCK_K=BLOCK_K,
+            DOT_PREC=DOT_PREC,
+        )  # fmt: skip
     i = _act(acc_i, GATE_ACT)
     f = _act(acc_f, GATE_ACT)
     g = _act(acc_g, CAND_ACT)
@@ -302,31 +333,37 @@ def fwd_nested_kernel(
 
 
 @triton.jit
-def _gate_grads(dp, gp, gtile, H, d_ig, d_fc, c_prev, mask, act, GATE_ACT: tl.constexpr,
-                CAND_ACT: tl.constexpr):  # fmt: skip
-    """Gradients of one level's i, f, g pre-activations from d(i*g) and d(f*c_prev); returns f."""
+def _gate_grads(dp, op, gp, gtile, H, d_ig, d_fc, c_prev, mask, act, GATE_ACT: tl.constexpr,
+                CAND_ACT: tl.constexpr, OP_COPY: tl.constexpr):  # fmt: skip
+    """Gradients of one level's i, f, g pre-activations from d(i*g) and d(f*c_prev) (into ``dp``
+    and, with OP_COPY, ``op``); returns f."""
     i = tl.load(gp + gtile, mask=mask, other=0.0)
     f = tl.load(gp + gtile + H, mask=mask, other=0.0)
     g = tl.load(gp + gtile + 2 * H, mask=mask, other=0.0)
-    tl.store(dp + gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask=mask)
-    tl.store(dp + gtile + H, tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0), mask=mask)
-    tl.store(dp + gtile + 2 * H, tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0), mask=mask)
+    _store_grad(dp, op, gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask,
+                OP_COPY)  # fmt: skip
+    _store_grad(dp, op, gtile + H, tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0),
+                mask, OP_COPY)  # fmt: skip
+    _store_grad(dp, op, gtile + 2 * H, tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0), mask,
+                OP_COPY)  # fmt: skip
     return f
 
 
 @triton.jit(do_not_specialize=["s", "T"])
 def bwd_inner_kernel(
-    dA_ptr, w_hh_ptr, dh_ptr, dc_ptr, dy_ptr, gates_ptr, cells_ptr, act_cells_ptr, bs_ptr, s, T,
-    B, H, DEPTH: tl.constexpr, GATE_ACTS: tl.constexpr, CAND_ACTS: tl.constexpr,
+    dA_ptr, w_hh_ptr, dh_ptr, dc_ptr, dy_ptr, gates_ptr, cells_ptr, act_cells_ptr, bs_ptr, g_ptr,
+    op_ptr, s, T, B, H, DEPTH: tl.constexpr, GATE_ACTS: tl.constexpr, CAND_ACTS: tl.constexpr,
     CELL_ACTS: tl.constexpr, REVERSE: tl.constexpr, HAS_BS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    CUBLAS: tl.constexpr, OP_COPY: tl.constexpr,
 ):  # fmt: skip
     """First backward launch of step ``s``.
 
-    GEMM: dh = dA^0(step s+1) @ W_hh^0 (the outer gates of the step processed after s), kept in
-    ``dh`` for rows that were inactive at s+1. Epilogue: add the output gradient, go back down
-    through h = o_0 act_0(c^0) and c^{k-1} = o_k act_k(c^k) (the o-gate gradients of every level),
-    then the innermost level's i/f/g gate gradients and its cell carry dc^{D-1} = d c * f.
+    GEMM: dh = dA^0(step s+1) @ W_hh^0 (the outer gates of the step processed after s; CUBLAS:
+    read from ``g_ptr``, (B, H)), kept in ``dh`` for rows that were inactive at s+1. Epilogue: add
+    the output gradient, go back down through h = o_0 act_0(c^0) and c^{k-1} = o_k act_k(c^k) (the
+    o-gate gradients of every level), then the innermost level's i/f/g gate gradients and its cell
+    carry dc^{D-1} = d c * f. OP_COPY: the gate gradients also go to ``op_ptr`` (D, B, 4H).
     """
     rows, units, rmask, umask, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     t, prev, _new = _slots(s, T, REVERSE)
@@ -338,16 +375,19 @@ def bwd_inner_kernel(
     dh = tl.load(dh_ptr + tile, mask=mask, other=0.0)
     if s + 1 < T:
         t_next = t - 1 if REVERSE else t + 1
-        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        wdt = w_hh_ptr.dtype.element_ty
-        for n0 in range(0, H4, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
-            nmask = ns < H4
-            da = tl.load(dA_ptr + t_next * (4 * plane) + rows[:, None] * H4 + ns[None, :],
-                         mask=rmask[:, None] & nmask[None, :], other=0.0).to(wdt)  # fmt: skip
-            w = tl.load(w_hh_ptr + ns[:, None] * H + units[None, :],
-                        mask=nmask[:, None] & umask[None, :], other=0.0)  # fmt: skip
-            acc = tl.dot(da, w, acc, input_precision=DOT_PREC)
+        if CUBLAS:
+            acc = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            wdt = w_hh_ptr.dtype.element_ty
+            for n0 in range(0, H4, BLOCK_K):
+                ns = n0 + tl.arange(0, BLOCK_K)
+                nmask = ns < H4
+                da = tl.load(dA_ptr + t_next * (4 * plane) + rows[:, None] * H4 + ns[None, :],
+                             mask=rmask[:, None] & nmask[None, :], other=0.0).to(wdt)  # fmt: skip
+                w = tl.load(w_hh_ptr + ns[:, None] * H + units[None, :],
+                            mask=nmask[:, None] & umask[None, :], other=0.0)  # fmt: skip
+                acc = tl.dot(da, w, acc, input_precision=DOT_PREC)
         dh = tl.where(_active(bs_ptr, t_next, rows, B, HAS_BS), acc, dh)
         tl.store(dh_ptr + tile, dh, mask=mask)
 
@@ -358,32 +398,33 @@ def bwd_inner_kernel(
         o = tl.load(gates_ptr + (k * T + t) * (4 * plane) + gtile + 3 * H, mask=mask, other=0.0)
         a = tl.load(act_cells_ptr + (k * T + t) * plane + tile, mask=mask, other=0.0)
         d_o = grad * a * _act_grad(o, (GATE_ACTS >> (4 * k)) & 15)
-        tl.store(
-            dA_ptr + (k * T + t) * (4 * plane) + gtile + 3 * H, tl.where(act, d_o, 0.0), mask=mask
-        )
+        _store_grad(dA_ptr + (k * T + t) * (4 * plane), op_ptr + k * (4 * plane), gtile + 3 * H,
+                    tl.where(act, d_o, 0.0), mask, OP_COPY)  # fmt: skip
         dc_old = tl.load(dc_ptr + k * plane + tile, mask=mask, other=0.0)
         grad = dc_old + grad * o * _act_grad(a, (CELL_ACTS >> (4 * k)) & 15)
 
     # the innermost level L adds: c^L = f_L c^L_{t-1} + i_L g_L, so d(i g) = d(f c_prev) = grad
     L = DEPTH - 1
     c_prev = tl.load(cells_ptr + (L * (T + 1) + prev) * plane + tile, mask=mask, other=0.0)
-    f = _gate_grads(dA_ptr + (L * T + t) * (4 * plane), gates_ptr + (L * T + t) * (4 * plane),
-                    gtile, H, grad, grad, c_prev, mask, act, (GATE_ACTS >> (4 * L)) & 15,
-                    (CAND_ACTS >> (4 * L)) & 15)  # fmt: skip
+    f = _gate_grads(dA_ptr + (L * T + t) * (4 * plane), op_ptr + L * (4 * plane),
+                    gates_ptr + (L * T + t) * (4 * plane), gtile, H, grad, grad, c_prev, mask, act,
+                    (GATE_ACTS >> (4 * L)) & 15, (CAND_ACTS >> (4 * L)) & 15, OP_COPY)  # fmt: skip
     tl.store(dc_ptr + L * plane + tile, tl.where(act, grad * f, dc_old), mask=mask)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
 def bwd_level_kernel(
-    dA_ptr, w_ptr, dc_ptr, gates_ptr, cells_ptr, bs_ptr, s, T, B, H, LEVEL: tl.constexpr,
-    GATE_ACT: tl.constexpr, CAND_ACT: tl.constexpr, REVERSE: tl.constexpr, HAS_BS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    dA_ptr, w_ptr, dc_ptr, gates_ptr, cells_ptr, bs_ptr, g_ptr, op_ptr, s, T, B, H,
+    LEVEL: tl.constexpr, GATE_ACT: tl.constexpr, CAND_ACT: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_BS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, CUBLAS: tl.constexpr, OP_COPY: tl.constexpr,
 ):  # fmt: skip
     """Level LEVEL (D-2 .. 0) of backward step ``s`` (launched only when D >= 2).
 
-    GEMM: [dx~ | dh~] = dA^{LEVEL+1} @ [W_ih | W_hh] of the level below (``w_ptr``, (4H, 2H)).
-    Epilogue: level LEVEL's i/f/g gate gradients (its o gradient was written by
-    ``bwd_inner_kernel``) and its cell carry dc^LEVEL = dh~ * f.
+    GEMM: [dx~ | dh~] = dA^{LEVEL+1} @ [W_ih | W_hh] of the level below (``w_ptr``, (4H, 2H);
+    CUBLAS: read from ``g_ptr``, (B, 2H)). Epilogue: level LEVEL's i/f/g gate gradients (its o
+    gradient was written by ``bwd_inner_kernel``; OP_COPY: also into ``op_ptr``) and its cell
+    carry dc^LEVEL = dh~ * f.
     """
     rows, units, rmask, umask, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     t, prev, _new = _slots(s, T, REVERSE)
@@ -392,27 +433,34 @@ def bwd_level_kernel(
     tile = rows[:, None] * H + units[None, :]
     gtile = rows[:, None] * H4 + units[None, :]
 
-    d_x = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    d_h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    wdt = w_ptr.dtype.element_ty
-    da_base = dA_ptr + ((LEVEL + 1) * T + t) * (4 * plane)
-    for n0 in range(0, H4, BLOCK_K):
-        ns = n0 + tl.arange(0, BLOCK_K)
-        nmask = ns < H4
-        da = tl.load(da_base + rows[:, None] * H4 + ns[None, :],
-                     mask=rmask[:, None] & nmask[None, :], other=0.0).to(wdt)  # fmt: skip
-        w_off = ns[:, None] * (2 * H) + units[None, :]
-        wmask = nmask[:, None] & umask[None, :]
-        d_x = tl.dot(
-            da, tl.load(w_ptr + w_off, mask=wmask, other=0.0), d_x, input_precision=DOT_PREC
-        )
-        d_h = tl.dot(
-            da, tl.load(w_ptr + w_off + H, mask=wmask, other=0.0), d_h, input_precision=DOT_PREC
-        )
+    if CUBLAS:
+        xtile = rows[:, None] * (2 * H) + units[None, :]
+        d_x = tl.load(g_ptr + xtile, mask=mask, other=0.0).to(tl.float32)
+        d_h = tl.load(g_ptr + xtile + H, mask=mask, other=0.0).to(tl.float32)
+    else:
+        d_x = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        d_h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        wdt = w_ptr.dtype.element_ty
+        da_base = dA_ptr + ((LEVEL + 1) * T + t) * (4 * plane)
+        for n0 in range(0, H4, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K)
+            nmask = ns < H4
+            da = tl.load(da_base + rows[:, None] * H4 + ns[None, :],
+                         mask=rmask[:, None] & nmask[None, :], other=0.0).to(wdt)  # fmt: skip
+            w_off = ns[:, None] * (2 * H) + units[None, :]
+            wmask = nmask[:, None] & umask[None, :]
+            d_x = tl.dot(
+                da, tl.load(w_ptr + w_off, mask=wmask, other=0.0), d_x, input_precision=DOT_PREC
+            )
+            d_h = tl.dot(
+                da, tl.load(w_ptr + w_off + H, mask=wmask, other=0.0), d_h,
+                input_precision=DOT_PREC,
+            )  # fmt: skip
 
     act = _active(bs_ptr, t, rows, B, HAS_BS)
     c_prev = tl.load(cells_ptr + (LEVEL * (T + 1) + prev) * plane + tile, mask=mask, other=0.0)
-    f = _gate_grads(dA_ptr + (LEVEL * T + t) * (4 * plane), gates_ptr + (LEVEL * T + t) * (4 * plane),
-                    gtile, H, d_x, d_h, c_prev, mask, act, GATE_ACT, CAND_ACT)  # fmt: skip
+    f = _gate_grads(dA_ptr + (LEVEL * T + t) * (4 * plane), op_ptr + LEVEL * (4 * plane),
+                    gates_ptr + (LEVEL * T + t) * (4 * plane), gtile, H, d_x, d_h, c_prev, mask,
+                    act, GATE_ACT, CAND_ACT, OP_COPY)  # fmt: skip
     dc_old = tl.load(dc_ptr + LEVEL * plane + tile, mask=mask, other=0.0)
     tl.store(dc_ptr + LEVEL * plane + tile, tl.where(act, d_h * f, dc_old), mask=mask)

@@ -20,7 +20,8 @@ the graph's static buffers and its outputs cloned out, so calls that share a gra
 both directions) stay independent. ``TritonConfig(cuda_graph=...)`` or ``NESTRNN_TRITON_CUDA_GRAPH``
 (``1``, ``0``, ``auto``) decide; by default (``auto``) a loop is captured when its shapes repeat
 (the second call with the same key) and B * H is at most ``AUTO_GRAPH_MAX_BATCH_HIDDEN``, where
-graphs measured faster, while the cached static buffers fit in a share of the device's memory.
+graphs measured faster, while the cached static buffers fit in a share of the device's memory (and
+in half of what is free); a loop whose graph had to be evicted runs directly from then on.
 Inside another capture (a user's graph, ``torch.compile(mode="reduce-overhead")``) the loop runs
 directly, to be captured by that one.
 """
@@ -78,37 +79,66 @@ class TritonConfig:
     num_warps: int | None = None  # warps per program
     cuda_graph: bool | None = None  # step loops as CUDA graphs (None: the env variable, else auto)
     num_stages: int | None = None  # software-pipelining depth of the K loops (None: Triton's)
+    cublas_gemms: bool | None = None  # per-step GEMMs by cuBLAS, the kernels do the rest
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def pick_config(batch: int, hidden: int, config: TritonConfig | None = None) -> TritonConfig:
-    """Fill in the block sizes with a small heuristic (no autotuning: it fails in the interpreter).
+def pick_config(
+    batch: int, hidden: int, config: TritonConfig | None = None, dtype: torch.dtype = torch.float32
+) -> TritonConfig:
+    """Fill in ``config``'s unset fields for a call with ``batch`` rows, ``hidden`` units and
+    operands in ``dtype`` (no autotuning: it fails in the interpreter).
 
-    ``tl.dot`` needs every block dimension >= 16 on a GPU. The per-step GEMMs are small and bound by
-    reading the weights, so on a GPU the hidden dimension is cut into many programs and the
-    reduction chunk kept at 32 (the forward kernels hold four weight tiles; larger tiles spill
-    registers in fp32, checked with ptxas for sm_90). Under the interpreter, where each program
-    and loop iteration costs Python time, blocks are made as large as allowed.
+    On a GPU from measurements (``_measured_blocks``); under the interpreter, where each program and
+    loop iteration costs Python time, blocks are made as large as allowed.
     """
     cfg = config or TritonConfig()
-    interp = _interpreting()
-    block_b = cfg.block_b or min(max(16, _pow2(batch)), 64)
-    if cfg.block_h:
-        block_h = cfg.block_h
-    elif interp:
-        block_h = min(max(16, _pow2(hidden)), 64)
+    if _interpreting():
+        size = min(max(16, _pow2(hidden)), 64)
+        block_b = min(max(16, _pow2(batch)), 64)
+        chosen = (block_b, size, size, 4 if block_b * size <= 512 else 8, None)
     else:
-        block_h = 16 if hidden <= 1024 or block_b >= 64 else 32
-    block_k = cfg.block_k or min(max(16, _pow2(hidden)), 64 if interp else 32)
+        chosen = _measured_blocks(batch, hidden, dtype)
+    given = (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    block_b, block_h, block_k, num_warps, num_stages = (
+        mine if mine is not None else default for mine, default in zip(given, chosen)
+    )
     for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
-    num_warps = cfg.num_warps or (4 if block_b * block_h <= 512 else 8)
     cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
-    return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, cfg.num_stages)
+    cublas = cfg.cublas_gemms if cfg.cublas_gemms is not None else False
+    return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, num_stages, cublas)
+
+
+def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype) -> tuple:
+    """(block_b, block_h, block_k, num_warps, num_stages) on a GPU.
+
+    The fastest of 7-20 candidates at (B, H) = (32, 256), (128, 512), (128, 1024), (256, 1024),
+    (16, 768) on an H200, depth 2, forward and forward+backward with the step loops in CUDA graphs
+    (benchmarks/tune_triton.py, results/tune_triton_cuda.md); against the earlier fixed 16-unit,
+    32-deep blocks they took 0.59-0.8x the time in 16-bit and 0.53-0.6x in float32 from B = 128
+    (float32 measured with IEEE dots; TF32 dots take the same blocks, unmeasured). ``tl.dot``
+    needs every block dimension >= 16; these tiles compile for sm_90 without register spills.
+    """
+    small = max(16, _pow2(hidden))  # no block wider than the hidden size needs
+    if dtype == torch.float32:  # FMA dots: small tiles, 4 warps
+        chosen = (16, 16, 64, 4, None) if batch <= 32 else (32, 32, 32, 4, None)
+    else:
+        block_b = min(max(16, _pow2(batch)), 64)
+        if block_b == 16:
+            chosen = (16, 16, 64, 4, 4)
+        elif block_b == 32:
+            chosen = (32, 16, 32, 4, None)
+        elif batch * hidden >= 256 * 1024:  # enough tiles to fill the GPU with wider ones
+            chosen = (64, 32, 128, 8, None)
+        else:
+            chosen = (64, 16, 64, 4, None)
+    block_b, block_h, block_k, num_warps, num_stages = chosen
+    return block_b, min(block_h, small), min(block_k, small), num_warps, num_stages
 
 
 _GRAPH_SETTINGS = {"1": True, "0": False, "auto": None, "": None}
@@ -151,6 +181,7 @@ class _Launch:
     has_bias: bool
     cfg: TritonConfig
     dot_prec: str
+    dtype: torch.dtype  # of the GEMM operands (the input's)
 
     @property
     def depth(self) -> int:
@@ -162,6 +193,16 @@ class _Launch:
             triton.cdiv(self.hidden, self.cfg.block_h),
         )
 
+    @property
+    def cublas(self) -> bool:
+        return bool(self.cfg.cublas_gemms)
+
+    @property
+    def op_copy(self) -> bool:
+        """Whether the backward kernels also write the gate gradients in the weights' dtype, as
+        the operand of the next cuBLAS GEMM (the fp32 ``dA`` is that operand in float32)."""
+        return self.cublas and self.dtype != torch.float32
+
     def consts(self) -> dict:
         stages = {} if self.cfg.num_stages is None else {"num_stages": self.cfg.num_stages}
         return dict(
@@ -171,9 +212,14 @@ class _Launch:
             BLOCK_H=self.cfg.block_h,
             BLOCK_K=self.cfg.block_k,
             DOT_PREC=self.dot_prec,
+            CUBLAS=self.cublas,
             num_warps=self.cfg.num_warps,
             **stages,
         )
+
+    def slots(self, s: int) -> tuple[int, int]:
+        """Time index of processing step ``s`` and the state slot before it (``_slots``)."""
+        return (self.steps - 1 - s, self.steps - s) if self.reverse else (s, s)
 
     def codes(self, field: str) -> int:
         """Every level's activation code for ``field``, packed (``pack_codes``)."""
@@ -189,15 +235,20 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     # the codes are computed once a call: the loop is bound by launch overhead
     gate, cand, cells = m.level_codes("gate"), m.level_codes("candidate"), m.codes("cell")
     for s in range(T):
+        t, prev = m.slots(s)
+        if m.cublas:  # the kernels read the step's GEMM from b["g"]
+            _gemm(b["h"][prev], b["w_hh0"].t(), b["g"])
         fwd_outer_kernel[grid](
             b["gates"], b["h"], b["w_hh0"], b["cells"], b["act_cells"], b["inputs"], b["y"],
-            b["bs"], s, T, B, H, DEPTH=D, GATE_ACT=gate[0], CAND_ACT=cand[0], CELL_ACTS=cells,
-            **kw,
+            b["bs"], b["g"], s, T, B, H, DEPTH=D, GATE_ACT=gate[0], CAND_ACT=cand[0],
+            CELL_ACTS=cells, **kw,
         )  # fmt: skip
         for k in range(1, D):
+            if m.cublas:
+                _gemm(b["inputs"][k - 1, t], b[f"w{k}"].t(), b["g"])
             fwd_nested_kernel[grid](
                 b["gates"], b["inputs"], b[f"w{k}"], b[f"bias{k}"], b["cells"], b["act_cells"],
-                b["h"], b["y"], b["bs"], s, T, B, H, LEVEL=k, DEPTH=D, GATE_ACT=gate[k],
+                b["h"], b["y"], b["bs"], b["g"], s, T, B, H, LEVEL=k, DEPTH=D, GATE_ACT=gate[k],
                 CAND_ACT=cand[k], CELL_ACTS=cells, HAS_BIAS=m.has_bias, **kw,
             )  # fmt: skip
 
@@ -206,17 +257,62 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
     gate, cand = m.level_codes("gate"), m.level_codes("candidate")
     gate_acts, cand_acts, cell_acts = m.codes("gate"), m.codes("candidate"), m.codes("cell")
+    dA, op = b["dA"], b["dA_op"]
     for s in range(T - 1, -1, -1):
+        t, _prev = m.slots(s)
+        if m.cublas and s + 1 < T:  # dh = dA^0 of the step processed before @ W_hh^0
+            t_next = t - 1 if m.reverse else t + 1
+            _gemm(op[0] if m.op_copy else dA[0, t_next], b["w_hh0"], b["g_h"])
         bwd_inner_kernel[grid](
-            b["dA"], b["w_hh0"], b["dh"], b["dc"], b["dy"], b["gates"], b["cells"],
-            b["act_cells"], b["bs"], s, T, B, H, DEPTH=D, GATE_ACTS=gate_acts,
-            CAND_ACTS=cand_acts, CELL_ACTS=cell_acts, **kw,
+            dA, b["w_hh0"], b["dh"], b["dc"], b["dy"], b["gates"], b["cells"], b["act_cells"],
+            b["bs"], b["g_h"], op, s, T, B, H, DEPTH=D, GATE_ACTS=gate_acts, CAND_ACTS=cand_acts,
+            CELL_ACTS=cell_acts, OP_COPY=m.op_copy, **kw,
         )  # fmt: skip
         for k in range(D - 2, -1, -1):
+            if m.cublas:  # [dx~ | dh~] = dA^{k+1} @ [W_ih | W_hh] of level k+1
+                _gemm(op[k + 1] if m.op_copy else dA[k + 1, t], b[f"w{k + 1}"], b["g_x"])
             bwd_level_kernel[grid](
-                b["dA"], b[f"w{k + 1}"], b["dc"], b["gates"], b["cells"], b["bs"], s, T, B, H,
-                LEVEL=k, GATE_ACT=gate[k], CAND_ACT=cand[k], **kw,
+                dA, b[f"w{k + 1}"], b["dc"], b["gates"], b["cells"], b["bs"], b["g_x"], op, s, T,
+                B, H, LEVEL=k, GATE_ACT=gate[k], CAND_ACT=cand[k], OP_COPY=m.op_copy, **kw,
             )  # fmt: skip
+
+
+def _gemm(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a @ b by cuBLAS (on CPU, under the interpreter, torch's matmul), in out's dtype."""
+    if a.dtype != b.dtype:  # on CPU the saved level inputs are in the state dtype (layout.py)
+        a = a.to(b.dtype)
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+_MIXED_MM: dict[tuple, bool] = {}
+
+
+def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Result dtype of the cuBLAS step GEMMs: float32 where torch multiplies ``dtype`` operands into
+    a float32 result on ``device`` (no rounding of the pre-activations), else ``dtype``."""
+    if dtype == torch.float32:
+        return dtype
+    key = (dtype, device.type)
+    if key not in _MIXED_MM:
+        try:
+            one = torch.ones(16, 16, dtype=dtype, device=device)
+            _gemm(one, one, torch.empty(16, 16, dtype=torch.float32, device=device))
+            _MIXED_MM[key] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_MM[key] = False
+    return torch.float32 if _MIXED_MM[key] else dtype
+
+
+def _gemm_buffers(m: _Launch, device: torch.device, shapes: dict[str, tuple]) -> dict[str, Tensor]:
+    """The cuBLAS GEMMs' result buffers (one element each when the kernels do the GEMMs)."""
+    dtype = _gemm_dtype(m.dtype, device) if m.cublas else torch.float32
+    return {
+        name: torch.empty(shape if m.cublas else (1,), dtype=dtype, device=device)
+        for name, shape in shapes.items()
+    }
 
 
 class _Graphed:
@@ -243,18 +339,19 @@ class _Graphed:
         return self.static
 
 
-# Measured on an H200 (benchmarks/results/speed_cuda_*.md, depth 2, microseconds a step): graphs cut
-# a bfloat16 forward step from 84 to 26 at (B, H) = (32, 256), from 90 to 38 at (128, 512) and from
-# 76 to 34 at (16, 768), forward+backward likewise; float32 gained at (32, 256) and was even at the
-# others. At (128, 1024) bfloat16 gained 15-28% and float16 lost up to 9%; at (256, 1024) they
-# lost up to 10%.
-AUTO_GRAPH_MAX_BATCH_HIDDEN = 128 * 512
-AUTO_GRAPH_MEMORY_SHARE = 16  # auto graphs' static buffers take at most 1/16 of device memory
+# Measured on an H200 (benchmarks/results/speed_cuda_*.md, depth 2, microseconds a step, with the
+# blocks of _measured_blocks): graphs cut a bfloat16 forward step from 56 to 25 at (B, H) =
+# (32, 256), from 94 to 29 at (128, 512), from 87 to 53 at (128, 1024) and from 81 to 65 at
+# (256, 1024); float16 and forward+backward likewise. float32 gained at (32, 256) and was within 2%
+# at the larger sizes. Beyond (256, 1024) nothing was measured.
+AUTO_GRAPH_MAX_BATCH_HIDDEN = 256 * 1024
+AUTO_GRAPH_MEMORY_SHARE = 8  # auto graphs' static buffers take at most 1/8 of device memory
 _MAX_GRAPHS = 16
 _MAX_SEEN = 64
 
 _GRAPHS: OrderedDict[tuple, _Graphed] = OrderedDict()  # least recently used first
 _SEEN: OrderedDict[tuple, None] = OrderedDict()  # keys run once without a graph (auto mode)
+_EVICTED: OrderedDict[tuple, None] = OrderedDict()  # keys whose graph was evicted: not recaptured
 _LOCK = threading.Lock()
 _auto_failure: str | None = None  # why an automatic capture failed (none is tried again)
 
@@ -270,6 +367,7 @@ def clear_cuda_graphs() -> None:
     with _LOCK:
         _GRAPHS.clear()
         _SEEN.clear()
+        _EVICTED.clear()
 
 
 def _capture_stream(bufs: dict[str, Tensor]) -> torch.cuda.Stream | None:
@@ -282,7 +380,12 @@ def _capture_stream(bufs: dict[str, Tensor]) -> torch.cuda.Stream | None:
 
 
 def _graph_budget(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).total_memory // AUTO_GRAPH_MEMORY_SHARE
+    """Bytes that automatic graphs' static buffers may hold together: a share of the device's
+    memory, and of what is free now at most half."""
+    held = sum(_nbytes(g.static) for g in _GRAPHS.values())
+    free = torch.cuda.mem_get_info(device)[0]
+    share = torch.cuda.get_device_properties(device).total_memory // AUTO_GRAPH_MEMORY_SHARE
+    return min(share, held + free // 2)
 
 
 def _nbytes(bufs: dict[str, Tensor]) -> int:
@@ -319,7 +422,7 @@ def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only)
         _SEEN.pop(key, None)
         _GRAPHS[key] = graphed
         while len(_GRAPHS) > _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
+            _evict_oldest()
         return graphed
 
 
@@ -328,6 +431,8 @@ def _auto_captures_now(key: tuple, launch: _Launch, size: int, device: torch.dev
     key's first sighting, nor where graphs measured no faster; least recently used graphs are
     evicted to keep within the memory budget."""
     if _auto_failure or launch.batch * launch.hidden > AUTO_GRAPH_MAX_BATCH_HIDDEN:
+        return False
+    if key in _EVICTED:  # more loops alternate than fit: capturing again would thrash
         return False
     if key not in _SEEN:  # shapes that never repeat are not captured
         _SEEN[key] = None
@@ -338,8 +443,16 @@ def _auto_captures_now(key: tuple, launch: _Launch, size: int, device: torch.dev
     if size > budget:
         return False
     while _GRAPHS and size + sum(_nbytes(g.static) for g in _GRAPHS.values()) > budget:
-        _GRAPHS.popitem(last=False)
+        _evict_oldest()
     return True
+
+
+def _evict_oldest() -> None:
+    """Drop the least recently used graph; auto mode does not capture its key again."""
+    key, _ = _GRAPHS.popitem(last=False)
+    _EVICTED[key] = None
+    while len(_EVICTED) > _MAX_SEEN:
+        _EVICTED.popitem(last=False)
 
 
 def _give_up_automatic_graphs(reason: str) -> None:
@@ -418,9 +531,10 @@ def _launch(
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
     has_bias = any(lw.bias_ih is not None or lw.bias_hh is not None for lw in levels[1:])
-    cfg = pick_config(batch, hidden, config)
+    cfg = pick_config(batch, hidden, config, x.dtype)
     return _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
-                   batch_sizes is not None, has_bias, cfg, _dot_precision(x.dtype))  # fmt: skip
+                   batch_sizes is not None, has_bias, cfg, _dot_precision(x.dtype),
+                   x.dtype)  # fmt: skip
 
 
 def _batch_sizes(batch_sizes: Tensor | None, device: torch.device) -> Tensor:
@@ -462,6 +576,7 @@ def forward(
         "bs": _batch_sizes(batch_sizes, x.device),
         **_weights(levels),
         **_biases(levels, m.has_bias),
+        **_gemm_buffers(m, x.device, {"g": (B, 4 * H)}),
     }
 
     def fill(b: dict[str, Tensor]) -> None:  # the initial state slots
@@ -469,7 +584,7 @@ def forward(
         b["cells"][:, first] = c0
 
     written = ("cells", "act_cells", "inputs", "h", "y")
-    bufs = _run(_forward_loop, m, bufs, ("gates", *written), fill, written)
+    bufs = _run(_forward_loop, m, bufs, ("gates", *written), fill, (*written, "g"))
     h_n = bufs["h"][last].clone()
     c_n = bufs["cells"][:, last].to(x.dtype, copy=True)
     saved = Saved(bufs["gates"], bufs["cells"], bufs["act_cells"], bufs["inputs"])
@@ -498,6 +613,10 @@ def backward(
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
         **_weights(levels),  # the backward kernels read no bias
+        **_gemm_buffers(m, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
+        "dA_op": torch.empty(
+            (D, B, 4 * H) if m.op_copy else (1,), dtype=m.dtype, device=d_out.device
+        ),
     }
 
     def fill(b: dict[str, Tensor]) -> None:  # gradients flowing into the final state
@@ -505,7 +624,7 @@ def backward(
         b["dc"].copy_(d_cn)
 
     written = ("dA", "dh", "dc")
-    bufs = _run(_backward_loop, m, bufs, written, fill, written)
+    bufs = _run(_backward_loop, m, bufs, written, fill, (*written, "g_h", "g_x", "dA_op"))
     dA, dh = bufs["dA"], bufs["dh"]
     # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
     first = T - 1 if reverse else 0
