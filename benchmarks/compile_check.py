@@ -7,8 +7,9 @@
 Runs the real Triton compiler (Triton IR, LLVM, ptxas) on each kernel of
 ``nestrnn/ops/nested_lstm/triton_kernels.py`` in the variants the op launches: float32, float16 and
 bfloat16 operands; depths 1-3; dense and packed+reverse; the paper's activations and two variants
-that put every activation in every role; biased and bias-free nested levels; the block configurations
-``triton_loop.pick_config`` chooses at the shapes of ``gpu.sh``. This catches what the interpreter
+that put every activation in every role; biased and bias-free nested levels; the launch configurations
+``triton_loop.pick_config`` chooses at the shapes of ``gpu.sh``, for direct launches and CUDA
+graphs. This catches what the interpreter
 lets through (dot sizes below 16, mismatched branch types, constexpr arithmetic a Triton version
 does not fold) without a GPU.
 
@@ -137,9 +138,9 @@ def compile_kernel(fn, dtype: str, consts: dict, config: TritonConfig, target) -
     triton.compile(source, target=target, options=options)
 
 
-def config_for(batch: int, hidden: int, dtype: str) -> TritonConfig:
-    """``pick_config``'s choice on a GPU for a call in ``dtype``."""
-    return pick_config(batch, hidden, dtype=getattr(torch, TORCH_DTYPES[dtype]))
+def config_for(batch: int, hidden: int, dtype: str, graphed: bool = False) -> TritonConfig:
+    """``pick_config``'s choice on a GPU for a call in ``dtype``, launched directly or in a graph."""
+    return pick_config(batch, hidden, dtype=getattr(torch, TORCH_DTYPES[dtype]), graphed=graphed)
 
 
 def variants(quick: bool) -> list[Variant]:
@@ -163,7 +164,8 @@ def variants(quick: bool) -> list[Variant]:
         ]
     result = cublas
     for dtype, depth, mode in itertools.product(DTYPES, (1, 2, 3), (False, True)):
-        for config in sorted({config_for(b, h, dtype) for b, h in SHAPES}, key=str):
+        configs = {config_for(b, h, dtype, graphed) for b, h in SHAPES for graphed in (False, True)}
+        for config in sorted(configs, key=str):
             for acts, bias in (
                 (standard_activations(depth), True),
                 (activation_variant(0, depth), False),
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for variant in variants(args.quick):
         for fn, consts in variant.jobs():
-            key = (fn.__name__, variant.dtype, tuple(sorted(consts.items())))
+            key = (fn.__name__, variant.dtype, tuple(sorted(consts.items())),
+                   variant.config.num_warps, variant.config.num_stages)  # fmt: skip
             if key in done:  # e.g. bwd_level_kernel does not depend on the depth
                 continue
             done.add(key)

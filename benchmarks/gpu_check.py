@@ -240,9 +240,12 @@ def cublas_gemms(on: bool):
 
     choose = triton_loop.pick_config
     if on:
-        triton_loop.pick_config = lambda batch, hidden, config=None, dtype=torch.float32: choose(
-            batch, hidden, replace(config or triton_loop.TritonConfig(), cublas_gemms=True), dtype
-        )
+
+        def pick(batch, hidden, config=None, dtype=torch.float32, graphed=False):
+            config = replace(config or triton_loop.TritonConfig(), cublas_gemms=True)
+            return choose(batch, hidden, config, dtype, graphed)
+
+        triton_loop.pick_config = pick
     try:
         yield
     finally:

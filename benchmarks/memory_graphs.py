@@ -5,7 +5,7 @@
 
 A memory function written in Python runs on NestedLSTM's per-step path, whose every step is a few
 dozen small kernel launches. With static shapes the whole layer can be captured, forward and
-backward, by ``torch.cuda.make_graphed_callables(layer, (x,))`` (docs/training.md). For each dtype
+backward, by ``torch.cuda.make_graphed_callables(layer, (x,))`` (docs/design.md § 7). For each dtype
 and (B, H, T), training mode (forward+backward):
 
 1. the graphed layer is checked against the same layer run eagerly on the same input: output,

@@ -1,12 +1,13 @@
-"""Block configurations of the Triton kernels, measured: depth-2 microseconds a step per candidate.
+"""Launch configurations of the Triton loops, measured: depth-2 microseconds a step per candidate.
 
     python benchmarks/tune_triton.py --dtypes bf16,fp16 --shapes 128x1024x50,256x1024x50
     python benchmarks/tune_triton.py --compile-only --jobs 8   # fill Triton's cache in parallel
     python benchmarks/tune_triton.py --interpret               # dry run on CPU (TRITON_INTERPRET=1)
 
-For each dtype and (B, H, T) every candidate ``TritonConfig`` (``pick_config``'s own choice, the
-same with the per-step GEMMs by cuBLAS, ``CUBLAS_CANDIDATES``, and those of ``CANDIDATES`` with a
-batch block no larger than the batch needs; ``--quick``: the first three) is
+For each dtype and (B, H, T) every candidate ``TritonConfig`` (``pick_config``'s choices, for
+step loops in CUDA graphs and launched directly, the latter with the other GEMM choice too,
+``CUBLAS_CANDIDATES``, and those of ``CANDIDATES`` with a batch block no larger than the batch
+needs; ``--quick``: all but the last) is
 
 1. checked: the op with that configuration against the naive reference at the shape's B and H over
    four steps (gpu_check.py's comparison: outputs, final state, every gradient, its tolerances); a
@@ -72,14 +73,20 @@ def triton_loop():
 
 
 def candidates(dtype: str, batch: int, hidden: int, quick: bool = False):
-    """The configurations tried at (batch, hidden): ``pick_config``'s first, then the same with
-    cuBLAS GEMMs, then those of the tables whose batch block is at most the batch rounded up to a
-    power of two (and at least 16); ``quick``: the cuBLAS ones only."""
+    """The configurations tried at (batch, hidden): ``pick_config``'s for CUDA graphs first, then
+    its for direct launches and the same with the other GEMM choice, then those of the tables whose
+    batch block is at most the batch rounded up to a power of two (and at least 16); ``quick``:
+    only ``CUBLAS_CANDIDATES`` of the tables."""
     loop = triton_loop()
-    current = loop.pick_config(batch, hidden, loop.TritonConfig(cuda_graph=False), DTYPES[dtype])
+    unset = loop.TritonConfig(cuda_graph=False)
+    graphed, direct = (loop.pick_config(batch, hidden, unset, DTYPES[dtype], graphed=mode)
+                       for mode in (True, False))  # fmt: skip
     limit = max(16, loop._pow2(batch))
     table = () if quick else FP32_CANDIDATES if dtype == "fp32" else CANDIDATES
-    found = [current, replace(current, cublas_gemms=True)]
+    found = [graphed]
+    for cfg in (direct, replace(direct, cublas_gemms=not direct.cublas_gemms)):
+        if cfg not in found:
+            found.append(cfg)
     for entry in (*CUBLAS_CANDIDATES, *table):
         cfg = make_config(entry)
         if cfg.block_b <= limit and cfg not in found:
@@ -93,9 +100,9 @@ def forced(config):
     loop = triton_loop()
     choose = loop.pick_config
 
-    def pick(batch, hidden, given=None, dtype=torch.float32):
+    def pick(batch, hidden, given=None, dtype=torch.float32, graphed=False):
         cuda_graph = given.cuda_graph if given is not None else None
-        return choose(batch, hidden, replace(config, cuda_graph=cuda_graph), dtype)
+        return choose(batch, hidden, replace(config, cuda_graph=cuda_graph), dtype, graphed)
 
     loop.pick_config = pick
     try:
@@ -250,12 +257,12 @@ def tuned(path: str, dtype: str):
     loop = triton_loop()
     choose = loop.pick_config
 
-    def pick(batch, hidden, given=None, dtype=torch.float32):
+    def pick(batch, hidden, given=None, dtype=torch.float32, graphed=False):
         entry = table.get((batch, hidden))
         if entry is None:
-            return choose(batch, hidden, given, dtype)
+            return choose(batch, hidden, given, dtype, graphed)
         graphs = given.cuda_graph if given is not None else None
-        return choose(batch, hidden, replace(make_config(entry), cuda_graph=graphs), dtype)
+        return choose(batch, hidden, replace(make_config(entry), cuda_graph=graphs), dtype, graphed)
 
     loop.pick_config = pick
     try:
@@ -269,9 +276,10 @@ COLUMNS = ("fwd_graph", "fwd+bwd_graph", "fwd_direct", "fwd+bwd_direct")
 
 def markdown(results: list[dict], machine: str) -> str:
     out = [
-        "# Triton block configurations, depth 2 (benchmarks/tune_triton.py)", "", machine, "",
-        "Microseconds a step; in brackets the time against `pick_config`'s choice (the first row "
-        "of each table). graph: step loops in CUDA graphs (the kernels alone); direct: launched "
+        "# Triton launch configurations, depth 2 (benchmarks/tune_triton.py)", "", machine, "",
+        "Microseconds a step; in brackets the time against the first row of each table "
+        "(`pick_config`'s choice for CUDA graphs). graph: step loops in CUDA graphs (the "
+        "kernels alone); direct: launched "
         "from Python. cuDNN: `nn.LSTM(H, H, 2)` in the same process.", "",
     ]  # fmt: skip
     for res in results:
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--quick", action="store_true",
-                        help="pick_config's choice and the cuBLAS-GEMM candidates only")  # fmt: skip
+                        help="pick_config's choices and CUBLAS_CANDIDATES only")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument(
         "--interpret",

@@ -47,9 +47,9 @@ class NestedLSTM(nn.Module):
         forget_bias: initial forget-gate bias of every level (None: PyTorch's uniform init).
         recurrent_init: ``"orthogonal"`` (default) or ``"uniform"`` recurrent weights.
         backend: ``"auto"`` picks the fastest correct path: the whole-sequence op for additive and
-            nested memory chains (any activations; its C time loop on CPU; on CUDA cuDNN at
-            depth 1, else Triton kernels, or for large float32 sizes the PyTorch loop), the
-            generic path for any other memory function. ``"generic"`` and ``"naive"`` (the
+            nested memory chains (any activations; its C time loop on CPU; on CUDA the Triton
+            loops, or cuDNN at depth 1 where it measured faster), the generic path for any other
+            memory function. ``"generic"`` and ``"naive"`` (the
             step-by-step references) force a path; ``"fused"``, ``"triton"`` or an implementation
             name of :mod:`nestrnn.ops.nested_lstm.planning` choose the op's implementation.
 

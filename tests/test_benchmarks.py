@@ -44,9 +44,15 @@ def test_gpu_sh_dry_run(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "ALL PASS" in run.stdout and run.stdout.rstrip().endswith("ALL STEPS PASSED")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "gpu_run.log", "speed_cpu_float32.json", "speed_cpu_float32.md"
+        "gpu_run.log", "speed_cpu_float32.json", "speed_cpu_float32.md", "tune_triton_cpu.json",
+        "tune_triton_cpu.md",
     }  # fmt: skip
+    tuned = json.loads((tmp_path / "tune_triton_cpu.json").read_text())["results"]
+    assert [(r["dtype"], r["B"], r["H"]) for r in tuned] == [("fp32", 3, 17)]
+    assert all("error" not in row for row in tuned[0]["rows"])  # every candidate checked and timed
+    assert any(row["fields"][-1] for row in tuned[0]["rows"])  # cuBLAS GEMMs among them
     result = json.loads((tmp_path / "speed_cpu_float32.json").read_text())
+    assert set(result["info"]["triton_configs"]) == {"3x17"}  # the tuned one, timed
     rows = {r["row"]: r for r in result["results"]}
     assert set(rows) == {"NLSTM-1", "NLSTM-2", "NLSTM-3", "NLSTM-2 torch_loop"}
     assert all(rows[f"NLSTM-{d}"]["implementation"]["fwd+bwd"] == "triton" for d in (1, 2, 3))
@@ -140,4 +146,6 @@ def test_gpu_sh_rejects_an_unknown_option():
     run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--fast"], cwd=REPO,
                          env=script_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2
-    assert run.stderr.strip() == "usage: bash benchmarks/gpu.sh [--quick | --dry-run]"
+    assert (
+        run.stderr.strip() == "usage: bash benchmarks/gpu.sh [--quick | --dry-run] [--quick-tune]"
+    )

@@ -343,7 +343,7 @@ def _cuda_input(steps: int, batch: int, features: int, dtype=torch.float32) -> T
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
 def test_auto_plans_on_cuda_follow_the_measurements(monkeypatch):
-    """``auto`` on CUDA: cuDNN at depth 1, the PyTorch loop for large IEEE float32, else Triton."""
+    """``auto`` on CUDA: cuDNN at depth 1 but where the kernels measured faster, else Triton."""
 
     def auto(x, acts, training, hidden, eager=False, batch_sizes=None):
         return plan(
@@ -356,7 +356,8 @@ def test_auto_plans_on_cuda_follow_the_measurements(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         _check_auto_plans(auto, small, large)
-        torch.backends.cuda.matmul.allow_tf32 = True  # not measured: the kernels
+        torch.backends.cuda.matmul.allow_tf32 = True  # not measured: cuDNN at depth 1
+        assert auto(small, standard_activations(1), False, 256) == "torch_lstm"
         assert auto(large, standard_activations(2), True, 1024) == "triton"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -373,23 +374,22 @@ def _check_auto_plans(auto, small: Tensor, large: Tensor) -> None:
     std1, std2, std3 = (standard_activations(d) for d in (1, 2, 3))
     relu = (LevelActivations(candidate="relu"),)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = small.to(dtype)
-        assert auto(x, std1, False, 256) == "torch_lstm"  # cuDNN wherever it can run
-        assert auto(x, std1, True, 256, eager=True) == "torch_lstm"
+        x = small.to(dtype)  # B * H = 32 * 256: the kernels beat cuDNN at depth 1 but in float16
+        depth1 = "torch_lstm" if dtype == torch.float16 else "triton"
+        assert auto(x, std1, False, 256) == depth1
+        assert auto(x, std1, True, 256, eager=True) == depth1
+        assert auto(x, std1, False, None) == "torch_lstm"  # hidden size unknown: cuDNN
         assert auto(x, std1, True, 256) == "triton"  # training inside the op (compiled, say)
         assert auto(x, relu, False, 256) == "triton"  # a variant: beyond cuDNN
         assert auto(x, std1, False, 256, batch_sizes=torch.tensor([2, 2, 0])) == "triton"
         assert auto(x, std2, True, 256) == "triton"
-    # IEEE float32: the PyTorch loop from the sizes where it measured faster
-    assert auto(large, std2, True, 1024) == "torch_loop"
-    assert auto(large, std3, False, 1024) == "torch_loop"
-    medium = _cuda_input(3, 128, 1024)
-    assert auto(medium, std2, False, 1024) == "torch_loop"
-    assert auto(medium, std2, True, 1024) == "triton"
-    assert auto(_cuda_input(3, 128, 512), std2, False, 512) == "triton"
-    assert auto(large, std2, True, None) == "triton"  # hidden size unknown: no size rule
-    for dtype in (torch.bfloat16, torch.float16):
-        assert auto(large.to(dtype), std2, True, 1024) == "triton"
+        xl = large.to(dtype)  # B * H = 256 * 1024: cuDNN at depth 1, the kernels beyond
+        assert auto(xl, std1, False, 1024) == "torch_lstm"
+        assert auto(xl, std2, True, 1024) == "triton"
+        assert auto(xl, std3, False, 1024) == "triton"
+    medium = _cuda_input(3, 128, 512)  # the kernels beat cuDNN at depth 1 in bfloat16 only
+    assert auto(medium.to(torch.bfloat16), std1, False, 512) == "triton"
+    assert auto(medium, std1, False, 512) == "torch_lstm"
 
 
 def test_triton_backend_falls_back_with_one_warning():

@@ -183,7 +183,9 @@ def forced_config(config: TritonConfig):
     return mock.patch.object(
         triton_loop,
         "pick_config",
-        lambda batch, hidden, _=None, dtype=torch.float32: choose(batch, hidden, config, dtype),
+        lambda batch, hidden, _=None, dtype=torch.float32, graphed=False: choose(
+            batch, hidden, config, dtype, graphed
+        ),
     )
 
 
@@ -473,6 +475,25 @@ def test_cuda_graphs_by_default_once_shapes_repeat(emulated_graphs):
         for seed in (5, 6):
             check(torch.float32, 6, 3, 4, 8, 2, None, seed=seed)
     assert len(emulated_graphs) == 2
+
+
+def test_graphs_and_direct_launches_take_their_own_configuration(emulated_graphs, monkeypatch):
+    """A loop in a graph runs the graph configuration (here cuBLAS GEMMs), one launched directly
+    the other (the fused kernels); both exact."""
+    choose = triton_loop.pick_config
+
+    def pick(batch, hidden, config=None, dtype=torch.float32, graphed=False):
+        return choose(batch, hidden, TritonConfig(cublas_gemms=graphed), dtype, graphed)
+
+    monkeypatch.setattr(triton_loop, "pick_config", pick)
+    ran = []
+    for name in ("_forward_loop", "_backward_loop"):
+        loop = getattr(triton_loop, name)
+        monkeypatch.setattr(triton_loop, name, lambda m, b, loop=loop: ran.append(m.cublas) or loop(m, b))  # fmt: skip
+    for seed in range(3):  # direct, capture (a warm-up run and a replay), replay
+        check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed=seed)
+    assert ran == [False, False, True, True, True, True, True, True]  # forward, backward each call
+    assert all(graph.launch.cublas for graph in emulated_graphs)
 
 
 def test_default_cuda_graphs_in_a_deep_bidirectional_layer(emulated_graphs):

@@ -133,12 +133,12 @@ def plan(
     return Plan(backend)
 
 
-# Measured on an H200 (benchmarks/results/speed_cuda_*.md), IEEE float32 at depth 2: the PyTorch
-# loop (cuBLAS GEMMs) took 0.51x the Triton kernels' forward time at (B, H) = (128, 1024) and 0.30x
-# at (256, 1024), forward+backward 1.13x and 0.66x; at (128, 512) and below the kernels won (1.29x
-# and 2.50x). The kernels' fp32 dots without TF32 are what slows down with B * H * H.
-TORCH_LOOP_FP32_INFERENCE_WORK = 128 * 1024 * 1024  # B * H * H from which inference runs the loop
-TORCH_LOOP_FP32_TRAINING_WORK = 256 * 1024 * 1024  # and training
+# Measured on an H200 (benchmarks/results/speed_cuda_*.md, the default: step loops in CUDA graphs,
+# their per-step GEMMs by cuBLAS): at depth 1 the Triton loops took 0.54-0.86x cuDNN's forward time
+# and 0.59-0.89x its forward+backward in bfloat16 up to (B, H) = (128, 512), 0.90-0.95x and
+# 0.63-0.79x in IEEE float32 up to (16, 768); cuDNN was as fast or faster in float16 (1.00-2.75x
+# the kernels' time the other way round) and at the larger sizes. TF32 was not measured.
+DEPTH1_TRITON_MAX_BATCH_HIDDEN = {torch.bfloat16: 128 * 512, torch.float32: 16 * 768}
 
 
 def cuda_choice(
@@ -152,27 +152,25 @@ def cuda_choice(
 ) -> str:
     """``auto``'s implementation for a CUDA input, from what was measured on an H200.
 
-    - torch's LSTM (cuDNN) wherever it can run: at depth 1 it took 0.07-0.61x the Triton kernels'
-      time in every dtype and shape measured (``training`` here is training inside the op);
-    - in float32 with exact (IEEE) matmuls, the PyTorch loop once B * H * H reaches the sizes where
-      it measured faster (``TORCH_LOOP_FP32_*_WORK``; ``hidden`` None: not applied); with TF32
-      allowed nothing was measured, so the kernels run;
-    - otherwise the Triton kernels (bfloat16 and float16: 4-10x faster than the PyTorch loop at
-      every size measured); where they cannot run (``triton_why_not``), the fused choice.
+    - torch's LSTM (cuDNN) where it can run (``training`` here is training inside the op), except
+      where the Triton loops measured faster at depth 1 (``DEPTH1_TRITON_MAX_BATCH_HIDDEN``;
+      ``hidden`` None: not applied);
+    - otherwise the Triton loops: at depth 2 in every dtype and size measured 1.5-24x faster than
+      the PyTorch loop; where they cannot run (``triton_why_not``), the fused choice.
     """
-    if not training and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None:
-        return "torch_lstm"
     if triton_why_not is not None:
         return _fused(x, batch_sizes, reverse, activations, training)
-    if (
-        hidden is not None
-        and x.dtype == torch.float32
-        and not torch.backends.cuda.matmul.allow_tf32
-    ):
-        work = x.shape[1] * hidden * hidden
-        if work >= (TORCH_LOOP_FP32_TRAINING_WORK if training else TORCH_LOOP_FP32_INFERENCE_WORK):
-            return "torch_loop"
+    cudnn = torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
+    if not training and cudnn and not _triton_beats_cudnn(x, hidden):
+        return "torch_lstm"
     return "triton"
+
+
+def _triton_beats_cudnn(x: Tensor, hidden: int | None) -> bool:
+    """Whether the Triton loops measured faster than cuDNN at depth 1 for this dtype and size."""
+    limit = DEPTH1_TRITON_MAX_BATCH_HIDDEN.get(x.dtype)
+    ieee = x.dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32
+    return limit is not None and hidden is not None and ieee and x.shape[1] * hidden <= limit
 
 
 def _fused(x, batch_sizes, reverse, activations, training) -> str:

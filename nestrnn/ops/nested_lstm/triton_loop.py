@@ -15,6 +15,13 @@ backward
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
 dtype as GEMM operands).
 
+cuBLAS GEMMs (``TritonConfig.cublas_gemms``): before each launch ``torch.mm`` computes the step's
+GEMM into a small buffer (``g``; ``g_h``, ``g_x`` backward) and the kernel adds it instead of running
+its own dot; in half precision the backward kernels also write the gate gradients in the input
+dtype (``dA_op``), the next GEMM's operand. Each call has two launch configurations
+(``_Launches``): one for a loop run in a CUDA graph, one for a loop launched directly
+(``pick_config``'s ``graphed``).
+
 CUDA graphs: a step loop can run as a captured CUDA graph, cached per shape; inputs are copied into
 the graph's static buffers and its outputs cloned out, so calls that share a graph (several layers,
 both directions) stay independent. ``TritonConfig(cuda_graph=...)`` or ``NESTRNN_TRITON_CUDA_GRAPH``
@@ -23,7 +30,7 @@ both directions) stay independent. ``TritonConfig(cuda_graph=...)`` or ``NESTRNN
 graphs measured faster, while the cached static buffers fit in a share of the device's memory (and
 in half of what is free); a loop whose graph had to be evicted runs directly from then on.
 Inside another capture (a user's graph, ``torch.compile(mode="reduce-overhead")``) the loop runs
-directly, to be captured by that one.
+directly, with the graph configuration, to be captured by that one.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,7 +87,7 @@ class TritonConfig:
     num_warps: int | None = None  # warps per program
     cuda_graph: bool | None = None  # step loops as CUDA graphs (None: the env variable, else auto)
     num_stages: int | None = None  # software-pipelining depth of the K loops (None: Triton's)
-    cublas_gemms: bool | None = None  # per-step GEMMs by cuBLAS, the kernels do the rest
+    cublas_gemms: bool | None = None  # per-step GEMMs by cuBLAS, the kernels doing the rest
 
 
 def _pow2(n: int) -> int:
@@ -87,10 +95,15 @@ def _pow2(n: int) -> int:
 
 
 def pick_config(
-    batch: int, hidden: int, config: TritonConfig | None = None, dtype: torch.dtype = torch.float32
+    batch: int,
+    hidden: int,
+    config: TritonConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    graphed: bool = False,
 ) -> TritonConfig:
     """Fill in ``config``'s unset fields for a call with ``batch`` rows, ``hidden`` units and
-    operands in ``dtype`` (no autotuning: it fails in the interpreter).
+    operands in ``dtype``, for a step loop run in a CUDA graph (``graphed``) or launched directly
+    (no autotuning: it fails in the interpreter).
 
     On a GPU from measurements (``_measured_blocks``); under the interpreter, where each program and
     loop iteration costs Python time, blocks are made as large as allowed.
@@ -99,46 +112,57 @@ def pick_config(
     if _interpreting():
         size = min(max(16, _pow2(hidden)), 64)
         block_b = min(max(16, _pow2(batch)), 64)
-        chosen = (block_b, size, size, 4 if block_b * size <= 512 else 8, None)
+        chosen = (block_b, size, size, 4 if block_b * size <= 512 else 8, None, False)
     else:
-        chosen = _measured_blocks(batch, hidden, dtype)
-    given = (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages)
-    block_b, block_h, block_k, num_warps, num_stages = (
+        chosen = _measured_blocks(batch, hidden, dtype, graphed)
+    given = (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages,
+             cfg.cublas_gemms)  # fmt: skip
+    block_b, block_h, block_k, num_warps, num_stages, cublas = (
         mine if mine is not None else default for mine, default in zip(given, chosen)
     )
     for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
     cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
-    cublas = cfg.cublas_gemms if cfg.cublas_gemms is not None else False
     return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, num_stages, cublas)
 
 
-def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype) -> tuple:
-    """(block_b, block_h, block_k, num_warps, num_stages) on a GPU.
+def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype, graphed: bool) -> tuple:
+    """(block_b, block_h, block_k, num_warps, num_stages, cublas_gemms) on a GPU.
 
-    The fastest of 7-20 candidates at (B, H) = (32, 256), (128, 512), (128, 1024), (256, 1024),
-    (16, 768) on an H200, depth 2, forward and forward+backward with the step loops in CUDA graphs
-    (benchmarks/tune_triton.py, results/tune_triton_cuda.md); against the earlier fixed 16-unit,
-    32-deep blocks they took 0.59-0.8x the time in 16-bit and 0.53-0.6x in float32 from B = 128
-    (float32 measured with IEEE dots; TF32 dots take the same blocks, unmeasured). ``tl.dot``
-    needs every block dimension >= 16; these tiles compile for sm_90 without register spills.
+    From the fastest of the candidates that benchmarks/tune_triton.py timed on an H200 at
+    (B, H) = (32, 256), (128, 512), (128, 1024), (256, 1024), (16, 768), depth 2, forward and
+    forward+backward (results/tune_triton_cuda*.md):
+
+    - in CUDA graphs the per-step GEMMs by cuBLAS took 0.66-0.96x the fused kernels' forward+
+      backward time in 16-bit and 0.41-0.62x in float32, forward 0.63-1.22x and 0.26-0.47x;
+    - launched directly, cuBLAS's extra launches cost more than they save (1.0-3.1x in 16-bit),
+      except in IEEE float32 from B * H = 128 * 1024 (0.26-0.30x forward, 0.46-0.48x forward+
+      backward), where the kernels' FMA dots are slowest;
+    - the fused kernels' blocks: 0.59-0.84x the time of the earlier fixed 16-unit, 32-deep blocks
+      in 16-bit from B = 64 and 0.53-0.61x in float32 from B = 32 (TF32 dots take the same,
+      unmeasured).
+
+    ``tl.dot`` needs every block dimension >= 16; these tiles compile for sm_90 without register
+    spills.
     """
     small = max(16, _pow2(hidden))  # no block wider than the hidden size needs
-    if dtype == torch.float32:  # FMA dots: small tiles, 4 warps
+    block_b = min(max(16, _pow2(batch)), 64)
+    if dtype == torch.float32:  # the fused kernels' FMA dots: small tiles, 4 warps
         chosen = (16, 16, 64, 4, None) if batch <= 32 else (32, 32, 32, 4, None)
+        cublas = graphed or batch * hidden >= 128 * 1024
+    elif block_b == 16:
+        chosen, cublas = (16, 16, 64, 4, 4), graphed
+    elif block_b == 32:
+        chosen, cublas = (32, 16, 32, 4, None), graphed
+    elif graphed:  # pointwise tiles only
+        chosen, cublas = (32, 32, 32, 4, None), True
+    elif batch * hidden >= 256 * 1024:  # enough tiles to fill the GPU with wider ones
+        chosen, cublas = (64, 32, 128, 8, None), False
     else:
-        block_b = min(max(16, _pow2(batch)), 64)
-        if block_b == 16:
-            chosen = (16, 16, 64, 4, 4)
-        elif block_b == 32:
-            chosen = (32, 16, 32, 4, None)
-        elif batch * hidden >= 256 * 1024:  # enough tiles to fill the GPU with wider ones
-            chosen = (64, 32, 128, 8, None)
-        else:
-            chosen = (64, 16, 64, 4, None)
+        chosen, cublas = (64, 16, 64, 4, None), False
     block_b, block_h, block_k, num_warps, num_stages = chosen
-    return block_b, min(block_h, small), min(block_k, small), num_warps, num_stages
+    return block_b, min(block_h, small), min(block_k, small), num_warps, num_stages, cublas
 
 
 _GRAPH_SETTINGS = {"1": True, "0": False, "auto": None, "": None}
@@ -306,9 +330,11 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if _MIXED_MM[key] else dtype
 
 
-def _gemm_buffers(m: _Launch, device: torch.device, shapes: dict[str, tuple]) -> dict[str, Tensor]:
-    """The cuBLAS GEMMs' result buffers (one element each when the kernels do the GEMMs)."""
-    dtype = _gemm_dtype(m.dtype, device) if m.cublas else torch.float32
+def _gemm_buffers(
+    m: _Launches, device: torch.device, shapes: dict[str, tuple]
+) -> dict[str, Tensor]:
+    """The cuBLAS GEMMs' result buffers (one element each when the kernels do every GEMM)."""
+    dtype = _gemm_dtype(m.direct.dtype, device) if m.cublas else torch.float32
     return {
         name: torch.empty(shape if m.cublas else (1,), dtype=dtype, device=device)
         for name, shape in shapes.items()
@@ -339,11 +365,10 @@ class _Graphed:
         return self.static
 
 
-# Measured on an H200 (benchmarks/results/speed_cuda_*.md, depth 2, microseconds a step, with the
-# blocks of _measured_blocks): graphs cut a bfloat16 forward step from 56 to 25 at (B, H) =
-# (32, 256), from 94 to 29 at (128, 512), from 87 to 53 at (128, 1024) and from 81 to 65 at
-# (256, 1024); float16 and forward+backward likewise. float32 gained at (32, 256) and was within 2%
-# at the larger sizes. Beyond (256, 1024) nothing was measured.
+# Measured on an H200 (benchmarks/results/tune_triton_cuda.md, depth 2): against direct launches
+# (each with its configuration, see _measured_blocks) graphs cut the forward step 1.3-4.1x in 16-bit
+# and 1.9-3.8x in float32 up to (B, H) = (128, 512); in float32 at (128, 1024) and (256, 1024) they
+# were 2-4% slower, which one limit for every dtype accepts. Beyond (256, 1024) nothing was measured.
 AUTO_GRAPH_MAX_BATCH_HIDDEN = 256 * 1024
 AUTO_GRAPH_MEMORY_SHARE = 8  # auto graphs' static buffers take at most 1/8 of device memory
 _MAX_GRAPHS = 16
@@ -466,13 +491,14 @@ def _give_up_automatic_graphs(reason: str) -> None:
 
 def _run(
     loop,
-    launch: _Launch,
+    launches: _Launches,
     bufs: dict[str, Tensor],
     outputs: tuple[str, ...],
     fill: Callable[[dict[str, Tensor]], None],
     write_only: tuple[str, ...],
 ) -> dict[str, Tensor]:
-    """Run a step loop directly, or through a CUDA graph (see the module docstring).
+    """Run a step loop directly, or through a CUDA graph (see the module docstring), with the
+    launch parameters chosen for each (``launches``).
 
     ``bufs`` holds every tensor the loop touches; ``fill(bufs)`` writes values into parts of buffers
     (the initial state slots). In graph mode every buffer not named in ``write_only`` (what the
@@ -481,10 +507,11 @@ def _run(
     by the next call). A buffer read and written, like the gates that come in holding the input
     projection, is both copied in and cloned out.
     """
-    graphed = _graph_for(loop, launch, bufs, fill, write_only)
+    graphed = _graph_for(loop, launches.graphed, bufs, fill, write_only)
     if graphed is None:
         fill(bufs)
-        loop(launch, bufs)
+        capturing = bufs["gates"].is_cuda and torch.cuda.is_current_stream_capturing()
+        loop(launches.graphed if capturing else launches.direct, bufs)  # in another's capture
         return bufs
     static = graphed({name: v for name, v in bufs.items() if name not in write_only}, fill)
     return {**bufs, **{name: static[name].clone() for name in outputs}}
@@ -520,21 +547,37 @@ def _biases(levels: list[LevelWeights], has_bias: bool) -> dict[str, Tensor]:
     return bufs
 
 
-def _launch(
+class _Launches(NamedTuple):
+    """A call's launch parameters for its step loop launched directly and run in a CUDA graph."""
+
+    direct: _Launch
+    graphed: _Launch
+
+    @property
+    def cublas(self) -> bool:
+        return self.direct.cublas or self.graphed.cublas
+
+    @property
+    def op_copy(self) -> bool:
+        return self.direct.op_copy or self.graphed.op_copy
+
+
+def _launches(
     x: Tensor,
     levels: list[LevelWeights],
     batch_sizes: Tensor | None,
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     config: TritonConfig | None,
-) -> _Launch:
+) -> _Launches:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
     has_bias = any(lw.bias_ih is not None or lw.bias_hh is not None for lw in levels[1:])
-    cfg = pick_config(batch, hidden, config, x.dtype)
-    return _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
-                   batch_sizes is not None, has_bias, cfg, _dot_precision(x.dtype),
-                   x.dtype)  # fmt: skip
+    direct = _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
+                     batch_sizes is not None, has_bias, pick_config(batch, hidden, config, x.dtype),
+                     _dot_precision(x.dtype), x.dtype)  # fmt: skip
+    graphed_cfg = pick_config(batch, hidden, config, x.dtype, graphed=True)
+    return _Launches(direct, replace(direct, cfg=graphed_cfg))
 
 
 def _batch_sizes(batch_sizes: Tensor | None, device: torch.device) -> Tensor:
@@ -555,7 +598,8 @@ def forward(
     config: TritonConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
     """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``."""
-    m = _launch(x, levels, batch_sizes, reverse, activations, config)
+    launches = _launches(x, levels, batch_sizes, reverse, activations, config)
+    m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
     saved = empty_saved(T, B, H, D, x.dtype, x.device, m.packed)
@@ -576,7 +620,7 @@ def forward(
         "bs": _batch_sizes(batch_sizes, x.device),
         **_weights(levels),
         **_biases(levels, m.has_bias),
-        **_gemm_buffers(m, x.device, {"g": (B, 4 * H)}),
+        **_gemm_buffers(launches, x.device, {"g": (B, 4 * H)}),
     }
 
     def fill(b: dict[str, Tensor]) -> None:  # the initial state slots
@@ -584,7 +628,7 @@ def forward(
         b["cells"][:, first] = c0
 
     written = ("cells", "act_cells", "inputs", "h", "y")
-    bufs = _run(_forward_loop, m, bufs, ("gates", *written), fill, (*written, "g"))
+    bufs = _run(_forward_loop, launches, bufs, ("gates", *written), fill, (*written, "g"))
     h_n = bufs["h"][last].clone()
     c_n = bufs["cells"][:, last].to(x.dtype, copy=True)
     saved = Saved(bufs["gates"], bufs["cells"], bufs["act_cells"], bufs["inputs"])
@@ -603,7 +647,8 @@ def backward(
     config: TritonConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0."""
-    m = _launch(d_out, levels, batch_sizes, reverse, activations, config)
+    launches = _launches(d_out, levels, batch_sizes, reverse, activations, config)
+    m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     bufs = {
         **saved._asdict(),
@@ -613,9 +658,9 @@ def backward(
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
         **_weights(levels),  # the backward kernels read no bias
-        **_gemm_buffers(m, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
+        **_gemm_buffers(launches, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
         "dA_op": torch.empty(
-            (D, B, 4 * H) if m.op_copy else (1,), dtype=m.dtype, device=d_out.device
+            (D, B, 4 * H) if launches.op_copy else (1,), dtype=m.dtype, device=d_out.device
         ),
     }
 
@@ -624,7 +669,7 @@ def backward(
         b["dc"].copy_(d_cn)
 
     written = ("dA", "dh", "dc")
-    bufs = _run(_backward_loop, m, bufs, written, fill, (*written, "g_h", "g_x", "dA_op"))
+    bufs = _run(_backward_loop, launches, bufs, written, fill, (*written, "g_h", "g_x", "dA_op"))
     dA, dh = bufs["dA"], bufs["dh"]
     # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
     first = T - 1 if reverse else 0
