@@ -566,6 +566,23 @@ def test_a_failed_automatic_capture_falls_back_with_one_warning(emulated_graphs,
     assert "triton" not in planning.failures()  # the kernels themselves still run
 
 
+def test_gpu_launch_configurations_are_valid_at_every_size(monkeypatch):
+    """What pick_config chooses on a GPU compiles there: power-of-two blocks of at least 16 (tl.dot),
+    no block wider than 16 or the hidden size rounded up, cuBLAS GEMMs in every graph."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for batch in (1, 3, 16, 17, 32, 33, 64, 100, 256, 4096):
+            for hidden in (1, 3, 17, 64, 256, 1000, 4096):
+                for graphed in (False, True):
+                    cfg = triton_loop.pick_config(batch, hidden, None, dtype, graphed)
+                    widest = max(16, 1 << (hidden - 1).bit_length())
+                    for block in (cfg.block_b, cfg.block_h, cfg.block_k):
+                        assert block >= 16 and block & (block - 1) == 0, cfg
+                    assert cfg.block_h <= widest and cfg.block_k <= widest, cfg
+                    assert cfg.num_warps in (4, 8) and cfg.cublas_gemms in (False, True), cfg
+                    assert cfg.cublas_gemms or not graphed, cfg
+
+
 def test_a_bad_cuda_graph_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("NESTRNN_TRITON_CUDA_GRAPH", "yes")
     x, weights, h0, c0 = in_float32(make_case(2, 2, 3, 8, 2))
