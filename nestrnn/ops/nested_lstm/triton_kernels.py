@@ -15,6 +15,13 @@ Buffers (contiguous; T steps, B rows, H units, D levels), ``layout.Saved`` plus 
     h          (T+1, B, H)      dtype  outer hidden state, same slots as ``cells``
     dA         (D, T, B, 4H)    fp32   gradients of the gate pre-activations (backward)
     dh (B, H), dc (D, B, H)     fp32   gradients carried into h and the cells (backward)
+    g (B, 4H); (B, H), (B, 2H)  fp32*  the step's GEMM by cuBLAS, forward; backward dh, [dx~|dh~]
+    dA_op      (D, B, 4H)       dtype  the step's gate gradients again, the next GEMM's operand
+
+With the constexpr CUBLAS the kernels add the step's GEMM from ``g`` (torch.mm wrote it just
+before the launch; * in the operands' dtype where torch cannot give a float32 result) instead of
+running their own ``tl.dot``; with OP_COPY (half precision) the backward kernels also write
+``dA_op``.
 
 Matmul operands are in the weights' dtype with fp32 accumulation; state and gate math are fp32.
 ``s`` is the processing-order step and ``T`` the sequence length; neither is specialised on.
