@@ -149,3 +149,37 @@ def test_gpu_sh_rejects_an_unknown_option():
     assert (
         run.stderr.strip() == "usage: bash benchmarks/gpu.sh [--quick | --dry-run] [--quick-tune]"
     )
+
+
+def test_tuning_takes_the_fastest_correct_configuration(tmp_path, monkeypatch):
+    """tune_triton.best: the least sum of time ratios in the mode the op runs at that size (CUDA
+    graphs up to the limit, else direct launches), never a configuration that failed its check;
+    tuned(): that configuration at the tuned (B, H), pick_config's own elsewhere."""
+    pytest.importorskip("triton")
+    import torch
+
+    tune = load("tune_triton", monkeypatch)
+
+    def row(fields, graph, direct):
+        return {"config": str(fields), "fields": fields, "fwd_graph": graph[0],
+                "fwd+bwd_graph": graph[1], "fwd_direct": direct[0], "fwd+bwd_direct": direct[1]}  # fmt: skip
+
+    fused = row([32, 16, 32, 4, None, False], (10.0, 20.0), (10.0, 20.0))
+    cublas = row([32, 32, 32, 4, None, True], (9.0, 15.0), (30.0, 40.0))
+    broken = {"config": "broken", "fields": [16, 16, 32, 4, None, False], "error": "wrong"}
+    small = {"dtype": "bf16", "B": 32, "H": 256, "T": 50, "rows": [fused, broken, cublas]}
+    large = {"dtype": "bf16", "B": 1024, "H": 1024, "T": 50, "rows": [fused, broken, cublas]}
+    assert tune.best(small) == (32, 32, 32, 4, None, True)  # in graphs: cuBLAS
+    assert tune.best(large) == (32, 16, 32, 4, None, False)  # launched directly: fused
+    assert tune.best({**small, "rows": [broken]}) is None
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"machine": "m", "results": [small, {**small, "dtype": "fp16"}]}))
+    loop = tune.triton_loop()
+    untuned = loop.pick_config(64, 256, None, torch.bfloat16, True)
+    with tune.tuned(str(path), "bfloat16") as labels:
+        cfg = loop.pick_config(32, 256, None, torch.bfloat16, True)
+        assert (cfg.block_b, cfg.block_h, cfg.block_k, cfg.cublas_gemms) == (32, 32, 32, True)
+        assert loop.pick_config(64, 256, None, torch.bfloat16, True) == untuned
+    assert labels == {(32, 256): "32x32x32 w4 cuBLAS"}
+    assert loop.pick_config(64, 256, None, torch.bfloat16, True) == untuned  # restored
