@@ -84,6 +84,27 @@ def scaled_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
+def triton_configs(choose) -> Iterator[None]:
+    """Inside the block, the op's Triton loops start their launch configuration from
+    ``choose(batch, hidden, given)`` (a ``TritonConfig``; ``given`` is what the op passed, usually
+    None) and ``triton_loop.pick_config`` fills in what it leaves unset."""
+    import torch
+
+    from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
+
+    pick = triton_loop.pick_config
+
+    def patched(batch, hidden, config=None, dtype=torch.float32, graphed=False):
+        return pick(batch, hidden, choose(batch, hidden, config), dtype, graphed)
+
+    triton_loop.pick_config = patched
+    try:
+        yield
+    finally:
+        triton_loop.pick_config = pick
+
+
+@contextlib.contextmanager
 def environment(name: str, value: str) -> Iterator[None]:
     """The environment variable ``name`` set to ``value`` inside the block."""
     old = os.environ.get(name)

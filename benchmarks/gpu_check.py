@@ -46,6 +46,7 @@ from bench_common import (
     environment,
     import_nestrnn,
     scaled_error,
+    triton_configs,
 )
 
 import_nestrnn()
@@ -233,23 +234,15 @@ def scaled_errors(ref: dict, got: dict) -> dict[str, float]:
     return errs
 
 
-@contextlib.contextmanager
 def cublas_gemms(on: bool):
     """With ``on``, the op's Triton loops leave their per-step GEMMs to cuBLAS."""
-    from nestrnn.ops.nested_lstm import triton_loop
+    if not on:
+        return contextlib.nullcontext()
+    from nestrnn.ops.nested_lstm.triton_loop import TritonConfig  # imports Triton
 
-    choose = triton_loop.pick_config
-    if on:
-
-        def pick(batch, hidden, config=None, dtype=torch.float32, graphed=False):
-            config = replace(config or triton_loop.TritonConfig(), cublas_gemms=True)
-            return choose(batch, hidden, config, dtype, graphed)
-
-        triton_loop.pick_config = pick
-    try:
-        yield
-    finally:
-        triton_loop.pick_config = choose
+    return triton_configs(
+        lambda batch, hidden, given: replace(given or TritonConfig(), cublas_gemms=True)
+    )
 
 
 def check_seed(case: Case, seed: int, device: str) -> bool:

@@ -552,17 +552,25 @@ def graphed_op(shape, backend, device, dtype, timer, repeats) -> dict:
     batch, hidden, steps = shape
     model = standard_chain(2)(hidden, "triton").to(device, dtype)
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn_like(x)
+    try:
+        return per_step_times(model, x, torch.randn_like(x), timer, repeats)
+    except RuntimeError as err:
+        return {"graph_note": f"CUDA graphs: {err}"}
 
+
+def per_step_times(model, x, grad_out, timer, repeats, direct_column="op") -> dict:
+    """Microseconds a step of ``model`` (an NLSTM row on the triton backend) on ``x``, forward
+    (inference) and forward+backward, with the op's step loops never (``direct_column``) and always
+    (``graph``) in CUDA graphs; RuntimeError if the op ran another implementation."""
     calls = {"fwd": lambda: inference(model, x), "fwd+bwd": lambda: model(x)[0].backward(grad_out)}
-    result = {}
-    for setting, column in (("0", "op"), ("1", "graph")):  # the op's step loops as CUDA graphs
+    steps, result = x.shape[0], {}
+    for setting, column in (("0", direct_column), ("1", "graph")):
         with environment("NESTRNN_TRITON_CUDA_GRAPH", setting):
             for mode, fn in calls.items():
-                fn()  # capture
+                fn()  # warm-up (and capture)
                 ran = implementation_of(model, x, mode == "fwd+bwd")
                 if ran != "triton":
-                    return {"graph_note": f"CUDA graphs: the op ran {ran}"}
+                    raise RuntimeError(f"the op ran {ran}")
                 result[f"{mode}_{column}"] = statistics.median(timer(fn) for _ in range(repeats)) * 1e3 / steps  # fmt: skip
     return result
 

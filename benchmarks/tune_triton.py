@@ -39,7 +39,7 @@ from multiprocessing import get_context
 import gpu_check
 import speed
 import torch
-from bench_common import describe_line, describe_machine, environment, parse_shapes
+from bench_common import describe_line, describe_machine, environment, parse_shapes, triton_configs
 
 from nestrnn.ops.nested_lstm import planning
 
@@ -94,21 +94,14 @@ def candidates(dtype: str, batch: int, hidden: int, quick: bool = False):
     return found
 
 
-@contextlib.contextmanager
 def forced(config):
-    """The op launches its kernels with ``config``'s block sizes (its graph setting aside)."""
-    loop = triton_loop()
-    choose = loop.pick_config
+    """The op launches its kernels with ``config`` (its graph setting aside)."""
+    return triton_configs(lambda batch, hidden, given: replace(config, cuda_graph=graph_of(given)))
 
-    def pick(batch, hidden, given=None, dtype=torch.float32, graphed=False):
-        cuda_graph = given.cuda_graph if given is not None else None
-        return choose(batch, hidden, replace(config, cuda_graph=cuda_graph), dtype, graphed)
 
-    loop.pick_config = pick
-    try:
-        yield
-    finally:
-        loop.pick_config = choose
+def graph_of(given) -> bool | None:
+    """The CUDA-graph setting of the configuration the op passed (None: the default)."""
+    return given.cuda_graph if given is not None else None
 
 
 def make_config(fields):
@@ -175,17 +168,8 @@ def check(dtype: str, cfg, batch: int, hidden: int, device: str) -> bool:
 def time_config(cfg, model, x, grad_out, timer, repeats: int) -> dict:
     """Microseconds a step of ``model`` under ``cfg``, forward and forward+backward, with the step
     loops always and never in CUDA graphs."""
-    calls = {"fwd": lambda: speed.inference(model, x), "fwd+bwd": lambda: model(x)[0].backward(grad_out)}  # fmt: skip
-    steps, result = x.shape[0], {}
     with forced(cfg):
-        for setting, column in (("1", "graph"), ("0", "direct")):
-            with environment("NESTRNN_TRITON_CUDA_GRAPH", setting):
-                for mode, fn in calls.items():
-                    fn()  # warm-up (and capture)
-                    times = [timer(fn) for _ in range(repeats)]
-                    result[f"{mode}_{column}"] = statistics.median(times) * 1e3 / steps
-                    if model.implementation(x, mode == "fwd+bwd") != "triton":
-                        raise RuntimeError("the op did not plan Triton")
+        result = speed.per_step_times(model, x, grad_out, timer, repeats, direct_column="direct")
     triton_loop().clear_cuda_graphs()
     failure = planning.failures().get("triton")
     if failure:
@@ -247,28 +231,19 @@ def best(result: dict) -> tuple | None:
 @contextlib.contextmanager
 def tuned(path: str, dtype: str):
     """The op launches the best configuration of ``path`` (this script's JSON) for ``dtype`` (short
-    or torch's name) at
-    each (B, H) tuned there, and ``pick_config``'s own choice elsewhere (speed.py
-    --triton-configs)."""
+    or torch's name) at each (B, H) tuned there, and ``pick_config``'s own choice elsewhere
+    (speed.py --triton-configs)."""
     with open(path) as f:
         results = json.load(f)["results"]
     dtype = {long: short for short, long in SPEED_DTYPES.items()}.get(dtype, dtype)
     table = {(r["B"], r["H"]): best(r) for r in results if r["dtype"] == dtype}
-    loop = triton_loop()
-    choose = loop.pick_config
 
-    def pick(batch, hidden, given=None, dtype=torch.float32, graphed=False):
+    def choose(batch, hidden, given):
         entry = table.get((batch, hidden))
-        if entry is None:
-            return choose(batch, hidden, given, dtype, graphed)
-        graphs = given.cuda_graph if given is not None else None
-        return choose(batch, hidden, replace(make_config(entry), cuda_graph=graphs), dtype, graphed)
+        return given if entry is None else replace(make_config(entry), cuda_graph=graph_of(given))
 
-    loop.pick_config = pick
-    try:
+    with triton_configs(choose):
         yield {key: label(make_config(entry)) for key, entry in table.items() if entry}
-    finally:
-        loop.pick_config = choose
 
 
 COLUMNS = ("fwd_graph", "fwd+bwd_graph", "fwd_direct", "fwd+bwd_direct")

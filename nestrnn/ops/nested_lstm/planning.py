@@ -108,7 +108,8 @@ def plan(
 ) -> Plan:
     """The implementation for this call (see the module docstring). ``eager``: the caller can run
     torch's LSTM with its own autograd (no compile, export, trace or torch.func transform).
-    ``hidden``: the hidden size, which ``auto``'s choice on CUDA depends on (None: a small one)."""
+    ``hidden``: the hidden size, which ``auto``'s choice on CUDA depends on (None: unknown, and
+    depth 1 keeps cuDNN)."""
     training = training and not eager  # torch's LSTM trains only outside the op
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

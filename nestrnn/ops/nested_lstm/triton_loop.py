@@ -35,6 +35,7 @@ directly, with the graph configuration, to be captured by that one.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -111,7 +112,7 @@ def pick_config(
     cfg = config or TritonConfig()
     if _interpreting():
         size = min(max(16, _pow2(hidden)), 64)
-        block_b = min(max(16, _pow2(batch)), 64)
+        block_b = _batch_block(batch)
         chosen = (block_b, size, size, 4 if block_b * size <= 512 else 8, None, False)
     else:
         chosen = _measured_blocks(batch, hidden, dtype, graphed)
@@ -125,6 +126,11 @@ def pick_config(
             raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
     cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
     return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, num_stages, cublas)
+
+
+def _batch_block(batch: int) -> int:
+    """Rows a program: the batch rounded up to a power of two, from 16 (tl.dot) to 64."""
+    return min(max(16, _pow2(batch)), 64)
 
 
 def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype, graphed: bool) -> tuple:
@@ -147,7 +153,7 @@ def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype, graphed: bool)
     spills.
     """
     small = max(16, _pow2(hidden))  # no block wider than the hidden size needs
-    block_b = min(max(16, _pow2(batch)), 64)
+    block_b = _batch_block(batch)
     if dtype == torch.float32:  # the fused kernels' FMA dots: small tiles, 4 warps
         chosen = (16, 16, 64, 4, None) if batch <= 32 else (32, 32, 32, 4, None)
         cublas = graphed or batch * hidden >= 128 * 1024
@@ -311,23 +317,23 @@ def _gemm(a: Tensor, b: Tensor, out: Tensor) -> None:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
 
 
-_MIXED_MM: dict[tuple, bool] = {}
-
-
 def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """Result dtype of the cuBLAS step GEMMs: float32 where torch multiplies ``dtype`` operands into
     a float32 result on ``device`` (no rounding of the pre-activations), else ``dtype``."""
-    if dtype == torch.float32:
-        return dtype
-    key = (dtype, device.type)
-    if key not in _MIXED_MM:
-        try:
-            one = torch.ones(16, 16, dtype=dtype, device=device)
-            _gemm(one, one, torch.empty(16, 16, dtype=torch.float32, device=device))
-            _MIXED_MM[key] = True
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MIXED_MM[key] = False
-    return torch.float32 if _MIXED_MM[key] else dtype
+    if dtype == torch.float32 or _float32_results(dtype, device.type):
+        return torch.float32
+    return dtype
+
+
+@functools.cache
+def _float32_results(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether ``torch.mm`` gives a float32 result of ``dtype`` operands here (tried once)."""
+    one = torch.ones(16, 16, dtype=dtype, device=device_type)
+    try:
+        _gemm(one, one, torch.empty(16, 16, dtype=torch.float32, device=device_type))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def _gemm_buffers(
