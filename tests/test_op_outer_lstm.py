@@ -62,6 +62,19 @@ MEMORIES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def uninitialized_memory_is_nan():
+    """torch.empty fills its memory with NaN here: a kernel that reads memory nobody wrote (or
+    memory already freed, and handed out again) gives NaN, not a lucky zero."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def case(memory_name, steps, batch, inputs, hidden, bias, seed):
     torch.manual_seed(seed)
     memory = MEMORIES[memory_name](hidden).double()

@@ -169,13 +169,13 @@ class _GatesStep(torch.autograd.Function):
         (c_prev,) = ctx.saved_tensors
         seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
         grads = [_grad(g, c_prev) for g in (d_gated_cell, d_gated_input)]
-        if d_out_gate is None and seq.output_reached[t]:
-            d_o = 0  # the o gradient is in dz already, from this step's _Transition or _Output
-        else:
-            d_o = _grad(d_out_gate, c_prev).data_ptr()
+        d_o = None  # the o gradient is in dz already, from this step's _Transition or _Output
+        if d_out_gate is not None or not seq.output_reached[t]:
+            d_o = _grad(d_out_gate, c_prev)  # held here until the kernel has read it
         dc_prev, dh_prev = torch.empty_like(c_prev), torch.empty_like(c_prev)
         seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, seq.w_hh.handle,
-                                 seq.z(t), c_prev.data_ptr(), *(g.data_ptr() for g in grads), d_o,
+                                 seq.z(t), c_prev.data_ptr(), *(g.data_ptr() for g in grads),
+                                 0 if d_o is None else d_o.data_ptr(),
                                  seq.dz_at_step(t), dc_prev.data_ptr(), dh_prev.data_ptr())  # fmt: skip
         seq.reached[t] = True
         return c_prev.new_empty(0), dh_prev, dc_prev, None, None
