@@ -1,8 +1,12 @@
 """The fast outer LSTM around any memory function (``ops/outer_lstm/stepwise.py``) against the naive
 per-step path: outputs, final states and every gradient (x, h0, c0, outer weights and the memory
-function's parameters), in float64."""
+function's parameters), in float64, with its native step nodes and with its Python ones."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from torch import nn
 from nestrnn import MemoryFunction
 from nestrnn.memory import NestedMemory
 from nestrnn.ops.nested_lstm import LevelWeights, native
-from nestrnn.ops.outer_lstm import outer_lstm, outer_lstm_naive, stepwise
+from nestrnn.ops.outer_lstm import native_nodes, outer_lstm, outer_lstm_naive, stepwise
 
 pytestmark = pytest.mark.skipif(
     not native.status().available, reason=f"CPU kernel unavailable: {native.status().reason}"
@@ -54,12 +58,28 @@ class IgnoresInput(MemoryFunction):
         return 0.9 * gated_cell, ()
 
 
+class Detaching(MemoryFunction):
+    """Cuts the graph through its inputs: the gradient reaches the outer gates of earlier steps
+    (through h) only along the chain of the outer LSTM's own nodes."""
+
+    def __init__(self, hidden_size):
+        super().__init__(hidden_size)
+        self.scale = nn.Parameter(torch.rand(hidden_size))
+
+    def forward(self, gated_cell, gated_input, state):
+        return self.scale * gated_cell.detach() + gated_input.detach(), ()
+
+
 MEMORIES = {
     "leaky": Leaky,
     "decaying": Decaying,
     "ignores_input": IgnoresInput,
+    "detaching": Detaching,
     "nested": lambda h: NestedMemory(h, depth=3, cell_activation="softsign"),
 }
+
+
+NODES = ["native", "python"]
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +93,29 @@ def uninitialized_memory_is_nan():
     yield
     torch.use_deterministic_algorithms(deterministic)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@contextlib.contextmanager
+def step_nodes(kind: str):
+    """Run the stepwise path with its native (C++) step nodes or with its Python ones."""
+    if kind == "python":
+        with mock.patch.object(native_nodes, "module", lambda: None):
+            yield
+        return
+    if not native_nodes.status().available:
+        if os.environ.get("NESTRNN_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"native step nodes required: {native_nodes.status().reason}")
+        pytest.skip(f"native step nodes unavailable: {native_nodes.status().reason}")
+    yield
+
+
+def test_each_kind_of_step_node_runs():
+    memory, weights, x, h0, c0 = case("leaky", 3, 2, 2, 4, True, 0)
+    for kind, name in (("native", "CppNode"), ("python", "_OutputBackward")):
+        with step_nodes(kind):
+            _, h_n, _ = stepwise.outer_lstm_stepwise(x, weights, memory, h0, c0, None, False,
+                                                     "tanh")  # fmt: skip
+        assert name in h_n.grad_fn.name()
 
 
 def case(memory_name, steps, batch, inputs, hidden, bias, seed):
@@ -108,6 +151,7 @@ def run(fn, memory, weights, x, h0, c0, batch_sizes, reverse, seed=1):
     ]
 
 
+@pytest.mark.parametrize("nodes", NODES)
 @settings(deadline=None, max_examples=40)
 @given(
     memory=st.sampled_from(sorted(MEMORIES)),
@@ -121,15 +165,16 @@ def run(fn, memory, weights, x, h0, c0, batch_sizes, reverse, seed=1):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_matches_the_naive_path(memory, steps, batch, inputs, hidden, bias, packed, reverse, seed,
-                                data):  # fmt: skip
+def test_matches_the_naive_path(nodes, memory, steps, batch, inputs, hidden, bias, packed, reverse,
+                                seed, data):  # fmt: skip
     memory, weights, x, h0, c0 = case(memory, steps, batch, inputs, hidden, bias, seed)
     batch_sizes = None
     if packed:
         sizes = sorted(data.draw(st.lists(st.integers(0, batch), min_size=steps, max_size=steps)))
         batch_sizes = torch.tensor(sizes[::-1])
     assert stepwise.applies(x, weights, h0, c0)
-    got = run(stepwise.outer_lstm_stepwise, memory, weights, x, h0, c0, batch_sizes, reverse)
+    with step_nodes(nodes):
+        got = run(stepwise.outer_lstm_stepwise, memory, weights, x, h0, c0, batch_sizes, reverse)
     want = run(outer_lstm_naive, memory, weights, x, h0, c0, batch_sizes, reverse)
     for n, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(
@@ -137,12 +182,14 @@ def test_matches_the_naive_path(memory, steps, batch, inputs, hidden, bias, pack
         )
 
 
-def test_retained_graph_and_partial_losses():
+@pytest.mark.parametrize("nodes", NODES)
+def test_retained_graph_and_partial_losses(nodes):
     """A second backward through the same graph, reaching fewer steps, gives the right gradients
     (the steps it does not reach contribute nothing)."""
     memory, weights, x, h0, c0 = case("decaying", 6, 3, 2, 4, True, 0)
     args = (x, weights, memory, h0, c0, None, False, "softsign")
-    out, _, _ = stepwise.outer_lstm_stepwise(*args)
+    with step_nodes(nodes):
+        out, _, _ = stepwise.outer_lstm_stepwise(*args)
     full = torch.autograd.grad(out.sum(), weights.weight_hh, retain_graph=True)[0]
     first_only = torch.autograd.grad(out[0].sum(), weights.weight_hh)[0]
     ref_out, _, _ = outer_lstm_naive(*args)
@@ -160,6 +207,7 @@ def partial_loss(out, h_n, c_n, used):
                for t in terms)  # fmt: skip
 
 
+@pytest.mark.parametrize("nodes", NODES)
 @settings(deadline=None, max_examples=40)
 @given(
     memory=st.sampled_from(sorted(MEMORIES)),
@@ -169,8 +217,8 @@ def partial_loss(out, h_n, c_n, used):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_losses_of_some_outputs_through_a_retained_graph(memory, steps, packed, reverse, seed,
-                                                         data):  # fmt: skip
+def test_losses_of_some_outputs_through_a_retained_graph(nodes, memory, steps, packed, reverse,
+                                                         seed, data):  # fmt: skip
     """Losses that use only some outputs (so that some steps' nodes never run their backward),
     one after another through the same retained graph: every gradient as the naive path's."""
     memory, weights, x, h0, c0 = case(memory, steps, 3, 2, 4, True, seed)
@@ -178,7 +226,8 @@ def test_losses_of_some_outputs_through_a_retained_graph(memory, steps, packed, 
     args = (x, weights, memory, h0, c0, batch_sizes, reverse, memory.outer_candidate_activation)
     leaves = [x, h0, c0, *(w for w in weights if w is not None), *memory.parameters()]
     outputs = [*range(steps), "h", "c"]
-    fast = stepwise.outer_lstm_stepwise(*args)
+    with step_nodes(nodes):
+        fast = stepwise.outer_lstm_stepwise(*args)
     for _ in range(2):
         used = data.draw(st.lists(st.sampled_from(outputs), min_size=1, unique=True))
         got = torch.autograd.grad(partial_loss(*fast, used), leaves, retain_graph=True,
@@ -189,6 +238,17 @@ def test_losses_of_some_outputs_through_a_retained_graph(memory, steps, packed, 
             g = torch.zeros_like(leaf) if g is None else g
             w = torch.zeros_like(leaf) if w is None else w
             torch.testing.assert_close(g, w, msg=lambda m, n=n, used=used: f"{used} {n}: {m}")
+
+
+@pytest.mark.parametrize("nodes", NODES)
+def test_a_second_derivative_is_a_clear_error(nodes):
+    """The outer LSTM's nodes compute their backward by hand: a graph through it would be wrong."""
+    memory, weights, x, h0, c0 = case("leaky", 3, 2, 2, 4, True, 0)
+    with step_nodes(nodes):
+        out, _, _ = stepwise.outer_lstm_stepwise(x, weights, memory, h0, c0, None, False, "tanh")
+    with pytest.raises(RuntimeError, match="no second derivative|differentiate twice"):
+        (grad,) = torch.autograd.grad((out**2).sum(), weights.weight_hh, create_graph=True)
+        torch.autograd.grad(grad.sum(), weights.weight_hh)
 
 
 def test_a_memory_function_returning_the_wrong_shape_is_a_clear_error():

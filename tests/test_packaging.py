@@ -1,5 +1,5 @@
-"""The wheel: the experiment configs are package data, and ``-c NAME`` finds them in an installed
-copy, far from any checkout."""
+"""The wheel: the experiment configs and the native sources are package data, and ``-c NAME`` finds
+the configs in an installed copy, far from any checkout."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def installed(tmp_path_factory) -> Path:
     assert [n for n in names if n.startswith("nestrnn/configs/") and n.endswith(".yaml")] == [
         f"nestrnn/configs/{name}" for name in CONFIGS
     ]
+    for source in ("nested_lstm/cpu_kernel.c", "nested_lstm/cpu_kernel_loops.h",
+                   "outer_lstm/step_nodes.cpp"):  # fmt: skip
+        assert f"nestrnn/ops/{source}" in names  # compiled on first use
     site = root / "site"
     zipfile.ZipFile(wheel).extractall(site)
     return site

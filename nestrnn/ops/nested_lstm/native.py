@@ -5,15 +5,12 @@ no Python or PyTorch headers in it, so the system C compiler builds it in about 
 GEMMs call the BLAS that PyTorch links (MKL's packed GEMM where present), which it gets as function
 pointers from torch's own library.
 
-It is compiled on first use into a cache directory (``$NESTRNN_CACHE_DIR``, else
-``$XDG_CACHE_HOME/nestrnn``, else ``~/.cache/nestrnn``) under a name that hashes the source, the
+It is compiled on first use into the cache (``ops/build_cache.py``: where it is, and why a library
+planted there is never loaded, nor its constructors run) under a name that hashes the source, the
 compiler, its flags and this CPU (``-march=native``), and names the user: a cache shared between
-machines and users keeps one build per kind of CPU and user. A cached library is loaded only when
-it is a regular file owned by the current user and writable by nobody else, checked on the open
-file itself, which is then the file loaded: a library planted in a shared cache is never loaded
-(nor are its constructors run); it is replaced by a fresh build. Before the first call the
-library's ABI version and its argument-struct layout are compared with this module's mirror, and
-every kernel call's return code is checked.
+machines and users keeps one build per kind of CPU and user. Before the first call the library's
+ABI version and its argument-struct layout are compared with this module's mirror, and every
+kernel call's return code is checked.
 
 When anything is missing (no C compiler, a torch build without an exported ``sgemm_``, an
 unwritable cache) the op runs its PyTorch loop instead: ``status()`` says which and why.
@@ -30,9 +27,6 @@ import os
 import platform
 import shlex
 import shutil
-import stat
-import subprocess
-import tempfile
 import threading
 import warnings
 import weakref
@@ -41,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nestrnn.ops import build_cache
 
 __all__ = [
     "ABI_VERSION",
@@ -163,6 +159,14 @@ class Kernel:
 
         return call
 
+    def step_address(self, name: str, dtype: torch.dtype) -> int:
+        """The address of an outer-step function, for native code that calls it directly."""
+        return ctypes.cast(self._steps[name, dtype], ctypes.c_void_p).value
+
+    def matrix_free_address(self, dtype: torch.dtype) -> int:
+        """The address of the function that frees a ``Matrix`` handle of this dtype."""
+        return ctypes.cast(self._matrix[dtype][1], ctypes.c_void_p).value
+
     def forward(self, dtype: torch.dtype, args: Args) -> None:
         self._call("forward", dtype, args)
 
@@ -184,6 +188,11 @@ class Matrix:
     def __init__(self, handle: int, weight: torch.Tensor, free: Callable[[int], None]):
         self.handle, self.weight = handle, weight  # the kernel may read the weight itself
         self._finalizer = weakref.finalize(self, free, handle)
+
+    def release(self) -> int:
+        """Hand the handle over: its new owner frees it (and keeps ``weight`` alive)."""
+        self._finalizer.detach()
+        return self.handle
 
 
 #: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
@@ -248,26 +257,14 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
 
 
 def _open_trusted(path: Path) -> Kernel | None:
-    """Load ``path`` if it is ours and well-formed, else None.
-
-    "Ours": a regular file owned by this user that nobody else may write, checked on an open
-    descriptor which is then what gets loaded (``/proc/self/fd``), so that the file cannot be
-    swapped between the check and the load. A descriptor that was loaded stays open: the loader
-    knows libraries by name, and a reused descriptor number would give back the earlier library.
-    One that the loader refused is closed.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    info = os.fstat(fd)
-    owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-    proc = Path(f"/proc/self/fd/{fd}")
-    if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o022 or not proc.exists():
-        os.close(fd)
+    """Load ``path`` if it is ours (``build_cache.trusted_descriptor``) and well-formed, else None.
+    A descriptor that was loaded stays open: the loader knows libraries by name, and a reused
+    descriptor number would give back the earlier library."""
+    fd = build_cache.trusted_descriptor(path)
+    if fd is None:
         return None
     try:
-        lib = ctypes.CDLL(str(proc))
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
     except OSError:  # corrupt or truncated (never loaded): rebuilt by the caller
         os.close(fd)
         return None
@@ -303,13 +300,6 @@ def _torch_blas() -> list[ctypes.c_void_p] | str:
     return gemms + packed
 
 
-def _cache_dir() -> Path:
-    if "NESTRNN_CACHE_DIR" in os.environ:
-        return Path(os.environ["NESTRNN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nestrnn"
-
-
 def _cpu_signature() -> str:
     """What -march=native depends on: the machine and its CPU feature flags."""
     flags = ""
@@ -337,8 +327,9 @@ def library_path() -> Path:
     for name in _SOURCES:
         key.update((here / name).read_bytes())
     key.update(" ".join([compiler, *cflags, _cpu_signature()]).encode())
-    user = f"-u{os.getuid()}" if hasattr(os, "getuid") else ""
-    return _cache_dir() / f"cpu_kernel-{key.hexdigest()[:16]}{user}.so"
+    return (
+        build_cache.cache_dir() / f"cpu_kernel-{key.hexdigest()[:16]}{build_cache.user_suffix()}.so"
+    )
 
 
 def build(target: Path | None = None) -> Path:
@@ -346,32 +337,12 @@ def build(target: Path | None = None) -> Path:
     passes), atomically (a concurrent builder never sees a partial file, and a file planted
     under that name is replaced); returns the path."""
     compiler, cflags = _compiler()
-    target = target or library_path()
-    cache = target.parent
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # mode 0600: ours alone
-        os.close(fd)
-    except OSError as err:
-        raise RuntimeError(f"cache directory {cache} is not writable: {err}") from err
     source = Path(__file__).parent / "cpu_kernel.c"
-    try:
-        done = subprocess.run(
-            [compiler, *cflags, "-o", tmp, str(source), "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling the CPU kernel failed: {done.stderr.strip()[-2000:]}")
-        os.chmod(tmp, 0o700)
-        os.replace(tmp, target)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise RuntimeError(f"compiling the CPU kernel failed: {err}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build_cache.compile_into(
+        target or library_path(),
+        lambda output: [compiler, *cflags, "-o", output, str(source), "-lm"],
+        "the CPU kernel",
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ the C kernel, as in the whole-sequence op:
   those of h_{t-1} (one GEMM) and c_{t-1};
 * ``_Transition``: what lies between two memory calls, in one node and one kernel call: this
   step's ``h_t = o * tanh(c_t)`` and the next step's gates from it; ``_Output``: the last step's h.
+  Native (C++) nodes do the same work where they could be built (``native_nodes.py``).
+
+Each of these nodes also takes an empty ``link`` tensor from the step before and gives one to the
+next: h_t depends on the step's gates whatever the memory function does with its inputs, so the
+backward must reach every earlier step (and the prologue) even from a memory function that
+detaches them, or ignores them.
 
 Autograd then runs one backward pass over the whole sequence: one node of ours per step besides
 the memory function's, instead of the ~20 small ops of the naive path, and no weight gradient
@@ -24,6 +30,7 @@ projection.
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +41,7 @@ from nestrnn.activations import activation_code
 from nestrnn.ops.nested_lstm import native
 from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
 from nestrnn.ops.nested_lstm.workspace import WORKSPACE
+from nestrnn.ops.outer_lstm import native_nodes
 from nestrnn.ops.outer_lstm.naive import active_rows, merge_rows
 
 if TYPE_CHECKING:
@@ -78,8 +86,12 @@ class _Sequence:
         self.act_cells = WORKSPACE.empty((steps, batch, hidden), dtype, device)
         self.scratch = torch.empty(batch, hidden, dtype=dtype, device=device)
         # per step, whether a backward wrote its gate gradients into dz (the others' must be 0),
-        # and whether one wrote the o gradient of its output (else the gates' backward takes 0)
-        self.reached, self.output_reached = [False] * steps, [False] * steps
+        # and whether one wrote the o gradient of its output (else the gates' backward takes 0):
+        # bytes that the native nodes share, seen here through ctypes views
+        self.flags = torch.zeros(2, max(steps, 1), dtype=torch.uint8)
+        view = ctypes.c_uint8 * steps
+        self.reached = view.from_address(self.flags.data_ptr())
+        self.output_reached = view.from_address(self.flags[1].data_ptr())
         self.dz_at, self.h_prev_at = self.dz.unbind(0), self.h_prev.unbind(0)
         self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
         self.h_prev_ptr, self.act_ptr = self.h_prev.data_ptr(), self.act_cells.data_ptr()
@@ -92,6 +104,25 @@ class _Sequence:
         for name in ("outer_gates", "outer_transition", "outer_output"):
             setattr(self, name, kernel.step_function(name, x.dtype))
             setattr(self, f"{name}_backward", kernel.step_function(f"{name}_backward", x.dtype))
+        self.nodes = None if packed else self._native_sequence(kernel, w_hh)
+
+    def _native_sequence(self, kernel: native.Kernel, w_hh: Tensor):
+        """What the native nodes share (they own the weight matrices from then on), or None
+        when they are unavailable: then ``_Transition`` and ``_Output`` do their work."""
+        nodes = native_nodes.module()
+        if nodes is None:
+            return None
+        dtype = w_hh.dtype
+        functions = ("outer_transition", "outer_transition_backward", "outer_output",
+                     "outer_output_backward")  # fmt: skip
+        sequence = nodes.Sequence(
+            self.gates, self.dz, self.h_prev, self.act_cells, self.flags, w_hh,
+            self.w_hh_t.handle, self.w_hh.handle, kernel.matrix_free_address(dtype),
+            (self.gate, self.candidate, self.cell),
+            tuple(kernel.step_address(name, dtype) for name in functions),
+        )  # fmt: skip
+        self.w_hh_t.release(), self.w_hh.release()
+        return sequence
 
     def z(self, t: int) -> int:
         """Address of step t's gates."""
@@ -131,8 +162,7 @@ class _Prologue(torch.autograd.Function):
         for t, reached in enumerate(seq.reached):  # a loss that did not depend on every step
             if not reached:
                 seq.dz_at[t].zero_()
-        # for a second backward through a retained graph
-        seq.reached, seq.output_reached = [False] * steps, [False] * steps
+        seq.flags.zero_()  # for a second backward through a retained graph
         dz = seq.dz.view(steps * batch, -1)
         need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
         dx = dz.mm(w_ih).view(x.shape) if need_x else None
@@ -148,7 +178,8 @@ class _Prologue(torch.autograd.Function):
 
 class _GatesStep(torch.autograd.Function):
     """(token, h_{t-1}, c_{t-1}) of the ``rows`` active rows -> ``f * c_{t-1}``, ``i * g``, ``o``
-    (the first step of a sequence, and every step of a packed batch)."""
+    and a link to the next step's node (the first step of a sequence, and every step of a packed
+    batch)."""
 
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
@@ -162,10 +193,11 @@ class _GatesStep(torch.autograd.Function):
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
         ctx.set_materialize_grads(False)  # an unused output gets no zeros (see backward)
-        return gated_cell, gated_input, out_gate
+        return gated_cell, gated_input, out_gate, c_prev.new_empty(0)
 
     @staticmethod
-    def backward(ctx, d_gated_cell, d_gated_input, d_out_gate):
+    def backward(ctx, d_gated_cell, d_gated_input, d_out_gate, _d_link):
+        _refuse_double_backward(d_gated_cell, d_gated_input, d_out_gate)
         (c_prev,) = ctx.saved_tensors
         seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
         grads = [_grad(g, c_prev) for g in (d_gated_cell, d_gated_input)]
@@ -182,11 +214,12 @@ class _GatesStep(torch.autograd.Function):
 
 
 class _Transition(torch.autograd.Function):
-    """The new cell c_t of step t, every row active -> h_t, and the next step's ``f * c_t`` and
-    ``i * g`` (its ``_GatesStep`` and this step's output in one node and one kernel call)."""
+    """The new cell c_t of step t, every row active, and the link from the step before -> h_t,
+    the next step's ``f * c_t`` and ``i * g`` (its ``_GatesStep`` and this step's output in one
+    node and one kernel call), and a link to the next step."""
 
     @staticmethod
-    def forward(ctx, cell, seq: _Sequence, t: int, t_next: int):
+    def forward(ctx, cell, _link, seq: _Sequence, t: int, t_next: int):
         cell = cell.contiguous()
         h, gated_cell, gated_input = (torch.empty_like(cell) for _ in range(3))
         h_copy = seq.h_prev_ptr + t_next * seq.state_stride  # the next step's h_{t-1}
@@ -197,10 +230,11 @@ class _Transition(torch.autograd.Function):
         ctx.seq, ctx.t, ctx.t_next = seq, t, t_next
         ctx.save_for_backward(cell)
         ctx.set_materialize_grads(False)
-        return h, gated_cell, gated_input
+        return h, gated_cell, gated_input, cell.new_empty(0)
 
     @staticmethod
-    def backward(ctx, d_h, d_gated_cell, d_gated_input):
+    def backward(ctx, d_h, d_gated_cell, d_gated_input, _d_link):
+        _refuse_double_backward(d_h, d_gated_cell, d_gated_input)
         (cell,) = ctx.saved_tensors
         seq, t, t_next = ctx.seq, ctx.t, ctx.t_next
         grads = [_grad(g, cell) for g in (d_h, d_gated_cell, d_gated_input)]
@@ -213,14 +247,14 @@ class _Transition(torch.autograd.Function):
                                       seq.dz_at_step(t), seq.dz_at_step(t_next), d_cell.data_ptr(),
                                       seq.scratch.data_ptr())  # fmt: skip
         seq.reached[t_next] = seq.output_reached[t] = True
-        return d_cell, None, None, None
+        return d_cell, cell.new_empty(0), None, None, None
 
 
 class _Output(torch.autograd.Function):
-    """The last step's new cell, every row active -> its h."""
+    """The last step's new cell, every row active, and the link from the step before -> its h."""
 
     @staticmethod
-    def forward(ctx, cell, seq: _Sequence, t: int):
+    def forward(ctx, cell, _link, seq: _Sequence, t: int):
         cell = cell.contiguous()
         h = torch.empty_like(cell)
         seq.outer_output(seq.batch, seq.hidden, seq.cell, seq.z(t), cell.data_ptr(), seq.act(t),
@@ -230,13 +264,24 @@ class _Output(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_h):
+        _refuse_double_backward(d_h)
         seq, t = ctx.seq, ctx.t
         d_h = d_h.clone(memory_format=torch.contiguous_format)  # the kernel overwrites it
         d_cell = torch.empty_like(d_h)
         seq.outer_output_backward(seq.batch, seq.hidden, seq.cell, seq.z(t), seq.act(t),
                                   d_h.data_ptr(), seq.dz_at_step(t), d_cell.data_ptr())  # fmt: skip
         seq.output_reached[t] = True
-        return d_cell, None, None
+        return d_cell, d_cell.new_empty(0), None, None
+
+
+def _refuse_double_backward(*grads: Tensor | None) -> None:
+    """The nodes' backward is not differentiable: refuse to build a graph through it (as the
+    native nodes do)."""
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+        raise RuntimeError(
+            "the outer LSTM's step nodes have no second derivative (a backward with "
+            "create_graph=True through a memory function on the generic path)"
+        )
 
 
 def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -288,15 +333,22 @@ def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
     order = list(time_order(len(sizes), reverse))
     outputs: list[Tensor] = [h0.new_empty(0)] * len(sizes)
     cells = tuple(c0.unbind(0))
-    gated_cell, gated_input, _ = _GatesStep.apply(token, h0, cells[0], seq, order[0])
+    gated_cell, gated_input, _, link = _GatesStep.apply(token, h0, cells[0], seq, order[0])
     state = cells[1:]
+    if seq.nodes is not None:
+        nodes, shared = native_nodes.module(), seq.nodes
+        transition = lambda *args: nodes.transition(*args[:2], shared, *args[2:])  # noqa: E731
+        output = lambda *args: nodes.output(*args[:2], shared, *args[2:])  # noqa: E731
+    else:
+        transition = lambda *args: _Transition.apply(*args[:2], seq, *args[2:])  # noqa: E731
+        output = lambda *args: _Output.apply(*args[:2], seq, *args[2:])  # noqa: E731
     for n, t in enumerate(order):
         cell, state = memory(gated_cell, gated_input, state)
         _check_memory_output(memory, cell, state, gated_cell)
         if n + 1 < len(order):
-            h, gated_cell, gated_input = _Transition.apply(cell, seq, t, order[n + 1])
+            h, gated_cell, gated_input, link = transition(cell, link, t, order[n + 1])
         else:
-            h = _Output.apply(cell, seq, t)
+            h = output(cell, link, t)
         outputs[t] = h
     return h, (cell, *state), outputs
 
@@ -313,7 +365,7 @@ def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
             outputs[t] = h.new_zeros(h.shape)
             continue
         h_active, cells_active = active_rows(h, cells, rows)
-        gated_cell, gated_input, out_gate = _GatesStep.apply(
+        gated_cell, gated_input, out_gate, _ = _GatesStep.apply(
             token, h_active, cells_active[0], seq, t
         )
         cell, state = memory(gated_cell, gated_input, cells_active[1:])

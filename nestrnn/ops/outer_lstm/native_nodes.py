@@ -1,0 +1,149 @@
+"""Build, cache and load the outer LSTM's native step nodes (``step_nodes.cpp``).
+
+``stepwise.py`` does the outer LSTM's per-step work around a Python memory function in autograd
+nodes of its own. Written as Python ``autograd.Function``s, each costs some microseconds of
+interpreter time a step, forward and backward, next to the CPU kernel's few tens: these C++ nodes
+do the same work without it. They are a Python extension built against this torch's headers,
+with the C++ compiler (``$CXX``, else ``c++``), once per torch and Python version (about 20 s),
+into the same cache as the CPU kernel and under the same rules (``ops/build_cache.py``).
+
+When they cannot be built (no C++ compiler or Python headers, an unwritable cache) stepwise.py's
+Python nodes do the same work: ``status()`` says why. ``NESTRNN_NATIVE_NODES=0`` turns them off;
+``python -m nestrnn.ops`` builds them ahead of time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from nestrnn.ops import build_cache
+from nestrnn.ops.nested_lstm.native import NativeStatus
+
+__all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
+
+ABI_VERSION = 1  # the module's ABI_VERSION in step_nodes.cpp
+_MODULE = "_nestrnn_step_nodes"
+_SOURCE = Path(__file__).parent / "step_nodes.cpp"
+_DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
+
+_lock = threading.Lock()
+_state: tuple[ModuleType | None, NativeStatus] | None = None
+
+
+def module() -> ModuleType | None:
+    """The loaded extension, building it on first use; None when unavailable (see ``status``)."""
+    return _load()[0]
+
+
+def status() -> NativeStatus:
+    """Whether the native step nodes can be used, building them if needed."""
+    return _load()[1]
+
+
+def _load() -> tuple[ModuleType | None, NativeStatus]:
+    global _state
+    with _lock:
+        if _state is None:
+            _state = _try_load()
+            if not _state[1].available and os.environ.get("NESTRNN_NATIVE_NODES") != "0":
+                warnings.warn(
+                    f"nestrnn: native step nodes not available ({_state[1].reason}); memory "
+                    "functions of your own run with Python step nodes, a little slower",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return _state
+
+
+def _try_load() -> tuple[ModuleType | None, NativeStatus]:
+    if os.environ.get("NESTRNN_NATIVE_NODES") == "0":
+        return None, NativeStatus(False, "disabled by NESTRNN_NATIVE_NODES=0")
+    try:
+        path = library_path()
+        loaded = _open_trusted(path) if path.exists() else None
+        if loaded is None:  # absent, planted, or unusable: build (again)
+            build(path)
+            loaded = _open_trusted(path)
+            if loaded is None:
+                raise RuntimeError(f"{path} could not be loaded after building it")
+    except (OSError, RuntimeError) as err:
+        return None, NativeStatus(False, str(err))
+    return loaded, NativeStatus(True, "built", path)
+
+
+def _open_trusted(path: Path) -> ModuleType | None:
+    """Import ``path`` if it is ours (``build_cache.trusted_descriptor``) and of this ABI, else
+    None. A descriptor that was loaded stays open (see native.py)."""
+    fd = build_cache.trusted_descriptor(path)
+    if fd is None:
+        return None
+    loader = importlib.machinery.ExtensionFileLoader(_MODULE, f"/proc/self/fd/{fd}")
+    spec = importlib.util.spec_from_loader(_MODULE, loader)
+    try:
+        loaded = importlib.util.module_from_spec(spec)
+        loader.exec_module(loaded)
+    except ImportError:  # corrupt, truncated or for another torch (never loaded): rebuilt
+        os.close(fd)
+        return None
+    return loaded if getattr(loaded, "ABI_VERSION", None) == ABI_VERSION else None
+
+
+def _compiler() -> tuple[str, list[str]]:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return compiler, shlex.split(os.environ.get("NESTRNN_CXXFLAGS", _DEFAULT_CXXFLAGS))
+
+
+def _includes() -> list[Path]:
+    torch_include = Path(torch.__file__).parent / "include"
+    python_include = Path(sysconfig.get_paths()["include"])
+    if not (python_include / "Python.h").exists():
+        raise RuntimeError(f"no Python headers in {python_include}")
+    if not (torch_include / "torch" / "csrc" / "autograd" / "custom_function.h").exists():
+        raise RuntimeError(f"no torch C++ headers in {torch_include}")
+    return [torch_include, torch_include / "torch" / "csrc" / "api" / "include", python_include]
+
+
+def library_path() -> Path:
+    """Where the build for this source, compiler, flags, torch, Python and user lives."""
+    compiler, flags = _compiler()
+    key = hashlib.sha256(_SOURCE.read_bytes())
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    versions = [torch.__version__, str(torch.version.git_version), sys.version, suffix]
+    key.update(" ".join([compiler, *flags, *versions]).encode())
+    name = f"step_nodes-{key.hexdigest()[:16]}{build_cache.user_suffix()}{suffix}"
+    return build_cache.cache_dir() / name
+
+
+def build(target: Path | None = None) -> Path:
+    """Compile the extension to ``target`` (default ``library_path()``), atomically; returns the
+    path."""
+    compiler, flags = _compiler()
+    torch_lib = Path(torch.__file__).parent / "lib"
+    command = [
+        compiler,
+        *flags,
+        f"-DNESTRNN_MODULE_NAME={_MODULE}",
+        *(f"-I{path}" for path in _includes()),
+        str(_SOURCE),
+        f"-L{torch_lib}",
+        f"-Wl,-rpath,{torch_lib}",
+        *("-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"),
+    ]
+    return build_cache.compile_into(
+        target or library_path(), lambda output: [*command, "-o", output], "the step nodes"
+    )
