@@ -23,6 +23,7 @@
  * against nlstm_abi_version() before the first call; every entry point returns 0 or an NLSTM_E*.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -63,6 +64,49 @@ int nlstm_set_blas(void *sgemm, void *dgemm, void *pack_size, void *spack, void 
     spack_ptr = (spack_fn)spack;
     scompute_ptr = (scompute_fn)scompute;
     return 0;
+}
+
+/* Buffers of packed weights, kept for the next call: fresh memory of that size (a few hundred
+ * KB) is mapped anew by malloc and page-faults on its first touch, every call, which costs more
+ * than the packing itself where faults are slow. At most POOL_SLOTS buffers and POOL_BYTES in all
+ * are kept; each is reused for a request of at least half its size. */
+#define POOL_SLOTS 16
+#define POOL_BYTES ((size_t)64 << 20)
+static struct {
+    void *ptr;
+    size_t size;
+} pool[POOL_SLOTS];
+static size_t pool_bytes; /* held in the pool */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A buffer of at least *size bytes (*size becomes its real size), or NULL. */
+static void *pool_take(size_t *size) {
+    void *found = NULL;
+    pthread_mutex_lock(&pool_lock);
+    for (int i = 0; i < POOL_SLOTS && !found; i++)
+        if (pool[i].ptr && pool[i].size >= *size && pool[i].size / 2 <= *size) {
+            found = pool[i].ptr;
+            *size = pool[i].size;
+            pool[i].ptr = NULL;
+            pool_bytes -= *size;
+        }
+    pthread_mutex_unlock(&pool_lock);
+    return found ? found : malloc(*size);
+}
+
+static void pool_give(void *ptr, size_t size) {
+    if (!ptr)
+        return;
+    pthread_mutex_lock(&pool_lock);
+    for (int i = 0; i < POOL_SLOTS && ptr && pool_bytes + size <= POOL_BYTES; i++)
+        if (!pool[i].ptr) {
+            pool[i].ptr = ptr;
+            pool[i].size = size;
+            pool_bytes += size;
+            ptr = NULL;
+        }
+    pthread_mutex_unlock(&pool_lock);
+    free(ptr); /* the pool is full */
 }
 
 /* Everything one call needs; integers are int64. */

@@ -5,6 +5,7 @@
 typedef struct {
     const REAL *w;
     REAL *packed; /* NULL: plain GEMM */
+    size_t packed_size;
     int m, k, lda, full_n;
     char trans;
 } SFX(operand);
@@ -14,6 +15,7 @@ static void SFX(operand_init)(SFX(operand) * op, const REAL *w, char trans, int 
                               int full_n) {
     op->w = w;
     op->packed = NULL;
+    op->packed_size = 0;
     op->m = m;
     op->k = k;
     op->lda = trans == 'T' ? k : m;
@@ -23,14 +25,15 @@ static void SFX(operand_init)(SFX(operand) * op, const REAL *w, char trans, int 
     if (pack_size_ptr && spack_ptr && scompute_ptr) {
         const float one = 1.0f;
         const char trans_s[2] = {trans, 0};
-        op->packed = malloc(pack_size_ptr("A", &m, &full_n, &k));
+        op->packed_size = pack_size_ptr("A", &m, &full_n, &k);
+        op->packed = pool_take(&op->packed_size);
         if (op->packed) /* without memory for the packed copy the plain GEMM runs */
             spack_ptr("A", trans_s, &m, &full_n, &k, &one, w, &op->lda, op->packed);
     }
 #endif
 }
 
-static void SFX(operand_free)(SFX(operand) * op) { free(op->packed); }
+static void SFX(operand_free)(SFX(operand) * op) { pool_give(op->packed, op->packed_size); }
 
 /* Row-major out (n, m) = beta * out + b (n, k) @ op^T, i.e. column-major out^T = A b^T. */
 static void SFX(operand_mul)(const SFX(operand) * op, int n, const REAL *b, REAL beta, REAL *out) {

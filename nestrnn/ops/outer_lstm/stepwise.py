@@ -66,9 +66,9 @@ class _Sequence:
     """What the steps of one call share: the gate buffer ``gates`` (T, B, 4H), which holds the
     input projection, then each step's activated gates; the h that entered each step, ``h_prev``
     (T, B, H), for the weight gradient; ``act_cells`` (T, B, H), tanh of each new cell; and ``dz``
-    (T, B, 4H), the gate gradients the steps' backwards leave for the prologue's. Per-step views
-    and addresses are made once here: the steps are small, and each view costs about a
-    microsecond."""
+    (T, B, 4H), the gate gradients the steps' backwards leave for the prologue's. The steps
+    address them by pointer arithmetic (``z`` and the like): a view costs about a microsecond, a
+    step tens."""
 
     def __init__(self, x: Tensor, weights: LevelWeights, candidate: str, packed: bool):
         steps, batch, _ = x.shape
@@ -92,7 +92,6 @@ class _Sequence:
         view = ctypes.c_uint8 * steps
         self.reached = view.from_address(self.flags.data_ptr())
         self.output_reached = view.from_address(self.flags[1].data_ptr())
-        self.dz_at, self.h_prev_at = self.dz.unbind(0), self.h_prev.unbind(0)
         self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
         self.h_prev_ptr, self.act_ptr = self.h_prev.data_ptr(), self.act_cells.data_ptr()
         self.stride = batch * 4 * hidden * x.element_size()  # bytes from one step to the next
@@ -161,7 +160,7 @@ class _Prologue(torch.autograd.Function):
         steps, batch, in_size = x.shape
         for t, reached in enumerate(seq.reached):  # a loss that did not depend on every step
             if not reached:
-                seq.dz_at[t].zero_()
+                seq.dz[t].zero_()
         seq.flags.zero_()  # for a second backward through a retained graph
         dz = seq.dz.view(steps * batch, -1)
         need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
@@ -183,7 +182,7 @@ class _GatesStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
-        rows, slot = h_prev.shape[0], seq.h_prev_at[t]
+        rows, slot = h_prev.shape[0], seq.h_prev[t]
         h_prev = (slot if rows == seq.batch else slot[:rows]).copy_(h_prev)  # contiguous
         c_prev = c_prev.contiguous()
         gated_cell, gated_input, out_gate = (torch.empty_like(c_prev) for _ in range(3))
@@ -240,7 +239,7 @@ class _Transition(torch.autograd.Function):
         grads = [_grad(g, cell) for g in (d_h, d_gated_cell, d_gated_input)]
         d_cell = torch.empty_like(cell)
         if not seq.output_reached[t_next]:  # the next step's h fed nothing the loss used
-            seq.dz_at[t_next][:, 3 * seq.hidden :].zero_()
+            seq.dz[t_next, :, 3 * seq.hidden :].zero_()
         seq.outer_transition_backward(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
                                       seq.w_hh.handle, seq.z(t), seq.act(t), seq.z(t_next),
                                       cell.data_ptr(), *(g.data_ptr() for g in grads),
