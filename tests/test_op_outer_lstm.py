@@ -182,6 +182,16 @@ def test_matches_the_naive_path(nodes, memory, steps, batch, inputs, hidden, bia
         )
 
 
+def test_an_empty_sequence_matches_the_naive_path():
+    """T = 0, as the whole-sequence op allows: no output, the state passes through."""
+    memory, weights, x, h0, c0 = case("leaky", 0, 2, 3, 4, True, 0)
+    got = run(stepwise.outer_lstm_stepwise, memory, weights, x, h0, c0, None, False)
+    want = run(outer_lstm_naive, memory, weights, x, h0, c0, None, False)
+    assert got[0].shape == (0, 2, 4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("nodes", NODES)
 def test_retained_graph_and_partial_losses(nodes):
     """A second backward through the same graph, reaching fewer steps, gives the right gradients

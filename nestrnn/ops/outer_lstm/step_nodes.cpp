@@ -149,8 +149,8 @@ at::Tensor link_like(const at::Tensor &like) { return at::empty({0}, like.option
 // The new cell of step t, every row active, and the link from the step before -> h_t, the next
 // step's f * c_t and i * g, and the link to the next step.
 struct Transition : public torch::autograd::Function<Transition> {
-    static variable_list forward(AutogradContext *ctx, at::Tensor cell, const at::Tensor &link,
-                                 const c10::intrusive_ptr<Sequence> &seq, int64_t t,
+    static variable_list forward(AutogradContext *ctx, const c10::intrusive_ptr<Sequence> &seq,
+                                 at::Tensor cell, const at::Tensor &link, int64_t t,
                                  int64_t t_next) {
         const Sequence &s = *seq;
         check_cell(s, cell);
@@ -193,14 +193,14 @@ struct Transition : public torch::autograd::Function<Transition> {
               "outer_transition_backward");
         s.reached(t_next) = 1;
         s.output_reached(t) = 1;
-        return {d_cell, link_like(cell), at::Tensor(), at::Tensor(), at::Tensor()};
+        return {at::Tensor(), d_cell, link_like(cell), at::Tensor(), at::Tensor()};
     }
 };
 
 // The last step's new cell, every row active, and the link from the step before -> its h.
 struct Output : public torch::autograd::Function<Output> {
-    static at::Tensor forward(AutogradContext *ctx, at::Tensor cell, const at::Tensor &link,
-                              const c10::intrusive_ptr<Sequence> &seq, int64_t t) {
+    static at::Tensor forward(AutogradContext *ctx, const c10::intrusive_ptr<Sequence> &seq,
+                              at::Tensor cell, const at::Tensor &link, int64_t t) {
         const Sequence &s = *seq;
         check_cell(s, cell);
         check_step(s, t);
@@ -224,20 +224,20 @@ struct Output : public torch::autograd::Function<Output> {
                                 s.dz_at(t), d_cell.data_ptr()),
               "outer_output_backward");
         s.output_reached(t) = 1;
-        return {d_cell, link_like(d_cell), at::Tensor(), at::Tensor()};
+        return {at::Tensor(), d_cell, link_like(d_cell), at::Tensor()};
     }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-transition(const at::Tensor &cell, const at::Tensor &link, const c10::intrusive_ptr<Sequence> &seq,
+transition(const c10::intrusive_ptr<Sequence> &seq, const at::Tensor &cell, const at::Tensor &link,
            int64_t t, int64_t t_next) {
-    auto out = Transition::apply(cell, link, seq, t, t_next);
+    auto out = Transition::apply(seq, cell, link, t, t_next);
     return {out[0], out[1], out[2], out[3]};
 }
 
-at::Tensor output(const at::Tensor &cell, const at::Tensor &link,
-                  const c10::intrusive_ptr<Sequence> &seq, int64_t t) {
-    return Output::apply(cell, link, seq, t);
+at::Tensor output(const c10::intrusive_ptr<Sequence> &seq, const at::Tensor &cell,
+                  const at::Tensor &link, int64_t t) {
+    return Output::apply(seq, cell, link, t);
 }
 
 } // namespace

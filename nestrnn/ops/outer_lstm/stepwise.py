@@ -31,6 +31,7 @@ projection.
 from __future__ import annotations
 
 import ctypes
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,7 @@ class _Sequence:
         # per step, whether a backward wrote its gate gradients into dz (the others' must be 0),
         # and whether one wrote the o gradient of its output (else the gates' backward takes 0):
         # bytes that the native nodes share, seen here through ctypes views
-        self.flags = torch.zeros(2, max(steps, 1), dtype=torch.uint8)
+        self.flags = torch.zeros(2, steps, dtype=torch.uint8)
         view = ctypes.c_uint8 * steps
         self.reached = view.from_address(self.flags.data_ptr())
         self.output_reached = view.from_address(self.flags[1].data_ptr())
@@ -120,7 +121,8 @@ class _Sequence:
             (self.gate, self.candidate, self.cell),
             tuple(kernel.step_address(name, dtype) for name in functions),
         )  # fmt: skip
-        self.w_hh_t.release(), self.w_hh.release()
+        self.w_hh_t.release()
+        self.w_hh.release()
         return sequence
 
     def z(self, t: int) -> int:
@@ -218,7 +220,7 @@ class _Transition(torch.autograd.Function):
     node and one kernel call), and a link to the next step."""
 
     @staticmethod
-    def forward(ctx, cell, _link, seq: _Sequence, t: int, t_next: int):
+    def forward(ctx, seq: _Sequence, cell, _link, t: int, t_next: int):
         cell = cell.contiguous()
         h, gated_cell, gated_input = (torch.empty_like(cell) for _ in range(3))
         h_copy = seq.h_prev_ptr + t_next * seq.state_stride  # the next step's h_{t-1}
@@ -246,14 +248,14 @@ class _Transition(torch.autograd.Function):
                                       seq.dz_at_step(t), seq.dz_at_step(t_next), d_cell.data_ptr(),
                                       seq.scratch.data_ptr())  # fmt: skip
         seq.reached[t_next] = seq.output_reached[t] = True
-        return d_cell, cell.new_empty(0), None, None, None
+        return None, d_cell, cell.new_empty(0), None, None
 
 
 class _Output(torch.autograd.Function):
     """The last step's new cell, every row active, and the link from the step before -> its h."""
 
     @staticmethod
-    def forward(ctx, cell, _link, seq: _Sequence, t: int):
+    def forward(ctx, seq: _Sequence, cell, _link, t: int):
         cell = cell.contiguous()
         h = torch.empty_like(cell)
         seq.outer_output(seq.batch, seq.hidden, seq.cell, seq.z(t), cell.data_ptr(), seq.act(t),
@@ -270,7 +272,7 @@ class _Output(torch.autograd.Function):
         seq.outer_output_backward(seq.batch, seq.hidden, seq.cell, seq.z(t), seq.act(t),
                                   d_h.data_ptr(), seq.dz_at_step(t), d_cell.data_ptr())  # fmt: skip
         seq.output_reached[t] = True
-        return d_cell, d_cell.new_empty(0), None, None
+        return None, d_cell, d_cell.new_empty(0), None
 
 
 def _refuse_double_backward(*grads: Tensor | None) -> None:
@@ -317,10 +319,10 @@ def outer_lstm_stepwise(
     steps, batch = x.shape[0], x.shape[1]
     sizes = [batch] * steps if batch_sizes is None else batch_sizes.tolist()
     packed = min(sizes, default=batch) < batch
-    seq = _Sequence(x, weights, candidate_activation, packed)
-    token = _Prologue.apply(seq, x, *weights)
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
+    seq = _Sequence(x, weights, candidate_activation, packed)
+    token = _Prologue.apply(seq, x, *weights)
     loop = _packed_loop if packed else _dense_loop
     h, cells, outputs = loop(seq, token, memory, h0, c0, sizes, reverse)
     return torch.stack(outputs), h, torch.stack(cells)
@@ -335,12 +337,12 @@ def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
     gated_cell, gated_input, _, link = _GatesStep.apply(token, h0, cells[0], seq, order[0])
     state = cells[1:]
     if seq.nodes is not None:
-        nodes, shared = native_nodes.module(), seq.nodes
-        transition = lambda *args: nodes.transition(*args[:2], shared, *args[2:])  # noqa: E731
-        output = lambda *args: nodes.output(*args[:2], shared, *args[2:])  # noqa: E731
+        nodes = native_nodes.module()
+        transition = functools.partial(nodes.transition, seq.nodes)
+        output = functools.partial(nodes.output, seq.nodes)
     else:
-        transition = lambda *args: _Transition.apply(*args[:2], seq, *args[2:])  # noqa: E731
-        output = lambda *args: _Output.apply(*args[:2], seq, *args[2:])  # noqa: E731
+        transition = functools.partial(_Transition.apply, seq)
+        output = functools.partial(_Output.apply, seq)
     for n, t in enumerate(order):
         cell, state = memory(gated_cell, gated_input, state)
         _check_memory_output(memory, cell, state, gated_cell)
