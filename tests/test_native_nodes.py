@@ -12,23 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
-from test_native import compile_library
+from test_native import compile_library, run_python
 
 from nestrnn.ops.outer_lstm import native_nodes
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=600,
-    )
-
 
 # a user's memory function on the generic path against the naive reference, then the status
 CHECK_GENERIC_PATH = """

@@ -17,8 +17,11 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["cache_dir", "compile_into", "trusted_descriptor", "user_suffix"]
+__all__ = ["cache_dir", "compile_into", "open_or_build", "trusted_descriptor", "user_suffix"]
+
+Loaded = TypeVar("Loaded")
 
 
 def cache_dir() -> Path:
@@ -71,3 +74,17 @@ def compile_into(target: Path, command: Callable[[str], list[str]], what: str) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def open_or_build(
+    path: Path, open_trusted: Callable[[Path], Loaded | None], build: Callable[[Path], Path]
+) -> Loaded:
+    """``open_trusted(path)``, building ``path`` first when it is absent, planted or unusable;
+    raises ``RuntimeError`` (or ``OSError``) saying why when neither works."""
+    loaded = open_trusted(path) if path.exists() else None
+    if loaded is None:
+        build(path)
+        loaded = open_trusted(path)
+        if loaded is None:
+            raise RuntimeError(f"{path} could not be loaded after building it")
+    return loaded

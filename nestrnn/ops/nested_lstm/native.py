@@ -243,12 +243,7 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
         return None, NativeStatus(False, blas)
     try:
         path = library_path()
-        lib = _open_trusted(path) if path.exists() else None
-        if lib is None:  # absent, planted, or unusable: build (again)
-            build(path)
-            lib = _open_trusted(path)
-            if lib is None:
-                raise RuntimeError(f"{path} could not be loaded after building it")
+        lib = build_cache.open_or_build(path, _open_trusted, build)
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
     if lib.set_blas(*blas) != 0:

@@ -73,12 +73,7 @@ def _try_load() -> tuple[ModuleType | None, NativeStatus]:
         return None, NativeStatus(False, "disabled by NESTRNN_NATIVE_NODES=0")
     try:
         path = library_path()
-        loaded = _open_trusted(path) if path.exists() else None
-        if loaded is None:  # absent, planted, or unusable: build (again)
-            build(path)
-            loaded = _open_trusted(path)
-            if loaded is None:
-                raise RuntimeError(f"{path} could not be loaded after building it")
+        loaded = build_cache.open_or_build(path, _open_trusted, build)
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
     return loaded, NativeStatus(True, "built", path)
