@@ -1,5 +1,6 @@
 """The cache of compiled libraries (the CPU kernel, the outer LSTM's step nodes): where it is, how a
-build gets into it, and which files in it may be loaded.
+build gets into it, which files in it may be loaded, and loading each library once per process
+(``LoadOnce``, with the ``NativeStatus`` that says whether it is in use and why not).
 
 The cache is ``$NESTRNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/nestrnn``, else ``~/.cache/nestrnn``.
 A build is compiled to a temporary file there and renamed into place, so a concurrent builder
@@ -15,11 +16,22 @@ import os
 import stat
 import subprocess
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
-__all__ = ["cache_dir", "compile_into", "open_or_build", "trusted_descriptor", "user_suffix"]
+__all__ = [
+    "LoadOnce",
+    "NativeStatus",
+    "cache_dir",
+    "compile_into",
+    "open_or_build",
+    "trusted_descriptor",
+    "user_suffix",
+]
 
 Loaded = TypeVar("Loaded")
 
@@ -88,3 +100,47 @@ def open_or_build(
         if loaded is None:
             raise RuntimeError(f"{path} could not be loaded after building it")
     return loaded
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    """Whether a library is in use: ``library`` is its path, else ``reason`` says why not."""
+
+    available: bool
+    reason: str
+    library: Path | None = None
+
+
+class LoadOnce(Generic[Loaded]):
+    """A library of the cache, loaded (or found unavailable) once per process, on first call.
+
+    ``load()`` gives the loaded library and its status; ``switch`` names the environment variable
+    whose value ``0`` turns it off. Unless it is off, an unavailable library warns once, naming
+    it (``name``) and saying what runs instead (``fallback``).
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], tuple[Loaded | None, NativeStatus]],
+        switch: str,
+        name: str,
+        fallback: str,
+    ):
+        self._load, self._switch, self._name, self._fallback = load, switch, name, fallback
+        self._lock = threading.Lock()
+        self._state: tuple[Loaded | None, NativeStatus] | None = None
+
+    def __call__(self) -> tuple[Loaded | None, NativeStatus]:
+        with self._lock:
+            if self._state is None:
+                off = os.environ.get(self._switch) == "0"
+                reason = f"disabled by {self._switch}=0"
+                self._state = (None, NativeStatus(False, reason)) if off else self._load()
+                if not self._state[1].available and not off:
+                    warnings.warn(
+                        f"nestrnn: {self._name} not available ({self._state[1].reason}); "
+                        f"{self._fallback}",
+                        RuntimeWarning,
+                        stacklevel=4,  # past this call and kernel() or module()
+                    )
+            return self._state

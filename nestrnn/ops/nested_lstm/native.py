@@ -27,16 +27,14 @@ import os
 import platform
 import shlex
 import shutil
-import threading
-import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nestrnn.ops import build_cache
+from nestrnn.ops.build_cache import NativeStatus
 
 __all__ = [
     "ABI_VERSION",
@@ -89,15 +87,6 @@ def args_layout() -> str:
     """``nlstm_args_layout()``'s text for the mirror above: ``name:offset,...,size:N``."""
     fields = ",".join(f"{name}:{getattr(Args, name).offset}" for name, _ in Args._fields_)
     return f"{fields},size:{ctypes.sizeof(Args)}"
-
-
-@dataclass(frozen=True)
-class NativeStatus:
-    """Whether the CPU kernel is in use: ``library`` is its path, else ``reason`` says why not."""
-
-    available: bool
-    reason: str
-    library: Path | None = None
 
 
 class Kernel:
@@ -206,9 +195,6 @@ _STEP_ARGTYPES = {
     "outer_output_backward": [_I64, _I64, _I32, *[_PTR] * 5],
 }
 
-_lock = threading.Lock()
-_state: tuple[Kernel | None, NativeStatus] | None = None
-
 
 def kernel() -> Kernel | None:
     """The loaded kernel, building it on first use; None when unavailable (see ``status``)."""
@@ -220,24 +206,7 @@ def status() -> NativeStatus:
     return _load()[1]
 
 
-def _load() -> tuple[Kernel | None, NativeStatus]:
-    global _state
-    with _lock:
-        if _state is None:
-            _state = _try_load()
-            if not _state[1].available and os.environ.get("NESTRNN_NATIVE") != "0":
-                warnings.warn(
-                    f"nestrnn: CPU kernel not available ({_state[1].reason}); "
-                    "the nested-LSTM op uses its slower PyTorch loop",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        return _state
-
-
 def _try_load() -> tuple[Kernel | None, NativeStatus]:
-    if os.environ.get("NESTRNN_NATIVE") == "0":
-        return None, NativeStatus(False, "disabled by NESTRNN_NATIVE=0")
     blas = _torch_blas()
     if isinstance(blas, str):
         return None, NativeStatus(False, blas)
@@ -249,6 +218,11 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
     if lib.set_blas(*blas) != 0:
         return None, NativeStatus(False, f"{torch.__file__} gave no usable BLAS")
     return lib, NativeStatus(True, "built", path)
+
+
+_load = build_cache.LoadOnce(
+    _try_load, "NESTRNN_NATIVE", "CPU kernel", "the nested-LSTM op uses its slower PyTorch loop"
+)
 
 
 def _open_trusted(path: Path) -> Kernel | None:

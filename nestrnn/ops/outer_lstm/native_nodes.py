@@ -22,15 +22,13 @@ import shlex
 import shutil
 import sys
 import sysconfig
-import threading
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from nestrnn.ops import build_cache
-from nestrnn.ops.nested_lstm.native import NativeStatus
+from nestrnn.ops.build_cache import NativeStatus
 
 __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
 
@@ -38,9 +36,6 @@ ABI_VERSION = 1  # the module's ABI_VERSION in step_nodes.cpp
 _MODULE = "_nestrnn_step_nodes"
 _SOURCE = Path(__file__).parent / "step_nodes.cpp"
 _DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
-
-_lock = threading.Lock()
-_state: tuple[ModuleType | None, NativeStatus] | None = None
 
 
 def module() -> ModuleType | None:
@@ -53,30 +48,21 @@ def status() -> NativeStatus:
     return _load()[1]
 
 
-def _load() -> tuple[ModuleType | None, NativeStatus]:
-    global _state
-    with _lock:
-        if _state is None:
-            _state = _try_load()
-            if not _state[1].available and os.environ.get("NESTRNN_NATIVE_NODES") != "0":
-                warnings.warn(
-                    f"nestrnn: native step nodes not available ({_state[1].reason}); memory "
-                    "functions of your own run with Python step nodes, a little slower",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        return _state
-
-
 def _try_load() -> tuple[ModuleType | None, NativeStatus]:
-    if os.environ.get("NESTRNN_NATIVE_NODES") == "0":
-        return None, NativeStatus(False, "disabled by NESTRNN_NATIVE_NODES=0")
     try:
         path = library_path()
         loaded = build_cache.open_or_build(path, _open_trusted, build)
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
     return loaded, NativeStatus(True, "built", path)
+
+
+_load = build_cache.LoadOnce(
+    _try_load,
+    "NESTRNN_NATIVE_NODES",
+    "native step nodes",
+    "memory functions of your own run with Python step nodes, a little slower",
+)
 
 
 def _open_trusted(path: Path) -> ModuleType | None:
