@@ -249,11 +249,7 @@ PYBIND11_MODULE(NESTRNN_MODULE_NAME, m) {
         .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                             at::Tensor, uintptr_t, uintptr_t, uintptr_t,
                             std::tuple<int32_t, int32_t, int32_t>,
-                            std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t>>())
-        .def_property_readonly("w_hh_t_matrix",
-                               [](const Sequence &s) { return uintptr_t(s.w_hh_t_matrix); })
-        .def_property_readonly("w_hh_matrix",
-                               [](const Sequence &s) { return uintptr_t(s.w_hh_matrix); });
+                            std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t>>());
     m.def("transition", &transition);
     m.def("output", &output);
 }
