@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers_native import require
 from test_native import compile_library, run_python
 
 from nestrnn.ops.outer_lstm import native_nodes
@@ -52,9 +53,7 @@ def test_available_where_required():
     """CI (``NESTRNN_REQUIRE_NATIVE=1``) has a C++ compiler and Python headers: the nodes must
     build there, so that their tests run rather than skip."""
     found = native_nodes.status()
-    if not found.available and os.environ.get("NESTRNN_REQUIRE_NATIVE") != "1":
-        pytest.skip(f"native step nodes unavailable: {found.reason}")
-    assert found.available, found.reason
+    require(found, "native step nodes")
     assert found.library is not None and found.library.parent.is_dir()
 
 

@@ -9,11 +9,11 @@ pinned through ``backend``; "auto" is what users get. The Triton kernels have th
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 
 import pytest
 import torch
+from helpers_native import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -36,13 +36,9 @@ BIAS_MODES = ("both", "none", "ih", "hh")
 
 
 def require_implementation(backend: str) -> None:
-    """Skip C-loop tests where the kernel cannot be built, except where it must be
-    (``NESTRNN_REQUIRE_NATIVE=1``, set by CI): there its absence fails the test."""
-    if backend == "c_loop" and not native.status().available:
-        reason = f"CPU kernel unavailable: {native.status().reason}"
-        if os.environ.get("NESTRNN_REQUIRE_NATIVE") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    """Skip (or, under CI, fail) C-loop tests where the kernel cannot be built."""
+    if backend == "c_loop":
+        require(native.status(), "CPU kernel")
 
 
 def op(backend: str):

@@ -5,11 +5,11 @@ function's parameters), in float64, with its native step nodes and with its Pyth
 from __future__ import annotations
 
 import contextlib
-import os
 from unittest import mock
 
 import pytest
 import torch
+from helpers_native import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -102,10 +102,7 @@ def step_nodes(kind: str):
         with mock.patch.object(native_nodes, "module", lambda: None):
             yield
         return
-    if not native_nodes.status().available:
-        if os.environ.get("NESTRNN_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native step nodes required: {native_nodes.status().reason}")
-        pytest.skip(f"native step nodes unavailable: {native_nodes.status().reason}")
+    require(native_nodes.status(), "native step nodes")
     yield
 
 
