@@ -29,6 +29,7 @@ from nestrnn.ops.nested_lstm import (
     plan,
     planning,
 )
+from nestrnn.ops.nested_lstm.gradients import input_gradient
 from nestrnn.ops.nested_lstm.layout import encode_activations, standard_activations
 
 IMPLEMENTATIONS = ("c_loop", "torch_loop", "auto")
@@ -259,6 +260,18 @@ def test_gradcheck(backend, depth, mode):
         return nested_lstm(x, ws, h0, c0, bs, variant, acts, backend)
 
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *flat), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_input_gradient_of_any_width(dtype):
+    """dz @ W_ih, in float32 through a weight padded to a multiple of 16 columns."""
+    torch.manual_seed(0)
+    dz = torch.randn(37, 12, dtype=dtype)
+    for width in (1, 5, 16, 17, 75):
+        weight = torch.randn(12, width, dtype=dtype)
+        got = input_gradient(dz, weight)
+        assert got.is_contiguous() and got.shape == (37, width)
+        torch.testing.assert_close(got, dz.mm(weight))
 
 
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)

@@ -41,6 +41,22 @@ def previous_hidden(
     return [(slice(0, steps - 1), later), (slice(steps - 1, steps), first)]
 
 
+def input_gradient(dz: Tensor, weight_ih: Tensor) -> Tensor:
+    """``dz @ W_ih``: (rows, 4H) @ (4H, I) -> (rows, I), contiguous.
+
+    In float32 on CPU the weight gets zero columns up to a multiple of 16 first: MKL's SGEMM is
+    25-40% faster at such widths (I = 75, 150, 250, 300 with 4H = 300 or 1024), far more than the
+    copy out of the padded result costs. In float64 padding measured slower, so it is not done.
+    """
+    width = weight_ih.shape[1]
+    padded = -(-width // 16) * 16
+    if weight_ih.dtype != torch.float32 or weight_ih.device.type != "cpu" or padded == width:
+        return dz.mm(weight_ih)
+    wide = weight_ih.new_zeros(weight_ih.shape[0], padded)
+    wide[:, :width] = weight_ih
+    return dz.mm(wide)[:, :width].contiguous()
+
+
 def parameter_gradients(
     x: Tensor,
     h0: Tensor,
@@ -68,7 +84,7 @@ def parameter_gradients(
         return (torch.zeros_like(x) if needs_x else None), zero
     dz_gemm = dz.to(gemm).view(len(weights), rows, 4 * hidden)
     dx = (
-        dz_gemm[0].mm(weights[0].weight_ih.to(gemm)).view(steps, batch, in_size)
+        input_gradient(dz_gemm[0], weights[0].weight_ih.to(gemm)).view(steps, batch, in_size)
         if needs_x
         else None
     )
