@@ -96,14 +96,17 @@ def uninitialized_memory_is_nan():
 
 
 @contextlib.contextmanager
-def step_nodes(kind: str):
-    """Run the stepwise path with its native (C++) step nodes or with its Python ones."""
-    if kind == "python":
-        with mock.patch.object(native_nodes, "module", lambda: None):
-            yield
-        return
-    require(native_nodes.status(), "native step nodes")
-    yield
+def step_nodes(kind: str, fuse_input: bool = True):
+    """Run the stepwise path with its native (C++) step nodes or with its Python ones, and x's
+    projection and gradient in the steps' GEMMs (as at small sizes) or in the prologue's (as at
+    large)."""
+    with mock.patch.object(stepwise, "fuses_input", lambda _weight: fuse_input):
+        if kind == "python":
+            with mock.patch.object(native_nodes, "module", lambda: None):
+                yield
+            return
+        require(native_nodes.status(), "native step nodes")
+        yield
 
 
 def test_each_kind_of_step_node_runs():
@@ -159,18 +162,19 @@ def run(fn, memory, weights, x, h0, c0, batch_sizes, reverse, seed=1):
     bias=st.booleans(),
     packed=st.booleans(),
     reverse=st.booleans(),
+    fuse_input=st.booleans(),
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
 def test_matches_the_naive_path(nodes, memory, steps, batch, inputs, hidden, bias, packed, reverse,
-                                seed, data):  # fmt: skip
+                                fuse_input, seed, data):  # fmt: skip
     memory, weights, x, h0, c0 = case(memory, steps, batch, inputs, hidden, bias, seed)
     batch_sizes = None
     if packed:
         sizes = sorted(data.draw(st.lists(st.integers(0, batch), min_size=steps, max_size=steps)))
         batch_sizes = torch.tensor(sizes[::-1])
     assert stepwise.applies(x, weights, h0, c0)
-    with step_nodes(nodes):
+    with step_nodes(nodes, fuse_input):
         got = run(stepwise.outer_lstm_stepwise, memory, weights, x, h0, c0, batch_sizes, reverse)
     want = run(outer_lstm_naive, memory, weights, x, h0, c0, batch_sizes, reverse)
     for n, (g, w) in enumerate(zip(got, want)):
@@ -221,11 +225,12 @@ def partial_loss(out, h_n, c_n, used):
     steps=st.integers(1, 5),
     packed=st.booleans(),
     reverse=st.booleans(),
+    fuse_input=st.booleans(),
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
 def test_losses_of_some_outputs_through_a_retained_graph(nodes, memory, steps, packed, reverse,
-                                                         seed, data):  # fmt: skip
+                                                         fuse_input, seed, data):  # fmt: skip
     """Losses that use only some outputs (so that some steps' nodes never run their backward),
     one after another through the same retained graph: every gradient as the naive path's."""
     memory, weights, x, h0, c0 = case(memory, steps, 3, 2, 4, True, seed)
@@ -233,7 +238,7 @@ def test_losses_of_some_outputs_through_a_retained_graph(nodes, memory, steps, p
     args = (x, weights, memory, h0, c0, batch_sizes, reverse, memory.outer_candidate_activation)
     leaves = [x, h0, c0, *(w for w in weights if w is not None), *memory.parameters()]
     outputs = [*range(steps), "h", "c"]
-    with step_nodes(nodes):
+    with step_nodes(nodes, fuse_input):
         fast = stepwise.outer_lstm_stepwise(*args)
     for _ in range(2):
         used = data.draw(st.lists(st.sampled_from(outputs), min_size=1, unique=True))
@@ -245,6 +250,55 @@ def test_losses_of_some_outputs_through_a_retained_graph(nodes, memory, steps, p
             g = torch.zeros_like(leaf) if g is None else g
             w = torch.zeros_like(leaf) if w is None else w
             torch.testing.assert_close(g, w, msg=lambda m, n=n, used=used: f"{used} {n}: {m}")
+
+
+@pytest.mark.parametrize("nodes", NODES)
+@pytest.mark.parametrize("fuse_input", [True, False])
+def test_a_gradient_returned_stays_as_it_was(nodes, fuse_input):
+    """The steps write x's gradient into a buffer of the sequence: a second backward through the
+    retained graph writes a new one, never the one the first returned."""
+    memory, weights, x, h0, c0 = case("leaky", 4, 3, 2, 4, True, 0)
+    with step_nodes(nodes, fuse_input):
+        out, _, _ = stepwise.outer_lstm_stepwise(x, weights, memory, h0, c0, None, False, "tanh")
+    first = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    kept = first.clone()
+    second = torch.autograd.grad((2 * out).sum(), x)[0]
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    torch.testing.assert_close(second, 2 * kept)
+
+
+@pytest.mark.parametrize("nodes", NODES)
+@pytest.mark.parametrize("needs", ["weights only", "no input", "no bias", "one bias"])
+def test_inputs_and_biases_that_need_no_gradient(nodes, needs):
+    """The steps skip x's and the bias's gradients where nothing needs them; the others are as
+    the naive path's."""
+    memory, weights, x, h0, c0 = case("decaying", 5, 3, 2, 4, True, 1)
+    frozen = {
+        "weights only": [x, h0, c0, weights.bias_ih, weights.bias_hh],
+        "no input": [x],
+        "no bias": [weights.bias_ih, weights.bias_hh],
+        "one bias": [weights.bias_hh],
+    }[needs]
+    for tensor in frozen:
+        tensor.requires_grad_(False)
+    leaves = [t for t in (x, h0, c0, *weights, *memory.parameters()) if t.requires_grad]
+    args = (x, weights, memory, h0, c0, None, True, memory.outer_candidate_activation)
+    with step_nodes(nodes):
+        fast = stepwise.outer_lstm_stepwise(*args)
+    got = torch.autograd.grad(partial_loss(*fast, [0, 3, "h", "c"]), leaves)
+    want = torch.autograd.grad(partial_loss(*outer_lstm_naive(*args), [0, 3, "h", "c"]), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_the_steps_take_the_input_only_while_the_weights_are_small(monkeypatch):
+    """[W_ih | W_hh] in at most a quarter of the L2 cache (see ``fuses_input``)."""
+    monkeypatch.setattr(stepwise, "L2_CACHE_BYTES", 1 << 20)
+    assert stepwise.fuses_input(torch.empty(300, 75))  # 180 KB
+    assert not stepwise.fuses_input(torch.empty(400, 100))  # 320 KB
+    assert not stepwise.fuses_input(torch.empty(300, 75, dtype=torch.float64))  # 360 KB
+    monkeypatch.setattr(stepwise, "L2_CACHE_BYTES", 2 << 20)
+    assert stepwise.fuses_input(torch.empty(400, 100))
 
 
 @pytest.mark.parametrize("nodes", NODES)

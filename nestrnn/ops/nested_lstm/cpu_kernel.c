@@ -30,7 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NLSTM_ABI_VERSION 6
+#define NLSTM_ABI_VERSION 7
 #define NLSTM_EINVAL 1 /* an argument is out of range */
 
 /* Fortran BLAS (column-major, arguments by reference, 32-bit integers) */

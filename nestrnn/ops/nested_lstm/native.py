@@ -49,7 +49,7 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 6  # NLSTM_ABI_VERSION in cpu_kernel.c
+ABI_VERSION = 7  # NLSTM_ABI_VERSION in cpu_kernel.c
 _SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
@@ -185,13 +185,14 @@ class Matrix:
 
 
 #: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
-#: rows, H, activation codes, then pointers
+#: rows, H, activation codes, then pointers; the input size where the steps' GEMMs take the input
+#: too (see cpu_kernel_loops.h)
 _STEP_ARGTYPES = {
-    "outer_gates": [_I64, _I64, _I32, _I32, *[_PTR] * 7],
-    "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 9],
-    "outer_transition": [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 9],
+    "outer_gates": [_I64, _I64, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 8],
+    "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 10, _I64, _PTR, _PTR],
+    "outer_transition": [_I64, _I64, _I32, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 9],
     "outer_output": [_I64, _I64, _I32, *[_PTR] * 4],
-    "outer_transition_backward": [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 12],
+    "outer_transition_backward": [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 13, _I64, _PTR, _PTR],
     "outer_output_backward": [_I64, _I64, _I32, *[_PTR] * 5],
 }
 

@@ -32,7 +32,7 @@ from nestrnn.ops.build_cache import NativeStatus
 
 __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
 
-ABI_VERSION = 1  # the module's ABI_VERSION in step_nodes.cpp
+ABI_VERSION = 2  # the module's ABI_VERSION in step_nodes.cpp
 _MODULE = "_nestrnn_step_nodes"
 _SOURCE = Path(__file__).parent / "step_nodes.cpp"
 _DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"

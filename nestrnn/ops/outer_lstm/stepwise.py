@@ -4,21 +4,29 @@ Only the memory function's step goes through autograd; the outer LSTM's work is 
 the C kernel, as in the whole-sequence op:
 
 * ``_Prologue``: the input projection of every step is one GEMM; in the backward (which autograd
-  runs after every step's, since every step consumes its output ``token``) the gradients of x and
-  of every outer weight are a few large GEMMs over all steps, from the gate gradients ``dz`` the
-  steps left in a shared buffer;
-* ``_GatesStep``: the first step's gates: ``z += h_{t-1} W_hh^T`` (MKL's packed GEMM, the weight
-  packed once per call), the gate activations and the two inputs of the memory function,
+  runs after every step's, since every step consumes its output ``token``) the gradients of every
+  outer weight are a few large GEMMs over all steps, from the gate gradients ``dz`` the steps left
+  in a shared buffer;
+* ``_GatesStep``: the first step's gates: ``z += h_{t-1} W_hh^T + b`` (MKL's packed GEMM, the
+  weight packed once per call), the gate activations and the two inputs of the memory function,
   ``f * c_{t-1}`` and ``i * g``; its backward writes the gate gradients into ``dz`` and returns
-  those of h_{t-1} (one GEMM) and c_{t-1};
+  those of h_{t-1} and c_{t-1};
 * ``_Transition``: what lies between two memory calls, in one node and one kernel call: this
-  step's ``h_t = o * tanh(c_t)`` and the next step's gates from it; ``_Output``: the last step's h.
-  Native (C++) nodes do the same work where they could be built (``native_nodes.py``).
+  step's ``h_t = o * tanh(c_t)``, written into the output (T, B, H), and the next step's gates
+  from it; ``_Output``: the last step's h, and the output as one tensor. Native (C++) nodes do
+  the same work where they could be built (``native_nodes.py``).
 
-Each of these nodes also takes an empty ``link`` tensor from the step before and gives one to the
-next: h_t depends on the step's gates whatever the memory function does with its inputs, so the
+Where the outer weights are small (``fuses_input``), the steps' GEMMs take the input too, while
+it is in cache: ``z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T`` in the forward, instead of the
+prologue's GEMM, and ``dz_t [W_hh | W_ih]`` gives the gradients of h_{t-1} and x_t in the
+backward. A small GEMM costs little more for twice the width, while the weight stays in cache.
+
+Each of these nodes also takes a ``link`` tensor from the step before and gives one to the next:
+h_t depends on the step's gates whatever the memory function does with its inputs, so the
 backward must reach every earlier step (and the prologue) even from a memory function that
-detaches them, or ignores them.
+detaches them, or ignores them. A link has the output's shape and no memory (zero strides): the
+output's gradient, which ``_Output``'s backward receives, goes down the links to every step, so
+that no step needs a gradient tensor of its own, and none is kept from one backward to the next.
 
 Autograd then runs one backward pass over the whole sequence: one node of ours per step besides
 the memory function's, instead of the ~20 small ops of the naive path, and no weight gradient
@@ -33,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +49,7 @@ from torch import Tensor
 
 from nestrnn.activations import activation_code
 from nestrnn.ops.nested_lstm import native
+from nestrnn.ops.nested_lstm.gradients import input_gradient
 from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
 from nestrnn.ops.nested_lstm.workspace import WORKSPACE
 from nestrnn.ops.outer_lstm import native_nodes
@@ -65,27 +75,49 @@ def applies(x: Tensor, weights: LevelWeights, h0: Tensor, c0: Tensor) -> bool:
 
 class _Sequence:
     """What the steps of one call share: the gate buffer ``gates`` (T, B, 4H), which holds the
-    input projection, then each step's activated gates; the h that entered each step, ``h_prev``
-    (T, B, H), for the weight gradient; ``act_cells`` (T, B, H), tanh of each new cell; and ``dz``
-    (T, B, 4H), the gate gradients the steps' backwards leave for the prologue's. The steps
-    address them by pointer arithmetic (``z`` and the like): a view costs about a microsecond, a
-    step tens."""
+    input projection (unless the steps do it), then each step's activated gates; the input of
+    each step's GEMM, ``xh``, which the weight gradients read: (T, B, I + H) = [x_t | h_{t-1}]
+    where the steps do the input projection, else (T, B, H) = h_{t-1}; ``act_cells`` (T, B, H),
+    tanh of each new cell; ``dz`` (T, B, 4H) and ``db`` (T, 4H), the gate and bias gradients the
+    steps' backwards leave for the prologue's; unless the batch is packed, the ``output``
+    (T, B, H) the steps write their h into, until ``_Output`` returns it; and where the steps
+    compute x's gradient, that gradient (T, B, I), which the prologue's backward takes
+    (``take_dx``). The steps address them by pointer arithmetic (``z`` and the like): a view
+    costs about a microsecond, a step tens."""
 
     def __init__(self, x: Tensor, weights: LevelWeights, candidate: str, packed: bool):
-        steps, batch, _ = x.shape
+        steps, batch, in_size = x.shape
         hidden = weights.weight_hh.shape[1]
-        self.hidden, self.batch = hidden, batch
+        self.hidden, self.batch, self.packed = hidden, batch, packed
+        grad = torch.is_grad_enabled()
+        self.fused = fuses_input(weights.weight_ih)
+        self.in_fwd = in_size if self.fused else 0  # the x columns of xh
+        self.input_grad = grad and x.requires_grad and self.fused
+        self.in_size = in_size if self.input_grad else 0
+        # b_ih + b_hh, which the steps add to the gates, and whether they write its gradient
+        bias = weights.combined_bias()
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.bias_grad = grad and any(
+            b is not None and b.requires_grad for b in (weights.bias_ih, weights.bias_hh)
+        )
         self.gate, self.candidate = activation_code("sigmoid"), activation_code(candidate)
         self.cell = activation_code("tanh")
         # buffers from the pool: fresh memory would page-fault on its first touch, every call;
-        # rows of a packed batch that are inactive at a step must read zero in h_prev and dz
+        # rows of a packed batch that are inactive at a step must read zero in xh and dz
         new = WORKSPACE.zeros if packed else WORKSPACE.empty
         dtype, device = x.dtype, x.device
         self.gates = WORKSPACE.empty((steps, batch, 4 * hidden), dtype, device)
-        self.h_prev = new((steps, batch, hidden), dtype, device)
+        self.xh = new((steps, batch, self.in_fwd + hidden), dtype, device)
+        self.x = x.detach().contiguous() if self.fused else None
+        self.state_shape = (steps, batch, hidden)
         self.dz = new((steps, batch, 4 * hidden), dtype, device)
         self.act_cells = WORKSPACE.empty((steps, batch, hidden), dtype, device)
-        self.scratch = torch.empty(batch, hidden, dtype=dtype, device=device)
+        # each step's bias gradient (T, 4H)
+        self.db = WORKSPACE.empty((steps, 4 * hidden), dtype, device) if self.bias_grad else None
+        self.output = None if packed else x.new_empty(steps, batch, hidden)
+        # (B, H) for d h, then (B, H + I) for the backward's GEMM (the kernel's "wide")
+        self.scratch = x.new_empty(batch, 2 * hidden + self.in_size)
+        self._dx: Tensor | None = None
         # per step, whether a backward wrote its gate gradients into dz (the others' must be 0),
         # and whether one wrote the o gradient of its output (else the gates' backward takes 0):
         # bytes that the native nodes share, seen here through ctypes views
@@ -94,36 +126,49 @@ class _Sequence:
         self.reached = view.from_address(self.flags.data_ptr())
         self.output_reached = view.from_address(self.flags[1].data_ptr())
         self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
-        self.h_prev_ptr, self.act_ptr = self.h_prev.data_ptr(), self.act_cells.data_ptr()
+        self.act_ptr = self.act_cells.data_ptr()
         self.stride = batch * 4 * hidden * x.element_size()  # bytes from one step to the next
         self.state_stride = batch * hidden * x.element_size()
+        self.input_stride = batch * in_size * x.element_size()
+        self.xh_stride = batch * (self.in_fwd + hidden) * x.element_size()
+        self.wide = self.scratch.data_ptr() + self.state_stride
+        self.bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
+        self.db_ptr = 0 if self.db is None else self.db.data_ptr()
         kernel = native.kernel()
-        w_hh = weights.weight_hh.detach().contiguous()
-        self.w_hh_t = kernel.matrix(w_hh, transposed=True, rows=batch)  # for h W_hh^T
-        self.w_hh = kernel.matrix(w_hh, transposed=False, rows=batch)  # for dz W_hh
+        w_hh, w_ih = weights.weight_hh.detach().contiguous(), weights.weight_ih.detach()
+        w_fwd = torch.cat([w_ih, w_hh], 1) if self.fused else w_hh
+        w_back = torch.cat([w_hh, w_ih], 1) if self.input_grad else w_hh
+        self.w_fwd = kernel.matrix(w_fwd, transposed=True, rows=batch)  # xh [W_ih | W_hh]^T
+        self.w_back = kernel.matrix(w_back, transposed=False, rows=batch)  # dz [W_hh | W_ih]
         for name in ("outer_gates", "outer_transition", "outer_output"):
             setattr(self, name, kernel.step_function(name, x.dtype))
             setattr(self, f"{name}_backward", kernel.step_function(f"{name}_backward", x.dtype))
-        self.nodes = None if packed else self._native_sequence(kernel, w_hh)
+        self.nodes = None if packed else self._native_sequence(kernel, w_fwd, w_back)
 
-    def _native_sequence(self, kernel: native.Kernel, w_hh: Tensor):
+    def _native_sequence(self, kernel: native.Kernel, w_fwd: Tensor, w_back: Tensor):
         """What the native nodes share (they own the weight matrices from then on), or None
         when they are unavailable: then ``_Transition`` and ``_Output`` do their work."""
         nodes = native_nodes.module()
         if nodes is None:
             return None
-        dtype = w_hh.dtype
+        dtype = w_fwd.dtype
         functions = ("outer_transition", "outer_transition_backward", "outer_output",
                      "outer_output_backward")  # fmt: skip
         sequence = nodes.Sequence(
-            self.gates, self.dz, self.h_prev, self.act_cells, self.flags, w_hh,
-            self.w_hh_t.handle, self.w_hh.handle, kernel.matrix_free_address(dtype),
+            self.gates, self.dz, self.xh, self.act_cells, self.output, self.flags, self.bias,
+            self.db, self.x, self.in_size, w_fwd, w_back, self.w_fwd.handle, self.w_back.handle,
+            kernel.matrix_free_address(dtype),
             (self.gate, self.candidate, self.cell),
             tuple(kernel.step_address(name, dtype) for name in functions),
         )  # fmt: skip
-        self.w_hh_t.release()
-        self.w_hh.release()
+        self.w_fwd.release()
+        self.w_back.release()
+        self.output = None  # the native Sequence holds it (see _Output)
         return sequence
+
+    def link(self) -> Tensor:
+        """A link between two steps' nodes: the output's shape, no memory."""
+        return self.gates.new_empty_strided(self.state_shape, (0, 0, 0))
 
     def z(self, t: int) -> int:
         """Address of step t's gates."""
@@ -137,20 +182,59 @@ class _Sequence:
         """Address of tanh of step t's new cell."""
         return self.act_ptr + t * self.state_stride
 
+    def output_at(self, t: int) -> int:
+        """Address of step t's h in the output."""
+        return self.output.data_ptr() + t * self.state_stride
+
+    def x_at(self, t: int) -> int:
+        """Address of x_t where the steps do the input projection, else 0."""
+        return self.x.data_ptr() + t * self.input_stride if self.fused else 0
+
+    def xh_at(self, t: int) -> int:
+        """Address of step t's GEMM input."""
+        return self.xh.data_ptr() + t * self.xh_stride
+
+    def db_at(self, t: int) -> int:
+        """Address of step t's bias gradient, or 0 where the bias needs none."""
+        return self.db_ptr and self.db_ptr + t * 4 * self.hidden * self.gates.element_size()
+
+    def dx_at(self, t: int) -> int:
+        """Address of step t's input gradient (made on first use), or 0 where x needs none."""
+        if not self.input_grad:
+            return 0
+        if self.nodes is not None:
+            return self.nodes.input_grad().data_ptr() + t * self.input_stride
+        if self._dx is None:  # rows inactive at a step of a packed batch must read zero
+            new = self.gates.new_zeros if self.packed else self.gates.new_empty
+            self._dx = new(*self.state_shape[:2], self.in_size)
+        return self._dx.data_ptr() + t * self.input_stride
+
+    def take_dx(self) -> Tensor:
+        """The input gradient the steps' backwards wrote; the next backward makes a new one (the
+        one returned is the caller's)."""
+        self.dx_at(0)  # where no step's backward made it yet
+        if self.nodes is not None:
+            return self.nodes.take_input_grad()
+        dx, self._dx = self._dx, None
+        return dx
+
+    def d_h(self, d_output: Tensor | None, t: int) -> Tensor:
+        """Step t's h gradient, from the output's gradient (None: the loss did not use it)."""
+        if d_output is None:
+            return self.scratch.new_zeros(self.batch, self.hidden)
+        return d_output[t]
+
 
 class _Prologue(torch.autograd.Function):
-    """x, W_ih, W_hh, b_ih, b_hh -> ``token`` (no data): the input projection of every step goes
-    into the shared gate buffer; the backward computes every outer parameter gradient."""
+    """x, W_ih, W_hh, b_ih, b_hh -> ``token`` (no data): the input projection of every step
+    (without the bias, which the steps add) goes into the shared gate buffer, unless the steps do
+    it; the backward returns every outer parameter gradient and that of x."""
 
     @staticmethod
     def forward(ctx, seq: _Sequence, x, w_ih, w_hh, b_ih, b_hh):
         steps, batch, in_size = x.shape
-        bias = LevelWeights(w_ih, w_hh, b_ih, b_hh).combined_bias()
-        gates = seq.gates.view(steps * batch, -1)
-        if bias is not None:
-            torch.addmm(bias, x.reshape(-1, in_size), w_ih.t(), out=gates)
-        else:
-            torch.mm(x.reshape(-1, in_size), w_ih.t(), out=gates)
+        if not seq.fused:
+            torch.mm(x.reshape(-1, in_size), w_ih.t(), out=seq.gates.view(steps * batch, -1))
         ctx.seq, ctx.has_bias = seq, (b_ih is not None, b_hh is not None)
         ctx.save_for_backward(x, w_ih)
         return x.new_empty(0)
@@ -160,18 +244,27 @@ class _Prologue(torch.autograd.Function):
         x, w_ih = ctx.saved_tensors
         seq = ctx.seq
         steps, batch, in_size = x.shape
+        need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
+        dx = seq.take_dx() if seq.input_grad else None
         for t, reached in enumerate(seq.reached):  # a loss that did not depend on every step
             if not reached:
-                seq.dz[t].zero_()
+                for per_step in (seq.dz, dx, seq.db):
+                    if per_step is not None:
+                        per_step[t].zero_()
         seq.flags.zero_()  # for a second backward through a retained graph
         dz = seq.dz.view(steps * batch, -1)
-        need_x, need_ih, need_hh, need_bih, need_bhh = ctx.needs_input_grad[1:]
-        dx = dz.mm(w_ih).view(x.shape) if need_x else None
+        if need_x and dx is None:
+            dx = input_gradient(dz, w_ih).view(x.shape)
         # (X^T dz)^T rather than dz^T X: 25-30% faster at (B, H) = (32, 75), equal at 256
-        dw_ih = x.reshape(-1, in_size).t().mm(dz).t().contiguous() if need_ih else None
-        h_prev = seq.h_prev.view(steps * batch, -1)
-        dw_hh = h_prev.t().mm(dz).t().contiguous() if need_hh else None
-        db = dz.sum(0) if need_bih or need_bhh else None
+        xh = seq.xh.view(steps * batch, -1)
+        if seq.fused and need_ih and need_hh:  # both from one GEMM: [x | h_{t-1}]^T dz
+            both = xh.t().mm(dz)
+            dw_ih, dw_hh = both[:in_size].t().contiguous(), both[in_size:].t().contiguous()
+        else:
+            dw_ih = x.reshape(-1, in_size).t().mm(dz).t().contiguous() if need_ih else None
+            h_prev = xh[:, seq.in_fwd :]
+            dw_hh = h_prev.t().mm(dz).t().contiguous() if need_hh else None
+        db = seq.db.sum(0) if need_bih or need_bhh else None
         d_bih = db if need_bih and ctx.has_bias[0] else None
         d_bhh = (db.clone() if d_bih is not None else db) if need_bhh and ctx.has_bias[1] else None
         return None, dx, dw_ih, dw_hh, d_bih, d_bhh
@@ -184,17 +277,17 @@ class _GatesStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token, h_prev, c_prev, seq: _Sequence, t: int):
-        rows, slot = h_prev.shape[0], seq.h_prev[t]
-        h_prev = (slot if rows == seq.batch else slot[:rows]).copy_(h_prev)  # contiguous
-        c_prev = c_prev.contiguous()
+        rows = h_prev.shape[0]
+        h_prev, c_prev = h_prev.contiguous(), c_prev.contiguous()
         gated_cell, gated_input, out_gate = (torch.empty_like(c_prev) for _ in range(3))
-        seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, seq.w_hh_t.handle,
-                        h_prev.data_ptr(), seq.z(t), c_prev.data_ptr(),
+        seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, seq.w_fwd.handle,
+                        seq.bias_ptr, seq.in_fwd, seq.x_at(t), h_prev.data_ptr(), seq.xh_at(t),
+                        seq.z(t), c_prev.data_ptr(),
                         gated_cell.data_ptr(), gated_input.data_ptr(), out_gate.data_ptr())  # fmt: skip
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
         ctx.set_materialize_grads(False)  # an unused output gets no zeros (see backward)
-        return gated_cell, gated_input, out_gate, c_prev.new_empty(0)
+        return gated_cell, gated_input, out_gate, seq.link()
 
     @staticmethod
     def backward(ctx, d_gated_cell, d_gated_input, d_out_gate, _d_link):
@@ -206,73 +299,112 @@ class _GatesStep(torch.autograd.Function):
         if d_out_gate is not None or not seq.output_reached[t]:
             d_o = _grad(d_out_gate, c_prev)  # held here until the kernel has read it
         dc_prev, dh_prev = torch.empty_like(c_prev), torch.empty_like(c_prev)
-        seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, seq.w_hh.handle,
+        seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, seq.w_back.handle,
                                  seq.z(t), c_prev.data_ptr(), *(g.data_ptr() for g in grads),
                                  0 if d_o is None else d_o.data_ptr(),
-                                 seq.dz_at_step(t), dc_prev.data_ptr(), dh_prev.data_ptr())  # fmt: skip
+                                 seq.dz_at_step(t), dc_prev.data_ptr(), dh_prev.data_ptr(),
+                                 seq.db_at(t), seq.in_size, seq.dx_at(t), seq.wide)  # fmt: skip
         seq.reached[t] = True
         return c_prev.new_empty(0), dh_prev, dc_prev, None, None
 
 
 class _Transition(torch.autograd.Function):
-    """The new cell c_t of step t, every row active, and the link from the step before -> h_t,
-    the next step's ``f * c_t`` and ``i * g`` (its ``_GatesStep`` and this step's output in one
-    node and one kernel call), and a link to the next step."""
+    """The new cell c_t of step t, every row active, and the link from the step before -> the
+    next step's ``f * c_t`` and ``i * g`` (its ``_GatesStep`` and this step's output in one node
+    and one kernel call), and a link to the next step; h_t goes into the output."""
 
     @staticmethod
     def forward(ctx, seq: _Sequence, cell, _link, t: int, t_next: int):
         cell = cell.contiguous()
-        h, gated_cell, gated_input = (torch.empty_like(cell) for _ in range(3))
-        h_copy = seq.h_prev_ptr + t_next * seq.state_stride  # the next step's h_{t-1}
+        gated_cell, gated_input = torch.empty_like(cell), torch.empty_like(cell)
         seq.outer_transition(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
-                             seq.w_hh_t.handle, seq.z(t), cell.data_ptr(), seq.act(t),
-                             h.data_ptr(), h_copy, seq.z(t_next), gated_cell.data_ptr(),
+                             seq.w_fwd.handle, seq.bias_ptr, seq.in_fwd, seq.z(t), cell.data_ptr(),
+                             seq.act(t), seq.output_at(t), seq.x_at(t_next), seq.xh_at(t_next),
+                             seq.z(t_next), gated_cell.data_ptr(),
                              gated_input.data_ptr())  # fmt: skip
         ctx.seq, ctx.t, ctx.t_next = seq, t, t_next
         ctx.save_for_backward(cell)
         ctx.set_materialize_grads(False)
-        return h, gated_cell, gated_input, cell.new_empty(0)
+        return gated_cell, gated_input, seq.link()
 
     @staticmethod
-    def backward(ctx, d_h, d_gated_cell, d_gated_input, _d_link):
-        _refuse_double_backward(d_h, d_gated_cell, d_gated_input)
+    def backward(ctx, d_gated_cell, d_gated_input, d_output):
+        _refuse_double_backward(d_gated_cell, d_gated_input, d_output)
         (cell,) = ctx.saved_tensors
         seq, t, t_next = ctx.seq, ctx.t, ctx.t_next
-        grads = [_grad(g, cell) for g in (d_h, d_gated_cell, d_gated_input)]
+        grads = [seq.d_h(d_output, t), *(_grad(g, cell) for g in (d_gated_cell, d_gated_input))]
         d_cell = torch.empty_like(cell)
         if not seq.output_reached[t_next]:  # the next step's h fed nothing the loss used
             seq.dz[t_next, :, 3 * seq.hidden :].zero_()
         seq.outer_transition_backward(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
-                                      seq.w_hh.handle, seq.z(t), seq.act(t), seq.z(t_next),
+                                      seq.w_back.handle, seq.z(t), seq.act(t), seq.z(t_next),
                                       cell.data_ptr(), *(g.data_ptr() for g in grads),
                                       seq.dz_at_step(t), seq.dz_at_step(t_next), d_cell.data_ptr(),
-                                      seq.scratch.data_ptr())  # fmt: skip
+                                      seq.scratch.data_ptr(), seq.db_at(t_next), seq.in_size,
+                                      seq.dx_at(t_next), seq.wide)  # fmt: skip
         seq.reached[t_next] = seq.output_reached[t] = True
-        return None, d_cell, cell.new_empty(0), None, None
+        return None, d_cell, d_output, None, None
 
 
 class _Output(torch.autograd.Function):
-    """The last step's new cell, every row active, and the link from the step before -> its h."""
+    """The last step's new cell, every row active, and the link from the step before -> the
+    output (T, B, H), its h last, and that h."""
 
     @staticmethod
     def forward(ctx, seq: _Sequence, cell, _link, t: int):
         cell = cell.contiguous()
-        h = torch.empty_like(cell)
         seq.outer_output(seq.batch, seq.hidden, seq.cell, seq.z(t), cell.data_ptr(), seq.act(t),
-                         h.data_ptr())  # fmt: skip
+                         seq.output_at(t))  # fmt: skip
+        # the nodes hold seq: were it to hold the output too, the output's grad_fn would hold
+        # the output, a cycle
+        output, seq.output = seq.output, None
         ctx.seq, ctx.t = seq, t
-        return h
+        ctx.set_materialize_grads(False)
+        return output, output[t].clone()
 
     @staticmethod
-    def backward(ctx, d_h):
-        _refuse_double_backward(d_h)
+    def backward(ctx, d_output, d_h_last):
+        _refuse_double_backward(d_output, d_h_last)
         seq, t = ctx.seq, ctx.t
-        d_h = d_h.clone(memory_format=torch.contiguous_format)  # the kernel overwrites it
+        d_output = None if d_output is None else d_output.contiguous()
+        d_h = seq.d_h(d_output, t).clone()  # the kernel overwrites it
+        if d_h_last is not None:
+            d_h += d_h_last
         d_cell = torch.empty_like(d_h)
         seq.outer_output_backward(seq.batch, seq.hidden, seq.cell, seq.z(t), seq.act(t),
                                   d_h.data_ptr(), seq.dz_at_step(t), d_cell.data_ptr())  # fmt: skip
         seq.output_reached[t] = True
-        return None, d_cell, d_cell.new_empty(0), None
+        return None, d_cell, d_output, None
+
+
+def _l2_cache_bytes() -> int:
+    """This CPU's L2 cache per core (Linux sysfs: "1024K"), or 1 MiB where it does not say."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError, IndexError):
+        return 1 << 20
+
+
+L2_CACHE_BYTES = _l2_cache_bytes()
+
+
+def fuses_input(weight_ih: Tensor) -> bool:
+    """Whether the steps' GEMMs take the input too: ``[x_t | h_{t-1}] [W_ih | W_hh]^T`` in the
+    forward and ``dz_t [W_hh | W_ih]`` in the backward, rather than one large GEMM over all steps
+    before the loop (the input projection) and after it (x's gradient).
+
+    A step's GEMM reads its (packed) weight every step: while that fits well inside the L2 cache
+    the GEMM costs little more for twice the columns, but beyond it several times more. Measured
+    on AMD EPYC (1 MiB L2), B = 32, us a step: forward 25 for (4H, I + H) = (300, 150) against
+    15-19 for (300, 75) and 17 for the large GEMM's share; 78 for (400, 200) against 22 + 31;
+    backward 24 against 15 + 26 at H = I = 75, but 99 against 31 + 43 at 128. So: where
+    [W_ih | W_hh] takes at most a quarter of the L2 cache.
+    """
+    four_h, in_size = weight_ih.shape
+    size = four_h * (four_h // 4 + in_size) * weight_ih.element_size()
+    return size <= L2_CACHE_BYTES // 4
 
 
 def _refuse_double_backward(*grads: Tensor | None) -> None:
@@ -324,15 +456,14 @@ def outer_lstm_stepwise(
     seq = _Sequence(x, weights, candidate_activation, packed)
     token = _Prologue.apply(seq, x, *weights)
     loop = _packed_loop if packed else _dense_loop
-    h, cells, outputs = loop(seq, token, memory, h0, c0, sizes, reverse)
-    return torch.stack(outputs), h, torch.stack(cells)
+    output, h, cells = loop(seq, token, memory, h0, c0, sizes, reverse)
+    return output, h, torch.stack(cells)
 
 
 def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
     """The time loop when every row is active at every step: per step, the memory function and
     one node of ours (its output and the next step's gates)."""
     order = list(time_order(len(sizes), reverse))
-    outputs: list[Tensor] = [h0.new_empty(0)] * len(sizes)
     cells = tuple(c0.unbind(0))
     gated_cell, gated_input, _, link = _GatesStep.apply(token, h0, cells[0], seq, order[0])
     state = cells[1:]
@@ -347,11 +478,9 @@ def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
         cell, state = memory(gated_cell, gated_input, state)
         _check_memory_output(memory, cell, state, gated_cell)
         if n + 1 < len(order):
-            h, gated_cell, gated_input, link = transition(cell, link, t, order[n + 1])
-        else:
-            h = output(cell, link, t)
-        outputs[t] = h
-    return h, (cell, *state), outputs
+            gated_cell, gated_input, link = transition(cell, link, t, order[n + 1])
+    out, h = output(cell, link, order[-1])
+    return out, h, (cell, *state)
 
 
 def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
@@ -372,7 +501,7 @@ def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
         cell, state = memory(gated_cell, gated_input, cells_active[1:])
         _check_memory_output(memory, cell, state, gated_cell)
         h, cells, outputs[t] = merge_rows(h, cells, out_gate * torch.tanh(cell), (cell, *state))
-    return h, cells, outputs
+    return torch.stack(outputs), h, cells
 
 
 _COMPILED: weakref.WeakKeyDictionary[MemoryFunction, Any] = weakref.WeakKeyDictionary()
