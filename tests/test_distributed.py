@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -246,3 +247,36 @@ def test_a_killed_torchrun_takes_its_workers_along(corpus, tmp_path):
     kill_at_step(agent, run_dir, 3)
     assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
     assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] >= 3
+
+
+CLOSE_SCRIPT = """
+import os, sys, torch
+from nestrnn.engine.distributed import DistContext
+
+def gloo_threads():
+    tasks = os.listdir("/proc/self/task")
+    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop" for t in tasks)
+
+with DistContext.from_env("gloo") as dist:
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    net(torch.ones(4, 3)).sum().backward()
+    del net
+    running = gloo_threads()
+print(f"rank {dist.rank} gloo threads: {running} open, {gloo_threads()} closed")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_closing_stops_the_process_groups_threads(tmp_path):
+    """After DDP has been used, closing the context stops gloo's worker threads (had a module
+    kept the group as a default argument, they would run on into the interpreter's shutdown,
+    where a worker that still held a tensor aborted the process)."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", str(script)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = re.findall(r"rank (\d) gloo threads: (\d+) open, (\d+) closed", result.stdout)
+    assert sorted(rank for rank, _, _ in counts) == ["0", "1"], result.stdout
+    assert all(int(open_) > 0 and closed == "0" for _, open_, closed in counts), counts

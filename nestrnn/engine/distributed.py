@@ -37,6 +37,18 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
+def _import_group_defaults() -> None:
+    """Import, before the process group exists, the modules whose functions default to
+    ``group=torch.distributed.group.WORLD`` (DDP imports them when it is built).
+
+    Imported later, those defaults would hold the group until the interpreter ends, so that
+    ``destroy_process_group`` could not stop gloo's worker threads; a worker still releasing a
+    collective's tensor while the interpreter shut down then aborted the process ("terminate
+    called without an active exception") after a run had finished.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARS)
 
@@ -101,6 +113,7 @@ class DistContext:
             torch.cuda.set_device(local_rank)
             collective_device = torch.device("cuda", local_rank)
         if not torch.distributed.is_initialized():
+            _import_group_defaults()
             kwargs: dict[str, Any] = {"timeout": _dt.timedelta(minutes=30)}
             if name == "nccl":
                 kwargs["device_id"] = collective_device
