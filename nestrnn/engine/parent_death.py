@@ -3,6 +3,10 @@ launcher leaves nothing training behind: the child saves ``last.pt`` and stops, 
 
 Used twice: the ``--nproc`` launcher's torchrun gets it for the launcher, and each torchrun worker
 for torchrun's agent. Elsewhere than Linux nothing is set up.
+
+A dead parent shows as a new parent (the orphan's reaper), so the parent a process is compared
+with is the pid it had at start, never "pid 1": torchrun as a container's entrypoint *is* pid 1,
+and a subreaper (``systemd --user``, ``tini -s``) is a parent that is not pid 1.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
+#: this process's parent when nestrnn was imported (for a torchrun worker: torchrun's agent,
+#: which started it a moment before). A parent that died even earlier shows as the reaper here and
+#: goes unnoticed; the worker then fails at the rendezvous with the agent's store.
+STARTING_PARENT = os.getppid()
+
 
 def libc_prctl() -> Callable[..., int] | None:
     """libc's ``prctl`` on Linux, else None. Looked up before a fork: a forked child that has not
@@ -23,11 +32,10 @@ def libc_prctl() -> Callable[..., int] | None:
 
 
 def terminate_with_parent(prctl: Callable[..., int] | None, parent: int | None = None) -> None:
-    """Ask for SIGTERM when the parent dies. If it died already, which shows as a new parent
-    (``parent`` is the pid it had; None: the orphans' reaper, pid 1), the signal comes now."""
+    """Ask for SIGTERM when the parent dies. If it died already, which shows as another parent
+    than ``parent`` (the pid it had; None: :data:`STARTING_PARENT`), the signal comes now."""
     if prctl is None:
         return
     prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    orphaned = os.getppid() == 1 if parent is None else os.getppid() != parent
-    if orphaned:
+    if os.getppid() != (STARTING_PARENT if parent is None else parent):
         os.kill(os.getpid(), signal.SIGTERM)
