@@ -1,8 +1,9 @@
-"""Stopping a run cleanly on SIGTERM (what schedulers send first) and SIGINT (Ctrl-C).
+"""Stopping a run cleanly on SIGTERM (what schedulers send first), SIGINT (Ctrl-C) and SIGHUP (a
+closed terminal or ssh session; torchrun passes it on to its workers as it is).
 
-While a :class:`StopSignals` block is active, a SIGTERM or SIGINT only records a request; the
-trainer sees it at the end of the current optimizer step, saves ``last.pt`` there and stops. More
-SIGTERMs change nothing (a scheduler may signal every process of a job, and torchrun then signals
+While a :class:`StopSignals` block is active, such a signal only records a request; the trainer
+sees it at the end of the current optimizer step (or evaluation batch), saves ``last.pt`` and
+stops; the process exits with 128 + the signal's number. More SIGTERMs (or SIGHUPs) change nothing (a scheduler may signal every process of a job, and torchrun then signals
 its workers again); a second SIGINT acts at once, as Ctrl-C does (the checkpoint on disk stays
 whole: it is written atomically).
 """
@@ -14,8 +15,10 @@ import threading
 from types import FrameType, TracebackType
 from typing import Any
 
-#: the signals that ask a run to stop at the next consistent point
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: the signals that ask a run to stop at the next consistent point (no SIGHUP on Windows)
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
 
 
 def exit_status(signum: int) -> int:
@@ -24,7 +27,7 @@ def exit_status(signum: int) -> int:
 
 
 class StopSignals:
-    """Records the first SIGTERM/SIGINT received inside the ``with`` block (main thread only;
+    """Records the first of :data:`STOP_SIGNALS` received inside the ``with`` block (main thread only;
     elsewhere it records nothing and signals keep their handlers)."""
 
     def __init__(self) -> None:
