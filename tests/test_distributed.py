@@ -280,3 +280,49 @@ def test_closing_stops_the_process_groups_threads(tmp_path):
     counts = re.findall(r"rank (\d) gloo threads: (\d+) open, (\d+) closed", result.stdout)
     assert sorted(rank for rank, _, _ in counts) == ["0", "1"], result.stdout
     assert all(int(open_) > 0 and closed == "0" for _, open_, closed in counts), counts
+
+
+def test_the_launcher_passes_sighup_on_and_every_worker_saves(corpus, tmp_path):
+    """SIGHUP to the --nproc launcher (its terminal closed): torchrun passes it on as SIGHUP, the
+    workers stop at the same step as on SIGTERM, last.pt is saved there, exit status 129."""
+    run_dir = tmp_path / "run"
+    launcher = start_cli(["train", "--nproc", "2", "--no-progress", f"task.path={corpus}",
+                          *OVERRIDES, "train.steps_per_epoch=10000000", "train.checkpoint_every=0",
+                          "--run-dir", str(run_dir)])  # fmt: skip
+    try:
+        wait_for_step(run_dir, 3, launcher)
+        launcher.send_signal(signal.SIGHUP)
+        _, err = launcher.communicate(timeout=90)
+        wait_until_gone(str(run_dir))
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGHUP, err[-3000:]
+    assert f"nestrnn train --resume {run_dir}" in err and "Traceback" not in err
+    step = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
+    assert step >= 3
+    assert rd.RunDir(run_dir).records()[-1] == {
+        "event": "stopped", "step": step, "epoch": 1, "signal": "SIGHUP"
+    }  # fmt: skip
+
+
+def _pid_namespaces_work() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                               capture_output=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _pid_namespaces_work(), reason="needs unshare --pid (root or user ns)")
+def test_torchrun_as_pid_1_trains(corpus, tmp_path):
+    """torchrun as a container's entrypoint is pid 1 (here: of a new pid namespace): its workers'
+    parent is pid 1 and alive, which is no orphan; the run trains to its end."""
+    run_dir = tmp_path / "run"
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+               "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nestrnn",
+               "train", "--no-progress", "--run-dir", str(run_dir), f"task.path={corpus}",
+               *OVERRIDES, "train.epochs=1", "train.steps_per_epoch=2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / rd.SUMMARY).read_text())["steps"] == 2
