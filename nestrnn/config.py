@@ -54,6 +54,8 @@ CONFIGS_PACKAGE = "nestrnn.configs"
 MAX_DEPTH = 100
 #: learning rates and weight decay above this are no experiment (and overflow float32 steps)
 MAX_RATE = 1000.0
+#: the largest train.seed: torch takes seeds below 2**64, and each rank's seed adds to it
+MAX_SEED = 2**63 - 1
 #: model settings a resumed run, ``eval``, ``sample`` and ``viz`` may change (every other
 #: ``model.*`` key is fixed by the checkpoint)
 MODEL_KEYS_FREE_AFTER_TRAINING = ("backend", "dropout", "lstm_impl")
@@ -107,8 +109,8 @@ class TrainConfig:
     eval_max_batches: int = 0  # evaluate on at most this many batches (0: the whole split)
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
     early_stopping: int = 0  # stop after this many epochs without validation improvement (0: off)
-    seed: int = 0  # seeds torch, numpy, python random and the data order
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    seed: int = 0  # seeds torch, numpy, python random and the data order (0 to 2**63 - 1)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch (0: auto, 1 for models under 1M params, else default)
     log_every: int = 20  # optimizer steps between training records in metrics.jsonl
     checkpoint_every: int = 0  # also save last.pt every N steps in an epoch (0: epoch ends only)
@@ -394,6 +396,7 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
         "optim.decay": (0 < config.optim.decay <= 1, "in (0, 1]"),
         "model.dropout": (0 <= config.model.dropout < 1, "in [0, 1)"),
         "model.depth": (config.model.depth <= MAX_DEPTH, f"at most {MAX_DEPTH}"),
+        "train.seed": (0 <= config.train.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (2**63 - 1)"),
     }
     for key, (ok, expected) in ranges.items():
         if not ok:
@@ -428,7 +431,7 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 def check_device(spec: str, what: str = "the device") -> None:
     """Raise ConfigError unless ``spec`` names a device: auto, cpu, cuda, cuda:N or mps."""
     if not isinstance(spec, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec):
-        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N; got {spec!r}")
+        raise ConfigError(f"{what} must be auto, cpu, cuda, cuda:N or mps; got {spec!r}")
 
 
 def model_changes(saved: DictConfig, config: DictConfig) -> list[str]:

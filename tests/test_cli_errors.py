@@ -84,6 +84,12 @@ TRAIN_ERRORS = [
     (["--resume", "adding", "--overwrite"], "--overwrite starts a new run"),
     (["--resume", "adding", "model.hidden_size=9"], "model cannot change when resuming"),
     (["--nproc", "0"], "--nproc must be at least 1"),
+    (["train.device=foo"], "'train.device' must be auto, cpu, cuda, cuda:N or mps; got 'foo'"),
+    (["train.device=mps"], "train.device=mps but MPS (Apple GPUs) is not available here"),
+    (["train.device=cuda:7"], "train.device=cuda:7 but "),  # no CUDA, or fewer than 8 GPUs
+    (["--nproc", "2", "train.device=mps"], "train.device=mps but MPS"),  # once, by the launcher
+    (["train.seed=1180591620717411303424"], "'train.seed' must be in [0, 9223372036854775807]"),
+    (["train.seed=-1"], "'train.seed' must be in [0, 9223372036854775807] (2**63 - 1), got -1"),
 ]
 
 
@@ -125,7 +131,7 @@ def test_normal_runs_fit(monkeypatch) -> None:
     ("argv", "message"),
     [
         (["eval", "adding", "--max-batches", "-1"], "--max-batches must be >= 0"),
-        (["eval", "adding", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["eval", "adding", "--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
         (["eval", "adding", "--checkpoint", "nothing.pt"], "no checkpoint at nothing.pt"),
         (["eval", "adding", "model.hidden_size=32"], "model.hidden_size: 8 -> 32"),
         (["eval", "adding", "task.name=copy_memory"], "task.name: 'adding' -> 'copy_memory'"),

@@ -203,8 +203,22 @@ def test_device_resolution() -> None:
             resolve_device("cuda")
         with pytest.raises(ConfigError, match="^--device=cuda:1 but CUDA is not available"):
             resolve_device("cuda:1", "--device")
-    with pytest.raises(ConfigError, match="^--device must be auto, cpu, cuda or cuda:N; got 'tpu'"):
+    with pytest.raises(
+        ConfigError, match="^--device must be auto, cpu, cuda, cuda:N or mps; got 'tpu'"
+    ):
         resolve_device("tpu", "--device")
+
+
+def test_a_gpu_this_machine_lacks_is_named(monkeypatch) -> None:
+    """cuda:N past the last GPU is a one-line error saying which ones there are."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.device=cuda:7 but this machine has 2 CUDA "
+        r"device\(s\), cuda:0 to cuda:1; use one of them, cuda or auto$",
+    ):
+        resolve_device("cuda:7")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

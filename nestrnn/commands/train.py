@@ -144,6 +144,9 @@ def _launch(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         raise UserError("--nproc starts torchrun itself; under torchrun leave it out")
     plan = plan_run(args, restarted=False)  # mistakes show once, here, not in every process
+    from nestrnn.engine.trainer import resolve_device
+
+    resolve_device(plan.config.train.device)  # a device that is not here: one line, not N
     if plan.config.train.batch_size % args.nproc:
         raise ConfigError(
             f"train.batch_size ({plan.config.train.batch_size}) must be a multiple of the number "

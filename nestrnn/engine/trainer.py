@@ -90,8 +90,19 @@ def resolve_device(spec: str, what: str = "train.device") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{what}={spec} but CUDA is not available here; use auto or cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what}={spec} but CUDA is not available here; use auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"{what}={spec} but this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}; use one of them, cuda or auto"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"{what}={spec} but MPS (Apple GPUs) is not available here; use auto or cpu"
+        )
     return device
 
 
