@@ -9,7 +9,10 @@ a torchrun script too (``torchrun ... tests/faults.py FAULT -- train ...``). FAU
     of an elastic job only (so that torchrun's restart can finish the run);
 ``pause-in-checkpoint:SECONDS``
     a write of a checkpoint that replaces an existing one sleeps SECONDS after its temporary file
-    is complete and before ``os.replace``, having printed ``PAUSED-IN-CHECKPOINT <path>``.
+    is complete and before ``os.replace``, having printed ``PAUSED-IN-CHECKPOINT <path>``;
+``slow-eval:SPLIT:SECONDS``
+    every batch of an evaluation on SPLIT (``valid``, ``test``) of a training run takes SECONDS
+    more; the first one prints ``EVALUATING <split>`` on stderr first (stdout is left alone).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 PAUSED = "PAUSED-IN-CHECKPOINT"
+EVALUATING = "EVALUATING"
 
 
 def crash_after(rank: int, step: int) -> None:
@@ -60,6 +64,32 @@ def pause_in_checkpoint(seconds: float) -> None:
     rundir.atomic_write = pausing
 
 
+def slow_eval(split: str, seconds: float) -> None:
+    from nestrnn.engine import trainer
+
+    evaluate = trainer.evaluate
+
+    class SlowTask:
+        def __init__(self, task: Any) -> None:
+            self.task = task
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.task, name)
+
+        def eval_batches(self, which: str, *args: Any) -> Iterator[Any]:
+            for index, batch in enumerate(self.task.eval_batches(which, *args)):
+                if which == split:
+                    if index == 0:
+                        print(f"{EVALUATING} {split}", file=sys.stderr, flush=True)
+                    time.sleep(seconds)
+                yield batch
+
+    def slow(model: Any, task: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        return evaluate(model, SlowTask(task), *args, **kwargs)
+
+    trainer.evaluate = slow
+
+
 def main(argv: list[str]) -> int:
     fault, separator, *command = argv
     assert separator == "--", "usage: faults.py FAULT -- NESTRNN ARGS..."
@@ -68,6 +98,8 @@ def main(argv: list[str]) -> int:
         crash_after(int(values[0]), int(values[1]))
     elif kind == "pause-in-checkpoint":
         pause_in_checkpoint(float(values[0]))
+    elif kind == "slow-eval":
+        slow_eval(values[0], float(values[1]))
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from nestrnn.cli import main as nestrnn

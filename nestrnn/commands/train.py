@@ -47,8 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "KEY=VALUE overrides and options may come in any order.\n"
         "A run directory holds one run: a new run refuses a directory that holds one (see\n"
         "--overwrite), and a second process on a run that is being written is refused.\n"
-        "SIGTERM or Ctrl-C saves last.pt at the current step and exits with 143 or 130;\n"
-        "continue with --resume. Exit status: 0 done, 1 training diverged, 2 a user error.\n"
+        "SIGTERM, Ctrl-C or SIGHUP saves last.pt at the current step and exits with 143, 130\n"
+        "or 129; continue with --resume. Exit status: 0 done, 1 training diverged, 2 a user\n"
+        "error.\n"
         "see docs/training.md (tasks, configs, data, checkpoints) and docs/distributed.md"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -102,6 +103,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # each line as soon as it is printed, also into a file or a pipe (nohup, tee, a scheduler's
+    # log), where Python would otherwise hold stdout's lines until the process ends
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     if args.print_config or args.print_params:
         return _show(args)
     if args.nproc is not None:
@@ -189,6 +195,13 @@ def _train(args: argparse.Namespace, plan: RunPlan, dist: DistContext) -> int:
             print(f"nestrnn train: {error}", file=sys.stderr)
         return 1
     run_dir = summary.run_dir
+    if summary.reason == "test_interrupted":
+        if dist.is_main:
+            name = signal.Signals(summary.signal).name
+            print(f"nestrnn train: stopped by {name} during the final test; the training is "
+                  f"complete ({run_dir / 'best.pt'}). Get the test result with: nestrnn eval "
+                  f"{run_dir} --split test", file=sys.stderr)  # fmt: skip
+        return exit_status(summary.signal)
     if summary.reason == "interrupted":
         if dist.is_main:
             name = signal.Signals(summary.signal).name

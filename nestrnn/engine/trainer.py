@@ -8,9 +8,11 @@ model, optimizer, schedule, every RNG state, the data position (the global step:
 pure function of ``k``), the carried state and the partial metric sums.
 
 A non-finite loss or gradient norm stops the run with :class:`TrainingDiverged` before the optimizer
-step, so the checkpoints on disk stay the last good ones. A SIGTERM or SIGINT (see
+step, so the checkpoints on disk stay the last good ones. A SIGTERM, SIGINT or SIGHUP (see
 :mod:`nestrnn.engine.stopping`) stops it at the end of the current step, with ``last.pt`` saved
-there.
+there; during the validation after an epoch, at the next batch, with ``last.pt`` saved at the end
+of the epoch's training (a resume validates again); during the final test, at the next batch,
+with the run complete but no test result (``nestrnn eval RUN_DIR --split test`` gives it).
 
 Building a :class:`Trainer` checks everything (the configuration against the data and the
 checkpoint, the memory the run needs) and writes nothing; :meth:`Trainer.fit` takes the run
@@ -67,10 +69,15 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradients became non-finite; the message says what to do."""
 
 
+class EvaluationStopped(Exception):
+    """An evaluation was abandoned because a stop signal arrived (see :func:`evaluate`)."""
+
+
 @dataclass
 class Summary:
     run_dir: Path
     #: completed | early_stopping | max_steps | stopped (fit's stop_at) | interrupted (a signal) |
+    #: test_interrupted (a signal during the final test: training is complete, the test is not) |
     #: already_finished (a resumed run with nothing left to do: nothing was written)
     reason: str
     epochs: int
@@ -162,8 +169,13 @@ def evaluate(
     device: torch.device,
     max_batches: int = 0,
     dist: DistContext | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``split`` of ``task`` (``max_batches`` 0: the whole split)."""
+    """Metrics of ``model`` on ``split`` of ``task`` (``max_batches`` 0: the whole split).
+
+    ``stop()`` is asked before every batch (by every rank: it may be a collective); when it says
+    True the evaluation is abandoned with :class:`EvaluationStopped`, so that a signal does not
+    wait for a whole split (a scheduler kills a job a fixed time after its SIGTERM)."""
     was_training = model.training
     model.eval()
     totals: dict[str, Tensor] = {}
@@ -171,6 +183,9 @@ def evaluate(
     for i, batch in enumerate(task.eval_batches(split, batch_size, bptt)):
         if max_batches and i >= max_batches:
             break
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped(split)
         if dist is not None and dist.world_size > 1:
             batch = shard_rows(batch, dist.rank, dist.world_size)
             if batch.rows == 0:
@@ -588,13 +603,27 @@ class Trainer:
         return values[0], grad_norm
 
     def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict[str, float]:
-        """Metrics of the current model on ``split`` (``max_batches`` None: train.eval_max_batches)."""
+        """Metrics of the current model on ``split`` (``max_batches`` None: train.eval_max_batches);
+        inside :meth:`fit` with stop signals, a signal abandons it (:class:`EvaluationStopped`)."""
         if max_batches is None:
             max_batches = self.train_cfg.eval_max_batches
         return evaluate(
             self.model, self.task, split, self.eval_batch_size, self.train_cfg.bptt, self.device,
-            max_batches, self.dist,
+            max_batches, self.dist, None if self._stop is None else self._stop_requested,
         )  # fmt: skip
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached this process or, under torchrun, any rank (a collective:
+        every rank asks at the same point, so that all of them stop there)."""
+        wanted = self._stop is not None and self._stop.received is not None
+        if self.dist.world_size > 1:
+            flag = torch.tensor(float(wanted), dtype=torch.float64)
+            wanted = float(self.dist.all_reduce_tensor(flag)) > 0
+        return wanted
+
+    def _signal_received(self) -> int:
+        """The signal that stopped the run (a rank stopped by another's signal reports SIGTERM)."""
+        return (self._stop and self._stop.received) or signal.SIGTERM
 
     def _progress_bar(self) -> Any:
         from tqdm.auto import tqdm
@@ -636,14 +665,17 @@ class Trainer:
             bar.close()
 
     def _end_epoch(self, epoch_started: float) -> bool:
-        """Evaluate, keep the best, checkpoint; True when early stopping says stop."""
+        """Evaluate, keep the best, checkpoint; True when early stopping says stop.
+
+        A signal during the validation raises :class:`EvaluationStopped` with the epoch still
+        open (all its steps done): saved so, a resume validates it again."""
+        started = time.perf_counter()
+        valid = self.evaluate("valid")
+        self.elapsed += time.perf_counter() - started
         self.epoch += 1
         self.step_in_epoch = 0
         train_metrics = self.task.metrics(self.epoch_stats) if self.epoch_stats else {}
         self.epoch_stats = {}
-        started = time.perf_counter()
-        valid = self.evaluate("valid")
-        self.elapsed += time.perf_counter() - started
         metric_name = self.task.primary_metric
         primary = valid[metric_name]
         better = math.isfinite(primary) and (
@@ -704,7 +736,14 @@ class Trainer:
                 if self.last_checkpoint_step != self.global_step:
                     self.save(rd.LAST)
                 break
-            if self._end_epoch(epoch_started):
+            try:
+                ended = self._end_epoch(epoch_started)
+            except EvaluationStopped:
+                reason = "interrupted"
+                if self.last_checkpoint_step != self.global_step:
+                    self.save(rd.LAST)
+                break
+            if ended:
                 reason = "early_stopping"
                 self.log(f"early stopping: no improvement in {tc.early_stopping} epochs")
                 break
@@ -712,18 +751,25 @@ class Trainer:
             record: dict[str, Any] = {"event": "stopped", "step": self.global_step,
                                       "epoch": self.epoch + 1}  # fmt: skip
             signum = 0
-            if reason == "interrupted":  # a rank stopped by another's signal reports SIGTERM
-                signum = (self._stop and self._stop.received) or signal.SIGTERM
+            if reason == "interrupted":
+                signum = self._signal_received()
                 record["signal"] = signal.Signals(signum).name
             self.run.log(record)
             return Summary(self.run.path, reason, self.epoch, self.global_step, self.elapsed,
                            self.best_epoch, self.best_metrics, {}, self.task.primary_metric,
                            int(signum))  # fmt: skip
         test: dict[str, float] = {}
+        signum = 0
         if tc.test:
-            test = self.test()
-        summary = Summary(self.run.path, reason, self.epoch, self.global_step, self.elapsed,
-                          self.best_epoch, self.best_metrics, test, self.task.primary_metric)  # fmt: skip
+            try:
+                test = self.test()
+            except EvaluationStopped:  # the checkpoints are complete: only the test is missing
+                signum = self._signal_received()
+                self.run.log({"event": "stopped", "step": self.global_step, "epoch": self.epoch,
+                              "signal": signal.Signals(signum).name, "during": "test"})  # fmt: skip
+        summary = Summary(self.run.path, "test_interrupted" if signum else reason, self.epoch,
+                          self.global_step, self.elapsed, self.best_epoch, self.best_metrics,
+                          test, self.task.primary_metric, int(signum))  # fmt: skip
         self.run.write_json(rd.SUMMARY, {
             "reason": reason, "epochs": self.epoch, "steps": self.global_step,
             "elapsed_s": round(self.elapsed, 2), "best_epoch": self.best_epoch,
