@@ -81,6 +81,26 @@ def test_sighup_saves_the_current_step_like_sigterm(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
+def test_sighup_stays_ignored_under_nohup(tmp_path: Path) -> None:
+    """``nohup nestrnn train``: the SIGHUP the user asked to ignore does not stop the run."""
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    writer = subprocess.Popen(
+        ["nohup", sys.executable, "-m", "nestrnn", "train", *ENDLESS, "--run-dir", str(run)],
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for_step(run, 3, writer)
+        writer.send_signal(signal.SIGHUP)
+        wait_for_step(run, max(train_steps(run)) + 3, writer)  # still training
+        writer.send_signal(signal.SIGTERM)
+        _, err = writer.communicate(timeout=60)
+    finally:
+        writer.kill()
+    assert writer.returncode == 128 + signal.SIGTERM, err
+    assert rd.RunDir(run).records()[-1]["signal"] == "SIGTERM"
+
+
 def test_sigterm_during_the_final_test_stops_it(tmp_path: Path, capsys) -> None:
     """The checkpoints are complete: the test is abandoned (no test record), exit status 143, and
     stderr says how to get the test result, which `nestrnn eval` then gives."""

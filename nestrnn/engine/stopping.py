@@ -27,8 +27,9 @@ def exit_status(signum: int) -> int:
 
 
 class StopSignals:
-    """Records the first of :data:`STOP_SIGNALS` received inside the ``with`` block (main thread only;
-    elsewhere it records nothing and signals keep their handlers)."""
+    """Records the first of :data:`STOP_SIGNALS` received inside the ``with`` block (main thread
+    only; elsewhere it records nothing and signals keep their handlers). A signal that was ignored
+    when the block began stays ignored."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -48,7 +49,10 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                # one the process was started to ignore stays ignored: nohup's SIGHUP, the
+                # SIGINT of a shell script's background job
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(
