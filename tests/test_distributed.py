@@ -305,6 +305,28 @@ def test_the_launcher_passes_sighup_on_and_every_worker_saves(corpus, tmp_path):
     }  # fmt: skip
 
 
+def test_a_launcher_under_nohup_ignores_sighup(corpus, tmp_path):
+    """``nohup nestrnn train --nproc 2``: a SIGHUP reaches neither torchrun nor the workers."""
+    run_dir = tmp_path / "run"
+    command = ["nohup", sys.executable, "-m", "nestrnn", "train", "--nproc", "2", "--no-progress",
+               f"task.path={corpus}", *OVERRIDES, "train.steps_per_epoch=10000000",
+               "train.checkpoint_every=0", "--run-dir", str(run_dir)]  # fmt: skip
+    launcher = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for_step(run_dir, 3, launcher)
+        launcher.send_signal(signal.SIGHUP)
+        steps = [r["step"] for r in rd.RunDir(run_dir).records() if r["event"] == "train"]
+        wait_for_step(run_dir, max(steps) + 3, launcher)  # still training
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=90)
+        wait_until_gone(str(run_dir))
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert rd.RunDir(run_dir).records()[-1]["signal"] == "SIGTERM"
+
+
 def _pid_namespaces_work() -> bool:
     try:
         probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],

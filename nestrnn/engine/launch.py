@@ -6,7 +6,8 @@
   Under torchrun rank 0 decides and tells the others (:func:`plan_on_main`).
 * :func:`run_torchrun` runs the same ``nestrnn`` command under ``torchrun --standalone`` with N
   processes (through :mod:`nestrnn.engine.torchrun`). torchrun gets its own process group: SIGTERM, SIGINT and SIGHUP sent to the launcher
-  (by ``timeout``, a scheduler, Ctrl-C) are forwarded to it once, torchrun passes them on to its
+  (by ``timeout``, a scheduler, Ctrl-C, a closed terminal; not one the launcher was started to
+  ignore, like ``nohup``'s SIGHUP) are forwarded to it once, torchrun passes them on to its
   workers (which save ``last.pt`` and stop) and the launcher waits for all of it. On Linux torchrun
   also gets SIGTERM when the launcher dies, and each worker when torchrun dies
   (:mod:`nestrnn.engine.parent_death`), so a ``kill -9`` of either leaves no process training
@@ -152,7 +153,11 @@ def run_torchrun(nproc: int, argv: list[str]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    previous = {
+        signum: signal.signal(signum, forward)
+        for signum in FORWARDED_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN  # nohup's SIGHUP stays ignored
+    }
     try:
         status = process.wait()
     finally:
