@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from faults import PAUSED
+from faults import EVALUATING, PAUSED
 from helpers_tasks import start_cli, wait_for_step, wait_until_gone
 
 from nestrnn.cli import main
@@ -325,6 +325,36 @@ def test_a_launcher_under_nohup_ignores_sighup(corpus, tmp_path):
         launcher.kill()
     assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert rd.RunDir(run_dir).records()[-1]["signal"] == "SIGTERM"
+
+
+def test_sigterm_during_the_final_test_stops_every_worker(corpus, tmp_path):
+    """SIGTERM to torchrun while its workers run the final test: all of them abandon it at the
+    same batch (no worker waits for another in a collective), the run is complete without a test
+    record."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", FAULTS, "slow-eval:test:1", "--", "train", "--no-progress",
+               "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
+    agent = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        seen = []
+        for line in agent.stderr:
+            seen.append(line)
+            if line.startswith(EVALUATING):
+                agent.send_signal(signal.SIGTERM)
+                break
+        _, err = agent.communicate(timeout=90)
+        wait_until_gone(str(run_dir))
+    finally:
+        agent.kill()
+    err = "".join(seen) + err
+    assert "stopped by SIGTERM during the final test" in err, err[-3000:]
+    records = rd.RunDir(run_dir).records()
+    assert "test" not in [r["event"] for r in records]
+    assert records[-1] == {"event": "stopped", "step": 8, "epoch": 2, "signal": "SIGTERM",
+                           "during": "test"}  # fmt: skip
+    assert json.loads((run_dir / rd.SUMMARY).read_text())["test"] == {}
 
 
 def _pid_namespaces_work() -> bool:
