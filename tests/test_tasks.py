@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import re
 import struct
 import tracemalloc
 import warnings
@@ -15,7 +16,10 @@ import pytest
 import torch
 from helpers_tasks import (
     BACKEND,
+    TINY,
+    assert_one_line_error,
     idx_bytes,
+    main_cli,
     mnist_arrays,
     shared_data_dir,
     write_mnist,
@@ -369,6 +373,27 @@ def test_adding() -> None:
     assert (x[:, :5, 1].sum(1) == 1).all()  # one mark in each half
     assert torch.allclose((x[..., 0] * x[..., 1]).sum(1), y)
     one_step(task)
+
+
+@pytest.mark.parametrize(
+    ("task", "option", "named"),
+    [
+        ("adding", "task.length=1000000000", "task.length"),
+        ("adding", "task.valid_size=1000000000", "task.valid_size + task.test_size"),
+        ("copy_memory", "task.delay=10000000000", "task.delay + 2 * task.length + 1"),
+    ],
+)
+def test_a_generated_data_set_larger_than_memory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task: str, option: str, named: str
+) -> None:
+    """One line naming the options and how far they may go, before anything is allocated."""
+    run = tmp_path / "run"
+    argv = ["train", f"task.name={task}", option, *TINY, "--run-dir", str(run)]
+    code, _, err = main_cli(argv, capsys)
+    assert_one_line_error(code, err, "train")
+    assert code == 2 and "of RAM available" in err
+    assert re.search(rf"lower {re.escape(named)} to at most [\d,]+", err), err
+    assert not run.exists()
 
 
 def test_task_models_work_on_the_meta_device(tmp_path: Path) -> None:
