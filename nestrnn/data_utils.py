@@ -230,7 +230,15 @@ def download(
         raise DataError(f"cannot download {url}: {_reason(error)}") from None
     declared = response.headers.get("Content-Length")
     total = int(declared) if declared and declared.isdigit() else size
-    limit = min(n for n in (total, size, max_size, MAX_DOWNLOAD_BYTES) if n is not None)
+    limit = min(n for n in (size, max_size, MAX_DOWNLOAD_BYTES) if n is not None)
+    if total is not None and total > limit:  # announced too long: not worth a byte of disk
+        response.close()
+        known = "the canonical file has" if limit == size else "expected at most"
+        raise DataError(
+            f"download of {url} would have {total:,} bytes (its Content-Length), but {known} "
+            f"{limit:,} bytes; not downloaded"
+        )
+    limit = min(limit, total) if total is not None else limit
     try:
         with response, atomic_write(dest) as handle:
             received, actual = _transfer(

@@ -326,16 +326,17 @@ def _on_a_tiny_disk(folder: Path, size: str) -> list[str]:
 
 def test_a_full_disk_during_a_download(tmp_path: Path) -> None:
     """ENOSPC while the download is written: one line naming the folder, no temporary file."""
-    served = write_text8_zip(tmp_path / "server", 1200)
-    served.write_bytes(served.read_bytes() + bytes(256 << 10))  # a zip that does not fit
+    split = ["task.train_chars=800000", "task.valid_chars=100000", "task.test_chars=100000"]
+    served = write_text8_zip(tmp_path / "server", 1_000_000)
+    assert served.stat().st_size > 64 << 10  # twice the disk
     data = tmp_path / "data"
     data.mkdir()
     with http_server(tmp_path / "server") as url:
         command = [sys.executable, "-m", "nestrnn", "train", "task.name=text8",
-                   f"task.data_dir={data}", f"task.base_url={url}", *SMALL_TEXT8, *TINY,
+                   f"task.data_dir={data}", f"task.base_url={url}", *split, *TINY,
                    "--run-dir", str(tmp_path / "run")]  # fmt: skip
         result = subprocess.run(
-            [*_on_a_tiny_disk(data, "64k"), *command], capture_output=True, text=True, timeout=120
+            [*_on_a_tiny_disk(data, "32k"), *command], capture_output=True, text=True, timeout=120
         )
     error = _cli_error(result)
     assert f"no space left on the disk of {data}" in error and "free" in error
