@@ -372,6 +372,7 @@ def fetch(
         reason = "downloads are disabled (task.download=false)" if urls else "it has no download"
         raise DataError(f"{path} is missing and {reason}. {how_to}".strip())
     remove_stale_temporaries(path)
+    deadline = download_deadline()  # a bad value is the user's to fix, not a mirror's fault
     errors = []
     for base in urls:
         url = join_url(base, remote.name)
@@ -379,7 +380,7 @@ def fetch(
         try:
             return download(
                 url, path, sha256=remote.sha256, size=remote.size, max_size=remote.max_size,
-                validate=validate, progress=progress,
+                validate=validate, progress=progress, deadline=deadline,
             )  # fmt: skip
         except DataWriteError:
             raise  # the next mirror would meet the same disk
