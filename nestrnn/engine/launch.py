@@ -51,6 +51,8 @@ class RunPlan:
     run_dir: Path
     resume: bool
     replace: Replace  # what a new run may replace in run_dir (see Trainer)
+    #: the folders created for a default run directory (rank 0; see rundir.remove_empty)
+    created: tuple[Path, ...] = ()
 
 
 def resume_dir(args: argparse.Namespace, restarted: bool) -> Path | None:
@@ -194,20 +196,25 @@ def plan_run(args: argparse.Namespace, restarted: bool) -> RunPlan:
     replace: Replace = "any" if args.overwrite else "nothing"
     if args.resume == "auto" or restarted:
         replace = "incomplete"  # a run killed before its first checkpoint starts again
-    run = rd.RunDir(args.run_dir or rd.default_run_dir(config.task.name))
+    if args.run_dir:
+        run, created = rd.RunDir(args.run_dir), []
+    else:
+        path, created = rd.default_run_dir(config.task.name)
+        run = rd.RunDir(path)
     run.check_new_run(replace)
-    return RunPlan(config, run.path, False, replace)
+    return RunPlan(config, run.path, False, replace, tuple(created))
 
 
 def plan_on_main(dist: DistContext, decide: Callable[[], RunPlan]) -> RunPlan:
     """``decide()`` on rank 0, its plan on every rank (the configuration travels as a dict)."""
 
-    def decide_portably() -> tuple[dict, Path, bool, Replace]:
+    def decide_portably() -> tuple[dict, Path, bool, Replace, tuple[Path, ...]]:
         plan = decide()
-        return to_container(plan.config), plan.run_dir, plan.resume, plan.replace
+        return to_container(plan.config), plan.run_dir, plan.resume, plan.replace, plan.created
 
-    container, run_dir, resume, replace = dist.from_main(decide_portably)
-    return RunPlan(load_config([], [], base=container), run_dir, resume, replace)
+    container, run_dir, resume, replace, created = dist.from_main(decide_portably)
+    created = created if dist.is_main else ()
+    return RunPlan(load_config([], [], base=container), run_dir, resume, replace, created)
 
 
 def run_torchrun(nproc: int, argv: list[str]) -> int:

@@ -82,24 +82,37 @@ class RunDirError(UserError):
     """A run directory that cannot be used as asked: taken, busy, not writable, full."""
 
 
-def default_run_dir(task: str, root: str | Path = "runs") -> Path:
-    """Create ``runs/<task>-<YYYYmmdd-HHMMSS>`` (with a suffix when that exists already) and
-    return it. Each name is taken by ``mkdir``, which fails when the folder exists: two runs
-    started in the same second never share a directory."""
+def default_run_dir(task: str, root: str | Path = "runs") -> tuple[Path, list[Path]]:
+    """Create ``runs/<task>-<YYYYmmdd-HHMMSS>`` (with a suffix when that exists already); it and
+    the folders created for it (innermost first: see :func:`remove_empty`). Each name is taken
+    by ``mkdir``, which fails when the folder exists: two runs started in the same second never
+    share a directory."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    with writing(Path(root)):
-        Path(root).mkdir(parents=True, exist_ok=True)
+    root = Path(root)
     suffix = 1
-    path = Path(root) / f"{task}-{stamp}"
+    path = root / f"{task}-{stamp}"
     while True:
+        created = [] if root.is_dir() else [root]
         try:
+            with writing(root):
+                root.mkdir(parents=True, exist_ok=True)
             path.mkdir()
-            return path
+            return path, [path, *created]
         except FileExistsError:
             suffix += 1
-            path = Path(root) / f"{task}-{stamp}-{suffix}"
+            path = root / f"{task}-{stamp}-{suffix}"
+        except FileNotFoundError:  # another run removed an empty runs/ meanwhile: again
+            continue
         except OSError as error:
             raise RunDirError(f"cannot create {path}: {error.strerror or error}") from None
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run created that are still empty (a run that failed before writing
+    anything leaves nothing behind); a folder that holds anything stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def json_safe(value: Any) -> Any:
