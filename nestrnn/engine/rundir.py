@@ -368,7 +368,7 @@ def load_checkpoint(
 
     ``follow_links``: ``path`` may be a symbolic link (a file the user named, not a run's)."""
     path = Path(path)
-    if follow_links:
+    if follow_links and path.is_symlink():
         path = path.resolve()
     if not os.path.lexists(path):
         raise CheckpointError(f"no checkpoint at {path}")
