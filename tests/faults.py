@@ -9,7 +9,10 @@ a torchrun script too (``torchrun ... tests/faults.py FAULT -- train ...``). FAU
     of an elastic job only (so that torchrun's restart can finish the run);
 ``pause-in-checkpoint:SECONDS``
     a write of a checkpoint that replaces an existing one sleeps SECONDS after its temporary file
-    is complete and before ``os.replace``, having printed ``PAUSED-IN-CHECKPOINT <path>``.
+    is complete and before ``os.replace``, having printed ``PAUSED-IN-CHECKPOINT <path>``;
+``crash-in-checkpoint``
+    the first write of a checkpoint that replaces an existing one exits (status 1, no cleanup)
+    when its temporary file is complete, before ``os.replace`` (a power cut at that moment).
 """
 
 from __future__ import annotations
@@ -60,6 +63,25 @@ def pause_in_checkpoint(seconds: float) -> None:
     rundir.atomic_write = pausing
 
 
+def crash_in_checkpoint() -> None:
+    from nestrnn.engine import rundir
+
+    atomic_write = rundir.atomic_write
+
+    @contextlib.contextmanager
+    def crashing(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+        path = Path(path)
+        with atomic_write(path, mode) as handle:
+            yield handle
+            if path.suffix == ".pt" and path.exists():
+                handle.flush()
+                sys.stderr.write(f"fault: exit while replacing {path}\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    rundir.atomic_write = crashing
+
+
 def main(argv: list[str]) -> int:
     fault, separator, *command = argv
     assert separator == "--", "usage: faults.py FAULT -- NESTRNN ARGS..."
@@ -68,6 +90,8 @@ def main(argv: list[str]) -> int:
         crash_after(int(values[0]), int(values[1]))
     elif kind == "pause-in-checkpoint":
         pause_in_checkpoint(float(values[0]))
+    elif kind == "crash-in-checkpoint":
+        crash_in_checkpoint()
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from nestrnn.cli import main as nestrnn

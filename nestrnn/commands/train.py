@@ -30,6 +30,7 @@ from nestrnn.engine.launch import (
     run_config,
     run_torchrun,
 )
+from nestrnn.engine.rundir import remove_empty
 from nestrnn.errors import UserError
 
 HELP = "train a model on a task (no arguments: the synthetic adding problem, ~1 minute on a CPU)"
@@ -109,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
     with DistContext.from_env(args.backend) as dist:
         restarted = restart_count() > 0
         plan = plan_on_main(dist, lambda: plan_run(args, restarted))
-        return _train(args, plan, dist)
+        try:
+            return _train(args, plan, dist)
+        except BaseException:
+            remove_empty(list(plan.created))  # a mistake found later leaves no empty folder
+            raise
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -144,6 +149,17 @@ def _launch(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         raise UserError("--nproc starts torchrun itself; under torchrun leave it out")
     plan = plan_run(args, restarted=False)  # mistakes show once, here, not in every process
+    try:
+        status = _run_workers(args, plan)
+    except BaseException:
+        remove_empty(list(plan.created))
+        raise
+    if status:  # the workers failed: a run that wrote nothing leaves no empty folder
+        remove_empty(list(plan.created))
+    return status
+
+
+def _run_workers(args: argparse.Namespace, plan: RunPlan) -> int:
     if plan.config.train.batch_size % args.nproc:
         raise ConfigError(
             f"train.batch_size ({plan.config.train.batch_size}) must be a multiple of the number "
