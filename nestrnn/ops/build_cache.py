@@ -136,7 +136,7 @@ def trusted_descriptor(path: Path) -> int:
                 "an older version"
             )
         if recorded != size:
-            raise Untrusted(f"it is {size} bytes, its record says {recorded} truncated")
+            raise Untrusted(f"it is {size} bytes, its record says {recorded}: truncated")
         if _digest(fd, size) != digest:
             raise Untrusted("its sha256 does not match its record: corrupt")
     except BaseException:
@@ -191,8 +191,8 @@ def open_or_build(
 ) -> tuple[Loaded, str]:
     """``open_trusted(path)``, building ``path`` first when it is absent or ``open_trusted``
     refuses it (raises ``Untrusted``); gives the loaded library and, when a file there was
-    refused and replaced, why (else ""). Raises ``RuntimeError`` (or ``OSError``) saying why when neither
-    works."""
+    refused and replaced, why (else ""). Raises ``RuntimeError`` (or ``OSError``) saying why
+    when neither works."""
     refused: Untrusted | None = None
     if os.path.lexists(path):
         try:
