@@ -2,8 +2,8 @@
 
 Rules every task follows:
 
-* a file is written only through :func:`atomic_write` (a temporary file in the same folder, flushed,
-  then ``os.replace``), so an interrupted download never leaves a half file under the real name;
+* a file is written only through :func:`atomic_write` (a temporary file in the same folder, flushed
+  and synced, then ``os.replace``, then the folder synced), so an interrupted download never leaves a half file under the real name;
 * a download is checked before it is moved into place: its length against ``Content-Length`` and the
   known size, its sha256 against the known checksum, and its format against the task's validator;
   reading stops as soon as it is longer than the longest it may be (``Content-Length``, the known
@@ -157,10 +157,27 @@ def remove_stale_temporaries(path: Path) -> None:
                 leftover.unlink()
 
 
+def fsync_directory(folder: str | Path) -> None:
+    """Make a rename into ``folder`` durable: until the folder itself is synced, a power loss
+    may forget the new name (or bring back the old file). Where folders cannot be opened or
+    synced (Windows, some network file systems) this does nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write ``path`` atomically: yields a temporary file in the same folder, which replaces
-    ``path`` only when the block finishes without an exception (otherwise it is removed).
+    """Write ``path`` atomically and durably: yields a temporary file in the same folder, which
+    replaces ``path`` only when the block finishes without an exception (otherwise it is
+    removed). The file is synced before the rename and the folder after it, so that after a
+    crash or a power loss ``path`` is the old file or the whole new one, never a short one.
 
     The file gets the mode the umask gives, as ``open`` would (not ``mkstemp``'s 0600)."""
     path = Path(path)
@@ -173,6 +190,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
