@@ -13,6 +13,7 @@ Subclasses implement :meth:`CharLMTask.load_splits`, returning each split as a l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -114,6 +115,24 @@ class CharLMTask(Task):
     def build_vocab(self, train: Sequence[str]) -> Vocab:
         """The vocabulary, from the training symbols (override to add ``unk``)."""
         return Vocab.build(train)
+
+    def known_vocab_size(self) -> int | None:
+        """The vocabulary's size when it is known without the data (for the published data set
+        and these options); None: only the data says."""
+        return None
+
+    def prepare_sizes(self) -> None:
+        """The vocabulary's size: :meth:`known_vocab_size`, else the local data (never a
+        download)."""
+        if self.vocab is not None:
+            return
+        size = self.known_vocab_size()
+        if size is not None:
+            self.vocab = Vocab([f"<{i}>" for i in range(size)])  # stands in for the symbols
+            return
+        if getattr(self.options, "download", False):
+            self.options = dataclasses.replace(self.options, download=False)
+        self.prepare()
 
     def prepare(self) -> None:
         loaded = self.load_splits()

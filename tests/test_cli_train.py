@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 from helpers_tasks import TINY, run_cli, write_text
 
 ADDING = [*TINY, "task.length=6", "task.valid_size=32", "task.test_size=32", "train.epochs=2",
@@ -103,3 +104,45 @@ def test_sample_refuses_a_non_language_model(tmp_path: Path) -> None:
                 tmp_path))  # fmt: skip
     result = run_cli(["sample", "run"], tmp_path)
     assert result.returncode == 2 and "not a language model" in result.stderr
+
+
+@pytest.fixture
+def counting_server():
+    """An HTTP server on 127.0.0.1 that answers 404 to everything and counts the requests."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    server.shutdown()
+    server.server_close()
+
+
+SHIPPED_CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
+def test_print_params_needs_no_data(config: str, tmp_path: Path, counting_server) -> None:
+    """--print-params sizes the models without the data: no download, no file written."""
+    url, requests = counting_server
+    data, home = tmp_path / "data", tmp_path / "home"
+    data.mkdir()
+    home.mkdir()
+    env = {"NESTRNN_DATA_DIR": str(data), "HOME": str(home), "NESTRNN_CACHE_DIR": str(home / "c")}
+    env |= {f"NESTRNN_{name}_URL": url for name in ("PTB", "TEXT8", "MNIST")}
+    table = _ok(run_cli(["train", "-c", config, "--print-params"], tmp_path, env=env))
+    assert "nlstm" in table and "stacked_lstm" in table and "<- this run" in table
+    assert requests == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "home"]
