@@ -34,7 +34,9 @@ LN2 = math.log(2.0)
 
 
 class UnknownSymbols(UserError, ValueError):
-    """Text to encode holds symbols that the vocabulary lacks (and it has no ``unk``)."""
+    """Text to encode holds symbols that the vocabulary lacks (``unk`` or not: a prime or text
+    given to a trained model is the user's own, and silently reading part of it as ``unk`` would
+    condition the model on something else)."""
 
 
 class Vocab:
@@ -225,9 +227,12 @@ class CharLMTask(Task):
         return [inverse.get(ch, ch) for ch in text]
 
     def encode(self, text: str) -> list[int]:
+        """The ids of a user's text (``nestrnn sample --prime``, ``nestrnn viz --text``); symbols
+        the vocabulary lacks are an :class:`UnknownSymbols` error naming them, with or without an
+        ``unk`` symbol."""
         symbols = self.text_to_symbols(text)
         missing = sorted({s for s in symbols if s not in self.vocab.index})
-        if missing and self.vocab.unk is None:
+        if missing:
             shown = ", ".join(repr(s) for s in missing[:10])
             raise UnknownSymbols(f"the text has symbols the model does not know: {shown}")
         return self.vocab.encode(symbols)[0].tolist()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
-from helpers_tasks import TINY, run_cli, write_text
+from helpers_tasks import POEM_CHARS, TINY, run_cli, write_poems, write_text
 
 ADDING = [*TINY, "task.length=6", "task.valid_size=32", "task.test_size=32", "train.epochs=2",
           "train.steps_per_epoch=5", "train.batch_size=8"]  # fmt: skip
@@ -57,6 +57,22 @@ def test_sample_from_a_text_run(tmp_path: Path) -> None:
     assert _ok(run_cli(greedy, tmp_path)) == _ok(run_cli(greedy, tmp_path))
     bad = run_cli(["sample", "lm", "--prime", "Zebra"], tmp_path)
     assert bad.returncode == 2 and "does not know" in bad.stderr
+
+
+@pytest.mark.slow
+def test_sample_refuses_a_prime_a_vocabulary_with_unk_does_not_know(tmp_path: Path) -> None:
+    """The poems' vocabulary has <unk>; a prime symbol outside it is still an error, not <unk>."""
+    data = write_poems(tmp_path / "poems")
+    _ok(run_cli(["train", *TINY, "task.name=chinese_poems", f"task.data_dir={data}",
+                 "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=4", "train.bptt=8",
+                 "--run-dir", "poems-run"], tmp_path))  # fmt: skip
+    known = POEM_CHARS[:3]
+    assert _ok(run_cli(["sample", "poems-run", "--prime", known, "--length", "5"], tmp_path))
+    bad = run_cli(["sample", "poems-run", "--prime", known + "猫狗"], tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == (
+        "nestrnn sample: error: the text has symbols the model does not know: '狗', '猫'\n"
+    )
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
