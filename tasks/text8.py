@@ -165,6 +165,9 @@ class Text8Task(CharLMTask):
         self.splits = dict(loaded)
         self.unknown = {}
 
+    def known_vocab_size(self) -> int:
+        return len(SYMBOLS)
+
     def text_to_symbols(self, text: str) -> list[str]:
         return list(text.lower())
 

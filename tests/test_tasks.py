@@ -433,6 +433,16 @@ def test_real_chinese_poems() -> None:
     assert len(task.vocab) > 2000
 
 
+@pytest.mark.parametrize("variant", ["all", "5", "7"])
+def test_chinese_poems_vocabulary_size_known_without_the_data(variant: str) -> None:
+    """The size that --print-params sizes the models with is the published data's."""
+    task = make("chinese_poems", data_dir=str(_shared("chinese_poems")), variant=variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # qtrain is qtrain5 + qtrain7 here
+        task.prepare()
+    assert task.known_vocab_size() == len(task.vocab)
+
+
 def test_real_tinyshakespeare() -> None:
     folder = _shared("tinyshakespeare")
     task = make("text_file", path=str(folder / "input.txt"))

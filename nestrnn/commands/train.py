@@ -31,7 +31,7 @@ from nestrnn.engine.launch import (
     run_torchrun,
 )
 from nestrnn.engine.rundir import remove_empty
-from nestrnn.errors import UserError
+from nestrnn.errors import UserError, one_line
 
 HELP = "train a model on a task (no arguments: the synthetic adding problem, ~1 minute on a CPU)"
 
@@ -133,7 +133,11 @@ def print_params(config) -> None:
     from nestrnn.engine.build import build_task, model_settings
     from nestrnn.models import family_table, format_family_table
 
-    task = build_task(config)
+    task = build_task(config, prepare=False)
+    try:
+        task.prepare_sizes()  # no download: a vocabulary's size comes from the task
+    except ValueError as error:  # options that do not fit the data (DataError passes)
+        raise ConfigError(one_line(error)) from None
     model_cfg = section(config, "model")
     with model_settings():
         rows = family_table(model_cfg, task.build_model)
