@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu.sh --quick       a shorter run (fewer cases and repeats, no step 3), by 300 s
 #   bash benchmarks/gpu.sh --quick-tune  step 3 with tune_triton.py --quick (also with --quick)
 #   bash benchmarks/gpu.sh --dry-run     its Python steps on CPU at a tiny size, float32, Triton's
-#                                        interpreter (results in $OUT, else a temporary directory)
+#                                        interpreter (results in $OUT, else a temporary directory);
+#                                        without Triton installed, steps 2 and 3 are skipped and
+#                                        step 4 times the CPU op (backend fused) instead
 #
 # 1. compile_check.py --quick: every kernel through the real compiler for sm_90, offline;
 # 2. gpu_check.py: the Triton kernels against the naive reference (fp32, bf16, fp16; depths 1-3;
@@ -28,7 +30,7 @@
 # memory_graphs_cuda.{json,md} and gpu_run.log (the whole output). With $OUT set (a directory), the
 # log is written there and each result file is copied there as soon as it exists. Each step gets a
 # timeout within the run's deadline (GPU_SH_SECONDS overrides it); a failing step does not stop the
-# others; the exit status is 1 if any failed, 2 without a CUDA device.
+# others; the exit status is 1 if any failed, 2 without a CUDA device or (but for --dry-run) Triton.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +57,7 @@ tune_shapes=32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50
 tune_args=(--dtypes bf16,fp16,fp32)
 check_args=()
 speed_args=(--repeats 11 --budget 15 --plain-loop-repeats 2)
+speed_backend=triton
 seconds=540
 if [ "$mode" = quick ]; then
     check_args=(--quick)
@@ -107,7 +110,23 @@ keep() {  # copy result files into $OUT as soon as they exist
 echo "== gpu.sh $mode, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
     echo "nvidia-smi: not available"
-"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+"$python" -c "import torch; print('torch', torch.__version__, end=' ')"
+if "$python" -c "import triton; print('triton', triton.__version__)" 2>/dev/null; then
+    has_triton=yes
+else
+    has_triton=no
+    echo "triton not installed"
+fi
+if [ "$has_triton" = no ] && [ "$mode" != dry-run ]; then
+    echo "the GPU run needs Triton: pip install -e \".[triton]\" (--dry-run runs without it)"
+    exit 2
+fi
+if [ "$has_triton" = no ]; then  # what runs without Triton still runs
+    echo "without Triton: steps 2 and 3 are skipped; step 4 times the CPU op (backend fused)"
+    check_dtypes=""
+    tune=no
+    speed_backend=fused
+fi
 if [ "$device" = cuda ] && ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "no CUDA device here (bash benchmarks/gpu.sh --dry-run runs the steps on CPU)"
     exit 2
@@ -158,7 +177,7 @@ echo "== 4. timing, one dtype at a time"
 for dtype in $dtypes; do
     json="$results/speed_${device}_$dtype.json"
     markdown="$results/speed_${device}_$dtype.md"
-    limited 200 "$python" benchmarks/speed.py --device "$device" --backend triton \
+    limited 200 "$python" benchmarks/speed.py --device "$device" --backend "$speed_backend" \
         --dtype "$dtype" --shapes "$shapes" --plain-loop torch_loop --split "${speed_args[@]}" \
         --json "$json" --markdown "$markdown" || failed+=("speed_$dtype")
     if [ -f "$json" ]; then keep "$json" "$markdown"; fi

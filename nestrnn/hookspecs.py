@@ -7,6 +7,10 @@ The registry calls a kind's hook when that kind is first looked up: ``register_m
 layer first builds a memory function by name, ``register_tasks`` when a task is first looked up. A
 plugin module is imported before either, so keep its top level light and import heavy code (data
 loading, models) inside the hook, as :mod:`nestrnn.tasks` does.
+
+An installed plugin's import and hooks run in a thread of their own, each given
+``NESTRNN_PLUGIN_TIMEOUT`` seconds (30 by default) before nestrnn carries on without the plugin;
+being off the main thread, they cannot install signal handlers. What they print goes to stderr.
 """
 
 from __future__ import annotations

@@ -15,7 +15,14 @@ only its module says which hooks it implements.
 
 A plugin that fails to import or whose hook raises (an exception, or ``SystemExit``) is recorded in
 ``failures`` with its name and distribution; it never stops the others. So is one that implements a
-hook that does not exist (``register_memory``, say), which pluggy would silently never call. Two providers of one name
+hook that does not exist (``register_memory``, say), which pluggy would silently never call.
+
+An installed plugin is imported, and its hooks called, in a daemon thread that the registry waits
+for at most ``NESTRNN_PLUGIN_TIMEOUT`` seconds (30 by default): one that hangs (a network call at
+import) is recorded as timed out, with a warning, and left behind; a daemon thread never keeps the
+process alive. Anything it raises, ``KeyboardInterrupt`` included, is then the plugin's fault and
+recorded like the rest; a real Ctrl-C reaches the waiting main thread and stops the program. What
+plugin code prints while it loads goes to standard error (:mod:`nestrnn.output`). Two providers of one name
 make that name unusable: looking it up raises an error that names both. A script definition may not
 take a name another script definition holds unless it asks with ``replace=True``, which also takes
 the name from plugins. Script registrations apply after the plugins' whenever the registry is built,
@@ -24,11 +31,14 @@ so a registry built before a script registers and one built after it hold the sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
+import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +46,14 @@ from typing import Any
 import pluggy
 
 from nestrnn import hookspecs
+from nestrnn.errors import UserError
+from nestrnn.output import stdout_to_stderr
 
 ENTRY_POINT_GROUP = "nestrnn"
 DISABLE_ENV = "NESTRNN_DISABLE_PLUGINS"
+TIMEOUT_ENV = "NESTRNN_PLUGIN_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0
+"""Seconds an installed plugin's import, or one of its hooks, may take before it is left behind."""
 BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
     "nestrnn.memory.builtin": ("memory",),
     "nestrnn.plugins.triton_nested": ("memory",),
@@ -47,7 +62,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
 """The built-in plugin modules and the kinds each provides; each is imported on first use of one."""
 KINDS = tuple(hookspecs.HOOKS)
 PLUGIN_ERRORS = (Exception, SystemExit)
-"""What a plugin's import or hook may raise without stopping nestrnn (Ctrl-C still stops it)."""
+"""What a built-in plugin's import or hook may raise without stopping nestrnn (Ctrl-C still stops
+it); an installed plugin runs in a thread of its own, where whatever it raises is its failure."""
 
 
 class RegistryError(LookupError):
@@ -129,12 +145,14 @@ class Registry:
         scripts: list[Entry] | None = None,
         *,
         external_plugins_disabled: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self.conflicts: dict[tuple[str, str], list[Provider]] = {}
         self.failures: list[Failure] = []
         self.plugins: list[Provider] = []
         self.external_plugins_disabled = external_plugins_disabled
+        self.timeout = timeout
         self._scripts = scripts if scripts is not None else []
         self._pending: list[PluginSource] = []
         self._hook_entries: dict[str, list[Entry]] = {kind: [] for kind in KINDS}
@@ -161,6 +179,7 @@ class Registry:
             for module, kinds in BUILTIN_PLUGINS.items()
         ]
         disabled = external_plugins_disabled()
+        timeout = DEFAULT_TIMEOUT if disabled else plugin_timeout()
         if not disabled:
             for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = entry_point.dist
@@ -168,13 +187,13 @@ class Registry:
                     entry_point.name, dist.name if dist else None, dist.version if dist else None
                 )
                 sources.append(PluginSource(provider, entry_point.load))
-        return cls(sources, scripts, external_plugins_disabled=disabled)
+        return cls(sources, scripts, external_plugins_disabled=disabled, timeout=timeout)
 
     def load(self, kind: str) -> None:
         """Import the plugins that may provide ``kind`` and call their hook for it, once."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-        with _lock:
+        with _locked():
             if kind in self._loaded:
                 return
             self._loaded.add(kind)  # first: a plugin that looks names up meanwhile must not recurse
@@ -188,7 +207,7 @@ class Registry:
 
     def refresh(self, kind: str) -> None:
         """Apply the script registrations again after one changed (if ``kind`` is loaded)."""
-        with _lock:
+        with _locked():
             if kind in self._loaded:
                 self._resolve(kind)
 
@@ -267,11 +286,14 @@ class Registry:
         """Import and register the pending plugins that may provide ``kind``."""
         for source in [s for s in self._pending if s.may_provide(kind)]:
             self._pending.remove(source)
-            try:
-                plugin = source.load()
-                self._manager.register(plugin, name=source.provider.plugin)
-            except PLUGIN_ERRORS as error:  # a broken plugin must not take the others down
-                self.failures.append(Failure(source.provider, _describe_error(error)))
+            plugin, error = self._run_plugin_code(source.load, source.provider, "its import")
+            if error is None:
+                try:
+                    self._manager.register(plugin, name=source.provider.plugin)
+                except PLUGIN_ERRORS as failure:  # hook implementations pluggy cannot accept
+                    error = _describe_error(failure)
+            if error is not None:  # a broken plugin must not take the others down
+                self.failures.append(Failure(source.provider, error))
                 continue
             self.plugins.append(source.provider)
             unknown = sorted(
@@ -291,13 +313,37 @@ class Registry:
         def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
             added.append(_make_entry(name, kind, factory, provider, description))
 
-        try:
-            hook(register=register)
-        except PLUGIN_ERRORS as error:
-            message = f"{hookspecs.HOOKS[kind]}: {_describe_error(error)}"
-            self.failures.append(Failure(provider, message))
+        name = hookspecs.HOOKS[kind]
+        _, error = self._run_plugin_code(functools.partial(hook, register=register), provider, name)
+        if error is not None:
+            self.failures.append(Failure(provider, f"{name}: {error}"))
             return
         self._hook_entries[kind] += added
+
+    def _run_plugin_code(
+        self, call: Callable[[], Any], provider: Provider, what: str
+    ) -> tuple[Any, str | None]:
+        """``call()``'s result and None, or None and why it failed, with what it prints on stderr.
+
+        A built-in plugin runs here. An installed one runs in a daemon thread, waited for at most
+        ``self.timeout`` seconds: Python cannot stop a thread, but it can stop waiting for one.
+        """
+        with stdout_to_stderr():
+            if provider.builtin:
+                try:
+                    return call(), None
+                except PLUGIN_ERRORS as error:
+                    return None, _describe_error(error)
+            outcome = _call_in_thread(call, provider.plugin, self.timeout)
+        if outcome is None:
+            message = (
+                f"timed out: {what} did not finish within {self.timeout:g} s "
+                f"(set {TIMEOUT_ENV} to wait longer)"
+            )
+            warnings.warn(f"{provider.describe()} {message}; skipping it", RuntimeWarning, 2)
+            return None, message
+        result, error = outcome
+        return (None, _describe_error(error)) if error is not None else (result, None)
 
     def _resolve(self, kind: str) -> None:
         """Rebuild ``kind``'s names from its plugins' registrations, then the scripts'."""
@@ -325,6 +371,40 @@ def external_plugins_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "") not in ("", "0")
 
 
+def plugin_timeout() -> float:
+    """The seconds ``NESTRNN_PLUGIN_TIMEOUT`` gives each installed plugin's import and hooks."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def _call_in_thread(
+    call: Callable[[], Any], name: str, timeout: float
+) -> tuple[Any, BaseException | None] | None:
+    """``call()`` in a daemon thread: its result and None, or None and what it raised, or None
+    when it has not finished after ``timeout`` seconds (the thread is left running)."""
+    outcome: list[tuple[Any, BaseException | None]] = []
+
+    def run() -> None:
+        _delegate.holds_lock = True  # the thread waiting for this one holds _lock for it
+        try:
+            outcome.append((call(), None))
+        except BaseException as error:  # here even KeyboardInterrupt is the plugin's; Ctrl-C
+            outcome.append((None, error))  # goes to the main thread, waiting in join below
+
+    thread = threading.Thread(target=run, name=f"nestrnn plugin {name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else None
+
+
 def _conflict_advice(kind: str, name: str, providers: list[Provider]) -> str:
     if any(p.script for p in providers):
         return (
@@ -337,7 +417,7 @@ def _conflict_advice(kind: str, name: str, providers: list[Provider]) -> str:
 def _describe_error(error: BaseException) -> str:
     if isinstance(error, SystemExit):
         return f"SystemExit: the plugin called sys.exit({error.code!r})"
-    return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _version(distribution: str) -> str | None:
@@ -364,6 +444,17 @@ def _make_entry(
 
 
 _lock = threading.RLock()  # guards the registry and the script registrations
+_delegate = threading.local()  # holds_lock: a plugin's thread, run while its waiter holds _lock
+
+
+def _locked() -> contextlib.AbstractContextManager[Any]:
+    """``_lock``; in a plugin's thread, nothing: the thread waiting for it holds the lock already,
+    and a plugin that looks names up while it loads would otherwise wait for itself, then time out.
+    A thread left behind after its timeout keeps this pass: only a hung plugin that wakes up later
+    and then registers or looks up names could race the main thread."""
+    return contextlib.nullcontext() if getattr(_delegate, "holds_lock", False) else _lock
+
+
 _registry: Registry | None = None
 _script_entries: list[Entry] = []  # one per (kind, name); kept when the registry is rebuilt
 
@@ -371,7 +462,7 @@ _script_entries: list[Entry] = []  # one per (kind, name); kept when the registr
 def get_registry() -> Registry:
     """The process-wide registry: plugins are discovered on first call, each kind loaded on use."""
     global _registry
-    with _lock:
+    with _locked():
         if _registry is None:
             _registry = Registry.discover(_script_entries)
         return _registry
@@ -380,7 +471,7 @@ def get_registry() -> Registry:
 def reset_registry() -> None:
     """Forget the built registry (the next use rebuilds it); script registrations are kept."""
     global _registry
-    with _lock:
+    with _locked():
         _registry = None
 
 
@@ -393,7 +484,7 @@ def _script_provider(factory: Any) -> Provider:
 def _register_script(kind: str, name: str, description: str, replace: bool) -> Callable[[Any], Any]:
     def decorator(factory: Any) -> Any:
         entry = _make_entry(name, kind, factory, _script_provider(factory), description, replace)
-        with _lock:
+        with _locked():
             held = next((e for e in _script_entries if (e.kind, e.name) == (kind, name)), None)
             # the same definition again (a re-run notebook cell, a reloaded module) replaces itself
             if held is not None and held.provider != entry.provider and not replace:

@@ -25,6 +25,10 @@ What the engine calls, in order:
     :class:`nestrnn.data_utils.DataError` when it is missing, corrupt or truncated.
 ``state_dict()`` / ``load_state_dict(state)``
     what a checkpoint must remember about the data (a vocabulary), as plain Python types.
+``prepare_sizes()``
+    instead of ``prepare()`` where only the model's size is wanted (``nestrnn train
+    --print-params``): whatever ``build_model`` needs, without downloading or writing anything.
+    The default does nothing (the model does not depend on the data).
 ``build_model(model_cfg, hidden_size)``
     the whole model: the head around :func:`nestrnn.models.build_recurrent`; usually
     :class:`nestrnn.models.TokenModel` or :class:`nestrnn.models.SequenceModel`. It must work on
@@ -139,6 +143,9 @@ class Task(ABC):
     @abstractmethod
     def prepare(self) -> None:
         """Load the data (downloading it when missing and allowed)."""
+
+    def prepare_sizes(self) -> None:  # noqa: B027 - optional hook
+        """What :meth:`build_model` needs, known without downloading or writing anything."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold about the data (plain Python types)."""

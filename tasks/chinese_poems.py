@@ -29,6 +29,9 @@ from nestrnn.data_utils import DataError, read_text, resolve_data_dir
 LINE = "\t"
 END = "\n"
 UNK = "<unk>"
+#: the vocabulary of the published files per variant (their training characters, the line and end
+#: symbols and <unk>), which sizes the models without the data
+VOCAB_SIZES = {"all": 6222, "5": 5261, "7": 5754}
 SOURCE = "http://homepages.inf.ed.ac.uk/mlap/Data/EMNLP14/"
 HOW_TO = (
     "The quatrains have no stable download URL. Get the data of Zhang & Lapata (2014), "
@@ -114,6 +117,9 @@ class ChinesePoemsTask(CharLMTask):
                 symbols.extend(parse(read_text(path), path, length))
             splits[split] = symbols
         return splits
+
+    def known_vocab_size(self) -> int:
+        return VOCAB_SIZES[self.options.variant]
 
     def build_vocab(self, train: Any) -> Vocab:
         return Vocab.build(train, unk=UNK)

@@ -13,6 +13,7 @@ Subclasses implement :meth:`CharLMTask.load_splits`, returning each split as a l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -33,7 +34,9 @@ LN2 = math.log(2.0)
 
 
 class UnknownSymbols(UserError, ValueError):
-    """Text to encode holds symbols that the vocabulary lacks (and it has no ``unk``)."""
+    """Text to encode holds symbols that the vocabulary lacks (``unk`` or not: a prime or text
+    given to a trained model is the user's own, and silently reading part of it as ``unk`` would
+    condition the model on something else)."""
 
 
 class Vocab:
@@ -114,6 +117,24 @@ class CharLMTask(Task):
     def build_vocab(self, train: Sequence[str]) -> Vocab:
         """The vocabulary, from the training symbols (override to add ``unk``)."""
         return Vocab.build(train)
+
+    def known_vocab_size(self) -> int | None:
+        """The vocabulary's size when it is known without the data (for the published data set
+        and these options); None: only the data says."""
+        return None
+
+    def prepare_sizes(self) -> None:
+        """The vocabulary's size: :meth:`known_vocab_size`, else the local data (never a
+        download)."""
+        if self.vocab is not None:
+            return
+        size = self.known_vocab_size()
+        if size is not None:
+            self.vocab = Vocab([f"<{i}>" for i in range(size)])  # stands in for the symbols
+            return
+        if getattr(self.options, "download", False):
+            self.options = dataclasses.replace(self.options, download=False)
+        self.prepare()
 
     def prepare(self) -> None:
         loaded = self.load_splits()
@@ -206,9 +227,12 @@ class CharLMTask(Task):
         return [inverse.get(ch, ch) for ch in text]
 
     def encode(self, text: str) -> list[int]:
+        """The ids of a user's text (``nestrnn sample --prime``, ``nestrnn viz --text``); symbols
+        the vocabulary lacks are an :class:`UnknownSymbols` error naming them, with or without an
+        ``unk`` symbol."""
         symbols = self.text_to_symbols(text)
         missing = sorted({s for s in symbols if s not in self.vocab.index})
-        if missing and self.vocab.unk is None:
+        if missing:
             shown = ", ".join(repr(s) for s in missing[:10])
             raise UnknownSymbols(f"the text has symbols the model does not know: {shown}")
         return self.vocab.encode(symbols)[0].tolist()

@@ -20,13 +20,15 @@ Data. The standard IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-u
 (``train-images-first10k-idx3-ubyte.gz``) is used with a warning. The validation split is the last
 ``valid_size`` training images (-1: one twelfth, i.e. 5,000 of 60,000). Every IDX file is checked:
 its header, its length against the header (truncation), gzip's CRC and, where the canonical
-checksum is known, its sha256.
+checksum is known, its sha256. A file is read as a stream, header first, and never inflated beyond
+the size its header announces (at most that of the canonical file), so a gzip bomb costs nothing.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 import warnings
 import zlib
@@ -58,6 +60,7 @@ BASE_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecu
 IMAGE_SIZE = 28
 MEAN, STD = 0.1307, 0.3081
 FULL_TRAIN = 60_000
+TEST_SIZE = 10_000
 
 #: the canonical gzipped files: sha256 and size as served by the mirrors above
 FILES = {
@@ -108,47 +111,87 @@ class MnistGlimpsesOptions(DataOptions):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"order": ORDERS}
 
 
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Read an IDX file (gzipped or not), checking magic number, shape and length."""
+def read_idx(
+    path: Path, expected_magic: int, max_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Read an IDX file (gzipped or not), checking magic number, shape and length.
+
+    The file is read as a stream: the header first, whose shape may not exceed ``max_shape``
+    (dimension by dimension), then exactly the bytes the header announces, and one more to tell
+    that the file ends there. A file longer than its header says (a gzip bomb among them) is
+    refused at that byte, so nothing beyond the announced size is ever inflated or held.
+    """
+    gzipped = False
     try:
-        raw = path.read_bytes()
-        data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise DataError(f"{path} is corrupt or truncated (gzip: {error})") from None
-    if len(data) < 4:
-        raise DataError(f"{path} is truncated: {len(data)} bytes")
-    magic = struct.unpack(">I", data[:4])[0]
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            with gzip.GzipFile(fileobj=raw) if gzipped else raw as stream:
+                return _read_idx_stream(stream, path, expected_magic, max_shape)
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        kind = "gzip: " if gzipped else ""
+        raise DataError(f"{path} is corrupt or truncated ({kind}{error})") from None
+
+
+def _read_idx_stream(
+    stream: Any, path: Path, expected_magic: int, max_shape: tuple[int, ...] | None
+) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{path} is truncated: {len(head)} bytes")
+    magic = struct.unpack(">I", head)[0]
     if magic != expected_magic:
         kind = "images (idx3)" if expected_magic == 2051 else "labels (idx1)"
         raise DataError(f"{path} is not an IDX file of {kind}: magic number {magic:#x}")
     ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(f"{path} is truncated: the header is incomplete")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(shape))
-    if len(data) != expected:
-        state = "truncated" if len(data) < expected else "too long"
+    shape = struct.unpack(f">{ndim}I", dims)
+    if max_shape is not None and any(n > most for n, most in zip(shape, max_shape)):
         raise DataError(
-            f"{path} is {state}: its header announces shape {shape} ({expected:,} bytes) but it "
-            f"has {len(data):,} bytes"
+            f"{path} announces shape {shape} in its header, more than MNIST's {max_shape}; "
+            "it is not an MNIST file"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    header = 4 + 4 * ndim
+    count = math.prod(shape)
+    data = stream.read(count)
+    if len(data) < count:
+        raise DataError(
+            f"{path} is truncated: its header announces shape {shape} ({header + count:,} "
+            f"bytes) but it has {header + len(data):,} bytes"
+        )
+    if stream.read(1):
+        raise DataError(
+            f"{path} is too long: its header announces shape {shape} ({header + count:,} "
+            "bytes) but it holds more; stopped reading it"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def idx_header(array: np.ndarray) -> bytes:
+    """The IDX header of an unsigned-byte ``array`` (magic number and shape)."""
+    return struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape)
+
+
+def max_shape(role: str) -> tuple[int, ...]:
+    """The largest shape the IDX file of ``role`` may announce: the canonical file's."""
+    count = FULL_TRAIN if role.startswith("train") else TEST_SIZE
+    return (count, IMAGE_SIZE, IMAGE_SIZE) if role.endswith("images") else (count,)
 
 
 def _validator(role: str) -> Any:
     magic = 2051 if role.endswith("images") else 2049
 
     def validate(path: Path) -> None:
-        array = read_idx(path, magic)
+        array = read_idx(path, magic, max_shape(role))
         if role.endswith("images") and array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise DataError(f"{path}: images are {array.shape[1:]}, expected 28x28")
         content = CONTENT_SHA256.get(role)
-        canonical_count = FULL_TRAIN if role.startswith("train") else 10_000
-        if content is not None and array.shape[0] == canonical_count:
-            data = path.read_bytes()
-            data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-            if hashlib.sha256(data).hexdigest() != content:
+        if content is not None and array.shape == max_shape(role):
+            digest = hashlib.sha256(idx_header(array))
+            digest.update(array.data)
+            if digest.hexdigest() != content:
                 raise DataError(f"{path} is corrupt: its content differs from the canonical file")
 
     return validate
@@ -244,7 +287,8 @@ class MnistGlimpsesTask(Task):
         arrays = {}
         for role in FILES:
             path = self._locate(folder, role, urls)
-            arrays[role] = (read_idx(path, 2051 if role.endswith("images") else 2049), path)
+            magic = 2051 if role.endswith("images") else 2049
+            arrays[role] = (read_idx(path, magic, max_shape(role)), path)
         for split in ("train", "test"):
             (images, ipath), (labels, lpath) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             if len(images) != len(labels):

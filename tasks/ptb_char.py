@@ -102,5 +102,8 @@ class PTBCharTask(CharLMTask):
             splits[split] = tokenize(read_text(path), path)
         return splits
 
+    def known_vocab_size(self) -> int:
+        return 50
+
     def text_to_symbols(self, text: str) -> list[str]:
         return ["_" if ch == " " else ch for ch in text]

@@ -16,11 +16,15 @@ Adding problem (Hochreiter & Schmidhuber 1997). Each step has two inputs: a valu
 and a marker; exactly two steps are marked, one in each half of the sequence. The target is the sum
 of the two marked values, read from the last state. Loss: mean squared error (``mse``; predicting
 1 always gives about 0.167); ``error``: percentage of sequences predicted off by more than 0.04.
+
+The validation and test sets are held in memory: a configuration whose sets cannot fit in the RAM
+available is refused before they are generated, naming the options and how far they may go.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,8 +34,9 @@ import torch.nn.functional as F
 from nestrnn.tasks.base import Batch, Task, TaskOptions
 from torch import Tensor, nn
 
-from nestrnn.config import ModelConfig
+from nestrnn.config import ConfigError, ModelConfig
 from nestrnn.engine.batching import generator
+from nestrnn.engine.resources import available_bytes, format_size
 from nestrnn.models import SequenceModel, TokenModel
 
 SPLIT_SEEDS = {"valid": 1, "test": 2}
@@ -40,6 +45,13 @@ TRAIN_STREAM = 0
 
 class SyntheticTask(Task):
     """Shared batching of the generated tasks."""
+
+    #: bytes one time step of a generated sequence holds (inputs and targets)
+    step_bytes: ClassVar[int] = 16
+    #: the fewest steps the options allow, and how they give the number of steps
+    min_steps: ClassVar[int] = 1
+    steps_option: ClassVar[str] = "task.length"
+    steps: int
 
     def __init__(self, options: Any, seed: int = 0) -> None:
         super().__init__(options, seed)
@@ -51,7 +63,35 @@ class SyntheticTask(Task):
     def sample(self, count: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def check_memory(self) -> None:
+        """Raise ConfigError when the validation and test sets cannot fit in the RAM available
+        (a lower bound: what the sets hold, not the temporaries of generating them)."""
+        limit = available_bytes(torch.device("cpu"))
+        if limit is None:
+            return
+        # every process of a machine generates its own sets, as each holds its own model
+        sharing = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+        limit //= sharing
+        count = self.options.valid_size + self.options.test_size
+        need = count * self.steps * self.step_bytes
+        if need <= limit:
+            return
+        most_steps = limit // (count * self.step_bytes)
+        most_count = limit // (self.steps * self.step_bytes)
+        ways = []
+        if most_steps >= self.min_steps:
+            ways.append(f"lower {self.steps_option} to at most {most_steps:,}")
+        if most_count >= 2:
+            ways.append(f"lower task.valid_size + task.test_size to at most {most_count:,}")
+        where = "RAM available" + (f" to each of {sharing} processes" if sharing > 1 else "")
+        raise ConfigError(
+            f"the generated validation and test sets need {format_size(need)} ({count:,} "
+            f"sequences of {self.steps:,} steps) but {format_size(limit)} of {where}; "
+            + (" or ".join(ways) or f"lower {self.steps_option} and the set sizes")
+        )
+
     def prepare(self) -> None:
+        self.check_memory()
         for split, key in SPLIT_SEEDS.items():
             size = getattr(self.options, f"{split}_size")
             self._eval[split] = self.sample(size, generator(self.seed, key))
@@ -86,6 +126,9 @@ class CopyMemoryTask(SyntheticTask):
     Options: ClassVar[type] = CopyMemoryOptions
     kind: ClassVar[str] = "classify"
     primary_metric: ClassVar[str] = "error"
+    step_bytes: ClassVar[int] = 16  # an int64 input and an int64 target
+    min_steps: ClassVar[int] = 3
+    steps_option: ClassVar[str] = "task.delay + 2 * task.length + 1"
 
     def __init__(self, options: CopyMemoryOptions, seed: int = 0) -> None:
         super().__init__(options, seed)
@@ -153,11 +196,14 @@ class AddingTask(SyntheticTask):
     Options: ClassVar[type] = AddingOptions
     kind: ClassVar[str] = "regress"
     primary_metric: ClassVar[str] = "mse"
+    step_bytes: ClassVar[int] = 8  # a float32 value and a float32 marker
+    min_steps: ClassVar[int] = 2
 
     def __init__(self, options: AddingOptions, seed: int = 0) -> None:
         super().__init__(options, seed)
         if options.length < 2:
             raise ValueError(f"task.length must be at least 2, got {options.length}")
+        self.steps = options.length
 
     def sample(self, count: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         t = self.options.length

@@ -5,7 +5,9 @@ first 90M characters train, the next 5M validate, the last 5M test (``train_char
 ``test_chars``). The loader reads ``text8.zip`` (downloaded from http://mattmahoney.net/dc/ when
 missing) or an already extracted ``text8`` file; the file must have exactly
 ``train_chars + valid_chars + test_chars`` characters, which catches a truncated copy. For the
-canonical split the sha256 of the zip and of the extracted text are checked as well.
+canonical split the sha256 of the zip and of the extracted text are checked as well; for another
+split a download is read up to :func:`zip_bound` bytes at most, and nothing is read or inflated
+beyond the split's characters.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import torch
@@ -37,6 +39,13 @@ TEXT_SHA256 = "6e890197040d37d85beb962ae1f041ff1d9a9ca8d20c7d99c85027eebf51dca7"
 SYMBOLS = [" ", *"abcdefghijklmnopqrstuvwxyz"]
 MEMBER = "text8"
 HOW_TO = "Download http://mattmahoney.net/dc/text8.zip into {dir} (or point task.data_dir at it)."
+
+
+def zip_bound(chars: int) -> int:
+    """The most bytes a zip holding one member of ``chars`` characters may have: the member
+    stored or deflated (deflate adds at most 5 bytes per 16 KiB block), and headers, a zip
+    comment and zip64 records (at most 64 KiB in all), with room to spare."""
+    return chars + chars // 100 + (128 << 10)
 
 
 @dataclass
@@ -79,23 +88,39 @@ class Text8Task(CharLMTask):
         folder = self.data_dir()
         extracted = folder / MEMBER
         if extracted.exists() and not (folder / ZIP.name).exists():
-            data = extracted.read_bytes()
+            data = self._read_extracted(extracted)
             source = str(extracted)
         else:
-            remote = ZIP if self.canonical else RemoteFile(ZIP.name)
+            remote = ZIP if self.canonical else RemoteFile(ZIP.name, max_size=zip_bound(self.total))
             urls = base_urls(self.options.base_url, URL_ENV, BASE_URLS)
             path = fetch(
                 remote, folder, urls, allow_download=self.options.download,
                 validate=self._validate_zip, check_local=self._check_local_zip,
                 how_to=HOW_TO.format(dir=folder),
             )  # fmt: skip
-            data = read_zip(path)
+            data = read_zip(path, self.total)
             source = f"{path}:{MEMBER}"
         ids = self._encode(data, source)
         self.vocab = Vocab(SYMBOLS)
         o = self.options
         cut1, cut2 = o.train_chars, o.train_chars + o.valid_chars
         return {"train": ids[:cut1], "valid": ids[cut1:cut2], "test": ids[cut2:]}
+
+    def _read_extracted(self, path: Path) -> bytes:
+        """The extracted text, its length checked before it is read (a wrong file may be huge)."""
+        try:
+            size = path.stat().st_size
+            if size != self.total:
+                self._length_error(size, str(path))
+            return path.read_bytes()
+        except OSError as error:
+            raise DataError(f"cannot read {path}: {error.strerror or error}") from None
+
+    def _length_error(self, size: int, source: str) -> NoReturn:
+        raise DataError(
+            f"{source} has {size:,} characters, but the split needs {self.total:,}"
+            + (" (truncated?)" if size < self.total else "")
+        )
 
     def _check_local_zip(self, path: Path) -> None:
         if self.canonical:
@@ -121,10 +146,7 @@ class Text8Task(CharLMTask):
 
     def _encode(self, data: bytes, source: str) -> torch.Tensor:
         if len(data) != self.total:
-            raise DataError(
-                f"{source} has {len(data):,} characters, but the split needs {self.total:,}"
-                + (" (truncated?)" if len(data) < self.total else "")
-            )
+            self._length_error(len(data), source)
         if self.canonical and hashlib.sha256(data).hexdigest() != TEXT_SHA256:
             raise DataError(f"{source} is corrupt: its sha256 is not that of the canonical text8")
         raw = np.frombuffer(data, dtype=np.uint8)
@@ -143,14 +165,19 @@ class Text8Task(CharLMTask):
         self.splits = dict(loaded)
         self.unknown = {}
 
+    def known_vocab_size(self) -> int:
+        return len(SYMBOLS)
+
     def text_to_symbols(self, text: str) -> list[str]:
         return list(text.lower())
 
 
-def read_zip(path: Path) -> bytes:
-    """The text8 member of a zip; a CRC error or short member is a DataError naming the file."""
+def read_zip(path: Path, chars: int) -> bytes:
+    """The text8 member of a zip, inflated up to ``chars + 1`` characters at most (a zip bomb is
+    not inflated further; the caller checks the length); a CRC error or short member is a
+    DataError naming the file."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.read(MEMBER)
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        with zipfile.ZipFile(path) as archive, archive.open(MEMBER) as member:
+            return member.read(chars + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
         raise DataError(f"{path} is corrupt: {error}") from None

@@ -13,6 +13,9 @@ a torchrun script too (``torchrun ... tests/faults.py FAULT -- train ...``). FAU
 ``slow-eval:SPLIT:SECONDS``
     every batch of an evaluation on SPLIT (``valid``, ``test``) of a training run takes SECONDS
     more; the first one prints ``EVALUATING <split>`` on stderr first (stdout is left alone).
+``crash-in-checkpoint``
+    the first write of a checkpoint that replaces an existing one exits (status 1, no cleanup)
+    when its temporary file is complete, before ``os.replace`` (a power cut at that moment).
 """
 
 from __future__ import annotations
@@ -90,6 +93,25 @@ def slow_eval(split: str, seconds: float) -> None:
     trainer.evaluate = slow
 
 
+def crash_in_checkpoint() -> None:
+    from nestrnn.engine import rundir
+
+    atomic_write = rundir.atomic_write
+
+    @contextlib.contextmanager
+    def crashing(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+        path = Path(path)
+        with atomic_write(path, mode) as handle:
+            yield handle
+            if path.suffix == ".pt" and path.exists():
+                handle.flush()
+                sys.stderr.write(f"fault: exit while replacing {path}\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    rundir.atomic_write = crashing
+
+
 def main(argv: list[str]) -> int:
     fault, separator, *command = argv
     assert separator == "--", "usage: faults.py FAULT -- NESTRNN ARGS..."
@@ -100,6 +122,8 @@ def main(argv: list[str]) -> int:
         pause_in_checkpoint(float(values[0]))
     elif kind == "slow-eval":
         slow_eval(values[0], float(values[1]))
+    elif kind == "crash-in-checkpoint":
+        crash_in_checkpoint()
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from nestrnn.cli import main as nestrnn

@@ -169,6 +169,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     endless: frozenset[str] = frozenset()
     #: bytes sent of the endless answers
     sent: list[int]
+    #: names answered slowly: Content-Length 1,000, then one byte every 0.1 s (50 in all, so that
+    #: a client without an overall deadline sees a broken-off transfer after about 5 s)
+    trickle: frozenset[str] = frozenset()
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
@@ -183,6 +186,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                 while self.sent[0] < 1 << 30:
                     self.wfile.write(block)
                     self.sent[0] += len(block)
+            self.close_connection = True
+            return
+        if name in self.trickle:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(50):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
             self.close_connection = True
             return
         if name in self.cut:
@@ -203,11 +217,17 @@ def http_server(
     cut: dict[str, int] | None = None,
     endless: Sequence[str] = (),
     sent: list[int] | None = None,
+    trickle: Sequence[str] = (),
 ) -> Iterator[str]:
     """Serve ``directory`` on 127.0.0.1 (a free port); yields the base URL. ``cut``: files sent
     in part; ``endless``: names answered with an endless stream of zeros and no Content-Length
-    (``sent[0]`` counts its bytes)."""
-    attributes = {"cut": dict(cut or {}), "endless": frozenset(endless), "sent": sent or [0]}
+    (``sent[0]`` counts its bytes); ``trickle``: names answered one byte every 0.1 s."""
+    attributes = {
+        "cut": dict(cut or {}),
+        "endless": frozenset(endless),
+        "sent": sent or [0],
+        "trickle": frozenset(trickle),
+    }
     handler = type("Handler", (_Handler,), attributes)
 
     def factory(*args: object, **kwargs: object) -> http.server.BaseHTTPRequestHandler:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_tasks import TINY, run_cli, write_text
+from conftest import REPO_ROOT
+from helpers_tasks import POEM_CHARS, TINY, run_cli, write_poems, write_text
 
 ADDING = [*TINY, "task.length=6", "task.valid_size=32", "task.test_size=32", "train.epochs=2",
           "train.steps_per_epoch=5", "train.batch_size=8"]  # fmt: skip
@@ -58,6 +59,22 @@ def test_sample_from_a_text_run(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "does not know" in bad.stderr
 
 
+@pytest.mark.slow
+def test_sample_refuses_a_prime_a_vocabulary_with_unk_does_not_know(tmp_path: Path) -> None:
+    """The poems' vocabulary has <unk>; a prime symbol outside it is still an error, not <unk>."""
+    data = write_poems(tmp_path / "poems")
+    _ok(run_cli(["train", *TINY, "task.name=chinese_poems", f"task.data_dir={data}",
+                 "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=4", "train.bptt=8",
+                 "--run-dir", "poems-run"], tmp_path))  # fmt: skip
+    known = POEM_CHARS[:3]
+    assert _ok(run_cli(["sample", "poems-run", "--prime", known, "--length", "5"], tmp_path))
+    bad = run_cli(["sample", "poems-run", "--prime", known + "猫狗"], tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == (
+        "nestrnn sample: error: the text has symbols the model does not know: '狗', '猫'\n"
+    )
+
+
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
     result = run_cli(["train", "optim.lrr=0.1"], tmp_path)
     assert result.returncode == 2
@@ -103,3 +120,45 @@ def test_sample_refuses_a_non_language_model(tmp_path: Path) -> None:
                 tmp_path))  # fmt: skip
     result = run_cli(["sample", "run"], tmp_path)
     assert result.returncode == 2 and "not a language model" in result.stderr
+
+
+@pytest.fixture
+def counting_server():
+    """An HTTP server on 127.0.0.1 that answers 404 to everything and counts the requests."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    server.shutdown()
+    server.server_close()
+
+
+SHIPPED_CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
+def test_print_params_needs_no_data(config: str, tmp_path: Path, counting_server) -> None:
+    """--print-params sizes the models without the data: no download, no file written."""
+    url, requests = counting_server
+    data, home = tmp_path / "data", tmp_path / "home"
+    data.mkdir()
+    home.mkdir()
+    env = {"NESTRNN_DATA_DIR": str(data), "HOME": str(home), "NESTRNN_CACHE_DIR": str(home / "c")}
+    env |= {f"NESTRNN_{name}_URL": url for name in ("PTB", "TEXT8", "MNIST")}
+    table = _ok(run_cli(["train", "-c", config, "--print-params"], tmp_path, env=env))
+    assert "nlstm" in table and "stacked_lstm" in table and "<- this run" in table
+    assert requests == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "home"]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers_tasks import http_server, write_mnist, write_ptb, write_text8_zip
+from helpers_tasks import TINY, http_server, run_cli, write_mnist, write_ptb, write_text8_zip
 
 from nestrnn.data_utils import (
     DataError,
@@ -240,3 +243,101 @@ def test_text8_download_and_canonical_checksum(
         with pytest.raises(DataError, match="canonical file has 31,344,016 bytes"):
             _task("text8", data_dir=str(tmp_path / "canonical"), base_url=url).prepare()
     assert not (tmp_path / "canonical" / "text8.zip").exists()
+
+
+SMALL_TEXT8 = ["task.train_chars=1000", "task.valid_chars=100", "task.test_chars=100"]
+
+
+def test_text8_with_another_split_does_not_read_an_endless_download(tmp_path: Path) -> None:
+    """Without the canonical size, a text8.zip download is bounded by the split: no zip of 1,200
+    characters is longer than that plus the zip's overhead."""
+    sent = [0]
+    data = tmp_path / "data"
+    options = {"train_chars": 1000, "valid_chars": 100, "test_chars": 100}
+    too_long = r"text8\.zip has more than [\d,]+ bytes"
+    with http_server(tmp_path, endless=["text8.zip"], sent=sent) as url:
+        task = _task("text8", data_dir=str(data), base_url=url, **options)
+        with pytest.raises(DataError, match=too_long):
+            task.prepare()
+    assert sent[0] < 64 << 20
+    assert not (data / "text8.zip").exists() and _leftovers(data) == []
+
+
+def test_a_trickling_download_stops_at_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that sends a byte now and then never lets a read time out; the overall deadline
+    of $NESTRNN_DOWNLOAD_DEADLINE seconds per file ends the download."""
+    dest = tmp_path / "data" / "slow.bin"
+    monkeypatch.setenv("NESTRNN_DOWNLOAD_DEADLINE", "1")
+    with http_server(tmp_path, trickle=["slow.bin"]) as url:
+        with pytest.raises(
+            DataError, match=r"slow\.bin took longer than 1 s.*NESTRNN_DOWNLOAD_DEADLINE"
+        ):
+            download(url + "slow.bin", dest, progress=False)
+        monkeypatch.setenv("NESTRNN_DOWNLOAD_DEADLINE", "soon")
+        with pytest.raises(
+            DataError, match="NESTRNN_DOWNLOAD_DEADLINE must be a number of seconds"
+        ):
+            download(url + "slow.bin", dest, progress=False)
+    assert not dest.exists() and _leftovers(dest.parent) == []
+
+
+def _cli_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The error line of a failed ``nestrnn train``; apart from it, stderr only says what it
+    downloaded (and why that failed, indented)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("nestrnn train: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert all(line.startswith(("downloading ", " ", "warning: ")) for line in lines[:-1])
+    return errors[0]
+
+
+@pytest.mark.parametrize("server", ["endless", "trickle"])
+def test_the_cli_stops_an_endless_or_trickling_download(tmp_path: Path, server: str) -> None:
+    data = tmp_path / "data"
+    with http_server(tmp_path, **{server: ["text8.zip"]}) as url:
+        result = run_cli(
+            ["train", "task.name=text8", f"task.data_dir={data}", f"task.base_url={url}",
+             *SMALL_TEXT8, *TINY, "--run-dir", str(tmp_path / "run")],
+            cwd=tmp_path, env={"NESTRNN_DOWNLOAD_DEADLINE": "2"},
+        )  # fmt: skip
+    error = _cli_error(result)
+    assert "text8.zip" in error
+    assert ("has more than" if server == "endless" else "took longer than 2 s") in error
+    assert not data.exists() or _leftovers(data) == []
+    assert not (tmp_path / "run").exists()
+
+
+def _on_a_tiny_disk(folder: Path, size: str) -> list[str]:
+    """A command prefix that runs a command with ``folder`` on a new tmpfs of ``size`` (in a mount
+    namespace of its own), then prints ``LEFT:`` and what the folder holds."""
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$0" || exit 99; shift; "$@"; rc=$?; echo "LEFT:$(ls -A "$0")"; exit $rc'
+    namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "-r", "--mount"]
+    prefix = [*namespace, "sh", "-c", script, str(folder), size]
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run([*prefix, "true"], capture_output=True).returncode
+    ):
+        pytest.skip("no mount namespace to make a small disk in")
+    return prefix
+
+
+def test_a_full_disk_during_a_download(tmp_path: Path) -> None:
+    """ENOSPC while the download is written: one line naming the folder, no temporary file."""
+    split = ["task.train_chars=800000", "task.valid_chars=100000", "task.test_chars=100000"]
+    served = write_text8_zip(tmp_path / "server", 1_000_000)
+    assert served.stat().st_size > 64 << 10  # twice the disk
+    data = tmp_path / "data"
+    data.mkdir()
+    with http_server(tmp_path / "server") as url:
+        command = [sys.executable, "-m", "nestrnn", "train", "task.name=text8",
+                   f"task.data_dir={data}", f"task.base_url={url}", *split, *TINY,
+                   "--run-dir", str(tmp_path / "run")]  # fmt: skip
+        result = subprocess.run(
+            [*_on_a_tiny_disk(data, "32k"), *command], capture_output=True, text=True, timeout=120
+        )
+    error = _cli_error(result)
+    assert f"no space left on the disk of {data}" in error and "free" in error
+    assert result.stdout.splitlines()[-1] == "LEFT:"

@@ -17,6 +17,7 @@ import pytest
 from helpers_native import require
 from test_native import compile_library, run_python
 
+from nestrnn.ops.build_cache import Untrusted
 from nestrnn.ops.outer_lstm import native_nodes
 
 # a user's memory function on the generic path against the naive reference, then the status
@@ -95,14 +96,17 @@ def test_files_that_are_not_ours_or_are_broken_are_never_imported(tmp_path, monk
     if found.available:  # a real build, but others may write it
         shutil.copy(found.library, path)
         path.chmod(0o775)
-        assert native_nodes._open_trusted(path) is None
+        with pytest.raises(Untrusted, match="others may write it"):
+            native_nodes._open_trusted(path)
         path.unlink()
     path.write_bytes(b"\x7fELF truncated")  # ours, but no loadable module: rebuilt by the caller
     path.chmod(0o700)
-    assert native_nodes._open_trusted(path) is None
+    with pytest.raises(Untrusted, match="truncated"):
+        native_nodes._open_trusted(path)
     path.unlink()
     path.symlink_to(tmp_path / "elsewhere.so")
-    assert native_nodes._open_trusted(path) is None
+    with pytest.raises(Untrusted, match="symbolic link"):
+        native_nodes._open_trusted(path)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -112,5 +116,6 @@ def test_a_library_others_can_write_never_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("NESTRNN_CACHE_DIR", str(tmp_path))
     path, marker = native_nodes.library_path(), tmp_path / "marker"
     compile_library(path, marker, abi=1, layout="", mode=0o775)
-    assert native_nodes._open_trusted(path) is None
+    with pytest.raises(Untrusted):
+        native_nodes._open_trusted(path)
     assert not marker.exists()

@@ -190,12 +190,6 @@ def test_duplicate_names_are_an_error_naming_both_providers(plugin_path):
     assert conflicts[0]["name"] == "doubling" and len(conflicts[0]["providers"]) == 2
 
 
-def test_ctrl_c_while_a_plugin_loads_still_stops_the_program(plugin_path):
-    make_distribution(plugin_path, "nestrnn-slow", "slow_plugin", "raise KeyboardInterrupt", "slow")
-    with pytest.raises(KeyboardInterrupt):
-        nestrnn.memory_names()
-
-
 def test_environment_variable_disables_external_plugins(plugin_path, monkeypatch):
     make_distribution(plugin_path, "nestrnn-doubling", "doubling_plugin", GOOD_PLUGIN, "doubling")
     monkeypatch.setenv(registry.DISABLE_ENV, "1")

@@ -5,14 +5,21 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import re
+import struct
+import tracemalloc
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from helpers_tasks import (
     BACKEND,
+    TINY,
+    assert_one_line_error,
     idx_bytes,
+    main_cli,
     mnist_arrays,
     shared_data_dir,
     write_mnist,
@@ -247,6 +254,72 @@ def test_mnist_detects_truncated_and_corrupt_files(tmp_path: Path) -> None:
         make("mnist_glimpses", data_dir=str(tmp_path), download=False).prepare()
 
 
+def _gzip_bomb(header: bytes, zeros_mib: int) -> bytes:
+    """A gzip file of ``header`` then ``zeros_mib`` MiB of zeros (gzip members one after the other,
+    as gzip allows): about 1 KiB per MiB inflated."""
+    member = gzip.compress(bytes(16 << 20), compresslevel=9)
+    return gzip.compress(header) + member * (zeros_mib // 16)
+
+
+def _peak_bytes_of(function) -> int:
+    """The most memory Python allocated while ``function()`` ran (it may raise)."""
+    tracemalloc.start()
+    try:
+        function()
+    except Exception:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_mnist_gzip_bombs_are_not_inflated(tmp_path: Path) -> None:
+    """A small .gz that inflates far beyond what its IDX header announces is refused after the
+    header's bytes, without inflating the rest; a header announcing more than MNIST holds is
+    refused before anything else is read."""
+    paths = write_mnist(tmp_path)
+    labels = paths["test_labels"]
+    labels.write_bytes(_gzip_bomb(struct.pack(">II", 2049, 40), 256))  # 256 MiB inflated
+    task = make("mnist_glimpses", data_dir=str(tmp_path), download=False)
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz is too long: its header"):
+        task.prepare()
+    assert _peak_bytes_of(task.prepare) < 32 << 20
+    labels.write_bytes(_gzip_bomb(struct.pack(">II", 2049, 1 << 30), 256))
+    with pytest.raises(
+        DataError, match=r"t10k-labels-idx1-ubyte\.gz announces shape \(1073741824,\)"
+    ):
+        task.prepare()
+    assert _peak_bytes_of(task.prepare) < 32 << 20
+
+
+def test_text8_is_not_read_or_inflated_beyond_the_split(tmp_path: Path) -> None:
+    options = {"data_dir": str(tmp_path), "download": False, "train_chars": 1000,
+               "valid_chars": 100, "test_chars": 100}  # fmt: skip
+    # an extracted text8 of 1 TiB (sparse): refused by its size, not read
+    with open(tmp_path / "text8", "wb") as handle:
+        handle.truncate(1 << 40)
+    with pytest.raises(
+        DataError, match="has 1,099,511,627,776 characters, but the split needs 1,200"
+    ):
+        make("text8", **options).prepare()
+    (tmp_path / "text8").unlink()
+    # a zip whose member claims the split's 1,200 characters but inflates to 64 MiB
+    path = tmp_path / "text8.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("text8", bytes(64 << 20))
+    data = bytearray(path.read_bytes())
+    claimed = struct.pack("<I", 64 << 20)
+    for offset in (data.index(b"PK\x03\x04") + 22, data.index(b"PK\x01\x02") + 24):
+        assert data[offset : offset + 4] == claimed
+        data[offset : offset + 4] = struct.pack("<I", 1200)
+    path.write_bytes(bytes(data))
+    task = make("text8", **options)
+    with pytest.raises(DataError, match=r"text8\.zip is corrupt"):
+        task.prepare()
+    assert _peak_bytes_of(task.prepare) < 32 << 20
+
+
 # --------------------------------------------------------------------------- text_file
 
 
@@ -302,6 +375,27 @@ def test_adding() -> None:
     one_step(task)
 
 
+@pytest.mark.parametrize(
+    ("task", "option", "named"),
+    [
+        ("adding", "task.length=1000000000", "task.length"),
+        ("adding", "task.valid_size=1000000000", "task.valid_size + task.test_size"),
+        ("copy_memory", "task.delay=10000000000", "task.delay + 2 * task.length + 1"),
+    ],
+)
+def test_a_generated_data_set_larger_than_memory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task: str, option: str, named: str
+) -> None:
+    """One line naming the options and how far they may go, before anything is allocated."""
+    run = tmp_path / "run"
+    argv = ["train", f"task.name={task}", option, *TINY, "--run-dir", str(run)]
+    code, _, err = main_cli(argv, capsys)
+    assert_one_line_error(code, err, "train")
+    assert code == 2 and "of RAM available" in err
+    assert re.search(rf"lower {re.escape(named)} to at most [\d,]+", err), err
+    assert not run.exists()
+
+
 def test_task_models_work_on_the_meta_device(tmp_path: Path) -> None:
     task = make("copy_memory")
     with torch.device("meta"):
@@ -337,6 +431,16 @@ def test_real_chinese_poems() -> None:
     task.prepare()
     assert task.splits["train"].numel() == 11_274 * 24  # 4 lines x (5 chars + a break)
     assert len(task.vocab) > 2000
+
+
+@pytest.mark.parametrize("variant", ["all", "5", "7"])
+def test_chinese_poems_vocabulary_size_known_without_the_data(variant: str) -> None:
+    """The size that --print-params sizes the models with is the published data's."""
+    task = make("chinese_poems", data_dir=str(_shared("chinese_poems")), variant=variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # qtrain is qtrain5 + qtrain7 here
+        task.prepare()
+    assert task.known_vocab_size() == len(task.vocab)
 
 
 def test_real_tinyshakespeare() -> None:

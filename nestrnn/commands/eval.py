@@ -6,6 +6,7 @@ import argparse
 import json
 
 from nestrnn.errors import UserError
+from nestrnn.output import stdout_to_stderr
 
 HELP = "evaluate a trained run on a split (valid or test)"
 
@@ -36,12 +37,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batches < 0:
         raise UserError(f"--max-batches must be >= 0 (0: the whole split), got {args.max_batches}")
-    loaded = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
-    train = loaded.config.train
-    metrics = evaluate(
-        loaded.model, loaded.task, args.split, train.eval_batch_size or train.batch_size,
-        train.bptt, loaded.device, args.max_batches,
-    )  # fmt: skip
+    with stdout_to_stderr():  # a plugin task or memory function may print: not into the result
+        loaded = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
+        train = loaded.config.train
+        metrics = evaluate(
+            loaded.model, loaded.task, args.split, train.eval_batch_size or train.batch_size,
+            train.bptt, loaded.device, args.max_batches,
+        )  # fmt: skip
     if args.json:
         record = {"run_dir": str(args.run_dir), "checkpoint": str(loaded.path),
                   "split": args.split, "metrics": metrics}  # fmt: skip

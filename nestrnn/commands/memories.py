@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
+from nestrnn.output import stdout_to_stderr
 from nestrnn.registry import get_registry
 
 HELP = "list the registered memory functions"
@@ -14,9 +16,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the listing as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def _rows() -> list[dict[str, Any]]:
+    """The usable memory functions, by name, with their providers."""
     registry = get_registry()
-    rows = [
+    return [
         {
             "name": entry.name,
             "description": entry.description,
@@ -25,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
         }
         for entry in (registry.get("memory", name) for name in registry.names("memory"))
     ]
+
+
+def run(args: argparse.Namespace) -> int:
+    with stdout_to_stderr():  # what plugins print while they load: not into the listing
+        rows = _rows()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

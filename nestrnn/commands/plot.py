@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +49,25 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     from nestrnn.engine.rundir import read_records as read_metrics
 
     path = run_dir / METRICS
-    if not path.is_file():
+    if not os.path.lexists(path):  # a link or a folder there is read_metrics' error
         raise UserError(f"{run_dir} has no {METRICS} (is it a run directory?)")
     return read_metrics(path)
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
+    """The run's config.yaml for labels and the primary metric ({} when missing or damaged;
+    never read through a link, nor from a FIFO)."""
     from omegaconf import OmegaConf
 
+    from nestrnn.engine import runfiles
+    from nestrnn.engine.rundir import CONFIG
+
+    path = run_dir / CONFIG
+    if not os.path.lexists(path):
+        return {}
+    text = runfiles.read_bytes(path, UserError)
     try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path))
+        loaded = OmegaConf.to_container(OmegaConf.create(text.decode("utf-8")))
     except Exception:
         return {}
     return loaded if isinstance(loaded, dict) else {}
@@ -69,12 +75,11 @@ def _config(run_dir: Path) -> dict[str, Any]:
 
 def primary_metric(run_dir: Path, config: dict[str, Any]) -> str:
     """The run's primary metric: from summary.json, else its task class, else ``loss``."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            return str(json.loads(summary.read_text(encoding="utf-8"))["primary_metric"])
-        except (json.JSONDecodeError, KeyError):
-            pass
+    from nestrnn.engine.rundir import SUMMARY, read_summary
+
+    summary = read_summary(run_dir / SUMMARY)
+    if summary is not None and isinstance(summary.get("primary_metric"), str):
+        return summary["primary_metric"]
     name = (config.get("task") or {}).get("name")
     if name:
         try:

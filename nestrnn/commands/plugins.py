@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from nestrnn.output import stdout_to_stderr
 from nestrnn.registry import DISABLE_ENV, get_registry
 
 HELP = "list loaded plugins, what they registered, and plugins that failed to load"
@@ -15,7 +16,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = get_registry().report()
+    with stdout_to_stderr():  # what plugins print while they load: not into the listing
+        report = get_registry().report()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -8,6 +8,7 @@ import math
 import torch
 
 from nestrnn.errors import UserError
+from nestrnn.output import stdout_to_stderr
 
 HELP = "generate text from a trained language model (ptb_char, text8, chinese_poems, text_file)"
 
@@ -46,12 +47,20 @@ def generate(model, task, prime: list[int], length: int, temperature: float, see
 
 
 def run(args: argparse.Namespace) -> int:
-    from nestrnn.engine.loading import load_run
-
     if args.length < 0:
         raise UserError(f"--length must be >= 0, got {args.length}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    with stdout_to_stderr():  # a plugin task or memory function may print: not into the text
+        text = _sample(args)
+    print(text)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> str:
+    """The prime followed by the generated text."""
+    from nestrnn.engine.loading import load_run
+
     loaded = load_run(args.run_dir, args.checkpoint, (), args.device or "cpu", prepare=False)
     task = loaded.task
     if getattr(task, "kind", None) != "lm" or not hasattr(task, "encode"):
@@ -69,5 +78,4 @@ def run(args: argparse.Namespace) -> int:
     ids = generate(
         loaded.model, task, prime, args.length, args.temperature, args.seed, loaded.device
     )
-    print(shown + task.decode(ids))
-    return 0
+    return shown + task.decode(ids)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nestrnn.registry import Entry, Registry
 
 HELP = "list the registered tasks (built-in and from plugins)"
 
@@ -29,32 +32,39 @@ def _options(factory: Any) -> list[dict[str, Any]]:
     ]
 
 
+def _json(registry: Registry, entries: list[Entry]) -> dict[str, Any]:
+    """What ``nestrnn tasks --json`` prints: every task with its options, and the conflicts."""
+    return {
+        "tasks": [
+            {
+                "name": e.name,
+                "description": e.description,
+                "kind": getattr(e.factory, "kind", None),
+                "primary_metric": getattr(e.factory, "primary_metric", None),
+                "provider": e.provider.describe(),
+                "builtin": e.provider.builtin,
+                "options": _options(e.factory),
+            }
+            for e in entries
+        ],
+        "conflicts": [
+            {"name": name, "providers": [p.describe() for p in providers]}
+            for (kind, name), providers in sorted(registry.conflicts.items())
+            if kind == "task"
+        ],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    from nestrnn.output import stdout_to_stderr
     from nestrnn.registry import get_registry
 
     registry = get_registry()
-    entries = [registry.entries["task"][n] for n in registry.names("task")]
+    with stdout_to_stderr():  # what plugins print while they load: not into the listing
+        entries = [registry.entries["task"][n] for n in registry.names("task")]
+        data = _json(registry, entries) if args.json else None
     failures = registry.failures
-    if args.json:
-        data = {
-            "tasks": [
-                {
-                    "name": e.name,
-                    "description": e.description,
-                    "kind": getattr(e.factory, "kind", None),
-                    "primary_metric": getattr(e.factory, "primary_metric", None),
-                    "provider": e.provider.describe(),
-                    "builtin": e.provider.builtin,
-                    "options": _options(e.factory),
-                }
-                for e in entries
-            ],
-            "conflicts": [
-                {"name": name, "providers": [p.describe() for p in providers]}
-                for (kind, name), providers in sorted(registry.conflicts.items())
-                if kind == "task"
-            ],
-        }
+    if data is not None:
         print(json.dumps(data, indent=2, default=str))
         return 0
     width = max((len(e.name) for e in entries), default=4)

@@ -30,7 +30,8 @@ from nestrnn.engine.launch import (
     run_config,
     run_torchrun,
 )
-from nestrnn.errors import UserError
+from nestrnn.engine.rundir import remove_empty
+from nestrnn.errors import UserError, one_line
 
 HELP = "train a model on a task (no arguments: the synthetic adding problem, ~1 minute on a CPU)"
 
@@ -115,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
     with DistContext.from_env(args.backend) as dist:
         restarted = restart_count() > 0
         plan = plan_on_main(dist, lambda: plan_run(args, restarted))
-        return _train(args, plan, dist)
+        try:
+            return _train(args, plan, dist)
+        except BaseException:
+            remove_empty(list(plan.created))  # a mistake found later leaves no empty folder
+            raise
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -134,7 +139,11 @@ def print_params(config) -> None:
     from nestrnn.engine.build import build_task, model_settings
     from nestrnn.models import family_table, format_family_table
 
-    task = build_task(config)
+    task = build_task(config, prepare=False)
+    try:
+        task.prepare_sizes()  # no download: a vocabulary's size comes from the task
+    except ValueError as error:  # options that do not fit the data (DataError passes)
+        raise ConfigError(one_line(error)) from None
     model_cfg = section(config, "model")
     with model_settings():
         rows = family_table(model_cfg, task.build_model)
@@ -150,6 +159,17 @@ def _launch(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         raise UserError("--nproc starts torchrun itself; under torchrun leave it out")
     plan = plan_run(args, restarted=False)  # mistakes show once, here, not in every process
+    try:
+        status = _run_workers(args, plan)
+    except BaseException:
+        remove_empty(list(plan.created))
+        raise
+    if status:  # the workers failed: a run that wrote nothing leaves no empty folder
+        remove_empty(list(plan.created))
+    return status
+
+
+def _run_workers(args: argparse.Namespace, plan: RunPlan) -> int:
     from nestrnn.engine.trainer import resolve_device
 
     resolve_device(plan.config.train.device)  # a device that is not here: one line, not N

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,9 @@ from types import FrameType
 
 from omegaconf import DictConfig, OmegaConf
 
-from nestrnn.config import load_config, load_yaml, to_container
+from nestrnn.config import ConfigError, load_config, to_container
 from nestrnn.engine import rundir as rd
+from nestrnn.engine import runfiles
 from nestrnn.engine.distributed import DistContext, max_restarts
 from nestrnn.engine.parent_death import libc_prctl, terminate_with_parent
 from nestrnn.engine.rundir import Replace
@@ -49,6 +52,8 @@ class RunPlan:
     run_dir: Path
     resume: bool
     replace: Replace  # what a new run may replace in run_dir (see Trainer)
+    #: the folders created for a default run directory (rank 0; see rundir.remove_empty)
+    created: tuple[Path, ...] = ()
 
 
 def resume_dir(args: argparse.Namespace, restarted: bool) -> Path | None:
@@ -56,6 +61,8 @@ def resume_dir(args: argparse.Namespace, restarted: bool) -> Path | None:
 
     ``restarted``: this process is a worker that torchrun restarted (it continues --run-dir like
     ``--resume auto``, with the original command line, ``-c`` included)."""
+    if args.resume is not None and not args.resume.strip():
+        raise UserError("--resume needs a run directory (or auto); it was given an empty one")
     if args.overwrite and args.resume:
         raise UserError("--overwrite starts a new run; it cannot go with --resume")
     if args.resume and args.resume != "auto":
@@ -90,19 +97,86 @@ def resume_dir(args: argparse.Namespace, restarted: bool) -> Path | None:
 
 def _check_resumable_dir(run: rd.RunDir) -> None:
     run.check_is_directory()
-    if not (run / rd.CONFIG).is_file():
+    if not run.holds_run():
         raise rd.RunDirError(f"{run.path} is not a run directory (no {rd.CONFIG})")
-    if not (run / rd.LAST).is_file():
+    if not os.path.lexists(run / rd.LAST):
         raise rd.RunDirError(f"{run.path} has no checkpoint ({rd.LAST}) to resume from")
 
 
 def run_config(args: argparse.Namespace, resuming: Path | None) -> DictConfig:
-    """The configuration: a resumed run's saved one, else the defaults, ``-c`` files and
-    overrides (a resumed run takes overrides too)."""
+    """The configuration: the defaults, ``-c`` files and overrides; for a resumed run, the one
+    saved in its ``last.pt`` and the overrides.
+
+    A resumed run's ``config.yaml`` is not read for its settings: it is written again at the
+    start of each attempt, so it may hold overrides of an attempt that failed before its first
+    checkpoint, a hand edit, or be damaged. Where it differs from what the run continues with,
+    a warning names the settings (to keep one, pass it as an override)."""
     if resuming is None:
         return load_config(args.config, args.overrides)
-    base = OmegaConf.to_container(load_yaml(resuming / rd.CONFIG))
-    return load_config([], args.overrides, base=base)
+    saved = OmegaConf.to_container(
+        OmegaConf.create(rd.load_checkpoint(resuming / rd.LAST)["config"])
+    )
+    config = load_config([], args.overrides, base=saved)
+    _warn_about_config_file(resuming / rd.CONFIG, load_config([], [], base=saved), config)
+    return config
+
+
+def _warn_about_config_file(path: Path, saved: DictConfig, config: DictConfig) -> None:
+    """Warn when the run's ``config.yaml`` sets what neither the checkpoint's configuration
+    ``saved`` nor the resumed run's ``config`` (with the overrides) has (see :func:`run_config`);
+    settings it lacks (a truncated file) are not differences."""
+    if not os.path.lexists(path):
+        return
+    try:
+        text = runfiles.read_bytes(path, ConfigError).decode("utf-8")
+        written = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    except Exception:  # damaged: unreadable bytes, broken YAML, a FIFO, a link
+        written = None
+    if not isinstance(written, dict):
+        warnings.warn(
+            f"{path} is damaged or not a configuration; resuming with the configuration saved in "
+            f"{rd.LAST} (the file is written again)",
+            stacklevel=2,
+        )
+        return
+    kept = (to_container(saved), to_container(config))
+    changes = [
+        f"{key}={_value(value)}"
+        for key, value in _leaves(written)
+        if all(_lookup(tree, key) != value for tree in kept)
+    ]
+    if changes:
+        warnings.warn(
+            f"{path} differs from the configuration saved in {rd.LAST}, which a resumed run "
+            f"keeps (with the overrides given); not applied: {' '.join(changes)} (pass them as "
+            "KEY=VALUE overrides to apply them; the file is written again)",
+            stacklevel=2,
+        )
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``("section.key", value)`` for every value of a nested mapping."""
+    out: list[tuple[str, object]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.extend(_leaves(value, f"{name}.") if isinstance(value, dict) else [(name, value)])
+    return out
+
+
+def _lookup(tree: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+_MISSING = object()
+
+
+def _value(value: object) -> str:
+    """``value`` as a KEY=VALUE override writes it."""
+    return "null" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def plan_run(args: argparse.Namespace, restarted: bool) -> RunPlan:
@@ -123,20 +197,25 @@ def plan_run(args: argparse.Namespace, restarted: bool) -> RunPlan:
     replace: Replace = "any" if args.overwrite else "nothing"
     if args.resume == "auto" or restarted:
         replace = "incomplete"  # a run killed before its first checkpoint starts again
-    run = rd.RunDir(args.run_dir or rd.default_run_dir(config.task.name))
+    if args.run_dir:
+        run, created = rd.RunDir(args.run_dir), []
+    else:
+        path, created = rd.default_run_dir(config.task.name)
+        run = rd.RunDir(path)
     run.check_new_run(replace)
-    return RunPlan(config, run.path, False, replace)
+    return RunPlan(config, run.path, False, replace, tuple(created))
 
 
 def plan_on_main(dist: DistContext, decide: Callable[[], RunPlan]) -> RunPlan:
     """``decide()`` on rank 0, its plan on every rank (the configuration travels as a dict)."""
 
-    def decide_portably() -> tuple[dict, Path, bool, Replace]:
+    def decide_portably() -> tuple[dict, Path, bool, Replace, tuple[Path, ...]]:
         plan = decide()
-        return to_container(plan.config), plan.run_dir, plan.resume, plan.replace
+        return to_container(plan.config), plan.run_dir, plan.resume, plan.replace, plan.created
 
-    container, run_dir, resume, replace = dist.from_main(decide_portably)
-    return RunPlan(load_config([], [], base=container), run_dir, resume, replace)
+    container, run_dir, resume, replace, created = dist.from_main(decide_portably)
+    created = created if dist.is_main else ()
+    return RunPlan(load_config([], [], base=container), run_dir, resume, replace, created)
 
 
 def run_torchrun(nproc: int, argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nestrnn.config import check_same_model, load_config, load_yaml, section, trained_config
 from nestrnn.engine import rundir as rd
+from nestrnn.engine import runfiles
 from nestrnn.engine.build import build_task, load_weights, model_settings
 from nestrnn.engine.trainer import resolve_device
 
@@ -30,7 +32,7 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     """``best`` / ``last`` in ``run_dir``, or a path to a checkpoint file."""
     if which in ("best", "last"):
         path = run_dir / (rd.BEST if which == "best" else rd.LAST)
-        if which == "best" and not path.exists() and (run_dir / rd.LAST).exists():
+        if which == "best" and not os.path.lexists(path) and os.path.lexists(run_dir / rd.LAST):
             return run_dir / rd.LAST  # no epoch finished yet
         return path
     return Path(which)
@@ -55,10 +57,12 @@ def load_run(
     # a mistaken --device is reported before anything is loaded
     chosen = None if device is None else resolve_device(device, "--device")
     path = checkpoint_path(run_dir, which)
-    checkpoint = rd.load_checkpoint(path, "cpu")
+    # a file named with --checkpoint may be a link; the run's own files are never followed
+    checkpoint = rd.load_checkpoint(path, "cpu", follow_links=which not in ("best", "last"))
     trained = trained_config(checkpoint["config"])
     saved = run_dir / rd.CONFIG
-    if saved.exists():
+    if os.path.lexists(saved):
+        runfiles.check_regular(saved, rd.RunDirError)
         base = OmegaConf.to_container(load_yaml(saved))
         _check_same_model(trained, load_config([], [], base=base), f"{saved} (edited?)", path)
     else:

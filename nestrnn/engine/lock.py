@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
+from nestrnn.engine.runfiles import open_regular
 from nestrnn.errors import UserError
 
 
@@ -43,8 +44,8 @@ class DirectoryLock:
         """Take the lock at ``path`` without waiting; LockError names the holder's pid.
 
         ``what`` names the locked thing in errors ("the run directory runs/x")."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # never through a link: the pid would be written into the file it points to
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT, LockError)
         except OSError as error:
             raise LockError(f"cannot lock {what}: {error.strerror or error}") from None
         try:
@@ -61,9 +62,11 @@ class DirectoryLock:
         """LockError naming the holder when another process holds the lock at ``path``; writes
         nothing (an early check: only :meth:`acquire` makes a process the writer)."""
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # no lock file yet: nobody holds it
+            fd = open_regular(path, os.O_RDONLY, LockError)
+        except FileNotFoundError:  # no lock file yet: nobody holds it
             return
+        except OSError as error:
+            raise LockError(f"cannot lock {what}: {error.strerror or error}") from None
         try:
             _lock_or_name_holder(fd, what)
         finally:

@@ -93,14 +93,15 @@ def check_fits(work: Workload, device: torch.device) -> None:
         where = "RAM available" + (f" to each of {sharing} processes" if sharing > 1 else "")
     if work.bytes > limit:
         raise ConfigError(
-            f"this run needs at least {_size(work.bytes)} of memory ({work.params:,} parameters "
+            f"this run needs at least {format_size(work.bytes)} of memory ({work.params:,} parameters "
             f"with {work.optimizer} state, batch {work.batch_size} x {work.steps} steps x hidden "
-            f"{work.hidden_size} x {work.levels} levels of activations) but {_size(limit)} of "
+            f"{work.hidden_size} x {work.levels} levels of activations) but {format_size(limit)} of "
             f"{where}; lower model.hidden_size, train.batch_size or train.bptt"
         )
 
 
-def _size(count: int) -> str:
+def format_size(count: int) -> str:
+    """``count`` bytes for a person: ``512 bytes``, ``1.5 GiB``."""
     units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
     value, unit = float(count), 0
     while value >= 1024 and unit < len(units) - 1:

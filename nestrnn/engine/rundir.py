@@ -9,6 +9,8 @@ Layout::
                            "test", "stopped" / "diverged"
         last.pt            the latest checkpoint (everything needed to resume exactly)
         best.pt            the model with the best validation metric so far
+        last.pt.sha256     the sha256 of last.pt (``sha256sum -c`` reads it)
+        best.pt.sha256     the sha256 of best.pt
         summary.json       the final result
         .lock              locked while a process writes the run; holds that process's pid
 
@@ -16,12 +18,23 @@ Checkpoints and the other files are written atomically (a temporary file in the 
 ``os.replace``) and checkpoints are read with ``torch.load(weights_only=True)``: they hold only
 tensors and plain Python containers. A write that fails (a full disk, a read-only folder) is a
 one-line :class:`RunDirError` and leaves the previous file as it was.
+
+No file of a run is opened through a symbolic link, and none that is a FIFO, a device or a
+directory (:mod:`nestrnn.engine.runfiles`): each is a one-line error naming it.
+
+Every checkpoint is verified against its ``.sha256`` before it is used, so a flipped bit is an
+error, not a silently different model. A checkpoint is replaced in three atomic steps: the
+``.sha256`` first lists the new sum *and* the sums of the file in place, then the checkpoint is
+replaced, then the ``.sha256`` lists the new sum alone. A crash between any two steps leaves a
+checkpoint whose sum is listed, so it never blocks a resume. A checkpoint without a ``.sha256``
+(written by nestrnn before 0.x, or its ``.sha256`` deleted on purpose) loads unchecked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -38,6 +51,7 @@ import numpy as np
 import torch
 
 from nestrnn.data_utils import atomic_write, temporaries_of
+from nestrnn.engine import runfiles
 from nestrnn.engine.lock import DirectoryLock
 from nestrnn.errors import UserError
 
@@ -48,8 +62,11 @@ LAST = "last.pt"
 BEST = "best.pt"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+#: beside each checkpoint: its sha256 (see the module docstring)
+SUM_SUFFIX = ".sha256"
 #: the files a run writes (what --overwrite replaces; the lock file stays)
-RUN_FILES = (CONFIG, ENVIRONMENT, METRICS, LAST, BEST, SUMMARY)
+RUN_FILES = (CONFIG, ENVIRONMENT, METRICS, LAST, BEST, SUMMARY, LAST + SUM_SUFFIX,
+             BEST + SUM_SUFFIX)  # fmt: skip
 FORMAT = "nestrnn-checkpoint/1"
 
 #: what a new run may replace in its directory: nothing, the files of a run that saved no
@@ -65,15 +82,37 @@ class RunDirError(UserError):
     """A run directory that cannot be used as asked: taken, busy, not writable, full."""
 
 
-def default_run_dir(task: str, root: str | Path = "runs") -> Path:
-    """``runs/<task>-<YYYYmmdd-HHMMSS>`` (with a suffix when that exists already)."""
+def default_run_dir(task: str, root: str | Path = "runs") -> tuple[Path, list[Path]]:
+    """Create ``runs/<task>-<YYYYmmdd-HHMMSS>`` (with a suffix when that exists already); it and
+    the folders created for it (innermost first: see :func:`remove_empty`). Each name is taken
+    by ``mkdir``, which fails when the folder exists: two runs started in the same second never
+    share a directory."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{task}-{stamp}"
+    root = Path(root)
     suffix = 1
-    while path.exists():
-        suffix += 1
-        path = Path(root) / f"{task}-{stamp}-{suffix}"
-    return path
+    path = root / f"{task}-{stamp}"
+    while True:
+        created = [] if root.is_dir() else [root]
+        try:
+            with writing(root):
+                root.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            return path, [path, *created]
+        except FileExistsError:
+            suffix += 1
+            path = root / f"{task}-{stamp}-{suffix}"
+        except FileNotFoundError:  # another run removed an empty runs/ meanwhile: again
+            continue
+        except OSError as error:
+            raise RunDirError(f"cannot create {path}: {error.strerror or error}") from None
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run created that are still empty (a run that failed before writing
+    anything leaves nothing behind); a folder that holds anything stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def json_safe(value: Any) -> Any:
@@ -87,12 +126,29 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _record_fault(record: Any) -> str | None:
+    """What is wrong with one line of metrics.jsonl as a record (None: nothing): every record
+    is an object with an ``event`` name and an integer ``step``; ``train``/``valid`` hold
+    metrics by name."""
+    if not isinstance(record, dict):
+        return "is not a JSON record"
+    if not isinstance(record.get("event"), str):
+        return 'has no "event" name'
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return 'has no "step" number'
+    if any(not isinstance(record.get(key, {}), dict) for key in ("train", "valid")):
+        return "has metrics that are not an object"
+    return None
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``; a torn last line (a kill or a full disk in the middle
-    of a write) is left out, any other line that is not a JSON object is a RunDirError."""
-    if not path.exists():
+    of a write) is left out, any other line that is not a record is a RunDirError."""
+    if not os.path.lexists(path):
         return []
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    data = runfiles.read_bytes(path, RunDirError)
+    lines = data.decode("utf-8", errors="replace").split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -100,12 +156,32 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
+            fault: str | None = "is not a JSON record"
+        else:
+            fault = _record_fault(record)
+        if fault is None:
             records.append(record)
         elif number < len(lines):  # a complete line (the file continues after it)
-            raise RunDirError(f"{path}, line {number} is not a JSON record; repair or remove it")
+            raise RunDirError(f"{path}, line {number} {fault}; repair or remove it")
     return records
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of a finished run (None when there is none); a RunDirError when it
+    is not a JSON object."""
+    if not os.path.lexists(path):
+        return None
+    data = runfiles.read_bytes(path, RunDirError)
+    try:
+        summary = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise RunDirError(
+            f"{path} is not a run summary (a JSON object); remove it (train --resume of a "
+            "finished run writes it again)"
+        )
+    return summary
 
 
 @contextlib.contextmanager
@@ -131,7 +207,7 @@ class RunDir:
 
     def holds_run(self) -> bool:
         """Whether any file of a run is here (a finished, running, or killed one)."""
-        return any((self.path / name).exists() for name in RUN_FILES)
+        return any(os.path.lexists(self.path / name) for name in RUN_FILES)
 
     def resumable(self) -> bool:
         """Whether a run can continue from here (its configuration and ``last.pt``)."""
@@ -151,6 +227,18 @@ class RunDir:
                 f"{self.path} holds the files of a run that saved no checkpoint; start it again "
                 "with --overwrite (or --resume auto), or choose another --run-dir"
             )
+        if replace == "incomplete" and self.holds_run() and not self.written_by_a_run():
+            # e.g. a config.yaml put there by hand: --resume auto replaces only a run's files
+            found = next(name for name in RUN_FILES if os.path.lexists(self.path / name))
+            raise RunDirError(
+                f"{self.path / found} was not written by a run (there is no {ENVIRONMENT}) and "
+                f"is not replaced without --overwrite; to train with a configuration there, give "
+                f"it with -c {self.path / CONFIG} --run-dir {self.path} --overwrite"
+            )
+
+    def written_by_a_run(self) -> bool:
+        """Whether the files here are a run's: a run writes environment.json before any other."""
+        return os.path.lexists(self.path / ENVIRONMENT)
 
     def check_is_directory(self) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -186,8 +274,14 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         if self.is_main:
-            with writing(self.path / name), atomic_write(self.path / name, "w") as handle:
-                handle.write(text)
+            self._write(self.path / name, text.encode("utf-8"))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Replace ``path`` atomically; a link (or a FIFO, a directory) there is refused, not
+        replaced."""
+        runfiles.check_regular(path, RunDirError)
+        with writing(path), atomic_write(path) as handle:
+            handle.write(data)
 
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n")
@@ -196,8 +290,11 @@ class RunDir:
         """Append one record to metrics.jsonl."""
         if self.is_main:
             path = self.path / METRICS
-            with writing(path), open(path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(json_safe(record)) + "\n")
+            line = (json.dumps(json_safe(record)) + "\n").encode("utf-8")
+            with writing(path):
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                with os.fdopen(runfiles.open_regular(path, flags, RunDirError), "ab") as handle:
+                    handle.write(line)
 
     def records(self) -> list[dict[str, Any]]:
         return read_records(self.path / METRICS)
@@ -205,29 +302,86 @@ class RunDir:
     def truncate_records(self, step: int) -> None:
         """Drop records written after optimizer step ``step`` (before resuming from there), and
         a torn last line."""
-        if not self.is_main or not (self.path / METRICS).exists():
+        if not self.is_main or not os.path.lexists(self.path / METRICS):
             return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
         self.write_text(METRICS, "".join(json.dumps(json_safe(r)) + "\n" for r in kept))
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
+        """Write checkpoint ``name`` and its sha256 (in the order the module docstring gives)."""
         if self.is_main:
             buffer = io.BytesIO()  # serialised first: a failed write is then a plain OSError
             torch.save(payload, buffer)
-            with writing(self.path / name), atomic_write(self.path / name) as handle:
-                handle.write(buffer.getbuffer())
+            data = buffer.getvalue()
+            path, sums = self.path / name, sum_path(self.path / name)
+            digest = hashlib.sha256(data).hexdigest()
+            self._write(sums, _sum_lines([digest, *self._sums_in_place(path)], name))
+            self._write(path, data)
+            self._write(sums, _sum_lines([digest], name))
+
+    def _sums_in_place(self, path: Path) -> list[str]:
+        """The sums that the checkpoint at ``path`` now matches (none when there is none)."""
+        if not os.path.lexists(path):
+            return []
+        recorded = recorded_sums(path)
+        if recorded is not None:
+            return recorded
+        # written before checkpoints had sums: its own, so that it stays loadable meanwhile
+        return [hashlib.sha256(runfiles.read_bytes(path, RunDirError)).hexdigest()]
 
     def load_checkpoint(self, name: str = LAST, map_location: Any = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.path / name, map_location)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); a clear error when it is not one."""
+def sum_path(path: Path) -> Path:
+    """Where the sha256 of the checkpoint at ``path`` is kept: ``last.pt.sha256``."""
+    return path.with_name(path.name + SUM_SUFFIX)
+
+
+def _sum_lines(digests: list[str], name: str) -> bytes:
+    """``sha256sum``'s format; the sums are distinct (the same checkpoint written twice)."""
+    return "".join(f"{d}  {name}\n" for d in dict.fromkeys(digests)).encode("ascii")
+
+
+def recorded_sums(path: Path) -> list[str] | None:
+    """The sums recorded for the checkpoint at ``path`` (None: no ``.sha256`` beside it)."""
+    sums = sum_path(path)
+    if not os.path.lexists(sums):
+        return None
+    text = runfiles.read_bytes(sums, CheckpointError).decode("ascii", errors="replace")
+    digests = [line.split()[0] for line in text.splitlines() if line.strip()]
+    if not digests or not all(
+        len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests
+    ):
+        raise CheckpointError(
+            f"{sums} is not a list of sha256 sums; restore it, or delete it to load {path.name} "
+            "unchecked"
+        )
+    return digests
+
+
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", *, follow_links: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) after checking its sha256 (when it has
+    one: see the module docstring); a clear error when it is not one, or damaged.
+
+    ``follow_links``: ``path`` may be a symbolic link (a file the user named, not a run's)."""
     path = Path(path)
-    if not path.is_file():
+    if follow_links and path.is_symlink():
+        path = path.resolve()
+    if not os.path.lexists(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    data = runfiles.read_bytes(path, CheckpointError)
+    recorded = recorded_sums(path)
+    if recorded is not None and hashlib.sha256(data).hexdigest() not in recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its sha256 does not match {sum_path(path).name}, recorded when "
+            "it was written; restore it from a copy (or delete "
+            f"{sum_path(path).name} to load it unchecked)"
+        )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:
         detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise CheckpointError(

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
+import os
 import signal
 import sys
 import time
@@ -147,6 +147,26 @@ def _check_resumable(saved: str, config: DictConfig) -> None:
         lambda changes: f"the model cannot change when resuming ({changes}); start a new run",
         lambda old, new: f"cannot resume a {old} run as task {new}; start a new run",
     )
+
+
+def _check_resume_overrides(saved: str, config: DictConfig, carries_state: bool) -> None:
+    """Raise ConfigError for a change that cannot continue the state in the checkpoint (its
+    ``saved`` configuration), before anything is written:
+    the optimizer's kind (its state is that optimizer's) and, for a run that carries its state
+    from batch to batch, the batch size (the carried state has one row per stream)."""
+    trained = trained_config(saved)
+    old, new = trained.optim.name, config.optim.name
+    if old != new:
+        raise ConfigError(
+            f"optim.name cannot change when resuming (the checkpoint holds the state of {old}, "
+            f"not {new}); start a new run"
+        )
+    old, new = trained.train.batch_size, config.train.batch_size
+    if carries_state and old != new:
+        raise ConfigError(
+            f"train.batch_size cannot change when resuming this run ({old} -> {new}): it carries "
+            f"the state of {old} streams from batch to batch; start a new run"
+        )
 
 
 def format_metrics(metrics: dict[str, float], keys: list[str] | None = None) -> str:
@@ -267,6 +287,8 @@ class Trainer:
         if checkpoint is not None:
             _check_resumable(checkpoint["config"], config)
         self.task = build_task(config, None if checkpoint is None else checkpoint["task"])
+        if checkpoint is not None:
+            _check_resume_overrides(checkpoint["config"], config, self.task.carries_state)
         self.data_fingerprint = self.task.data_fingerprint()
         if checkpoint is not None and not allow_data_change:
             self._check_same_data(checkpoint.get("data_fingerprint"))
@@ -405,11 +427,8 @@ class Trainer:
         )
         if not (self._continues and done):
             return None
-        try:
-            summary = json.loads((self.run / rd.SUMMARY).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):  # none (killed before it), or a torn one
-            return None
-        return summary if summary.get("steps") == self.global_step else None
+        summary = rd.read_summary(self.run / rd.SUMMARY)  # None: killed before writing it
+        return summary if summary is not None and summary.get("steps") == self.global_step else None
 
     # ------------------------------------------------------------------ output
 
@@ -512,6 +531,10 @@ class Trainer:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         load_weights(self.model, ckpt["model"], self.run / rd.LAST)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups' settings, less overrides
+            group["weight_decay"] = self.optim_cfg.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.optim_cfg.momentum
         self.schedule.load_state_dict(ckpt["schedule"])
         position, metrics, progress = ckpt["position"], ckpt["metrics"], ckpt["progress"]
         self.epoch = position["epoch"]
@@ -782,7 +805,7 @@ class Trainer:
         """Evaluate the best checkpoint (or the current model) on the test split."""
         best_path = self.run / rd.BEST
         best = self.dist.from_main(
-            lambda: self.run.load_checkpoint(rd.BEST) if best_path.exists() else None
+            lambda: self.run.load_checkpoint(rd.BEST) if os.path.lexists(best_path) else None
         )
         if best is not None:
             load_weights(self.model, best["model"], best_path)

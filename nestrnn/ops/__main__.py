@@ -5,4 +5,4 @@ from nestrnn.ops.nested_lstm import native
 from nestrnn.ops.outer_lstm import native_nodes
 
 for name, found in (("CPU kernel", native.status()), ("native step nodes", native_nodes.status())):
-    print(f"{name}: {found.library}" if found.available else f"{name} unavailable: {found.reason}")
+    print(found.describe(name))

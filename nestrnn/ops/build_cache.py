@@ -3,17 +3,25 @@ build gets into it, which files in it may be loaded, and loading each library on
 (``LoadOnce``, with the ``NativeStatus`` that says whether it is in use and why not).
 
 The cache is ``$NESTRNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/nestrnn``, else ``~/.cache/nestrnn``.
-A build is compiled to a temporary file there and renamed into place, so a concurrent builder
-never sees a partial file and a file planted under the name is replaced. A cached file is loaded
-only when it is a regular file owned by the current user that nobody else may write, checked on
-the open file itself, which is then the file loaded (``/proc/self/fd/N``): it cannot be swapped
-between the check and the load.
+A build is compiled to a temporary file there, sealed with a record of its size and sha256 at its
+end, synced, and renamed into place (and the folder synced), so a concurrent builder never sees a
+partial file, a crash never leaves a short one under the name, and a file planted there is
+replaced. A cached file is loaded only when it is a regular file owned by the current user that
+nobody else may write, and whole (its record matches it), checked on the open file itself, which
+is then the file loaded (``/proc/self/fd/N``): it cannot be swapped between the check and the
+load. It is opened without blocking and without following links, so a FIFO or a link planted
+under the name is refused rather than waited on. A refused file (``Untrusted`` says why) is
+replaced by a fresh build: a truncated library would otherwise kill the process that maps it
+(SIGBUS), and one of an older version has no record.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -23,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from nestrnn.data_utils import fsync_directory
+
 __all__ = [
     "LoadOnce",
     "NativeStatus",
+    "Untrusted",
     "cache_dir",
     "compile_into",
     "open_or_build",
@@ -48,25 +59,111 @@ def user_suffix() -> str:
     return f"-u{os.getuid()}" if hasattr(os, "getuid") else ""
 
 
-def trusted_descriptor(path: Path) -> int | None:
-    """An open descriptor of ``path`` if it is ours (see the module docstring), else None. Load
-    it as ``/proc/self/fd/N``; the caller closes it when the load fails."""
+class Untrusted(Exception):
+    """Why a file at a library's name in the cache is not loaded; the caller replaces it by a
+    fresh build."""
+
+
+# A library ends with this record of itself: magic, the size of what precedes it, its sha256.
+# It is appended before the one rename that puts the library in place, so no library is ever
+# without its record or beside another build's (as a separate record file could be when two
+# processes build at once). The dynamic loader maps only what the ELF headers name, so the
+# bytes after them are never read by it.
+_SEAL = struct.Struct("<16sQ32s")
+_SEAL_MAGIC = b"nestrnn-sealed-1"
+_CHUNK = 1 << 20
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _open_own_file(path: str | Path, flags: int) -> int:
+    """``path`` opened with ``flags`` if it is a regular file of this user that nobody else may
+    write, checked on the descriptor; else raises ``Untrusted`` saying why.
+
+    Opened without blocking and without following a symbolic link: a FIFO planted under the name
+    would otherwise block ``open`` forever, and a link would point anywhere."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    info = os.fstat(fd)
-    owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-    proc = Path(f"/proc/self/fd/{fd}")
-    if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o022 or not proc.exists():
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        link = err.errno == errno.ELOOP
+        raise Untrusted(
+            "it is a symbolic link" if link else f"it cannot be opened: {err}"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "some other kind of file")
+            raise Untrusted(f"it is {kind}, not a regular file")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise Untrusted(f"it belongs to user {info.st_uid}")
+        if info.st_mode & 0o022:
+            raise Untrusted(f"others may write it: mode {stat.S_IMODE(info.st_mode):o}")
+    except BaseException:
         os.close(fd)
-        return None
+        raise
+    return fd  # O_NONBLOCK is left set: it changes nothing for a regular file
+
+
+def _digest(fd: int, size: int) -> bytes:
+    """The sha256 of the first ``size`` bytes of ``fd``."""
+    digest, offset = hashlib.sha256(), 0
+    while offset < size and (block := os.pread(fd, min(_CHUNK, size - offset), offset)):
+        digest.update(block)
+        offset += len(block)
+    return digest.digest()
+
+
+def trusted_descriptor(path: Path) -> int:
+    """An open descriptor of ``path`` if it is ours (see the module docstring) and whole: it ends
+    with the record of its size and sha256 that ``compile_into`` wrote, and matches it. Else
+    raises ``Untrusted`` saying why. Load it as ``/proc/self/fd/N``; the caller closes it when
+    the load fails."""
+    fd = _open_own_file(path, os.O_RDONLY)
+    try:
+        if not Path(f"/proc/self/fd/{fd}").exists():
+            raise Untrusted("/proc/self/fd is not available to load it from")
+        size = os.fstat(fd).st_size - _SEAL.size
+        seal = os.pread(fd, _SEAL.size, size) if size >= 0 else b""
+        magic, recorded, digest = _SEAL.unpack(seal) if len(seal) == _SEAL.size else (b"", 0, b"")
+        if magic != _SEAL_MAGIC:
+            raise Untrusted(
+                "it does not end with its record of size and sha256: truncated, or built by "
+                "an older version"
+            )
+        if recorded != size:
+            raise Untrusted(f"it is {size} bytes, its record says {recorded}: truncated")
+        if _digest(fd, size) != digest:
+            raise Untrusted("its sha256 does not match its record: corrupt")
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
+def _seal(path: str) -> None:
+    """Append the record ``trusted_descriptor`` checks to the library just built at ``path``,
+    and make it durable: a crash after the rename must not leave a short file under the name."""
+    fd = _open_own_file(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        record = _SEAL.pack(_SEAL_MAGIC, size, _digest(fd, size))
+        if os.pwrite(fd, record, size) != len(record):
+            raise OSError(f"short write to {path}")
+        os.fchmod(fd, 0o700)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def compile_into(target: Path, command: Callable[[str], list[str]], what: str) -> Path:
-    """Run ``command(output_path)`` to build ``what`` into ``target``, atomically; raises
-    ``RuntimeError`` saying why when the cache is not writable or the build fails."""
+    """Run ``command(output_path)`` to build ``what`` into ``target``, atomically and durably,
+    sealed with the record of its size and sha256; raises ``RuntimeError`` saying why when the
+    cache is not writable or the build fails."""
     cache = target.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -78,28 +175,41 @@ def compile_into(target: Path, command: Callable[[str], list[str]], what: str) -
         done = subprocess.run(command(tmp), capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {what} failed: {done.stderr.strip()[-2000:]}")
-        os.chmod(tmp, 0o700)
+        _seal(tmp)
         os.replace(tmp, target)
-    except (OSError, subprocess.TimeoutExpired) as err:
+        fsync_directory(cache)
+    except (OSError, subprocess.TimeoutExpired, Untrusted) as err:
         raise RuntimeError(f"compiling {what} failed: {err}") from err
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     return target
 
 
 def open_or_build(
-    path: Path, open_trusted: Callable[[Path], Loaded | None], build: Callable[[Path], Path]
-) -> Loaded:
-    """``open_trusted(path)``, building ``path`` first when it is absent, planted or unusable;
-    raises ``RuntimeError`` (or ``OSError``) saying why when neither works."""
-    loaded = open_trusted(path) if path.exists() else None
-    if loaded is None:
+    path: Path, open_trusted: Callable[[Path], Loaded], build: Callable[[Path], Path]
+) -> tuple[Loaded, str]:
+    """``open_trusted(path)``, building ``path`` first when it is absent or ``open_trusted``
+    refuses it (raises ``Untrusted``); gives the loaded library and, when a file there was
+    refused and replaced, why (else ""). Raises ``RuntimeError`` (or ``OSError``) saying why
+    when neither works."""
+    refused: Untrusted | None = None
+    if os.path.lexists(path):
+        try:
+            return open_trusted(path), ""
+        except Untrusted as why:
+            refused = why
+    try:
         build(path)
+    except RuntimeError as err:
+        if refused is None:
+            raise
+        raise RuntimeError(f"{path} was refused ({refused}) and not replaced: {err}") from err
+    try:
         loaded = open_trusted(path)
-        if loaded is None:
-            raise RuntimeError(f"{path} could not be loaded after building it")
-    return loaded
+    except Untrusted as why:
+        raise RuntimeError(f"{path} could not be loaded after building it: {why}") from None
+    return loaded, "" if refused is None else str(refused)
 
 
 @dataclass(frozen=True)
@@ -109,6 +219,17 @@ class NativeStatus:
     available: bool
     reason: str
     library: Path | None = None
+    replaced: str = ""  # why a file found under the library's name was refused and rebuilt
+
+    def describe(self, name: str) -> str:
+        """One line for ``python -m nestrnn.ops``: the library ``name`` in use, or why not."""
+        if not self.available:
+            return f"{name} unavailable: {self.reason}"
+        return f"{name}: {self.library}" + (
+            f" (rebuilt; the file found there was refused: {self.replaced})"
+            if self.replaced
+            else ""
+        )
 
 
 class LoadOnce(Generic[Loaded]):

@@ -213,12 +213,12 @@ def _try_load() -> tuple[Kernel | None, NativeStatus]:
         return None, NativeStatus(False, blas)
     try:
         path = library_path()
-        lib = build_cache.open_or_build(path, _open_trusted, build)
+        lib, replaced = build_cache.open_or_build(path, _open_trusted, build)
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
     if lib.set_blas(*blas) != 0:
         return None, NativeStatus(False, f"{torch.__file__} gave no usable BLAS")
-    return lib, NativeStatus(True, "built", path)
+    return lib, NativeStatus(True, "built", path, replaced)
 
 
 _load = build_cache.LoadOnce(
@@ -226,22 +226,21 @@ _load = build_cache.LoadOnce(
 )
 
 
-def _open_trusted(path: Path) -> Kernel | None:
-    """Load ``path`` if it is ours (``build_cache.trusted_descriptor``) and well-formed, else None.
-    A descriptor that was loaded stays open: the loader knows libraries by name, and a reused
-    descriptor number would give back the earlier library."""
+def _open_trusted(path: Path) -> Kernel:
+    """Load ``path`` if it is ours and whole (``build_cache.trusted_descriptor``) and a kernel of
+    this version, else raise ``build_cache.Untrusted`` saying why. A descriptor that was loaded
+    stays open: the loader knows libraries by name, and a reused descriptor number would give
+    back the earlier library."""
     fd = build_cache.trusted_descriptor(path)
-    if fd is None:
-        return None
     try:
         lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
-    except OSError:  # corrupt or truncated (never loaded): rebuilt by the caller
+    except OSError as err:  # not a library for this machine (never loaded): rebuilt by the caller
         os.close(fd)
-        return None
+        raise build_cache.Untrusted(f"it does not load: {err}") from None
     try:
         return Kernel(lib)
-    except RuntimeError:
-        return None  # loaded, but from another version: rebuilt by the caller
+    except RuntimeError as err:  # loaded, but from another version: rebuilt by the caller
+        raise build_cache.Untrusted(f"it is another version of the kernel: {err}") from None
 
 
 def _torch_blas() -> list[ctypes.c_void_p] | str:
@@ -316,9 +315,4 @@ def build(target: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    found = status()
-    print(
-        f"CPU kernel: {found.library}"
-        if found.available
-        else f"CPU kernel unavailable: {found.reason}"
-    )
+    print(status().describe("CPU kernel"))

@@ -4,8 +4,9 @@
 nodes of its own. Written as Python ``autograd.Function``s, each costs some microseconds of
 interpreter time a step, forward and backward, next to the CPU kernel's few tens: these C++ nodes
 do the same work without it. They are a Python extension built against this torch's headers,
-with the C++ compiler (``$CXX``, else ``c++``), once per torch and Python version (about 20 s),
-into the same cache as the CPU kernel and under the same rules (``ops/build_cache.py``).
+with the C++ compiler (``$CXX``, else ``c++``), once per torch and Python version and user
+(``_BUILD_COST``: a line on stderr says so when it starts), into the same cache as the CPU kernel
+and under the same rules (``ops/build_cache.py``).
 
 When they cannot be built (no C++ compiler or Python headers, an unwritable cache) stepwise.py's
 Python nodes do the same work: ``status()`` says why. ``NESTRNN_NATIVE_NODES=0`` turns them off;
@@ -36,6 +37,8 @@ ABI_VERSION = 2  # the module's ABI_VERSION in step_nodes.cpp
 _MODULE = "_nestrnn_step_nodes"
 _SOURCE = Path(__file__).parent / "step_nodes.cpp"
 _DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
+# measured with /usr/bin/time: 32 s of CPU, 1.1 GB peak, on a 2-core Xeon VM (85 s there when busy)
+_BUILD_COST = "30-90 s and 1.1 GB of memory"
 
 
 def module() -> ModuleType | None:
@@ -51,10 +54,10 @@ def status() -> NativeStatus:
 def _try_load() -> tuple[ModuleType | None, NativeStatus]:
     try:
         path = library_path()
-        loaded = build_cache.open_or_build(path, _open_trusted, build)
+        loaded, replaced = build_cache.open_or_build(path, _open_trusted, build)
     except (OSError, RuntimeError) as err:
         return None, NativeStatus(False, str(err))
-    return loaded, NativeStatus(True, "built", path)
+    return loaded, NativeStatus(True, "built", path, replaced)
 
 
 _load = build_cache.LoadOnce(
@@ -65,21 +68,22 @@ _load = build_cache.LoadOnce(
 )
 
 
-def _open_trusted(path: Path) -> ModuleType | None:
-    """Import ``path`` if it is ours (``build_cache.trusted_descriptor``) and of this ABI, else
-    None. A descriptor that was loaded stays open (see native.py)."""
+def _open_trusted(path: Path) -> ModuleType:
+    """Import ``path`` if it is ours and whole (``build_cache.trusted_descriptor``) and of this
+    ABI, else raise ``build_cache.Untrusted`` saying why. A descriptor that was loaded stays open
+    (see native.py)."""
     fd = build_cache.trusted_descriptor(path)
-    if fd is None:
-        return None
     loader = importlib.machinery.ExtensionFileLoader(_MODULE, f"/proc/self/fd/{fd}")
     spec = importlib.util.spec_from_loader(_MODULE, loader)
     try:
         loaded = importlib.util.module_from_spec(spec)
         loader.exec_module(loaded)
-    except ImportError:  # corrupt, truncated or for another torch (never loaded): rebuilt
+    except ImportError as err:  # not a module for this torch (never loaded): rebuilt
         os.close(fd)
-        return None
-    return loaded if getattr(loaded, "ABI_VERSION", None) == ABI_VERSION else None
+        raise build_cache.Untrusted(f"it does not import: {err}") from None
+    if getattr(loaded, "ABI_VERSION", None) != ABI_VERSION:
+        raise build_cache.Untrusted(f"it is not of ABI version {ABI_VERSION}")
+    return loaded
 
 
 def _compiler() -> tuple[str, list[str]]:
@@ -125,6 +129,16 @@ def build(target: Path | None = None) -> Path:
         f"-Wl,-rpath,{torch_lib}",
         *("-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"),
     ]
+    target = target or library_path()
+    # The one slow step of a first use (the torch headers are large): say what it is, lest the
+    # process look hung. It happens once per process at most (callers load through LoadOnce).
+    print(
+        f"nestrnn: compiling the native step nodes for memory functions of your own into "
+        f"{target.parent}, once per torch and Python version and user: about {_BUILD_COST} "
+        f"(NESTRNN_NATIVE_NODES=0 uses slower Python nodes instead)",
+        file=sys.stderr,
+        flush=True,
+    )
     return build_cache.compile_into(
-        target or library_path(), lambda output: [*command, "-o", output], "the step nodes"
+        target, lambda output: [*command, "-o", output], "the step nodes"
     )
