@@ -107,9 +107,9 @@ def forward(
     """The forward of the op on real tensors (no autograd)."""
     levels, acts = levels_of(weights), decode_activations(activations)
     steps, batch, hidden, depth = x.shape[0], x.shape[1], h0.shape[1], c0.shape[0]
-    if steps == 0:  # the state passes through
-        saved = empty_saved(0, batch, hidden, depth, x.dtype, x.device, False) if save else None
-        return x.new_zeros(0, batch, hidden), h0.clone(), c0.clone(), saved
+    if steps == 0 or batch == 0:  # nothing to compute (the kernels need work): the state passes
+        saved = empty_saved(steps, batch, hidden, depth, x.dtype, x.device, False) if save else None
+        return x.new_zeros(steps, batch, hidden), h0.clone(), c0.clone(), saved
 
     def run(implementation: str) -> ForwardResult:
         return _run_forward(implementation, x, levels, h0, c0, batch_sizes, reverse, acts, save)
@@ -149,7 +149,7 @@ def backward(
         grads = (d_out.to(compute), d_hn.to(compute), d_cn.to(compute))
         return loop.backward(saved, _cast(levels, compute), sizes, reverse, acts, *grads)
 
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 or x.shape[1] == 0:  # the forward passed the state through
         dz, dh0, dc0 = saved.gates.new_zeros(saved.gates.shape), d_hn, d_cn
     else:
         hidden = h0.shape[1]
