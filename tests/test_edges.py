@@ -1,6 +1,6 @@
 """NestedLSTM and NestedLSTMCell where nn.LSTM and nn.LSTMCell work at the edges: an empty batch,
 an empty sequence, ``torch.jit.trace`` in grad mode, the meta device and ``FakeTensorMode``, the
-cell's argument positions and the exception types of a bad state.
+cell's argument positions, the exception types of a bad state, and second derivatives.
 
 Depth 1 is compared with nn.LSTM itself, deeper models (and a user memory function) with the same
 model on the step-by-step reference path (``backend="naive"``).
@@ -17,6 +17,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from nestrnn import MemoryFunction, NestedLSTM, NestedLSTMCell
+from nestrnn.ops.nested_lstm import LevelWeights, nested_lstm, nested_lstm_naive
 
 INPUT, HIDDEN = 3, 5
 
@@ -313,3 +314,69 @@ def test_a_bad_layer_state_raises_nn_lstms_exception_type(mistake, depth):
         model(x, h)
     with pytest.raises(RuntimeError, match="hx must be a tuple"):
         model(x, (h,))
+
+
+# ------------------------------------------------------------------------------ double backward
+
+
+def op_case(depth: int, packed: bool):
+    """A tiny float64 case of the op: its differentiable arguments and a function of them."""
+    torch.manual_seed(depth)
+    steps, batch, features, hidden = 3, 2, 2, 2
+    shapes = [(4 * hidden, features), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,)]
+    flat = [
+        torch.randn(*((4 * hidden, hidden) if k and n == 0 else shape), dtype=torch.float64)
+        for k in range(depth)
+        for n, shape in enumerate(shapes)
+    ]
+    x = torch.randn(steps, batch, features, dtype=torch.float64)
+    h0, c0 = torch.randn(batch, hidden).double(), torch.randn(depth, batch, hidden).double()
+    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
+    args = [t.requires_grad_() for t in (x, h0, c0, *flat)]
+    return args, batch_sizes
+
+
+@pytest.mark.parametrize(
+    ("reverse", "packed"), [(False, False), (True, True)], ids=["forward", "reverse_packed"]
+)
+@pytest.mark.parametrize("depth", [2, 3])
+def test_the_op_has_exact_second_derivatives(depth, reverse, packed):
+    args, batch_sizes = op_case(depth, packed)
+
+    def op(reference: bool):
+        def run(x, h0, c0, *flat):
+            weights = [LevelWeights(*flat[n : n + 4]) for n in range(0, len(flat), 4)]
+            if reference:
+                return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse)
+            return nested_lstm(x, weights, h0, c0, batch_sizes, reverse)
+
+        return run
+
+    assert torch.autograd.gradcheck(op(False), args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(op(False), args, fast_mode=True)
+    # the same second derivatives as the reference's, through a gradient penalty
+    penalties = []
+    for reference in (False, True):
+        out, h_n, c_n = op(reference)(*args)
+        first = torch.autograd.grad(
+            out.sum() + h_n.sum() + c_n.square().sum(), args, create_graph=True
+        )
+        penalties.append(torch.autograd.grad(sum(g.square().sum() for g in first), args))
+    assert_same(*penalties)
+
+
+@pytest.mark.parametrize("memory", ["depth2", "depth3"])
+@pytest.mark.parametrize("layout", ["plain", "bidirectional", "two_layers"])
+def test_a_gradient_penalty_trains_as_on_the_reference(layout, memory):
+    model = nested(layout, memory, dtype=torch.float64)
+    reference = reference_of(model)
+    x = sequence(model, 4, 2)
+    grads = []
+    for module in (model, reference):
+        x_leaf = x.clone().requires_grad_()
+        out, _ = module(x_leaf)
+        (dx,) = torch.autograd.grad(out.sum(), x_leaf, create_graph=True)
+        module.zero_grad()
+        dx.square().sum().backward()
+        grads.append([p.grad for p in module.parameters()])
+    assert_same(*grads)
