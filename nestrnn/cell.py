@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
-from nestrnn.memory.build import MemorySpec, build_memory, inherited_options
+from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
 from nestrnn.ops.nested_lstm.layout import LevelWeights
 from nestrnn.ops.outer_lstm.naive import outer_step
 from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
@@ -17,8 +17,9 @@ from nestrnn.state import check_input, check_state, initial_cells, memory_spec_f
 class NestedLSTMCell(nn.Module):
     """One step of a Nested LSTM; with ``depth=1`` exactly ``nn.LSTMCell``.
 
-    Args: ``input_size, hidden_size, bias`` as in ``nn.LSTMCell``; ``depth``, ``memory``,
-    ``forget_bias`` and ``recurrent_init`` as in :class:`nestrnn.NestedLSTM`.
+    Args: ``input_size, hidden_size, bias, device, dtype`` as in ``nn.LSTMCell``, in the same
+    positions; keyword-only ``depth``, ``memory``, ``forget_bias`` and ``recurrent_init`` as in
+    :class:`nestrnn.NestedLSTM`.
 
     Inputs: ``input`` (N, H_in) or (H_in,), ``hx = (h, c)`` or None: h (N, H); c (N, H) when
     ``depth == 1``, else (depth, N, H). Unbatched: drop N.
@@ -33,13 +34,13 @@ class NestedLSTMCell(nn.Module):
         input_size: int,
         hidden_size: int,
         bias: bool = True,
-        depth: int | None = None,
-        memory: MemorySpec | None = None,
-        *,
-        forget_bias: float | None = 1.0,
-        recurrent_init: str = "orthogonal",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        depth: int | None = None,
+        memory: MemorySpec | None = None,
+        forget_bias: float | None = 1.0,
+        recurrent_init: str = "orthogonal",
     ) -> None:
         super().__init__()
         check_int(input_size, "input_size")
@@ -51,7 +52,7 @@ class NestedLSTMCell(nn.Module):
         add_lstm_parameters(self, "", input_size, hidden_size, bias, device=device, dtype=dtype)
         spec = memory_spec_for_depth(depth) if memory is None else memory
         inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
-        self.memory = build_memory(spec, hidden_size, inherited).to(device=device, dtype=dtype)
+        self.memory = place_memory(build_memory(spec, hidden_size, inherited), device, dtype)
         self.num_cells = 1 + self.memory.num_states
         if depth is not None and memory is not None and depth != self.num_cells:
             raise ValueError(

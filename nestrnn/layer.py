@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.base import MemoryFunction
-from nestrnn.memory.build import MemorySpec, build_memory, inherited_options
+from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
 from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, nested_lstm
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.outer_lstm import outer_lstm
@@ -132,7 +132,7 @@ class NestedLSTM(nn.Module):
                     layer_memory.reset_parameters()
                 else:
                     layer_memory = build_memory(spec, hidden_size, inherited)
-                self.add_module(f"memory_{name}", layer_memory.to(device=device, dtype=dtype))
+                self.add_module(f"memory_{name}", place_memory(layer_memory, device, dtype))
 
         self.num_cells = 1 + self.memory_l0.num_states
         if depth is not None and memory is not None and depth != self.num_cells:
@@ -210,6 +210,9 @@ class NestedLSTM(nn.Module):
             if self.batch_first:
                 x = x.transpose(0, 1)
             batch = x.shape[1]
+        steps = len(batch_sizes) if packed else x.shape[0]
+        if steps == 0:  # nn.LSTM's error: an empty batch is fine, an empty sequence is not
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is None:
             h0, c0 = self._zero_state(batch, x.dtype, x.device)
         else:

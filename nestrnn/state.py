@@ -2,9 +2,10 @@
 
 Everything here runs before any computation, so bad input gets a one-line error that names the
 argument and what was expected, not a stack trace from inside a kernel. The exception types are
-``torch.nn.LSTM``'s for the same mistakes: ValueError for the input's rank and dtype, RuntimeError
-for its feature size, its device and anything wrong with the state; TypeError for an argument
-that is not a tensor at all.
+``torch.nn.LSTM``'s and ``torch.nn.LSTMCell``'s for the same mistakes: ValueError for the input's
+rank and dtype (and for the rank of a cell's state), RuntimeError for its feature size, its device
+and anything else wrong with the state (its shapes, a tuple of other than two tensors); TypeError
+for an argument that is not a tensor (or a state that is not a tuple) at all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from nestrnn.arguments import check_int
+from nestrnn.ops.nested_lstm.layout import autocast_dtype
 
 if TYPE_CHECKING:
     from nestrnn.memory.base import MemoryFunction
@@ -57,7 +59,7 @@ def check_input(
             f"got {input.shape[-1]}"
         )
     if input.dtype != like.dtype and not (
-        input.is_floating_point() and torch.is_autocast_enabled(input.device.type)
+        input.is_floating_point() and autocast_dtype(input.device) is not None
     ):
         raise ValueError(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({like.dtype}). "
@@ -96,21 +98,29 @@ def check_state(
     c_shape = (*prefix, *rows, c_size)
     if num_cells > 1:
         c_shape = (num_cells, *c_shape)
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-        length = f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""
-        raise TypeError(
-            f"hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}{length}"
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError(
+            f"hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__} of length "
+            f"{len(hx)}"
         )
     h0, c0 = hx
     for tensor, name, shape in ((h0, "h_0", h_shape), (c0, "c_0", c_shape)):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
+        unbatched = len(shape) - len(rows)
+        if not prefix and tensor.dim() not in (unbatched, unbatched + 1):
+            # a cell's state of the wrong rank, which nn.LSTMCell reports as a ValueError
+            raise ValueError(
+                f"expected {name} to be {unbatched}-D or {unbatched + 1}-D, got {tensor.dim()}-D"
+            )
         if tuple(tensor.shape) != shape:
             hint = ""
             if name == "c_0" and num_cells > 1:
                 hint = f" (one cell per memory level: depth {num_cells} first)"
             raise RuntimeError(f"expected {name} of shape {shape}{hint}, got {tuple(tensor.shape)}")
-        if tensor.dtype != like.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        if tensor.dtype != like.dtype and autocast_dtype(tensor.device) is None:
             raise RuntimeError(
                 f"{name} has dtype {tensor.dtype} but the module's parameters are {like.dtype}; "
                 "convert one of them (e.g. module.to(dtype) or tensor.to(dtype))"

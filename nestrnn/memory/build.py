@@ -30,6 +30,24 @@ def inherited_options(
     }
 
 
+def place_memory(
+    memory: MemoryFunction,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> MemoryFunction:
+    """``memory.to(device, dtype)`` for a memory its factory did not build there, else ``memory``
+    itself: ``Module.to`` swaps every tensor, even one already in place, which fails for the
+    parameters of a model built under ``FakeTensorMode`` (shape-only tooling)."""
+    wanted = None if device is None else torch.device(device)
+    if all(
+        (wanted is None or t.device == wanted)
+        and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+        for t in (*memory.parameters(), *memory.buffers())
+    ):
+        return memory
+    return memory.to(device=device, dtype=dtype)
+
+
 def _accepted(factory: Callable[..., Any], option: str) -> bool:
     try:
         parameters = inspect.signature(factory).parameters

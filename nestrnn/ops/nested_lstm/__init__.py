@@ -28,6 +28,7 @@ from nestrnn.ops.nested_lstm.checks import check_inputs
 from nestrnn.ops.nested_lstm.layout import (
     LevelActivations,
     LevelWeights,
+    autocast_dtype,
     encode_activations,
     standard_activations,
 )
@@ -75,8 +76,8 @@ def nested_lstm(
         ``(output (T, B, H), h_n (B, H), c_n (D, B, H))`` in the dtype of ``x``; under
         ``torch.autocast`` every floating input is first cast to the autocast dtype.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if dtype is not None:
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
         weights = [LevelWeights(*(w if w is None else w.to(dtype) for w in lw)) for lw in weights]
     check_inputs(x, weights, h0, c0, batch_sizes, activations)
@@ -87,10 +88,13 @@ def nested_lstm(
     flat = op.flat_weights(weights, x)
     args = (batch_sizes, bool(reverse), acts, backend)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat))
-    if not grads or torch.compiler.is_exporting():  # an exported graph holds the inference op
+    # An exported graph holds the inference op, and so does a traced one: torch.jit.trace checks
+    # its graph by tracing again without grad mode, and the graph must not depend on grad mode.
+    # The inference op is differentiable too (its backward recomputes the forward).
+    if not grads or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     functorch = torch._C._are_functorch_transforms_active()
-    if not (functorch or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if not (functorch or torch.compiler.is_compiling()):
         chosen = plan(
             x, batch_sizes, reverse, levels, True, backend, eager=True, hidden=h0.shape[1]
         )

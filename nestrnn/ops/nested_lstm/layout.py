@@ -62,6 +62,15 @@ def decode_activations(text: str) -> tuple[LevelActivations, ...]:
     return tuple(LevelActivations(*group.split(",")) for group in text.split(";"))
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device``, or None where it is off. A device
+    with no autocast at all (meta, for shape-only runs) has it off: asking torch would raise."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gates, cells and every carried state are float32 for half-precision inputs."""
     return torch.float32 if dtype in LOW_PRECISION else dtype

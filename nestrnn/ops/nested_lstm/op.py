@@ -8,7 +8,8 @@ op with known output shapes:
 
 Each has a fake implementation (shapes and dtypes only) and the first two have registered autograd
 formulas (the inference op's recomputes the forward with saving, for graphs exported for inference
-and then differentiated). Which implementation runs inside is decided by ``planning.plan``.
+and then differentiated). A backward that records its own graph (``create_graph=True``: gradient
+penalties, second derivatives) differentiates the reference instead, which is exact at every order. Which implementation runs inside is decided by ``planning.plan``.
 
 Arguments the custom-op schema cannot express directly: ``weights`` is the flat list of every
 level's (weight_ih, weight_hh, bias_ih, bias_hh), a missing bias given as a tensor with no
@@ -33,6 +34,7 @@ from nestrnn.ops.nested_lstm.layout import (
     saved_shapes,
     state_dtype,
 )
+from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.nested_lstm.planning import mark_broken, plan
 
 ForwardResult = tuple[Tensor, Tensor, Tensor, Saved | None]
@@ -107,9 +109,9 @@ def forward(
     """The forward of the op on real tensors (no autograd)."""
     levels, acts = levels_of(weights), decode_activations(activations)
     steps, batch, hidden, depth = x.shape[0], x.shape[1], h0.shape[1], c0.shape[0]
-    if steps == 0:  # the state passes through
-        saved = empty_saved(0, batch, hidden, depth, x.dtype, x.device, False) if save else None
-        return x.new_zeros(0, batch, hidden), h0.clone(), c0.clone(), saved
+    if steps == 0 or batch == 0:  # nothing to compute (the kernels need work): the state passes
+        saved = empty_saved(steps, batch, hidden, depth, x.dtype, x.device, False) if save else None
+        return x.new_zeros(steps, batch, hidden), h0.clone(), c0.clone(), saved
 
     def run(implementation: str) -> ForwardResult:
         return _run_forward(implementation, x, levels, h0, c0, batch_sizes, reverse, acts, save)
@@ -149,7 +151,7 @@ def backward(
         grads = (d_out.to(compute), d_hn.to(compute), d_cn.to(compute))
         return loop.backward(saved, _cast(levels, compute), sizes, reverse, acts, *grads)
 
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 or x.shape[1] == 0:  # the forward passed the state through
         dz, dh0, dc0 = saved.gates.new_zeros(saved.gates.shape), d_hn, d_cn
     else:
         hidden = h0.shape[1]
@@ -336,15 +338,54 @@ def _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads):
     return dx, dw, dh0, dc0, None, None, None, None
 
 
+def _differentiable_gradients(ctx, x, h0, c0, weights, batch_sizes, grads, needs):
+    """The gradients of x, the weights, h0 and c0 (None where ``needs`` says no) as a graph that
+    can be differentiated again: for a backward with ``create_graph=True`` (gradient penalties,
+    Hessian-vector products). The reference (``naive.py``) computes the op's function; its
+    autograd graph, built here from the op's own inputs, gives the exact first derivative and
+    every higher one. ``needs``: x, h0, c0, then one per weight."""
+    levels = levels_of(weights)
+    with torch.enable_grad():
+        results = nested_lstm_naive(
+            x, levels, h0, c0, batch_sizes, ctx.reverse, decode_activations(ctx.activations)
+        )
+    wanted = [
+        (n, t)
+        for n, (t, need) in enumerate(zip([x, h0, c0, *weights], needs))
+        if need and t.numel()
+    ]
+    pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
+    found = torch.autograd.grad(
+        [r for r, _ in pairs], [t for _, t in wanted], [g for _, g in pairs],
+        create_graph=True, allow_unused=True, materialize_grads=True,
+    ) if pairs and wanted else [torch.zeros_like(t) for _, t in wanted]  # fmt: skip
+    full: list[Tensor | None] = [None] * len(needs)
+    for (n, _), grad in zip(wanted, found):
+        full[n] = grad
+    dx, dh0, dc0, *d_weights = full
+    return dx, d_weights, dh0, dc0
+
+
 def _setup_train(ctx, inputs, output) -> None:
     out, _, _, *saved = output
     ctx.mark_non_differentiable(*saved)
-    _save(ctx, inputs, [out, *saved])
+    _save(ctx, inputs, [inputs[3], out, *saved])  # c0, for a backward that records its graph
 
 
 def _backward_train(ctx, d_out, d_hn, d_cn, *_saved_grads):
-    x, h0, weights, batch_sizes, (out, *saved) = _restore(ctx)
+    x, h0, weights, batch_sizes, (c0, out, *saved) = _restore(ctx)
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        return _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn))
     return _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn))
+
+
+def _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, grads):
+    """As ``_op_gradients``, through ``_differentiable_gradients``."""
+    needs = ctx.needs_input_grad  # x, weights (a list), h0, c0, ...
+    dx, dw, dh0, dc0 = _differentiable_gradients(
+        ctx, x, h0, c0, weights, batch_sizes, grads, [needs[0], needs[2], needs[3], *needs[1]]
+    )
+    return dx, dw, dh0, dc0, None, None, None, None
 
 
 def _setup_inference(ctx, inputs, output) -> None:
@@ -353,6 +394,8 @@ def _setup_inference(ctx, inputs, output) -> None:
 
 def _backward_inference(ctx, d_out, d_hn, d_cn):
     x, h0, weights, batch_sizes, (c0,) = _restore(ctx)
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        return _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn))
     out, _, _, *saved = torch.ops.nestrnn.nested_lstm_train(
         x, weights, h0, c0, batch_sizes, ctx.reverse, ctx.activations, ctx.backend
     )
@@ -381,8 +424,14 @@ class FunctorchNestedLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
-        x, h0, weights, batch_sizes, (out, *saved) = _restore(ctx)
+        x, h0, weights, batch_sizes, (c0, out, *saved) = _restore(ctx)
         needs = ctx.needs_input_grad  # x, h0, c0, four non-tensors, then the weights
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            dx, dw, dh0, dc0 = _differentiable_gradients(
+                ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn),
+                [*needs[:3], *needs[7:]],
+            )  # fmt: skip
+            return dx, dh0, dc0, None, None, None, None, *dw
         dx, dw, dh0, dc0 = _gradients(
             ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
             [*needs[:3], *needs[7:]], _functorch_backward_op,

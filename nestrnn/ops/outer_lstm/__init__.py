@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm.layout import LevelWeights
+from nestrnn.ops.nested_lstm.layout import LevelWeights, autocast_dtype
 from nestrnn.ops.outer_lstm import stepwise
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
 
@@ -45,8 +45,8 @@ def outer_lstm(
         results = _graph_break()(*args, True)
     else:
         results = _run(*args, False)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
         results = tuple(t.to(dtype) for t in results)
     return results
 

@@ -66,8 +66,12 @@ def applies(x: Tensor, weights: LevelWeights, h0: Tensor, c0: Tensor) -> bool:
     tensors = [x, h0, c0, *(w for w in weights if w is not None)]
     return (
         x.device.type == "cpu"
+        and x.shape[1] > 0  # the kernel needs rows; the naive path handles an empty batch
         and x.dtype in DTYPES
         and all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+        # the kernel reads memory: a tensor subclass (FakeTensorMode's, for shape-only tooling)
+        # may have none, and runs the naive path, which any subclass can follow
+        and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and native.kernel() is not None
     )
