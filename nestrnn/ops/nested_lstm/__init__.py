@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from nestrnn.ops.nested_lstm import op, torch_lstm
 from nestrnn.ops.nested_lstm.checks import check_inputs
@@ -87,19 +88,43 @@ def nested_lstm(
     acts = encode_activations(levels)
     flat = op.flat_weights(weights, x)
     args = (batch_sizes, bool(reverse), acts, backend)
-    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat))
+    tensors = (x, h0, c0, *flat)
     # An exported graph holds the inference op, and so does a traced one: torch.jit.trace checks
     # its graph by tracing again without grad mode, and the graph must not depend on grad mode.
     # The inference op is differentiable too (its backward recomputes the forward).
-    if not grads or torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
-    functorch = torch._C._are_functorch_transforms_active()
-    if not (functorch or torch.compiler.is_compiling()):
+    if _differentiating_transform(tensors):
+        return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, levels)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
+    vmapped = torch._C._are_functorch_transforms_active()  # torch's LSTM has no batching rule
+    if not (vmapped or torch.compiler.is_compiling()):
         chosen = plan(
             x, batch_sizes, reverse, levels, True, backend, eager=True, hidden=h0.shape[1]
         )
         if chosen.implementation == "torch_lstm":
             return torch_lstm.forward(x, weights[0], h0, c0, batch_sizes, reverse)
-    if functorch:
-        return op.FunctorchNestedLSTM.apply(x, h0, c0, *args, *flat)[:3]
     return torch.ops.nestrnn.nested_lstm_train(x, flat, h0, c0, *args)[:3]
+
+
+def _differentiating_transform(tensors) -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) or a
+    ``torch.func`` transform that differentiates (``grad``, ``vjp``, ``jacrev``...) sees this
+    call. The operators have batching rules (``torch.func.vmap``) and an autograd formula, but a
+    custom operator's registered autograd has no jvp, and torch.func's own differentiation needs
+    an autograd.Function with ``setup_context``, which it lacks; so under these the reference
+    runs: plain PyTorch operations, which every transform follows at every order, exactly."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(
+        level.key() in (TransformType.Grad, TransformType.Jvp)
+        for level in retrieve_all_functorch_interpreters()
+    )

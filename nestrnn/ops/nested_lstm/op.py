@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nestrnn.ops.nested_lstm import c_loop, torch_loop, torch_lstm
 from nestrnn.ops.nested_lstm.gradients import parameter_gradients
@@ -301,10 +302,7 @@ def _restore(ctx) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, list[Ten
     return x, h0, weights, batch_sizes, rest
 
 
-def _gradients(
-    ctx, x, h0, weights, batch_sizes, out, saved, grads, needs,
-    backward_op=torch.ops.nestrnn.nested_lstm_backward,
-):  # fmt: skip
+def _gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads, needs):
     """Call the backward op; map its empty placeholders back to None. ``needs``: x, h0, c0,
     then one per weight (the backward op's order). Returns dx, the weights' gradients, dh0, dc0."""
     d_out, d_hn, d_cn = grads
@@ -312,7 +310,7 @@ def _gradients(
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = h0.new_zeros(depth, batch, hidden) if d_cn is None else d_cn
-    dx, dh0, dc0, d_weights = backward_op(
+    dx, dh0, dc0, d_weights = torch.ops.nestrnn.nested_lstm_backward(
         x, weights, h0, out, *saved, batch_sizes, ctx.reverse, ctx.activations, ctx.backend,
         d_out, d_hn, d_cn, needs,
     )  # fmt: skip
@@ -406,61 +404,64 @@ nested_lstm_train_op.register_autograd(_backward_train, setup_context=_setup_tra
 nested_lstm_op.register_autograd(_backward_inference, setup_context=_setup_inference)
 
 
-class FunctorchNestedLSTM(torch.autograd.Function):
-    """The training op for ``torch.func`` transforms (which need an autograd.Function with
-    ``setup_context``): arguments ``x, h0, c0, batch_sizes, reverse, activations, backend,
-    *weights``, returns ``output, h_n, c_n``."""
+# ------------------------------------------------------------------------------- vmap
 
-    @staticmethod
-    def forward(x, h0, c0, batch_sizes, reverse, activations, backend, *weights):
-        return torch.ops.nestrnn.nested_lstm_train(
-            x, list(weights), h0, c0, batch_sizes, reverse, activations, backend
+
+def _vmap_loop(op, info, in_dims, *args):
+    """The op once per index of the vmapped dimension, results stacked along dimension 0: exact
+    whatever is vmapped (the weights of stacked models, a packed batch's sizes)."""
+
+    def pick(arg, dim, n):
+        if isinstance(arg, (list, tuple)):
+            return [pick(a, d, n) for a, d in zip(arg, dim)]
+        return arg if dim is None else arg.select(dim, n)
+
+    runs = [op(*(pick(a, d, n) for a, d in zip(args, in_dims))) for n in range(info.batch_size)]
+    leaves, specs = zip(*(tree_flatten(run) for run in runs))
+    stacked = [torch.stack(column) for column in zip(*leaves)]
+    return tree_unflatten(stacked, specs[0]), tree_unflatten([0] * len(stacked), specs[0])
+
+
+def _forward_vmap(op):
+    """A batching rule for a forward operator. The rows of a batch are independent, so where only
+    x and the state are vmapped (not the weights, and no packed batch, whose rows are sorted by
+    length) the vmapped dimension joins the batch: one call on V * B rows instead of V calls."""
+
+    def rule(info, in_dims, x, weights, h0, c0, batch_sizes, reverse, activations, backend):
+        args = (x, weights, h0, c0, batch_sizes, reverse, activations, backend)
+        x_dim, w_dims, h_dim, c_dim = in_dims[:4]
+        if batch_sizes is not None or any(d is not None for d in w_dims):
+            return _vmap_loop(op, info, in_dims, *args)
+        v = info.batch_size
+
+        def leading(t: Tensor, dim: int | None) -> Tensor:
+            return t.expand(v, *t.shape) if dim is None else t.movedim(dim, 0)
+
+        x, h0, c0 = leading(x, x_dim), leading(h0, h_dim), leading(c0, c_dim)
+        (steps, batch, _), (depth, _, hidden) = x.shape[1:], c0.shape[1:]
+        x = x.transpose(0, 1).reshape(steps, v * batch, -1)
+        h0 = h0.reshape(v * batch, -1)
+        c0 = c0.transpose(0, 1).reshape(depth, v * batch, hidden)
+        out, h_n, c_n, *saved = op(x, weights, h0, c0, None, reverse, activations, backend)
+        results = (
+            out.unflatten(1, (v, batch)),
+            h_n.unflatten(0, (v, batch)),
+            c_n.unflatten(1, (v, batch)),
+            *(t.unflatten(2, (v, batch)) for t in saved),  # (D, T, B, .): layout.Saved
         )
+        return results, (1, 0, 1, *(2 for _ in saved))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, h0, c0, batch_sizes, reverse, activations, backend, *weights = inputs
-        _setup_train(ctx, (x, weights, h0, c0, batch_sizes, reverse, activations, backend), output)
-
-    @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
-        x, h0, weights, batch_sizes, (c0, out, *saved) = _restore(ctx)
-        needs = ctx.needs_input_grad  # x, h0, c0, four non-tensors, then the weights
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
-            dx, dw, dh0, dc0 = _differentiable_gradients(
-                ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn),
-                [*needs[:3], *needs[7:]],
-            )  # fmt: skip
-            return dx, dh0, dc0, None, None, None, None, *dw
-        dx, dw, dh0, dc0 = _gradients(
-            ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn),
-            [*needs[:3], *needs[7:]], _functorch_backward_op,
-        )  # fmt: skip
-        return dx, dh0, dc0, None, None, None, None, *dw
+    return rule
 
 
-class _FunctorchBackward(torch.autograd.Function):
-    """The backward op inside a ``torch.func`` transform, which hands an autograd.Function's
-    forward the plain tensors underneath its wrappers. Arguments: the backward op's, with the
-    weights last; no double backward."""
-
-    @staticmethod
-    def forward(x, h0, out, gates, cells, act_cells, inputs, *rest):
-        args, weights = rest[:8], list(rest[8:])  # batch_sizes ... needs, then the weights
-        dx, dh0, dc0, d_weights = torch.ops.nestrnn.nested_lstm_backward(
-            x, weights, h0, out, gates, cells, act_cells, inputs, *args
-        )
-        return dx, dh0, dc0, *d_weights
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("nestrnn's nested-LSTM op has no second derivative")
+def _backward_vmap(info, in_dims, *args):
+    """The backward operator's batching rule: a loop (its weight gradients are sums over the
+    batch, so the vmapped dimension cannot join it)."""
+    return _vmap_loop(torch.ops.nestrnn.nested_lstm_backward, info, in_dims, *args)
 
 
-def _functorch_backward_op(x, weights, h0, out, *rest):
-    dx, dh0, dc0, *d_weights = _FunctorchBackward.apply(x, h0, out, *rest, *weights)
-    return dx, dh0, dc0, d_weights
+torch.library.register_vmap(nested_lstm_op, _forward_vmap(torch.ops.nestrnn.nested_lstm))
+torch.library.register_vmap(
+    nested_lstm_train_op, _forward_vmap(torch.ops.nestrnn.nested_lstm_train)
+)
+torch.library.register_vmap(nested_lstm_backward_op, _backward_vmap)

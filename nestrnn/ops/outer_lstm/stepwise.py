@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from nestrnn.activations import activation_code
 from nestrnn.ops.nested_lstm import native
@@ -72,6 +73,9 @@ def applies(x: Tensor, weights: LevelWeights, h0: Tensor, c0: Tensor) -> bool:
         # the kernel reads memory: a tensor subclass (FakeTensorMode's, for shape-only tooling)
         # may have none, and runs the naive path, which any subclass can follow
         and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+        # torch.func's wrappers hide their memory too, and the nodes have no forward-mode AD
+        and not torch._C._are_functorch_transforms_active()
+        and all(forward_ad.unpack_dual(t).tangent is None for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and native.kernel() is not None
     )
