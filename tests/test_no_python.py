@@ -4,10 +4,12 @@ program, with the library of ``nestrnn.export.library_path()`` loaded there."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -139,3 +141,69 @@ print("ok")
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: the operator nestrnn::nested_lstm is already defined")
     assert "import nestrnn first" in last
+
+
+_PROGRAM = Path(__file__).parent / "no_python_program.cpp"
+
+
+@pytest.fixture(scope="module")
+def program() -> Path:
+    """tests/no_python_program.cpp built against this torch's libtorch (about 40 s), kept in the
+    temporary folder between runs under a name hashing the source, torch and compiler."""
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [
+        _compiler(),
+        *("-O1", "-std=c++20", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"),
+        f"-I{root / 'include'}",
+        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        str(_PROGRAM),
+        f"-L{root / 'lib'}",
+        f"-Wl,-rpath,{root / 'lib'}",
+        *("-lc10", "-ltorch_cpu", "-ltorch", "-ldl"),
+    ]
+    key = hashlib.sha256(_PROGRAM.read_bytes() + " ".join([*command, torch.__version__]).encode())
+    folder = Path(tempfile.gettempdir()) / f"nestrnn-tests-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    binary = folder / f"no_python_program-{key.hexdigest()[:16]}"
+    if not binary.exists():
+        partial = folder / f"{binary.name}.{os.getpid()}"
+        done = subprocess.run(
+            [*command, "-o", str(partial)], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        os.replace(partial, binary)  # whole or absent, for the next run
+    return binary
+
+
+@pytest.mark.slow
+def test_traced_module_runs_in_a_cpp_program(library, program, tmp_path):
+    """No Python at all: a C++ program dlopens the library, loads the TorchScript file, prints."""
+    for name, model, x in _models():
+        with torch.no_grad():
+            torch.jit.trace(model, (x,)).save(str(tmp_path / name))
+            expected = torch.cat([t.flatten() for t in _flat(model(x))]).double()
+        numbers = " ".join(map(str, x.shape)) + "\n" + " ".join(f"{v:.9g}" for v in x.flatten())
+        done = subprocess.run(
+            [str(program), str(library), str(tmp_path / name)],
+            input=numbers,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = torch.tensor([float(line) for line in done.stdout.split()], dtype=torch.double)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_aot_inductor_package_runs_without_nestrnn(library, tmp_path):
+    """AOTInductor compiles a C++ wrapper around the op's call (minutes on 2 cores): one model."""
+    name, model, x = _models()[1]
+    package = torch._inductor.aoti_compile_and_package(
+        torch.export.export(model, (x,)), package_path=str(tmp_path / f"{name}.pt2")
+    )
+    _save_expected(tmp_path, name, model, x)
+    load = "lambda path: torch._inductor.aoti_load_package(str(path) + '.pt2')"
+    _run_without_nestrnn(_COMPARE.replace("LOAD", load), str(library), str(tmp_path), name)
+    assert Path(package).exists()
