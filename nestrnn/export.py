@@ -8,11 +8,15 @@ operator it is. ONNX has no such operator, so the ONNX exporter needs its transl
 
 The translation unrolls the time loop: export with a static sequence length. Models whose memory
 function is not an additive/nested chain export through ordinary PyTorch ops and need no table.
+
+To run a traced or exported model where nestrnn is not installed (a C++ program, a server),
+load the library of ``library_path()`` there first: it defines ``nestrnn::nested_lstm``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 
 def onnx_translation_table() -> dict[Callable, Callable]:
@@ -20,3 +24,16 @@ def onnx_translation_table() -> dict[Callable, Callable]:
     from nestrnn.ops.nested_lstm.onnx import onnx_translation_table as table
 
     return table()
+
+
+def library_path() -> Path:
+    """The path of the shared library that runs ``nestrnn::nested_lstm`` without nestrnn, built
+    on first use (a C++ compiler and this torch's headers are needed: about half a minute).
+
+    A TorchScript file, ExportedProgram or AOTInductor package of a model with a NestedLSTM then
+    runs in a process that never imports nestrnn: ``torch.ops.load_library(path)`` in Python,
+    link or ``dlopen`` it in C++, before loading the model. Raises ``RuntimeError`` saying why
+    when it cannot be built."""
+    from nestrnn.ops.nested_lstm.library import library_path as path
+
+    return path()

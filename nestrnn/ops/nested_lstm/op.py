@@ -35,6 +35,7 @@ from nestrnn.ops.nested_lstm.layout import (
     saved_shapes,
     state_dtype,
 )
+from nestrnn.ops.nested_lstm.library import refuse_foreign_definition
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.nested_lstm.planning import mark_broken, plan
 
@@ -177,6 +178,8 @@ def backward(
 
 
 # ------------------------------------------------------------------------------- operators
+
+refuse_foreign_definition()  # the library for processes without nestrnn, loaded first
 
 
 @torch.library.custom_op("nestrnn::nested_lstm", mutates_args=())

@@ -1,0 +1,121 @@
+"""Build, cache and find the op's library for processes without Python (``torch_library.cpp``).
+
+A TorchScript file (``torch.jit.trace``), an ExportedProgram or an AOTInductor package of a
+model with a NestedLSTM records the operator ``nestrnn::nested_lstm``. A process that does not
+import nestrnn (a C++ program, a Python server without nestrnn installed) gets that operator from
+this shared library: ``torch.ops.load_library(path)`` in Python, ``dlopen`` or linking it in C++.
+Its kernel computes the reference's function (``naive.py``) in ATen calls, inference only.
+
+It is built with the C++ compiler (``$CXX``, else ``c++``) against this torch's headers and
+libraries (no Python), once per torch version and user, into the cache of compiled libraries and
+under its rules (``ops/build_cache.py``): the file returned is ours, whole and sealed. The seal
+after its end is ignored by the dynamic loader, so the file can be copied and loaded anywhere
+with the same torch.
+
+The library defines the operator only where it is not defined yet, so loading it in a process
+that imported nestrnn changes nothing. The other order cannot work: nestrnn's Python operator
+(with autograd and fake tensors) cannot be defined over it, and importing nestrnn then stops with
+one clear error (``refuse_foreign_definition``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from nestrnn.ops import build_cache
+
+__all__ = ["OPERATOR", "build", "library_path", "refuse_foreign_definition"]
+
+OPERATOR = "nestrnn::nested_lstm"
+_SOURCE = Path(__file__).parent / "torch_library.cpp"
+_DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
+# measured: 23 s on a 2-core VM (14 s of CPU), the torch headers being most of it
+_BUILD_COST = "20-60 s"
+
+
+def _compiler() -> tuple[str, list[str]]:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return compiler, shlex.split(os.environ.get("NESTRNN_CXXFLAGS", _DEFAULT_CXXFLAGS))
+
+
+def _torch_paths() -> tuple[list[Path], Path]:
+    root = Path(torch.__file__).parent
+    include = root / "include"
+    if not (include / "torch" / "library.h").exists():
+        raise RuntimeError(f"no torch C++ headers in {include}")
+    return [include, include / "torch" / "csrc" / "api" / "include"], root / "lib"
+
+
+def _cache_name() -> Path:
+    """Where the build for this source, compiler, flags, torch and user lives."""
+    compiler, flags = _compiler()
+    key = hashlib.sha256(_SOURCE.read_bytes())
+    key.update(
+        " ".join([compiler, *flags, torch.__version__, str(torch.version.git_version)]).encode()
+    )
+    name = f"nested_lstm_library-{key.hexdigest()[:16]}{build_cache.user_suffix()}.so"
+    return build_cache.cache_dir() / name
+
+
+def build(target: Path) -> Path:
+    """Compile the library to ``target``, atomically and sealed; returns the path."""
+    compiler, flags = _compiler()
+    includes, torch_lib = _torch_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)  # std::string in the schema's signature
+    command = [
+        compiler,
+        *flags,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{path}" for path in includes),
+        str(_SOURCE),
+        f"-L{torch_lib}",
+        f"-Wl,-rpath,{torch_lib}",
+        *("-lc10", "-ltorch_cpu", "-ltorch"),
+    ]
+    # The slow step of a first use (the torch headers are large): say what it is.
+    print(
+        f"nestrnn: compiling the nested-LSTM library for processes without nestrnn into "
+        f"{target.parent}, once per torch version and user: about {_BUILD_COST}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return build_cache.compile_into(
+        target, lambda output: [*command, "-o", output], "the nested-LSTM library"
+    )
+
+
+def _checked(path: Path) -> Path:
+    """``path`` if it is ours and whole (``build_cache.trusted_descriptor``), else raises
+    ``build_cache.Untrusted``. Only checked here: whoever loads it loads it by path."""
+    os.close(build_cache.trusted_descriptor(path))
+    return path
+
+
+def library_path() -> Path:
+    """The path of the library, built first if needed (see the module docstring); raises
+    ``RuntimeError`` saying why when it cannot be built."""
+    path, _ = build_cache.open_or_build(_cache_name(), _checked, build)
+    return path
+
+
+def refuse_foreign_definition() -> None:
+    """Raise ``ImportError`` if ``nestrnn::nested_lstm`` is defined already, by this library
+    loaded before nestrnn was imported: nestrnn's own operator cannot be defined over it."""
+    try:
+        torch._C._get_schema(OPERATOR, "")
+    except RuntimeError:  # not defined: the usual case
+        return
+    raise ImportError(
+        f"the operator {OPERATOR} is already defined in this process (by nestrnn's library for "
+        f"processes without nestrnn, loaded before nestrnn was imported): import nestrnn first, "
+        f"or do not load that library in a process that uses nestrnn"
+    )
