@@ -110,3 +110,18 @@ def test_onnx_export_with_a_dynamic_length_runs_any_length(tmp_path):
     got = [torch.from_numpy(g) for g in session.run(None, {"input": x.numpy()})]
     with torch.no_grad():
         close(got, flat(m(x)), torch.float32)
+
+
+def test_compiled_inference_keeps_the_op_whole():
+    """torch.compile runs the op's own loops: the decomposition is for exported programs only."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: graphs.append(gm) or gm)
+    m = model(depth=2)
+    x = torch.randn(5, 3, 8)
+    with torch.no_grad():
+        close(flat(torch.compile(m, backend=backend, fullgraph=True)(x)), flat(m(x)), x.dtype)
+    found = set().union(*(targets(gm) for gm in graphs))
+    assert torch.ops.nestrnn.nested_lstm.default in found
+    assert torch.ops.higher_order.scan not in found

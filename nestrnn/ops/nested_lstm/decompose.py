@@ -6,7 +6,8 @@ program after ``run_decompositions()``, ``torch.onnx.export(dynamo=True)``) need
 this module gives the op a CompositeImplicitAutograd kernel in the Python dispatcher, which is
 what ``torch.export.default_decompositions()`` (and so ``run_decompositions()`` with no argument,
 and the ONNX exporter's table) collects for custom operators. Eager calls never reach it: the
-op's own autograd and backend kernels take precedence over a CompositeImplicitAutograd kernel.
+op's own autograd and backend kernels take precedence over a CompositeImplicitAutograd kernel,
+and ``torch.compile`` records the op whole (the kernel declines outside ``torch.export``).
 
 The decomposition is one ``scan`` (``torch.ops.higher_order.scan``) over time whose body is one
 step of the reference cell (``naive.nested_cell_step``): the graph does not grow with the sequence
@@ -51,6 +52,10 @@ def nested_lstm_decomposed(
     """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
     if _only_shapes_wanted(x):
         return op._fake_outputs(x, h0, c0)
+    if not torch.compiler.is_exporting():
+        # torch.compile's tracer decomposes CompositeImplicitAutograd kernels too; there the op
+        # stays whole (its fast loops), and NotImplemented tells the tracer to record it as is
+        return NotImplemented
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
     levels = op.levels_of([w.to(compute) for w in weights])
     acts = decode_activations(activations)
