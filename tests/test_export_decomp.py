@@ -81,6 +81,19 @@ def test_run_decompositions_with_a_given_state_and_a_dynamic_length():
             close(flat(program.module()(x, (h0, c0))), flat(m(x, (h0, c0))), torch.float32)
 
 
+def test_a_second_export_in_the_same_process_keeps_its_dynamic_length():
+    """Exporting a static length first (same shapes and dtype) must not fix a later dynamic one."""
+    m = model(depth=2)
+    x = torch.randn(5, 3, 8)
+    torch.export.export(m, (x,)).run_decompositions()
+    steps = torch.export.Dim("steps", min=2, max=64)
+    program = torch.export.export(m, (x,), dynamic_shapes=({0: steps},)).run_decompositions()
+    assert program.range_constraints, "the sequence length was specialised"
+    x = torch.randn(11, 3, 8)
+    with torch.no_grad():
+        close(flat(program.module()(x)), flat(m(x)), torch.float32)
+
+
 def onnx_outputs(m, x, path, **export_kwargs):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

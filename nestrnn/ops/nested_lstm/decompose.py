@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch._higher_order_ops.scan import scan
+from torch._higher_order_ops.scan import scan_op
 from torch._subclasses.fake_tensor import FakeTensor
 
 from nestrnn.ops.nested_lstm import op
@@ -57,29 +57,39 @@ def nested_lstm_decomposed(
         # stays whole (its fast loops), and NotImplemented tells the tracer to record it as is
         return NotImplemented
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
-    levels = op.levels_of([w.to(compute) for w in weights])
+    flat = [w.to(compute) for w in weights]
     acts = decode_activations(activations)
     batch = x.shape[1]
     # scan wants fresh contiguous carries (exported states are often views of hx)
     h_init = h0.to(compute).clone(memory_format=torch.contiguous_format)
     c_init = c0.to(compute).clone(memory_format=torch.contiguous_format)
+    xs = [x.to(compute)] if batch_sizes is None else [x.to(compute), batch_sizes]
+    if reverse:
+        xs = [t.flip(0) for t in xs]
 
-    def step(carry: tuple[Tensor, Tensor], inputs: tuple[Tensor, ...]):
-        h, c = carry
+    def step(h: Tensor, c: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # the weights come in as the scan's own inputs: a traced body may not close over
+        # tensors of the graph around it
+        inputs, levels = rest[: len(xs)], op.levels_of(rest[len(xs) :])
         h_new, cells = nested_cell_step(inputs[0], h, list(c.unbind(0)), levels, acts)
         c_new = torch.stack(cells)
         if batch_sizes is None:
-            return (h_new, c_new), h_new.clone()
+            return h_new, c_new, h_new.clone()
         # a packed batch: rows past this step's active count keep their state and output zero
         active = torch.arange(batch, device=x.device) < inputs[1].to(x.device)
         keep = active.unsqueeze(1)
         return (
-            (torch.where(keep, h_new, h), torch.where(keep, c_new, c)),
+            torch.where(keep, h_new, h),
+            torch.where(keep, c_new, c),
             torch.where(keep, h_new, torch.zeros_like(h_new)),
         )
 
-    xs = (x.to(compute),) if batch_sizes is None else (x.to(compute), batch_sizes)
-    (h_n, c_n), out = scan(step, (h_init, c_init), xs, reverse=reverse)
+    # scan_op, not torch._higher_order_ops.scan.scan: the latter runs the loop through
+    # torch.compile, whose frame cache outlives this export; a later export of the same shapes
+    # checks that cache's guards against its symbolic sizes and so fixes a dynamic length
+    h_n, c_n, out = scan_op(step, [h_init, c_init], xs, additional_inputs=tuple(flat))
+    if reverse:
+        out = out.flip(0)
     return out.to(dtype), h_n.to(dtype), c_n.to(dtype)
 
 
