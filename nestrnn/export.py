@@ -1,13 +1,13 @@
-"""Exporting models with ``torch.onnx.export(dynamo=True)``.
+"""Exporting models: ONNX, and the library that runs them without nestrnn.
 
-``torch.export`` and ``torch.jit.trace`` need nothing: they record nestrnn's op as the custom
-operator it is. ONNX has no such operator, so the ONNX exporter needs its translation::
+``torch.export``, ``ExportedProgram.run_decompositions()`` and ``torch.onnx.export(dynamo=True)``
+need nothing: the op decomposes into core ATen ops and one scan over time
+(``nestrnn.ops.nested_lstm.decompose``), an ONNX ``Scan`` that runs any sequence length. This
+translation table is an alternative that unrolls the time loop into plain ONNX ops, for runtimes
+without ``Scan`` (export with a static sequence length)::
 
     torch.onnx.export(model, (x,), dynamo=True,
                       custom_translation_table=nestrnn.onnx_translation_table())
-
-The translation unrolls the time loop: export with a static sequence length. Models whose memory
-function is not an additive/nested chain export through ordinary PyTorch ops and need no table.
 
 To run a traced or exported model where nestrnn is not installed (a C++ program, a server),
 load the library of ``library_path()`` there first: it defines ``nestrnn::nested_lstm``.

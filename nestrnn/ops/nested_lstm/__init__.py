@@ -12,7 +12,8 @@
     c_loop.py       the C time loops on CPU (with native.py, cpu_kernel.c, workspace.py)
     torch_loop.py   the time loops in plain PyTorch, any device
     triton_loop.py  the Triton kernels on CUDA (with triton_kernels.py)
-    onnx.py         the op's translation for ``torch.onnx.export(dynamo=True)``
+    decompose.py    the op in core ATen ops, for run_decompositions() and ONNX export
+    onnx.py         an optional hand translation for ``torch.onnx.export(dynamo=True)``
     naive.py        the reference
 
 Design and measurements: docs/design.md.
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from nestrnn.ops.nested_lstm import decompose as decompose  # registers the decomposition
 from nestrnn.ops.nested_lstm import op, torch_lstm
 from nestrnn.ops.nested_lstm.checks import check_inputs
 from nestrnn.ops.nested_lstm.layout import (

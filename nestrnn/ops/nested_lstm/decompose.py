@@ -1,0 +1,98 @@
+"""The inference op as core ATen ops, for ``ExportedProgram.run_decompositions()`` and ONNX export.
+
+``nestrnn::nested_lstm`` stays one opaque op in eager mode, under ``torch.compile`` and in the
+graph ``torch.export.export`` records. Deployment targets that accept only core ATen (an exported
+program after ``run_decompositions()``, ``torch.onnx.export(dynamo=True)``) need it spelled out:
+this module gives the op a CompositeImplicitAutograd kernel in the Python dispatcher, which is
+what ``torch.export.default_decompositions()`` (and so ``run_decompositions()`` with no argument,
+and the ONNX exporter's table) collects for custom operators. Eager calls never reach it: the
+op's own autograd and backend kernels take precedence over a CompositeImplicitAutograd kernel,
+and ``torch.compile`` records the op whole (the kernel declines outside ``torch.export``).
+
+The decomposition is one ``scan`` (``torch.ops.higher_order.scan``) over time whose body is one
+step of the reference cell (``naive.nested_cell_step``): the graph does not grow with the sequence
+length, a dynamic time dimension stays dynamic, and ONNX receives a ``Scan``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch._higher_order_ops.scan import scan_op
+from torch._subclasses.fake_tensor import FakeTensor
+
+from nestrnn.ops.nested_lstm import op
+from nestrnn.ops.nested_lstm.layout import decode_activations, state_dtype
+from nestrnn.ops.nested_lstm.naive import nested_cell_step
+
+__all__ = ["nested_lstm_decomposed"]
+
+
+def _only_shapes_wanted(x: Tensor) -> bool:
+    """True when fake tensors flow with nothing recording a graph: fake-tensor propagation
+    prefers a CompositeImplicitAutograd kernel to the op's fake implementation, and would
+    otherwise trace the whole time loop just to learn three output shapes (and fix a dynamic
+    sequence length while doing so)."""
+    proxy = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY)
+    return isinstance(x, FakeTensor) and proxy is None
+
+
+def nested_lstm_decomposed(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
+    if _only_shapes_wanted(x):
+        return op._fake_outputs(x, h0, c0)
+    if not torch.compiler.is_exporting():
+        # torch.compile's tracer decomposes CompositeImplicitAutograd kernels too; there the op
+        # stays whole (its fast loops), and NotImplemented tells the tracer to record it as is
+        return NotImplemented
+    dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
+    flat = [w.to(compute) for w in weights]
+    acts = decode_activations(activations)
+    batch = x.shape[1]
+    # scan wants fresh contiguous carries (exported states are often views of hx)
+    h_init = h0.to(compute).clone(memory_format=torch.contiguous_format)
+    c_init = c0.to(compute).clone(memory_format=torch.contiguous_format)
+    xs = [x.to(compute)] if batch_sizes is None else [x.to(compute), batch_sizes]
+    if reverse:
+        xs = [t.flip(0) for t in xs]
+
+    def step(h: Tensor, c: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # the weights come in as the scan's own inputs: a traced body may not close over
+        # tensors of the graph around it
+        inputs, levels = rest[: len(xs)], op.levels_of(rest[len(xs) :])
+        h_new, cells = nested_cell_step(inputs[0], h, list(c.unbind(0)), levels, acts)
+        c_new = torch.stack(cells)
+        if batch_sizes is None:
+            return h_new, c_new, h_new.clone()
+        # a packed batch: rows past this step's active count keep their state and output zero
+        active = torch.arange(batch, device=x.device) < inputs[1].to(x.device)
+        keep = active.unsqueeze(1)
+        return (
+            torch.where(keep, h_new, h),
+            torch.where(keep, c_new, c),
+            torch.where(keep, h_new, torch.zeros_like(h_new)),
+        )
+
+    # scan_op, not torch._higher_order_ops.scan.scan: the latter runs the loop through
+    # torch.compile, whose frame cache outlives this export; a later export of the same shapes
+    # checks that cache's guards against its symbolic sizes and so fixes a dynamic length
+    h_n, c_n, out = scan_op(step, [h_init, c_init], xs, additional_inputs=tuple(flat))
+    if reverse:
+        out = out.flip(0)
+    return out.to(dtype), h_n.to(dtype), c_n.to(dtype)
+
+
+torch.ops.nestrnn.nested_lstm.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
+    nested_lstm_decomposed
+)
