@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers_memories import Leaky
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -28,20 +29,6 @@ LAYOUTS = {
     "two_layers": {"num_layers": 2},
     "projected": {"proj_size": 3},
 }
-
-
-class Leaky(MemoryFunction):
-    """A user memory function (runs the generic path)."""
-
-    outer_candidate_activation = "tanh"
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__(hidden_size)
-        self.logit = nn.Parameter(torch.randn(hidden_size))
-
-    def forward(self, gated_cell, gated_input, state):
-        a = torch.sigmoid(self.logit)
-        return a * gated_cell + (1 - a) * torch.tanh(gated_input), ()
 
 
 def gru(hidden_size: int) -> MemoryFunction:

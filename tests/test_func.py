@@ -10,27 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_memories import Leaky
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
-from nestrnn import MemoryFunction, NestedLSTM
+from nestrnn import NestedLSTM
 
 DEPTHS = [1, 2, 3]
 EXACT = {"atol": 1e-10, "rtol": 1e-10}
-
-
-class Leaky(MemoryFunction):
-    """README's example memory function (runs the generic path)."""
-
-    outer_candidate_activation = "tanh"
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__(hidden_size)
-        self.logit = nn.Parameter(torch.randn(hidden_size))
-
-    def forward(self, gated_cell, gated_input, state):
-        a = torch.sigmoid(self.logit)
-        return a * gated_cell + (1 - a) * torch.tanh(gated_input), ()
 
 
 def pair(depth: int | None = None, memory=None) -> tuple[nn.Module, nn.Module]:

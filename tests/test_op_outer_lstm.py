@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers_memories import Leaky
 from helpers_native import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,18 +23,6 @@ from nestrnn.ops.outer_lstm import native_nodes, outer_lstm, outer_lstm_naive, s
 pytestmark = pytest.mark.skipif(
     not native.status().available, reason=f"CPU kernel unavailable: {native.status().reason}"
 )
-
-
-class Leaky(MemoryFunction):
-    outer_candidate_activation = "tanh"
-
-    def __init__(self, hidden_size):
-        super().__init__(hidden_size)
-        self.logit = nn.Parameter(torch.randn(hidden_size))
-
-    def forward(self, gated_cell, gated_input, state):
-        a = torch.sigmoid(self.logit)
-        return a * gated_cell + (1 - a) * torch.tanh(gated_input), ()
 
 
 class Decaying(MemoryFunction):

@@ -13,26 +13,13 @@ import warnings
 
 import pytest
 import torch
+from helpers_memories import Leaky
 from torch import nn
 
 import nestrnn
-from nestrnn import MemoryFunction, NestedLSTM
+from nestrnn import NestedLSTM
 
 DEPTHS = [1, 2]
-
-
-class Leaky(MemoryFunction):
-    """README's example memory function (runs the generic path)."""
-
-    outer_candidate_activation = "tanh"
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__(hidden_size)
-        self.logit = nn.Parameter(torch.randn(hidden_size))
-
-    def forward(self, gated_cell, gated_input, state):
-        a = torch.sigmoid(self.logit)
-        return a * gated_cell + (1 - a) * torch.tanh(gated_input), ()
 
 
 def model(depth: int, **kwargs) -> NestedLSTM:
