@@ -20,13 +20,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shlex
+import shutil
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -39,7 +42,10 @@ __all__ = [
     "Untrusted",
     "cache_dir",
     "compile_into",
+    "compile_torch_library",
+    "cxx_compiler",
     "open_or_build",
+    "torch_build_key",
     "trusted_descriptor",
     "user_suffix",
 ]
@@ -184,6 +190,69 @@ def compile_into(target: Path, command: Callable[[str], list[str]], what: str) -
         if os.path.lexists(tmp):
             os.unlink(tmp)
     return target
+
+
+#: the C++ flags of the torch libraries built here (``$NESTRNN_CXXFLAGS`` replaces them)
+DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
+
+
+def cxx_compiler() -> tuple[str, list[str]]:
+    """The C++ compiler (``$CXX``, else ``c++`` or ``g++``) and its flags; RuntimeError without
+    one."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return compiler, shlex.split(os.environ.get("NESTRNN_CXXFLAGS", DEFAULT_CXXFLAGS))
+
+
+def torch_build_key(source: Path, *versions: str) -> str:
+    """16 hex digits naming a build of ``source`` with this compiler, its flags, this torch and
+    ``versions``: a change of any of them is another file in the cache."""
+    import torch
+
+    compiler, flags = cxx_compiler()
+    key = hashlib.sha256(source.read_bytes())
+    key.update(
+        " ".join(
+            [compiler, *flags, torch.__version__, str(torch.version.git_version), *versions]
+        ).encode()
+    )
+    return key.hexdigest()[:16]
+
+
+def compile_torch_library(
+    source: Path,
+    target: Path,
+    *,
+    what: str,
+    announce: str,
+    includes: Sequence[Path] = (),
+    defines: Sequence[str] = (),
+    libraries: Sequence[str] = ("c10", "torch", "torch_cpu"),
+) -> Path:
+    """Compile the C++ ``source`` against this torch's headers and ``libraries`` into ``target``
+    (:func:`compile_into`), after one line on stderr saying ``announce``: such a build takes
+    long enough (the torch headers are large) to look like a hang otherwise."""
+    import torch
+
+    compiler, flags = cxx_compiler()
+    root = Path(torch.__file__).parent
+    torch_include = root / "include"
+    if not (torch_include / "torch" / "library.h").exists():
+        raise RuntimeError(f"no torch C++ headers in {torch_include}")
+    command = [
+        compiler,
+        *flags,
+        *defines,
+        *(f"-I{path}" for path in [torch_include, torch_include / "torch/csrc/api/include"]),
+        *(f"-I{path}" for path in includes),
+        str(source),
+        f"-L{root / 'lib'}",
+        f"-Wl,-rpath,{root / 'lib'}",
+        *(f"-l{name}" for name in libraries),
+    ]
+    print(f"nestrnn: {announce}", file=sys.stderr, flush=True)
+    return compile_into(target, lambda output: [*command, "-o", output], what)
 
 
 def open_or_build(

@@ -20,11 +20,7 @@ one clear error (``refuse_foreign_definition``).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shlex
-import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -35,61 +31,29 @@ __all__ = ["OPERATOR", "build", "library_path", "refuse_foreign_definition"]
 
 OPERATOR = "nestrnn::nested_lstm"
 _SOURCE = Path(__file__).parent / "torch_library.cpp"
-_DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
 # measured: 23 s on a 2-core VM (14 s of CPU), the torch headers being most of it
 _BUILD_COST = "20-60 s"
 
 
-def _compiler() -> tuple[str, list[str]]:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    return compiler, shlex.split(os.environ.get("NESTRNN_CXXFLAGS", _DEFAULT_CXXFLAGS))
-
-
-def _torch_paths() -> tuple[list[Path], Path]:
-    root = Path(torch.__file__).parent
-    include = root / "include"
-    if not (include / "torch" / "library.h").exists():
-        raise RuntimeError(f"no torch C++ headers in {include}")
-    return [include, include / "torch" / "csrc" / "api" / "include"], root / "lib"
-
-
 def _cache_name() -> Path:
     """Where the build for this source, compiler, flags, torch and user lives."""
-    compiler, flags = _compiler()
-    key = hashlib.sha256(_SOURCE.read_bytes())
-    key.update(
-        " ".join([compiler, *flags, torch.__version__, str(torch.version.git_version)]).encode()
-    )
-    name = f"nested_lstm_library-{key.hexdigest()[:16]}{build_cache.user_suffix()}.so"
-    return build_cache.cache_dir() / name
+    key = build_cache.torch_build_key(_SOURCE)
+    return build_cache.cache_dir() / f"nested_lstm_library-{key}{build_cache.user_suffix()}.so"
 
 
 def build(target: Path) -> Path:
     """Compile the library to ``target``, atomically and sealed; returns the path."""
-    compiler, flags = _compiler()
-    includes, torch_lib = _torch_paths()
+    import torch
+
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)  # std::string in the schema's signature
-    command = [
-        compiler,
-        *flags,
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *(f"-I{path}" for path in includes),
-        str(_SOURCE),
-        f"-L{torch_lib}",
-        f"-Wl,-rpath,{torch_lib}",
-        *("-lc10", "-ltorch_cpu", "-ltorch"),
-    ]
-    # The slow step of a first use (the torch headers are large): say what it is.
-    print(
-        f"nestrnn: compiling the nested-LSTM library for processes without nestrnn into "
+    return build_cache.compile_torch_library(
+        _SOURCE,
+        target,
+        what="the nested-LSTM library",
+        announce=f"compiling the nested-LSTM library for processes without nestrnn into "
         f"{target.parent}, once per torch version and user: about {_BUILD_COST}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return build_cache.compile_into(
-        target, lambda output: [*command, "-o", output], "the nested-LSTM library"
+        defines=[f"-D_GLIBCXX_USE_CXX11_ABI={abi}"],
+        libraries=("c10", "torch_cpu", "torch"),
     )
 
 

@@ -15,12 +15,9 @@ Python nodes do the same work: ``status()`` says why. ``NESTRNN_NATIVE_NODES=0``
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import shlex
-import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -36,7 +33,6 @@ __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
 ABI_VERSION = 2  # the module's ABI_VERSION in step_nodes.cpp
 _MODULE = "_nestrnn_step_nodes"
 _SOURCE = Path(__file__).parent / "step_nodes.cpp"
-_DEFAULT_CXXFLAGS = "-O2 -std=c++20 -fPIC -shared -w"
 # measured with /usr/bin/time: 32 s of CPU, 1.1 GB peak, on a 2-core Xeon VM (85 s there when busy)
 _BUILD_COST = "30-90 s and 1.1 GB of memory"
 
@@ -86,59 +82,36 @@ def _open_trusted(path: Path) -> ModuleType:
     return loaded
 
 
-def _compiler() -> tuple[str, list[str]]:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    return compiler, shlex.split(os.environ.get("NESTRNN_CXXFLAGS", _DEFAULT_CXXFLAGS))
-
-
 def _includes() -> list[Path]:
+    """Python's headers, besides torch's: the nodes are a Python extension."""
     torch_include = Path(torch.__file__).parent / "include"
     python_include = Path(sysconfig.get_paths()["include"])
     if not (python_include / "Python.h").exists():
         raise RuntimeError(f"no Python headers in {python_include}")
     if not (torch_include / "torch" / "csrc" / "autograd" / "custom_function.h").exists():
         raise RuntimeError(f"no torch C++ headers in {torch_include}")
-    return [torch_include, torch_include / "torch" / "csrc" / "api" / "include", python_include]
+    return [python_include]
 
 
 def library_path() -> Path:
     """Where the build for this source, compiler, flags, torch, Python and user lives."""
-    compiler, flags = _compiler()
-    key = hashlib.sha256(_SOURCE.read_bytes())
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    versions = [torch.__version__, str(torch.version.git_version), sys.version, suffix]
-    key.update(" ".join([compiler, *flags, *versions]).encode())
-    name = f"step_nodes-{key.hexdigest()[:16]}{build_cache.user_suffix()}{suffix}"
-    return build_cache.cache_dir() / name
+    key = build_cache.torch_build_key(_SOURCE, sys.version, suffix)
+    return build_cache.cache_dir() / f"step_nodes-{key}{build_cache.user_suffix()}{suffix}"
 
 
 def build(target: Path | None = None) -> Path:
     """Compile the extension to ``target`` (default ``library_path()``), atomically; returns the
-    path."""
-    compiler, flags = _compiler()
-    torch_lib = Path(torch.__file__).parent / "lib"
-    command = [
-        compiler,
-        *flags,
-        f"-DNESTRNN_MODULE_NAME={_MODULE}",
-        *(f"-I{path}" for path in _includes()),
-        str(_SOURCE),
-        f"-L{torch_lib}",
-        f"-Wl,-rpath,{torch_lib}",
-        *("-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"),
-    ]
+    path. It happens once per process at most (callers load through LoadOnce)."""
     target = target or library_path()
-    # The one slow step of a first use (the torch headers are large): say what it is, lest the
-    # process look hung. It happens once per process at most (callers load through LoadOnce).
-    print(
-        f"nestrnn: compiling the native step nodes for memory functions of your own into "
+    return build_cache.compile_torch_library(
+        _SOURCE,
+        target,
+        what="the step nodes",
+        announce=f"compiling the native step nodes for memory functions of your own into "
         f"{target.parent}, once per torch and Python version and user: about {_BUILD_COST} "
         f"(NESTRNN_NATIVE_NODES=0 uses slower Python nodes instead)",
-        file=sys.stderr,
-        flush=True,
-    )
-    return build_cache.compile_into(
-        target, lambda output: [*command, "-o", output], "the step nodes"
+        defines=[f"-DNESTRNN_MODULE_NAME={_MODULE}"],
+        includes=_includes(),
+        libraries=("c10", "torch", "torch_cpu", "torch_python"),
     )
