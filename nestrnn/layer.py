@@ -18,6 +18,7 @@ from nestrnn.memory.base import MemoryFunction
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
 from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, nested_lstm
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
+from nestrnn.ops.nested_lstm.projected import projected_nested_lstm
 from nestrnn.ops.outer_lstm import outer_lstm
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
 from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
@@ -292,12 +293,14 @@ class NestedLSTM(nn.Module):
         outer = self._outer_weights(name)
         weight_hr = getattr(self, f"weight_hr_{name}", None)
         candidate = memory.outer_candidate_activation
-        levels = (
-            None if self.backend == "generic" or weight_hr is not None else memory.fused_levels()
-        )
+        levels = None if self.backend == "generic" else memory.fused_levels()
         if levels is not None:
             weights = [outer, *(w for w, _ in levels)]
             activations = (LevelActivations(candidate=candidate), *(a for _, a in levels))
+            if weight_hr is not None:  # "naive" too: the projected path is the reference
+                return projected_nested_lstm(
+                    x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations
+                )
             if self.backend == "naive":
                 return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, activations)
             return nested_lstm(x, weights, h0, c0, batch_sizes, reverse, activations, self.backend)
@@ -307,11 +310,11 @@ class NestedLSTM(nn.Module):
                 "would fix the sequence length and give wrong results for any other; use "
                 "torch.export.export or torch.compile, which keep it general"
             )
-        if self.backend == "naive" or weight_hr is not None:
+        if self.backend == "naive":
             return outer_lstm_naive(
                 x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr
             )
-        return outer_lstm(x, outer, memory, h0, c0, batch_sizes, reverse, candidate)
+        return outer_lstm(x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr)
 
     # ------------------------------------------------------------------ depth 1 with a projection
 

@@ -13,6 +13,7 @@
     torch_loop.py   the time loops in plain PyTorch, any device
     triton_loop.py  the Triton kernels on CUDA (with triton_kernels.py)
     onnx.py         the op's translation for ``torch.onnx.export(dynamo=True)``
+    projected.py    a layer with nn.LSTM's projection (proj_size), which the kernels lack
     naive.py        the reference
 
 Design and measurements: docs/design.md.
