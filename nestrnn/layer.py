@@ -189,6 +189,18 @@ class NestedLSTM(nn.Module):
         for memory in self.memories():
             memory.reset_parameters()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torch.ao.quantization marks the modules it is asked to quantize with a qconfig, then
+        # swaps those its mappings know; this one it would silently leave in float
+        if name == "qconfig" and value is not None:
+            warnings.warn(
+                "NestedLSTM has no quantized version: torch.ao.quantization leaves its weights "
+                "in floating point",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().__setattr__(name, value)
+
     def flatten_parameters(self) -> None:
         """No-op, for code written for ``nn.LSTM`` (there is no cuDNN weight buffer here)."""
 

@@ -112,3 +112,32 @@ def test_onnx_export_of_a_projection_above_depth_one_runs_like_eager(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         close([torch.from_numpy(g) for g in got], m(x))
+
+
+# ------------------------------------------------------------------------------ quantization
+
+
+@pytest.mark.parametrize("spec", ["set", "dict"])
+def test_dynamic_quantization_of_a_nested_lstm_warns_that_it_stays_float(spec):
+    """quantize_dynamic(model, {NestedLSTM}) used to return the float layer without a word."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    model = torch.nn.Sequential(NestedLSTM(8, 16, depth=2))
+    qconfig_spec = {NestedLSTM} if spec == "set" else {NestedLSTM: default_dynamic_qconfig}
+    with pytest.warns(UserWarning, match="NestedLSTM has no quantized version"):
+        quantized = quantize_dynamic(model, qconfig_spec)
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        close(quantized(x), model(x))  # what it does run: the float layer
+
+
+def test_a_nested_lstm_beside_quantized_modules_does_not_warn():
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    model = torch.nn.ModuleDict({"rnn": NestedLSTM(8, 16), "head": torch.nn.Linear(16, 4)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_dynamic(model)  # the default: nn.Linear and friends, not NestedLSTM
+    assert not [w for w in caught if "NestedLSTM" in str(w.message)]
