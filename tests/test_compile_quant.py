@@ -58,6 +58,20 @@ def test_export_with_a_projection_and_a_dynamic_length_equals_eager(depth):
             close(program.module()(x), m(x))
 
 
+def test_a_traced_projected_layer_runs_another_length_like_eager():
+    """torch.jit.trace records the operator, not the steps of the length traced."""
+    import warnings
+
+    torch.manual_seed(2)
+    m = NestedLSTM(8, 16, 2, depth=2, proj_size=5).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, torch.randn(4, 2, 8))
+    x = torch.randn(9, 2, 8)
+    with torch.no_grad():
+        close(traced(x), m(x))
+
+
 def test_an_exported_projected_layer_differentiates_twice_as_in_eager():
     """A gradient penalty (create_graph=True) through the exported layer's operator."""
     torch.manual_seed(1)
