@@ -30,6 +30,7 @@ def compiled_graphs(compiled, eager, lengths=LENGTHS) -> list[int]:
 # ------------------------------------------------------------------------------ projection
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compile_with_a_projection_compiles_at_most_twice_over_ten_lengths(fullgraph):
     """An unrolled time loop recompiled for every length and fell back to eager after eight."""
@@ -38,6 +39,7 @@ def test_compile_with_a_projection_compiles_at_most_twice_over_ten_lengths(fullg
     assert compiled_graphs(torch.compile(m, fullgraph=fullgraph), m)[-1] <= 2
 
 
+@pytest.mark.slow
 def test_compile_with_a_projection_and_a_user_memory_compiles_nothing_after_two_lengths():
     """The time loop is a graph break around the compiled step, as without a projection."""
     torch.manual_seed(0)
