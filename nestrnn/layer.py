@@ -18,6 +18,7 @@ from nestrnn.memory.base import MemoryFunction
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
 from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, nested_lstm
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
+from nestrnn.ops.nested_lstm.projected import projected_nested_lstm
 from nestrnn.ops.outer_lstm import outer_lstm
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
 from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
@@ -188,6 +189,18 @@ class NestedLSTM(nn.Module):
         for memory in self.memories():
             memory.reset_parameters()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torch.ao.quantization marks the modules it is asked to quantize with a qconfig, then
+        # swaps those its mappings know; this one it would silently leave in float
+        if name == "qconfig" and value is not None:
+            warnings.warn(
+                "NestedLSTM has no quantized version: torch.ao.quantization leaves its weights "
+                "in floating point",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().__setattr__(name, value)
+
     def flatten_parameters(self) -> None:
         """No-op, for code written for ``nn.LSTM`` (there is no cuDNN weight buffer here)."""
 
@@ -292,12 +305,14 @@ class NestedLSTM(nn.Module):
         outer = self._outer_weights(name)
         weight_hr = getattr(self, f"weight_hr_{name}", None)
         candidate = memory.outer_candidate_activation
-        levels = (
-            None if self.backend == "generic" or weight_hr is not None else memory.fused_levels()
-        )
+        levels = None if self.backend == "generic" else memory.fused_levels()
         if levels is not None:
             weights = [outer, *(w for w, _ in levels)]
             activations = (LevelActivations(candidate=candidate), *(a for _, a in levels))
+            if weight_hr is not None:  # "naive" too: the projected path is the reference
+                return projected_nested_lstm(
+                    x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations
+                )
             if self.backend == "naive":
                 return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, activations)
             return nested_lstm(x, weights, h0, c0, batch_sizes, reverse, activations, self.backend)
@@ -307,11 +322,11 @@ class NestedLSTM(nn.Module):
                 "would fix the sequence length and give wrong results for any other; use "
                 "torch.export.export or torch.compile, which keep it general"
             )
-        if self.backend == "naive" or weight_hr is not None:
+        if self.backend == "naive":
             return outer_lstm_naive(
                 x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr
             )
-        return outer_lstm(x, outer, memory, h0, c0, batch_sizes, reverse, candidate)
+        return outer_lstm(x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr)
 
     # ------------------------------------------------------------------ depth 1 with a projection
 

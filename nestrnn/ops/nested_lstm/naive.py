@@ -69,14 +69,19 @@ def nested_lstm_naive(
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
     activations: tuple[LevelActivations, ...] | None = None,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one direction of a Nested LSTM layer step by step (see the module docstring)."""
+    """Run one direction of a Nested LSTM layer step by step (see the module docstring). With
+    ``weight_hr`` (P, H), nn.LSTM's projection: ``h_t = W_hr (o_t * act(c_t))`` is P wide, and so
+    are h0, the output and level 0's weight_hh (4H, P)."""
     steps, batch = x.shape[0], x.shape[1]
     activations = activations or standard_activations(len(weights))
     h, cells = h0, list(c0.unbind(0))
     outputs: list[Tensor | None] = [None] * steps
     for t in time_order(steps, reverse):
         h_new, cells_new = nested_cell_step(x[t], h, cells, weights, activations)
+        if weight_hr is not None:
+            h_new = F.linear(h_new, weight_hr)
         active = None if batch_sizes is None else int(batch_sizes[t])
         if active is None or active == batch:
             h, cells = h_new, cells_new

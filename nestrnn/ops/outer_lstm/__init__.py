@@ -6,7 +6,7 @@ tested against.
 
 Under ``torch.compile`` the time loop is not traced (it would be unrolled, and compiled again for
 every sequence length): it runs as a graph break, and the memory function's step is compiled
-instead, once. ``torch.export`` records the naive steps, unrolled for the sequence length given.
+instead, once (so ``fullgraph=True`` is refused, with ``FULLGRAPH_MESSAGE``). ``torch.export`` records the naive steps, unrolled for the sequence length given.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = ["outer_lstm", "outer_lstm_naive"]
 
+FULLGRAPH_MESSAGE = (
+    "NestedLSTM with a user memory function cannot be compiled with fullgraph=True: its time loop "
+    "is a graph break; use torch.compile without fullgraph (the step is compiled once)"
+)
+
 
 def outer_lstm(
     x: Tensor,
@@ -35,16 +40,20 @@ def outer_lstm(
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
     candidate_activation: str = "tanh",
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One direction of one layer (shapes as in ``naive.py``). Under ``torch.autocast`` the
+    """One direction of one layer (shapes as in ``naive.py``; ``weight_hr``: nn.LSTM's projection). Under ``torch.autocast`` the
     results are in the autocast dtype, as nn.LSTM's and the whole-sequence op's are."""
     args = (x, weights, memory, h0, c0, batch_sizes, reverse, candidate_activation)
     if torch.compiler.is_exporting():  # an exported graph holds the naive steps, unrolled
-        results = outer_lstm_naive(*args)
+        results = outer_lstm_naive(*args, weight_hr)
     elif torch.compiler.is_compiling():
-        results = _graph_break()(*args, True)
+        # fullgraph=True cannot hold this graph break: dynamo raises, with this message rather than
+        # its own (about torch.compiler.disable, to be filed as a PyTorch issue)
+        torch._dynamo.graph_break(msg=FULLGRAPH_MESSAGE)
+        results = _graph_break()(*args, weight_hr, True)
     else:
-        results = _run(*args, False)
+        results = _run(*args, weight_hr, False)
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         results = tuple(t.to(dtype) for t in results)
@@ -63,8 +72,14 @@ def _graph_break():
 _disabled_run = None
 
 
-def _run(x, weights, memory, h0, c0, batch_sizes, reverse, candidate, compile_step: bool):
+def _run(
+    x, weights, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr, compile_step: bool
+):
     step = stepwise.compiled_step(memory) if compile_step else memory
+    if weight_hr is not None:  # the fast path has no projection
+        return outer_lstm_naive(
+            x, weights, step, h0, c0, batch_sizes, reverse, candidate, weight_hr
+        )
     path = (
         stepwise.outer_lstm_stepwise if stepwise.applies(x, weights, h0, c0) else outer_lstm_naive
     )
