@@ -23,11 +23,11 @@ from torch import Tensor
 from torch._higher_order_ops.scan import scan_op
 from torch._subclasses.fake_tensor import FakeTensor
 
-from nestrnn.ops.nested_lstm import op
+from nestrnn.ops.nested_lstm import op, projected  # noqa: F401 (defines the second op registered below)
 from nestrnn.ops.nested_lstm.layout import decode_activations, state_dtype
 from nestrnn.ops.nested_lstm.naive import nested_cell_step
 
-__all__ = ["nested_lstm_decomposed"]
+__all__ = ["nested_lstm_decomposed", "projected_decomposed"]
 
 
 def _only_shapes_wanted(x: Tensor) -> bool:
@@ -50,14 +50,44 @@ def nested_lstm_decomposed(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
+    return _decomposed(x, weights, None, h0, c0, batch_sizes, reverse, activations)
+
+
+def projected_decomposed(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    weight_hr: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``nestrnn::nested_lstm_projected`` (arguments as in ``projected.py``), likewise."""
+    return _decomposed(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations)
+
+
+def _decomposed(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    weight_hr: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The scan of both ops; ``weight_hr`` (P, H) projects each step's h, as nn.LSTM's."""
     if _only_shapes_wanted(x):
-        return op._fake_outputs(x, h0, c0)
+        return op.fake_outputs(x, h0, c0)
     if not torch.compiler.is_exporting():
         # torch.compile's tracer decomposes CompositeImplicitAutograd kernels too; there the op
         # stays whole (its fast loops), and NotImplemented tells the tracer to record it as is
         return NotImplemented
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
     flat = [w.to(compute) for w in weights]
+    if weight_hr is not None:  # the scan's last input
+        flat.append(weight_hr.to(compute))
     acts = decode_activations(activations)
     batch = x.shape[1]
     # scan wants fresh contiguous carries (exported states are often views of hx)
@@ -70,8 +100,13 @@ def nested_lstm_decomposed(
     def step(h: Tensor, c: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # the weights come in as the scan's own inputs: a traced body may not close over
         # tensors of the graph around it
-        inputs, levels = rest[: len(xs)], op.levels_of(rest[len(xs) :])
-        h_new, cells = nested_cell_step(inputs[0], h, list(c.unbind(0)), levels, acts)
+        inputs, given = rest[: len(xs)], rest[len(xs) :]
+        level_weights = given if weight_hr is None else given[:-1]
+        h_new, cells = nested_cell_step(
+            inputs[0], h, list(c.unbind(0)), op.levels_of(level_weights), acts
+        )
+        if weight_hr is not None:
+            h_new = torch.nn.functional.linear(h_new, given[-1])
         c_new = torch.stack(cells)
         if batch_sizes is None:
             return h_new, c_new, h_new.clone()
@@ -96,3 +131,6 @@ def nested_lstm_decomposed(
 torch.ops.nestrnn.nested_lstm.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
     nested_lstm_decomposed
 )
+torch.ops.nestrnn.nested_lstm_projected.default.py_impl(
+    torch._C.DispatchKey.CompositeImplicitAutograd
+)(projected_decomposed)

@@ -253,14 +253,14 @@ def _own_dtypes(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _fake_outputs(x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def fake_outputs(x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     steps, batch = x.shape[0], x.shape[1]
     return x.new_empty(steps, batch, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
 @nested_lstm_op.register_fake
 def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
-    return _fake_outputs(x, h0, c0)
+    return fake_outputs(x, h0, c0)
 
 
 @nested_lstm_train_op.register_fake
@@ -268,7 +268,7 @@ def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
     steps, batch, hidden, depth = x.shape[0], x.shape[1], h0.shape[1], c0.shape[0]
     shapes = saved_shapes(steps, batch, hidden, depth, x.dtype, x.device)
     saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values()]
-    return *_fake_outputs(x, h0, c0), *saved
+    return *fake_outputs(x, h0, c0), *saved
 
 
 @nested_lstm_backward_op.register_fake
