@@ -189,3 +189,18 @@ def test_vmap_of_a_model_without_gradients_equals_each_call(depth):
     with torch.no_grad():
         got = vmap(lambda x: outputs(ours, x))(xs)
         assert_exact(got, torch.stack([outputs(ours, x) for x in xs]))
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_batched_vector_jacobian_products_equal_a_loop(depth):
+    """``torch.autograd.grad(..., is_grads_batched=True)`` (what gradcheck's
+    ``check_batched_grad`` runs) through the trained model equals one backward per vector."""
+    ours, _ = pair(depth)
+    x = inputs().requires_grad_()
+    results = outputs(ours, x)
+    wrt = [x, *ours.parameters()]
+    vectors = torch.randn(3, *results.shape, dtype=torch.float64)
+    got = torch.autograd.grad(results, wrt, vectors, is_grads_batched=True, retain_graph=True)
+    for n, v in enumerate(vectors):
+        want = torch.autograd.grad(results, wrt, v, retain_graph=True)
+        assert_exact([g[n] for g in got], want)

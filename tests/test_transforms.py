@@ -9,6 +9,7 @@ correctly, it must raise a clear error.
 from __future__ import annotations
 
 import itertools
+import pickle
 import warnings
 
 import pytest
@@ -305,6 +306,51 @@ def test_nn_lstm_module_inputs_at_depth_two_run():
         directions = 2 if kwargs["bidirectional"] else 1
         assert out.shape[-1] == directions * hidden and h.shape[-1] == hidden
         assert c.shape[0] == 2 and c.shape[-1] == kwargs["hidden_size"]
+
+
+def with_nested_state(args: tuple, depth: int) -> tuple:
+    """A sample's arguments for ``depth`` levels: a given c_0 gets a leading depth axis."""
+    if len(args) < 2 or depth == 1:
+        return args
+    h0, c0 = args[1]
+    return (args[0], (h0, c0.expand(depth, *c0.shape)), *args[2:])
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_nn_lstm_module_inputs_pass_pytorchs_module_checks(depth):
+    """test_modules.py's checks of module_db's LSTM entry, on every third float64 sample:
+    forward equal to a reference (nn.LSTM at depth 1, backend="naive" at depth 2), repr, a pickle
+    round trip, gradcheck with batched gradients and gradgradcheck over the inputs and the
+    parameters."""
+    _, cases = lstm_module_inputs()
+    samples = [s for s, dtype, training in cases if dtype == torch.float64 and training][::3]
+    assert len(samples) == 11
+    for sample in samples:
+        kwargs = sample.constructor_input.kwargs
+        torch.manual_seed(0)
+        m = NestedLSTM(**kwargs, dtype=torch.float64, depth=depth)
+        if depth == 1:
+            reference = nn.LSTM(**kwargs, dtype=torch.float64)
+        else:
+            reference = NestedLSTM(**kwargs, dtype=torch.float64, depth=depth, backend="naive")
+        reference.load_state_dict(m.state_dict(), strict=True)
+        args = sample.forward_input.args
+        close(m(*with_nested_state(args, depth)), reference(*with_nested_state(args, depth)), 1e-10)
+        assert repr(m).startswith("NestedLSTM(")
+        loaded = pickle.loads(pickle.dumps(m))
+        assert repr(loaded) == repr(m)
+        close(loaded(*with_nested_state(args, depth)), m(*with_nested_state(args, depth)), 0)
+
+        # as test_modules.py's test_grad: the inputs and the parameters, flattened
+        flat, spec = torch.utils._pytree.tree_flatten((args, *m.parameters()))
+        n_params = len(list(m.parameters()))
+
+        def run(*flat_inputs, spec=spec, n_params=n_params, m=m):
+            inputs = torch.utils._pytree.tree_unflatten(flat_inputs, spec)[:-n_params]
+            return torch.utils._pytree.tree_leaves(m(*with_nested_state(inputs[0], depth)))
+
+        assert torch.autograd.gradcheck(run, flat, check_batched_grad=True, fast_mode=True)
+        assert torch.autograd.gradgradcheck(run, flat, fast_mode=True)
 
 
 def test_nn_lstm_error_inputs_raise_the_same_exception_types():

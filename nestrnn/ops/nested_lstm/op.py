@@ -367,6 +367,18 @@ def _differentiable_gradients(ctx, x, h0, c0, weights, batch_sizes, grads, needs
     return dx, d_weights, dh0, dc0
 
 
+def _through_reference(grads) -> bool:
+    """Whether a backward must go through the reference (``_differentiable_gradients``) rather
+    than the backward operator: with ``create_graph=True`` its gradients must be differentiable,
+    and with ``torch.autograd.grad(..., is_grads_batched=True)`` the gradients arrive batched by
+    autograd's own vmap (``torch._vmap_internals``), which has no batching rules of its own for
+    custom operators and cannot loop over one that takes a list of tensors (the weights); the
+    reference's plain PyTorch operations have its batching rules."""
+    return torch.is_grad_enabled() or any(
+        g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads
+    )
+
+
 def _setup_train(ctx, inputs, output) -> None:
     out, _, _, *saved = output
     ctx.mark_non_differentiable(*saved)
@@ -375,7 +387,7 @@ def _setup_train(ctx, inputs, output) -> None:
 
 def _backward_train(ctx, d_out, d_hn, d_cn, *_saved_grads):
     x, h0, weights, batch_sizes, (c0, out, *saved) = _restore(ctx)
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+    if _through_reference((d_out, d_hn, d_cn)):
         return _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn))
     return _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn))
 
@@ -395,7 +407,7 @@ def _setup_inference(ctx, inputs, output) -> None:
 
 def _backward_inference(ctx, d_out, d_hn, d_cn):
     x, h0, weights, batch_sizes, (c0,) = _restore(ctx)
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+    if _through_reference((d_out, d_hn, d_cn)):
         return _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn))
     out, _, _, *saved = torch.ops.nestrnn.nested_lstm_train(
         x, weights, h0, c0, batch_sizes, ctx.reverse, ctx.activations, ctx.backend
