@@ -26,6 +26,7 @@ MODELS = [
     ("depth2", dict(input_size=3, hidden_size=5, depth=2)),
     ("depth3", dict(input_size=3, hidden_size=4, depth=3)),
     ("bidirectional", dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, depth=2)),
+    ("projected", dict(input_size=3, hidden_size=5, proj_size=2, depth=2)),
 ]
 
 

@@ -1,9 +1,10 @@
 """Build, cache and find the op's library for processes without Python (``torch_library.cpp``).
 
 A TorchScript file (``torch.jit.trace``), an ExportedProgram or an AOTInductor package of a
-model with a NestedLSTM records the operator ``nestrnn::nested_lstm``. A process that does not
-import nestrnn (a C++ program, a Python server without nestrnn installed) gets that operator from
-this shared library: ``torch.ops.load_library(path)`` in Python, ``dlopen`` or linking it in C++.
+model with a NestedLSTM records the operator ``nestrnn::nested_lstm`` (``nestrnn::
+nested_lstm_projected`` with ``proj_size`` above depth 1). A process that does not import nestrnn
+(a C++ program, a Python server without nestrnn installed) gets both operators from this shared
+library: ``torch.ops.load_library(path)`` in Python, ``dlopen`` or linking it in C++.
 Its kernel computes the reference's function (``naive.py``) in ATen calls, inference only.
 
 It is built with the C++ compiler (``$CXX``, else ``c++``) against this torch's headers and

@@ -28,6 +28,10 @@ using at::Tensor;
 constexpr const char* kSchema =
     "nested_lstm(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? batch_sizes, "
     "bool reverse, str activations, str backend) -> (Tensor, Tensor, Tensor)";
+// A layer with nn.LSTM's projection (proj_size > 0) above depth 1 records this one.
+constexpr const char* kProjectedSchema =
+    "nested_lstm_projected(Tensor x, Tensor[] weights, Tensor weight_hr, Tensor h0, Tensor c0, "
+    "Tensor? batch_sizes, bool reverse, str activations) -> (Tensor, Tensor, Tensor)";
 
 // The activations of activations.py, by name.
 Tensor activate(const std::string& name, const Tensor& x) {
@@ -65,10 +69,12 @@ std::optional<Tensor> bias(const Tensor& b, at::ScalarType dtype) {
   return b.to(dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor> nested_lstm(
-    const Tensor& x_in, at::TensorList weights, const Tensor& h0_in, const Tensor& c0_in,
-    const std::optional<Tensor>& batch_sizes, bool reverse, std::string activations,
-    std::string /*backend: this library has one implementation*/) {
+// The reference's time loop; ``weight_hr`` (P, H), when given, projects each step's h to P wide.
+std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weights,
+                                       const std::optional<Tensor>& weight_hr,
+                                       const Tensor& h0_in, const Tensor& c0_in,
+                                       const std::optional<Tensor>& batch_sizes, bool reverse,
+                                       const std::string& activations) {
   const int64_t depth = c0_in.size(0);
   TORCH_CHECK(x_in.dim() == 3 && h0_in.dim() == 2 && c0_in.dim() == 3,
               "nestrnn::nested_lstm: expected x (T, B, I), h0 (B, H), c0 (D, B, H)");
@@ -95,6 +101,8 @@ std::tuple<Tensor, Tensor, Tensor> nested_lstm(
     b_ih.push_back(bias(weights[4 * k + 2], dtype));
     b_hh.push_back(bias(weights[4 * k + 3], dtype));
   }
+  const std::optional<Tensor> projection =
+      weight_hr.has_value() ? std::optional<Tensor>(weight_hr->to(dtype)) : std::nullopt;
   Tensor h = h0_in.to(dtype);
   std::vector<Tensor> cells = c0_in.to(dtype).unbind(0);
   std::vector<Tensor> outputs(steps);
@@ -126,6 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> nested_lstm(
       new_cells[k - 1] = out_gates[k] * activate(levels[k].cell, new_cells[k]);
     }
     Tensor h_new = out_gates[0] * activate(levels[0].cell, new_cells[0]);
+    if (projection.has_value()) h_new = at::linear(h_new, *projection);
     const int64_t active = sizes.has_value() ? (*sizes)[t].item<int64_t>() : batch;
     if (active == batch) {
       h = h_new;
@@ -141,6 +150,20 @@ std::tuple<Tensor, Tensor, Tensor> nested_lstm(
   return {at::stack(outputs).to(in_dtype), h.to(in_dtype), at::stack(cells).to(in_dtype)};
 }
 
+std::tuple<Tensor, Tensor, Tensor> nested_lstm(
+    const Tensor& x, at::TensorList weights, const Tensor& h0, const Tensor& c0,
+    const std::optional<Tensor>& batch_sizes, bool reverse, std::string activations,
+    std::string /*backend: this library has one implementation*/) {
+  return run(x, weights, std::nullopt, h0, c0, batch_sizes, reverse, activations);
+}
+
+std::tuple<Tensor, Tensor, Tensor> nested_lstm_projected(
+    const Tensor& x, at::TensorList weights, const Tensor& weight_hr, const Tensor& h0,
+    const Tensor& c0, const std::optional<Tensor>& batch_sizes, bool reverse,
+    std::string activations) {
+  return run(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations);
+}
+
 // Registered on loading, unless the op exists already (see the top of this file); kept until the
 // library is unloaded.
 struct Registration {
@@ -153,11 +176,13 @@ struct Registration {
     def = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "nestrnn", std::nullopt,
                                            __FILE__, __LINE__);
     def->def(kSchema);
+    def->def(kProjectedSchema);
     // ATen calls only: the same kernel serves CPU, CUDA and meta tensors.
     impl = std::make_unique<torch::Library>(torch::Library::IMPL, "nestrnn",
                                             c10::DispatchKey::CompositeExplicitAutograd,
                                             __FILE__, __LINE__);
     impl->impl("nested_lstm", TORCH_FN(nested_lstm));
+    impl->impl("nested_lstm_projected", TORCH_FN(nested_lstm_projected));
   }
 };
 
