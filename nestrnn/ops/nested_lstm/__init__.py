@@ -120,7 +120,10 @@ def _differentiating_transform(tensors) -> bool:
     runs: plain PyTorch operations, which every transform follows at every order, exactly."""
     if torch.compiler.is_compiling():
         return False
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    # dual tensors exist only inside a dual level: outside one (every ordinary call), no tensor
+    # needs unpacking
+    in_dual_level = forward_ad._current_level >= 0
+    if in_dual_level and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return True
     if not torch._C._are_functorch_transforms_active():
         return False
