@@ -37,8 +37,8 @@ from bench_common import activation_variant, import_nestrnn
 import_nestrnn()
 
 from nestrnn.activations import activation_code  # noqa: E402
+from nestrnn.ops.common.levels import LevelActivations, standard_activations  # noqa: E402
 from nestrnn.ops.nested_lstm import triton_kernels  # noqa: E402
-from nestrnn.ops.nested_lstm.layout import LevelActivations, standard_activations  # noqa: E402
 from nestrnn.ops.nested_lstm.triton_loop import TritonConfig, pack_codes, pick_config  # noqa: E402
 
 SETUP_FAILED = 3

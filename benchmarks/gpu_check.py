@@ -53,6 +53,7 @@ import_nestrnn()
 
 # the module (the package's ``plan`` is the function): a failed kernel is recorded there, and this
 # diagnostic forgets it after reporting so that every case gets its own try
+from nestrnn.ops.common.levels import standard_activations  # noqa: E402
 from nestrnn.ops.nested_lstm import (  # noqa: E402
     LevelWeights,
     nested_lstm,
@@ -60,7 +61,6 @@ from nestrnn.ops.nested_lstm import (  # noqa: E402
     plan,
     planning,
 )
-from nestrnn.ops.nested_lstm.layout import standard_activations  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 #: activations with a kink, and smooth stand-ins for them (see the module docstring)

@@ -64,6 +64,7 @@ from bench_common import (
 MISSING = import_nestrnn()  # None, or why only the op is available
 
 from nestrnn.memory.base import MemoryFunction  # noqa: E402
+from nestrnn.ops.common.levels import standard_activations  # noqa: E402
 from nestrnn.ops.nested_lstm import (  # noqa: E402
     LevelActivations,
     LevelWeights,
@@ -71,7 +72,6 @@ from nestrnn.ops.nested_lstm import (  # noqa: E402
     nested_lstm_naive,
     plan,
 )
-from nestrnn.ops.nested_lstm.layout import standard_activations  # noqa: E402
 
 DEFAULT_SHAPES = "32x256x100,128x512x100,16x128x100,64x512x50"
 QUICK_SHAPES = "32x256x100"

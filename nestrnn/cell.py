@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
-from nestrnn.ops.nested_lstm.layout import LevelWeights
+from nestrnn.ops.common.levels import LevelWeights
 from nestrnn.ops.outer_lstm.naive import outer_step
 from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from nestrnn.arguments import check_int
-from nestrnn.ops.nested_lstm.layout import autocast_dtype
+from nestrnn.ops.common.levels import autocast_dtype
 
 if TYPE_CHECKING:
     from nestrnn.memory.base import MemoryFunction

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from nestrnn.ops.build_cache import NativeStatus
+from nestrnn.ops.common.build_cache import NativeStatus
 
 
 def require(found: NativeStatus, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Faults of the kernel cache as a user meets them (``ops/build_cache.py``).
+"""Faults of the kernel cache as a user meets them (``ops/common/build_cache.py``).
 
 A FIFO planted under a library's name in a shared cache, a library cut short by a crash during
 its build, one with a flipped byte, one left by a version that recorded no size and sha256: each
@@ -27,8 +27,7 @@ from test_native import CHECK_OP, needs_compiler
 from test_native_nodes import CHECK_GENERIC_PATH
 
 from nestrnn import data_utils
-from nestrnn.ops import build_cache
-from nestrnn.ops.nested_lstm import native
+from nestrnn.ops.common import build_cache, native
 from nestrnn.ops.outer_lstm import native_nodes
 
 HANG = 120  # seconds: a run that blocks on a FIFO is stopped here, and fails the test

@@ -286,3 +286,27 @@ def test_allowed_private_uses_are_still_there():
     _, _, private = installed_package()
     stale = sorted(set(ALLOWED_PRIVATE_USES) - {(u.user, u.target) for u in private})
     assert not stale, f"no longer used; remove them from ALLOWED_PRIVATE_USES: {stale}"
+
+
+# (importing package prefix, package prefix it must never import, why)
+LAYERS = (
+    ("nestrnn.memory", "nestrnn.ops.nested_lstm", "the plugin interface sits below the op"),
+    ("nestrnn.ops.outer_lstm", "nestrnn.ops.nested_lstm", "the two paths share ops.common only"),
+    ("nestrnn.ops.common", "nestrnn.ops.nested_lstm", "ops.common is below both paths"),
+    ("nestrnn.ops.common", "nestrnn.ops.outer_lstm", "ops.common is below both paths"),
+)
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_layers_import_only_what_is_below_them():
+    modules, imports, _ = installed_package()
+    found = sorted(
+        f"    {u.user} imports {u.target}  ({modules[u.user]}:{u.line}): {why}"
+        for u in imports
+        for user, forbidden, why in LAYERS
+        if _within(u.user, user) and _within(u.target, forbidden)
+    )
+    assert not found, "imports across layers:\n" + "\n".join(found)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nestrnn.ops.nested_lstm import native
+from nestrnn.ops.common import native
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -39,7 +39,8 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 CHECK_OP = """
     import warnings
     import torch
-    from nestrnn.ops.nested_lstm import LevelWeights, native, nested_lstm, nested_lstm_naive
+    from nestrnn.ops.common import native
+    from nestrnn.ops.nested_lstm import LevelWeights, nested_lstm, nested_lstm_naive
 
     g = torch.Generator().manual_seed(0)
     def r(*s):
@@ -106,7 +107,7 @@ def test_unwritable_cache_is_reported(tmp_path):
 
 def test_command_line_status():
     done = subprocess.run(
-        [sys.executable, "-m", "nestrnn.ops.nested_lstm.native"],
+        [sys.executable, "-m", "nestrnn.ops.common.native"],
         capture_output=True,
         text=True,
         env={**os.environ, "NESTRNN_NATIVE": "0"},
@@ -157,7 +158,7 @@ def planted_run(tmp_path: Path, abi: int, layout: str, mode: int, owner: int | N
     env = {"NESTRNN_CACHE_DIR": str(cache), "MARKER": str(marker)}
     target = Path(
         run_python(
-            "from nestrnn.ops.nested_lstm import native; print(native.library_path())", **env
+            "from nestrnn.ops.common import native; print(native.library_path())", **env
         ).stdout.strip()
     )
     compile_library(target, marker, abi, layout, mode)

@@ -17,7 +17,7 @@ import pytest
 from helpers_native import require
 from test_native import compile_library, run_python
 
-from nestrnn.ops.build_cache import Untrusted
+from nestrnn.ops.common.build_cache import Untrusted
 from nestrnn.ops.outer_lstm import native_nodes
 
 # a user's memory function on the generic path against the naive reference, then the status

@@ -20,17 +20,17 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from nestrnn.activations import ACTIVATIONS
+from nestrnn.ops.common import native
+from nestrnn.ops.common.gradients import input_gradient
+from nestrnn.ops.common.levels import encode_activations, standard_activations
 from nestrnn.ops.nested_lstm import (
     LevelActivations,
     LevelWeights,
-    native,
     nested_lstm,
     nested_lstm_naive,
     plan,
     planning,
 )
-from nestrnn.ops.nested_lstm.gradients import input_gradient
-from nestrnn.ops.nested_lstm.layout import encode_activations, standard_activations
 
 IMPLEMENTATIONS = ("c_loop", "torch_loop", "auto")
 BIAS_MODES = ("both", "none", "ih", "hh")

@@ -17,7 +17,8 @@ from torch import nn
 
 from nestrnn import MemoryFunction
 from nestrnn.memory import NestedMemory
-from nestrnn.ops.nested_lstm import LevelWeights, native
+from nestrnn.ops.common import native
+from nestrnn.ops.nested_lstm import LevelWeights
 from nestrnn.ops.outer_lstm import native_nodes, outer_lstm, outer_lstm_naive, stepwise
 
 pytestmark = pytest.mark.skipif(

@@ -32,6 +32,7 @@ pytest.importorskip(
     "triton", reason="triton is not installed (optional dependency nestrnn[triton])"
 )
 
+from nestrnn.ops.common.levels import standard_activations
 from nestrnn.ops.nested_lstm import (
     LevelActivations,
     LevelWeights,
@@ -41,7 +42,6 @@ from nestrnn.ops.nested_lstm import (
     planning,
     triton_loop,
 )
-from nestrnn.ops.nested_lstm.layout import standard_activations
 from nestrnn.ops.nested_lstm.triton_loop import TritonConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -35,8 +35,8 @@ def installed(tmp_path_factory) -> Path:
     assert [n for n in names if n.startswith("nestrnn/configs/") and n.endswith(".yaml")] == [
         f"nestrnn/configs/{name}" for name in CONFIGS
     ]
-    for source in ("nested_lstm/cpu_kernel.c", "nested_lstm/cpu_kernel_loops.h",
-                   "outer_lstm/step_nodes.cpp"):  # fmt: skip
+    sources = ("common/cpu_kernel.c", "common/cpu_kernel_loops.h", "outer_lstm/step_nodes.cpp")
+    for source in sources:
         assert f"nestrnn/ops/{source}" in names  # compiled on first use
     site = root / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from nestrnn.arguments import check_int
-from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights
 
 State = tuple[Tensor, ...]
 FusedLevel = tuple[LevelWeights, LevelActivations]

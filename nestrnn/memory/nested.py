@@ -13,7 +13,7 @@ from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.base import FusedLevel, MemoryFunction, State
 from nestrnn.memory.build import build_memory, inherited_options
-from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights
 
 DEFAULT_ACTIVATIONS = {
     "gate_activation": "sigmoid",

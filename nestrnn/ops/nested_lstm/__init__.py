@@ -26,19 +26,19 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from nestrnn.ops.nested_lstm import decompose as decompose  # registers the decomposition
-from nestrnn.ops.nested_lstm import op, torch_lstm
-from nestrnn.ops.nested_lstm.checks import check_inputs
-from nestrnn.ops.nested_lstm.layout import (
+from nestrnn.ops.common.levels import (
     LevelActivations,
     LevelWeights,
     autocast_dtype,
     encode_activations,
     standard_activations,
 )
+from nestrnn.ops.common.workspace import clear_workspace
+from nestrnn.ops.nested_lstm import decompose as decompose  # registers the decomposition
+from nestrnn.ops.nested_lstm import op, torch_lstm
+from nestrnn.ops.nested_lstm.checks import check_inputs
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.nested_lstm.planning import BACKENDS, IMPLEMENTATIONS, Plan, plan
-from nestrnn.ops.nested_lstm.workspace import clear_workspace
 
 __all__ = [
     "BACKENDS",

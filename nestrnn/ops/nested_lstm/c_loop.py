@@ -21,15 +21,10 @@ import torch
 from torch import Tensor
 
 from nestrnn.activations import activation_code
-from nestrnn.ops.nested_lstm import native
-from nestrnn.ops.nested_lstm.layout import (
-    LevelActivations,
-    LevelWeights,
-    Saved,
-    empty_saved,
-    state_slots,
-)
-from nestrnn.ops.nested_lstm.workspace import WORKSPACE
+from nestrnn.ops.common import native
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.workspace import WORKSPACE
+from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
 
 DTYPES = (torch.float32, torch.float64)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from nestrnn.activations import check_activation
-from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights
 
 
 def _tracing() -> bool:

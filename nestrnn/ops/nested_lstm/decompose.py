@@ -23,8 +23,8 @@ from torch import Tensor
 from torch._higher_order_ops.scan import scan_op
 from torch._subclasses.fake_tensor import FakeTensor
 
+from nestrnn.ops.common.levels import decode_activations, state_dtype
 from nestrnn.ops.nested_lstm import op, projected  # noqa: F401 (defines the second op registered below)
-from nestrnn.ops.nested_lstm.layout import decode_activations, state_dtype
 from nestrnn.ops.nested_lstm.naive import nested_cell_step
 
 __all__ = ["nested_lstm_decomposed", "projected_decomposed"]

@@ -9,7 +9,7 @@ Its kernel computes the reference's function (``naive.py``) in ATen calls, infer
 
 It is built with the C++ compiler (``$CXX``, else ``c++``) against this torch's headers and
 libraries (no Python), once per torch version and user, into the cache of compiled libraries and
-under its rules (``ops/build_cache.py``): the file returned is ours, whole and sealed. The seal
+under its rules (``ops/common/build_cache.py``): the file returned is ours, whole and sealed. The seal
 after its end is ignored by the dynamic loader, so the file can be copied and loaded anywhere
 with the same torch.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from nestrnn.ops import build_cache
+from nestrnn.ops.common import build_cache
 
 __all__ = ["OPERATOR", "build", "library_path", "refuse_foreign_definition"]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestrnn.activations import ACTIVATIONS
-from nestrnn.ops.nested_lstm.layout import (
+from nestrnn.ops.common.levels import (
     LevelActivations,
     LevelWeights,
     standard_activations,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from onnxscript import opset18 as op
 
-from nestrnn.ops.nested_lstm.layout import decode_activations, time_order
+from nestrnn.ops.common.levels import decode_activations, time_order
 
 __all__ = ["nested_lstm_onnx", "onnx_translation_table"]
 

@@ -24,17 +24,10 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from nestrnn.ops.common.gradients import parameter_gradients
+from nestrnn.ops.common.levels import LevelWeights, decode_activations, operand_dtype, state_dtype
 from nestrnn.ops.nested_lstm import c_loop, torch_loop, torch_lstm
-from nestrnn.ops.nested_lstm.gradients import parameter_gradients
-from nestrnn.ops.nested_lstm.layout import (
-    LevelWeights,
-    Saved,
-    decode_activations,
-    empty_saved,
-    operand_dtype,
-    saved_shapes,
-    state_dtype,
-)
+from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, saved_shapes
 from nestrnn.ops.nested_lstm.library import refuse_foreign_definition
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.nested_lstm.planning import mark_broken, plan

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nestrnn.ops.common.levels import LevelActivations, state_dtype
 from nestrnn.ops.nested_lstm import c_loop, torch_lstm
-from nestrnn.ops.nested_lstm.layout import LevelActivations, state_dtype
 
 IMPLEMENTATIONS = ("torch_lstm", "c_loop", "torch_loop", "triton")
 BACKENDS = ("auto", "fused", *IMPLEMENTATIONS)

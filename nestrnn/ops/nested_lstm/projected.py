@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm.layout import (
+from nestrnn.ops.common.levels import (
     LevelActivations,
     LevelWeights,
     decode_activations,

@@ -13,14 +13,8 @@ import torch
 from torch import Tensor
 
 from nestrnn.activations import output_derivative
-from nestrnn.ops.nested_lstm.layout import (
-    LevelActivations,
-    LevelWeights,
-    Saved,
-    empty_saved,
-    state_slots,
-    time_order,
-)
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights, time_order
+from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
 
 
 def _activate_(name: str, t: Tensor) -> None:

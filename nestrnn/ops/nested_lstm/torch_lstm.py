@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm.layout import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights
 
 LSTM_ACTIVATIONS = (LevelActivations("sigmoid", "tanh", "tanh"),)
 

@@ -49,13 +49,8 @@ import triton
 from torch import Tensor
 
 from nestrnn.activations import activation_code
-from nestrnn.ops.nested_lstm.layout import (
-    LevelActivations,
-    LevelWeights,
-    Saved,
-    empty_saved,
-    state_slots,
-)
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
 from nestrnn.ops.nested_lstm.triton_kernels import (
     bwd_inner_kernel,
     bwd_level_kernel,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm.layout import LevelWeights, autocast_dtype
+from nestrnn.ops.common.levels import LevelWeights, autocast_dtype
 from nestrnn.ops.outer_lstm import stepwise
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestrnn.activations import ACTIVATIONS
-from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
+from nestrnn.ops.common.levels import LevelWeights, time_order
 
 if TYPE_CHECKING:
     from nestrnn.memory.base import MemoryFunction

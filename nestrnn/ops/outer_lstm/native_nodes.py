@@ -6,7 +6,7 @@ interpreter time a step, forward and backward, next to the CPU kernel's few tens
 do the same work without it. They are a Python extension built against this torch's headers,
 with the C++ compiler (``$CXX``, else ``c++``), once per torch and Python version and user
 (``_BUILD_COST``: a line on stderr says so when it starts), into the same cache as the CPU kernel
-and under the same rules (``ops/build_cache.py``).
+and under the same rules (``ops/common/build_cache.py``).
 
 When they cannot be built (no C++ compiler or Python headers, an unwritable cache) stepwise.py's
 Python nodes do the same work: ``status()`` says why. ``NESTRNN_NATIVE_NODES=0`` turns them off;
@@ -25,8 +25,8 @@ from types import ModuleType
 
 import torch
 
-from nestrnn.ops import build_cache
-from nestrnn.ops.build_cache import NativeStatus
+from nestrnn.ops.common import build_cache
+from nestrnn.ops.common.build_cache import NativeStatus
 
 __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
 

@@ -49,10 +49,10 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from nestrnn.activations import activation_code
-from nestrnn.ops.nested_lstm import native
-from nestrnn.ops.nested_lstm.gradients import input_gradient
-from nestrnn.ops.nested_lstm.layout import LevelWeights, time_order
-from nestrnn.ops.nested_lstm.workspace import WORKSPACE
+from nestrnn.ops.common import native
+from nestrnn.ops.common.gradients import input_gradient
+from nestrnn.ops.common.levels import LevelWeights, time_order
+from nestrnn.ops.common.workspace import WORKSPACE
 from nestrnn.ops.outer_lstm import native_nodes
 from nestrnn.ops.outer_lstm.naive import active_rows, merge_rows
 

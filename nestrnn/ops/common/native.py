@@ -5,7 +5,7 @@ no Python or PyTorch headers in it, so the system C compiler builds it in about 
 GEMMs call the BLAS that PyTorch links (MKL's packed GEMM where present), which it gets as function
 pointers from torch's own library.
 
-It is compiled on first use into the cache (``ops/build_cache.py``: where it is, and why a library
+It is compiled on first use into the cache (``ops/common/build_cache.py``: where it is, and why a library
 planted there is never loaded, nor its constructors run) under a name that hashes the source, the
 compiler, its flags and this CPU (``-march=native``), and names the user: a cache shared between
 machines and users keeps one build per kind of CPU and user. Before the first call the library's
@@ -15,7 +15,7 @@ kernel call's return code is checked.
 When anything is missing (no C compiler, a torch build without an exported ``sgemm_``, an
 unwritable cache) the op runs its PyTorch loop instead: ``status()`` says which and why.
 ``NESTRNN_NATIVE=0`` turns the kernel off; ``CC`` and ``NESTRNN_CFLAGS`` choose the compiler and
-its flags. ``python -m nestrnn.ops.nested_lstm.native`` builds it ahead of time (say, in a
+its flags. ``python -m nestrnn.ops.common.native`` builds it ahead of time (say, in a
 container image) and prints the status.
 """
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from nestrnn.ops import build_cache
-from nestrnn.ops.build_cache import NativeStatus
+from nestrnn.ops.common import build_cache
+from nestrnn.ops.common.build_cache import NativeStatus
 
 __all__ = [
     "ABI_VERSION",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestrnn.ops.nested_lstm.layout import LevelWeights
+from nestrnn.ops.common.levels import LevelWeights
 
 
 def previous_hidden(
