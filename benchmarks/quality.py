@@ -1,38 +1,46 @@
-"""Quality at equal parameter count: Nested LSTM (depth 2) vs stacked LSTM (2 layers) vs LSTM.
+"""Quality at equal parameter count: Nested LSTM (depth 2) vs stacked LSTM (2 layers) vs LSTM,
+each tuned with the same budget, then measured over seeds.
 
     python benchmarks/quality.py tinyshakespeare                 # preset: text_file on tiny-shakespeare
-    python benchmarks/quality.py chinese_poems --steps 400
-    python benchmarks/quality.py mnist_glimpses --seeds 0,1
+    python benchmarks/quality.py chinese_poems --trials 12 --sampler random
+    python benchmarks/quality.py mnist_glimpses --seeds 0,1,2,3,4 --workers 2
     python benchmarks/quality.py text_file task.path=my.txt --params 200000
     python benchmarks/quality.py text_file task.path=small.txt --quick   # seconds: a smoke test
 
-Each model is trained by the engine itself (``nestrnn.engine.trainer.Trainer``, the code path of
-``nestrnn train``) with the same configuration except ``model.family``: the same task options,
-optimizer, schedule, batches, seed and budget of optimizer steps (``--steps``, split into
-``--epochs`` epochs, each ending in a validation pass; early stopping is off so every model gets
-the whole budget). Every family is sized by the engine to the same ``model.target_params``
-(``--params``, the whole model: embedding or input layer, recurrent core and read-out). The test
-split is evaluated with the checkpoint that was best on validation.
+For each model, on the same task options, optimizer, schedule, batches and budget of optimizer
+steps (``--steps`` split into ``--epochs`` epochs, early stopping off) and sized to the same
+``model.target_params``:
 
-Results: ``<out-dir>/quality_<name>.md`` (a table) and ``.json`` (every run, with the exact
-command, versions, machine and per-run configuration); run directories under ``--runs-dir``
-(default ``runs/quality/<name>/<family>-seed<k>``), usable with ``nestrnn viz`` and
-``nestrnn plot``. Presets (``tinyshakespeare``, ``chinese_poems``, ``mnist_glimpses``) read the
-data from ``--data-dir`` (default ``$NESTRNN_DATA_DIR`` or ``../shared/data``); any other
-registered task name works with ``KEY=VALUE`` overrides. See benchmarks/QUALITY.md.
+1. **tune**: ``nestrnn sweep`` tries ``--trials`` configurations of :data:`SPACE` (the learning
+   rate, dropout and any :data:`REGULARISERS`) with the same sampler (``--sampler``, TPE or
+   random) on one seed (``--tune-seed``); the best is the one with the best mean validation
+   metric (``nestrnn compare --split valid``);
+2. **measure**: that configuration is trained again on every seed of ``--seeds`` (a one-point
+   grid sweep);
+3. **compare**: ``nestrnn compare`` of the three final sweeps, the stacked LSTM as baseline:
+   mean ± sd, 95% CI and a paired t-test over seeds of the test metric, wall time and steps.
+
+Results: ``<out-dir>/quality_<name>.md`` (a table) and ``.json`` (with the commit, machine,
+command and date, the tuning and every final row); sweep directories under ``--runs-dir``
+(default ``runs/quality/<name>/{tune,final}/<model>``), ordinary run directories that
+``nestrnn eval``, ``viz``, ``plot`` and ``compare`` read. Presets (``tinyshakespeare``,
+``chinese_poems``, ``mnist_glimpses``) read the data from ``--data-dir`` (default
+``$NESTRNN_DATA_DIR`` or ``../shared/data``); any other registered task name works with
+``KEY=VALUE`` overrides. Needs the ``sweep`` and ``compare`` extras. See benchmarks/QUALITY.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import io
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +57,17 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     ),
     "lstm": ("LSTM (1 layer)", ["model.family=lstm", "model.num_layers=1"]),
 }
+#: the model the others are tested against
+BASELINE = "stacked_lstm"
+
+#: what every model is tuned over (the sweep spec's ``space``), with the same budget
+SPACE: dict[str, dict[str, Any]] = {
+    "optim.lr": {"float": [3.0e-4, 1.0e-2], "log": True},
+    "model.dropout": {"float": [0.0, 0.5]},
+}
+#: regularisers tuned alongside, in the sweep spec's syntax; e.g.
+#: ``"optim.weight_decay": {"float": [1.0e-6, 1.0e-3], "log": True}``
+REGULARISERS: dict[str, dict[str, Any]] = {}
 
 #: named setups: the task and its data, and the default budget (all overridable)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,8 +101,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 QUICK = {
     "params": 3_000,
-    "steps": 6,
+    "steps": 4,
     "epochs": 2,
+    "trials": 2,
+    "seeds": [0, 1],
     "train": [
         "train.batch_size=4",
         "train.bptt=16",
@@ -106,47 +127,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="presets: " + ", ".join(PRESETS) + "; or any registered task name",
     )
     parser.add_argument("task", help="a preset or a registered task name")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides for every model (they win over the preset)",
-    )
-    parser.add_argument(
-        "--models",
-        default=",".join(MODELS),
-        help=f"comma-separated, from {', '.join(MODELS)} (default: all)",
-    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides for every model (they win over the preset)")  # fmt: skip
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)} (default: all)")  # fmt: skip
     parser.add_argument("--params", type=int, help="target parameter count of every model")
-    parser.add_argument("--steps", type=int, help="optimizer steps per model (the budget)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (the budget)")
     parser.add_argument("--epochs", type=int, help="validation passes (the steps are split)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--trials", type=int, help="tuning trials per model (default 8)")
+    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                        help="how the trials are chosen (default tpe)")  # fmt: skip
+    parser.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs")
+    parser.add_argument("--seeds", help="comma-separated seeds of the final runs (default 0,1,2)")
+    parser.add_argument("--workers", type=int, default=1, help="sweep workers (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     parser.add_argument("--name", help="results name (default: the task or preset)")
-    parser.add_argument(
-        "--out-dir",
-        default=str(REPO / "benchmarks" / "results"),
-        help="where quality_<name>.md/.json go (default benchmarks/results)",
-    )
-    parser.add_argument("--runs-dir", help="run directories (default runs/quality/<name>)")
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"),
+                        help="where quality_<name>.md/.json go (default benchmarks/results)")  # fmt: skip
+    parser.add_argument("--runs-dir", help="sweep directories (default runs/quality/<name>)")
     parser.add_argument("--data-dir", help="shared data folder of the presets")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="toy budget (tiny models, a few steps): checks that it runs",
-    )
-    parser.add_argument("--verbose", action="store_true", help="print the engine's epoch lines")
-    parser.add_argument(
-        "--render",
-        action="store_true",
-        help="train nothing: rewrite <out-dir>/quality_<name>.md from its .json",
-    )
+    parser.add_argument("--quick", action="store_true",
+                        help="toy budget (tiny models, 2 trials, 2 seeds): checks that it runs")  # fmt: skip
+    parser.add_argument("--render", action="store_true",
+                        help="train nothing: rewrite <out-dir>/quality_<name>.md from its .json")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def common_overrides(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
-    """The overrides shared by every model, and the budget actually used."""
+    """The overrides shared by every model and run, and the budget actually used."""
     preset = PRESETS.get(args.task)
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     if preset is not None:
@@ -155,13 +164,24 @@ def common_overrides(args: argparse.Namespace) -> tuple[list[str], dict[str, Any
     else:
         task = [f"task.name={args.task}"]
         budget = {"params": 100_000, "steps": 300, "epochs": 3, "train": []}
+    budget = {"trials": 8, "seeds": [0, 1, 2], **budget}
     if args.quick:
         budget = {**budget, **QUICK}
     params = args.params or budget["params"]
     steps = args.steps or budget["steps"]
     epochs = args.epochs or budget["epochs"]
-    if min(params, steps, epochs) < 1:
-        raise SystemExit("--params, --steps and --epochs must be >= 1")
+    trials = args.trials or budget["trials"]
+    try:
+        seeds = (
+            [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else budget["seeds"]
+        )
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if min(params, steps, epochs, trials, args.workers, args.threads) < 1 or not seeds:
+        raise SystemExit(
+            "--params, --steps, --epochs, --trials, --workers and --threads must be >= 1, "
+            "--seeds not empty"
+        )
     epochs = min(epochs, steps)
     per_epoch = math.ceil(steps / epochs)
     overrides = [
@@ -172,184 +192,149 @@ def common_overrides(args: argparse.Namespace) -> tuple[list[str], dict[str, Any
         f"train.steps_per_epoch={per_epoch}",
         f"train.max_steps={steps}",
         "train.early_stopping=0",
-        f"train.threads={args.threads}",
         f"train.device={args.device}",
         "train.progress=false",
         "train.test=true",
     ]
-    return overrides, {
-        "params": params,
-        "steps": steps,
-        "epochs": epochs,
-        "steps_per_epoch": per_epoch,
-    }
+    return overrides, {"params": params, "steps": steps, "epochs": epochs,
+                       "steps_per_epoch": per_epoch, "trials": trials, "seeds": seeds}  # fmt: skip
 
 
-def train_one(
-    model: str, seed: int, common: list[str], user: list[str], run_dir: Path, verbose: bool
-) -> dict[str, Any]:
-    """Train one model through the engine (``user`` overrides win); its results as a dict."""
-    from nestrnn.config import load_config, to_container
-    from nestrnn.engine.trainer import Trainer
+# --------------------------------------------------------------------------- sweep and compare
 
-    label, model_overrides = MODELS[model]
-    config = load_config([], [*common, *model_overrides, *user, f"train.seed={seed}"])
-    if run_dir.exists():
-        if not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
-            raise SystemExit(f"{run_dir} exists and is not a run directory; not overwriting it")
-        shutil.rmtree(run_dir)
-    echo = (lambda line: print(f"    {line}", flush=True)) if verbose else None
-    started = time.perf_counter()
-    trainer = Trainer(config, run_dir, echo=echo)
-    summary = trainer.fit()
-    total = time.perf_counter() - started
+
+def run_sweep(spec: dict[str, Any], directory: Path, overrides: list[str], workers: int,
+              threads: int) -> None:  # fmt: skip
+    """``nestrnn sweep SPEC KEY=VALUE... --dir DIRECTORY``: the spec is written beside the
+    sweep directory (``<directory>.yaml``); run again, it continues the study."""
+    import yaml
+
+    path = directory.with_name(directory.name + ".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    command = [sys.executable, "-m", "nestrnn", "sweep", str(path), *overrides, "--dir",
+               str(directory), "--workers", str(workers), "--threads-per-worker", str(threads)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"quality.py: {shlex.join(command)} failed ({done.returncode}): "
+            f"{done.stderr.strip()[-2000:]}"
+        )
+
+
+def run_compare(*args: str) -> list[dict[str, Any]]:
+    """``nestrnn compare ARGS... --json``, in this process; its rows."""
+    from nestrnn.cli import main as nestrnn
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = nestrnn(["compare", *args, "--json"])
+    if err.getvalue().strip():
+        print(err.getvalue().rstrip(), file=sys.stderr)  # the runs it skipped, with the reason
+    if code != 0:
+        raise SystemExit(f"quality.py: nestrnn compare {shlex.join(args)} failed ({code})")
+    return json.loads(out.getvalue())
+
+
+def _flat_config(run_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from nestrnn.compare.runs import flatten
+
+    loaded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    return flatten(loaded)  # type: ignore[arg-type]
+
+
+def best_values(rows: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any]:
+    """The tuned keys' values of the row with the best mean (read from its first run)."""
+    pick = max if higher_is_better else min
+    best = pick(rows, key=lambda row: row["mean"])
+    config = _flat_config(Path(best["runs"][0]))
+    return {key: config[key] for key in {**SPACE, **REGULARISERS}}
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def meta(argv: list[str] | None) -> dict[str, Any]:
+    """Commit, dirty tree, machine, command and date of a result file."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_common import describe_machine
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    words = sys.argv[1:] if argv is None else argv
     return {
-        "model": model,
-        "label": label,
-        "seed": seed,
-        "hidden_size": trainer.sizing.hidden_size,
-        "params": trainer.sizing.params,
-        "steps": summary.steps,
-        "epochs": summary.epochs,
-        "best_epoch": summary.best_epoch,
-        "valid": summary.best,
-        "test": summary.test,
-        "train_valid_s": round(summary.elapsed, 2),
-        "total_s": round(total, 2),
-        "run_dir": str(run_dir),
-        "config": to_container(config),
-        "primary_metric": summary.primary_metric,
-        "higher_is_better": bool(trainer.task.higher_is_better),
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "machine": {**describe_machine("cpu"), "platform": platform.platform()},
+        "command": shlex.join(["python", "benchmarks/quality.py", *words]),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
     }
 
 
-def _mean_sd(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+# --------------------------------------------------------------------------- the table
 
 
-def _digits(metric: str) -> int:
-    return 2 if metric in ("error", "acc", "ppl", "ppl_char") else 4
-
-
-def summarise(runs: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
-    """Per model: mean (and sd) over seeds of every metric, parameters and times."""
-    rows = []
-    for model in models:
-        mine = [r for r in runs if r["model"] == model]
-        if not mine:
-            continue
-        row: dict[str, Any] = {
-            "model": model,
-            "label": mine[0]["label"],
-            "hidden_size": mine[0]["hidden_size"],
-            "params": mine[0]["params"],
-            "seeds": [r["seed"] for r in mine],
-        }
-        for split in ("valid", "test"):
-            keys = sorted({k for r in mine for k in r[split]})
-            row[split] = {
-                k: statistics.mean(r[split][k] for r in mine if k in r[split]) for k in keys
-            }
-            row[f"{split}_text"] = {
-                k: _mean_sd([r[split][k] for r in mine if k in r[split]], _digits(k)) for k in keys
-            }
-        for key in ("train_valid_s", "total_s"):
-            row[key] = statistics.mean(r[key] for r in mine)
-        rows.append(row)
-    return rows
-
-
-def _test_values(record: dict[str, Any], model: str) -> list[float]:
-    primary = record["primary_metric"]
-    return [
-        r["test"][primary] for r in record["runs"] if r["model"] == model and primary in r["test"]
-    ]
-
-
-def verdict(record: dict[str, Any]) -> str:
-    """One sentence: which model has the best test metric, and whether that is a ranking."""
-    primary = record["primary_metric"]
-    pick = max if record["higher_is_better"] else min
-    rows = sorted(
-        record["summary"],
-        key=lambda r: r["test"].get(primary, math.nan) * (-1 if record["higher_is_better"] else 1),
-    )
-    best = pick(rows, key=lambda r: r["test"].get(primary, math.nan))
-    text = f"Best test {primary}: {best['label']}."
-    if len(rows) < 2:
-        return text
-    runner = rows[1] if rows[0] is best else rows[0]
-    gap = abs(best["test"][primary] - runner["test"][primary])
-    if len(record["seeds"]) > 1:
-        spread = max(
-            statistics.stdev(_test_values(record, r["model"]))
-            for r in (best, runner)
-            if len(_test_values(record, r["model"])) > 1
-        )
-        if gap < spread:
-            text += (
-                f" Its lead over {runner['label']} ({gap:.{_digits(primary)}f}) is smaller than "
-                f"the seed-to-seed sd ({spread:.{_digits(primary)}f}): not a ranking."
-            )
-    else:
-        text += (
-            " One seed only: a difference of the size of the seed-to-seed spread is not a "
-            "ranking (measure it with --seeds 0,1,2)."
-        )
-    return text
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits if abs(value) < 100 else 2}f}"
 
 
 def markdown(record: dict[str, Any]) -> str:
-    rows = record["summary"]
-    primary = record["primary_metric"]
-    test_keys = [k for k in rows[0]["test"] if k != "baseline"] if rows else []
-    test_keys = [primary, *[k for k in test_keys if k != primary]]
-    budget = record["budget"]
-    seeds = record["seeds"]
+    budget, metric = record["budget"], record["metric"]
+    tuned = list(record["space"])
     lines = [
         f"# Quality at equal parameters: {record['name']} (task `{record['task']}`)",
         "",
         "Produced by:",
         "",
         "```",
-        record["command"],
+        record["meta"]["command"],
         "```",
         "",
-        f"{record['date']} on {record['machine']['processor']} ({record['machine']['cpu_count']} "
-        f"CPUs, torch {record['versions']['torch']}, {record['threads']} thread(s) per run, device "
-        f"{record['device']}).",
-        f"Budget per model: {budget['steps']} optimizer steps in {budget['epochs']} epochs of "
-        f"{budget['steps_per_epoch']}, validation after each epoch; target "
-        f"{budget['params']:,} parameters; seed(s) {', '.join(map(str, seeds))}"
-        + (" (mean ± sd over seeds)" if len(seeds) > 1 else "")
-        + ".",
-        f"Primary metric: `{primary}` ({'higher' if record['higher_is_better'] else 'lower'} is "
-        "better); valid = best epoch; test = the checkpoint best on validation.",
+        f"{record['meta']['date']}, commit {str(record['meta']['commit'])[:12]}"
+        + (" (uncommitted changes)" if record["meta"]["dirty"] else "")
+        + f", on {record['meta']['machine']['device']} ({record['meta']['machine']['cpu_count']} "
+        f"CPUs, torch {record['meta']['machine']['torch']}), device {record['device']}, "
+        f"{record['threads']} thread(s) per run, {record['workers']} sweep worker(s).",
+        f"Every run: {budget['steps']} optimizer steps in {budget['epochs']} epochs, target "
+        f"{budget['params']:,} parameters. Tuning: {budget['trials']} {record['sampler']} trials "
+        f"per model over {', '.join(f'`{k}`' for k in tuned)} (seed {record['tune_seed']}, best "
+        f"validation {metric}); the best configuration then trained on seeds "
+        f"{', '.join(map(str, budget['seeds']))}.",
+        f"`{metric}` on the {record['split']} split ({'higher' if record['higher_is_better'] else 'lower'}"
+        " is better): mean ± sd over seeds, 95% CI (Student t), p: two-sided t-test against "
+        f"{MODELS[record['baseline']][0] if record['baseline'] else 'the first model'} "
+        "(paired by seed; Welch where the seeds do not pair).",
         "",
     ]
-    header = ["model", "hidden", "params", f"valid {primary}"] + [f"test {k}" for k in test_keys]
-    header += ["train+valid s", "total s"]
+    header = ["model", *tuned, "hidden", "params", f"{record['split']} {metric}", "95% CI",
+              "vs baseline", "p", "wall s", "steps"]  # fmt: skip
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for row in rows:
+    lines.append("|---|" + "---:|" * (len(header) - 1))
+    for row in record["results"]:
+        p = row["p_value"] if row["test"] == "paired" else row["welch_p_value"]
         cells = [
-            row["label"],
+            MODELS[row["model"]][0],
+            *(f"{row['tuned'][k]:.4g}" for k in tuned),
             str(row["hidden_size"]),
             f"{row['params']:,}",
-            row["valid_text"].get(primary, "-"),
+            _num(row["mean"]) + (f" ± {_num(row['sd'])}" if row["sd"] is not None else ""),
+            f"[{_num(row['ci95'][0])}, {_num(row['ci95'][1])}]" if row["ci95"] else "-",
+            "-" if row["baseline"] else f"{row['delta']:+.4f}",
+            "baseline" if row["baseline"] else f"{_num(p, 3)} ({row['test']})",
+            _num(row["wall_s_mean"], 1),
+            "-" if row["steps"] is None else f"{row['steps']:g}",
         ]
-        cells += [row["test_text"].get(k, "-") for k in test_keys]
-        cells += [f"{row['train_valid_s']:.1f}", f"{row['total_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if rows:
-        lines += ["", verdict(record)]
     lines += [
         "",
-        "Times are wall-clock seconds on a shared CPU machine: `train+valid` is the engine's own "
-        "count (training steps and validation passes), `total` adds model sizing, data loading and "
-        "the test pass. Compare times within one table only.",
+        "Wall time: the engine's own count (training and validation) per run, mean over seeds, on "
+        "a shared machine; compare times within one table only.",
         "",
     ]
     return "\n".join(lines)
@@ -361,83 +346,69 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     name = args.name or args.task
+    out = Path(args.out_dir)
     if args.render:
-        source = Path(args.out_dir) / f"quality_{name}.json"
+        source = out / f"quality_{name}.json"
         if not source.is_file():
             raise SystemExit(f"--render: no {source}")
         record = json.loads(source.read_text(encoding="utf-8"))
-        (Path(args.out_dir) / f"quality_{name}.md").write_text(markdown(record), encoding="utf-8")
+        (out / f"quality_{name}.md").write_text(markdown(record), encoding="utf-8")
         print(markdown(record))
         return 0
     common, budget = common_overrides(args)
+    common = [*common, *args.overrides]
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "quality" / name
-
-    import torch
-
-    import nestrnn
-    from nestrnn.config import ConfigError
-    from nestrnn.data_utils import DataError
-
-    runs: list[dict[str, Any]] = []
+    space = {**SPACE, **REGULARISERS}
     started = time.perf_counter()
-    print(
-        f"quality benchmark {name}: {', '.join(models)}; {budget['steps']} steps, "
-        f"target {budget['params']:,} parameters, seeds {seeds}",
-        flush=True,
-    )
-    for seed in seeds:
-        for model in models:
-            run_dir = runs_dir / f"{model}-seed{seed}"
-            try:
-                result = train_one(model, seed, common, args.overrides, run_dir, args.verbose)
-            except (ConfigError, DataError, FileNotFoundError) as error:
-                print(f"quality.py: error: {error}", file=sys.stderr)
-                return 2
-            primary = result["primary_metric"]
-            print(
-                f"  {result['label']:<24} seed {seed}: hidden {result['hidden_size']}, "
-                f"{result['params']:,} params, valid {primary} {result['valid'].get(primary, math.nan):.4f}, "
-                f"test {primary} {result['test'].get(primary, math.nan):.4f}, "
-                f"{result['total_s']:.0f}s",
-                flush=True,
-            )
-            runs.append(result)
-
-    first = runs[0]
+    print(f"quality benchmark {name}: {', '.join(models)}; {budget['trials']} {args.sampler} "
+          f"trials each, then seeds {budget['seeds']}; {budget['steps']} steps, target "
+          f"{budget['params']:,} parameters", flush=True)  # fmt: skip
+    tuned: dict[str, dict[str, Any]] = {}
+    higher_is_better = False
+    for model in models:
+        directory = runs_dir / "tune" / model
+        spec = {"overrides": _as_mapping(MODELS[model][1]), "space": space,
+                "sampler": args.sampler, "trials": budget["trials"], "seeds": [args.tune_seed]}  # fmt: skip
+        run_sweep(spec, directory, common, args.workers, args.threads)
+        rows = run_compare(str(directory), "--split", "valid")
+        higher_is_better = _higher_is_better(Path(rows[0]["runs"][0]))
+        tuned[model] = best_values(rows, higher_is_better)
+        print(f"  {MODELS[model][0]:<24} tuned: {tuned[model]}", flush=True)
+    for model in models:
+        grid = {key: {"choice": [value]} for key, value in tuned[model].items()}
+        spec = {"overrides": _as_mapping(MODELS[model][1]), "space": grid, "sampler": "grid",
+                "seeds": budget["seeds"]}  # fmt: skip
+        run_sweep(spec, runs_dir / "final" / model, common, args.workers, args.threads)
+    finals = [runs_dir / "final" / model for model in models]
+    baseline = BASELINE if BASELINE in models else None
+    extra = ["--baseline", str(runs_dir / "final" / baseline)] if baseline else []
+    rows = run_compare(*map(str, finals), *extra)
+    results = []
+    for model, final in zip(models, finals):
+        row = next(r for r in rows if Path(r["runs"][0]).is_relative_to(final))
+        summary = _summary(Path(row["runs"][0]))
+        results.append({"model": model, "tuned": tuned[model], "hidden_size": summary.get("hidden_size"),
+                        "params": summary.get("params"), **row})  # fmt: skip
     record = {
+        "meta": meta(argv),
         "name": name,
-        "task": first["config"]["task"]["name"],
-        "command": shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-        if argv is None
-        else shlex.join(["python", "benchmarks/quality.py", *argv]),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "task": _flat_config(Path(rows[0]["runs"][0]))["task.name"],
         "budget": budget,
-        "seeds": seeds,
+        "sampler": args.sampler,
+        "tune_seed": args.tune_seed,
+        "space": space,
         "threads": args.threads,
+        "workers": args.workers,
         "device": args.device,
-        "primary_metric": first["primary_metric"],
-        "higher_is_better": first["higher_is_better"],
-        "overrides": [*common, *args.overrides],
-        "versions": {
-            "nestrnn": nestrnn.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-        },
+        "metric": rows[0]["metric"],
+        "split": rows[0]["split"],
+        "higher_is_better": higher_is_better,
+        "baseline": baseline,
+        "overrides": common,
         "wall_s": round(time.perf_counter() - started, 1),
-        "summary": summarise(runs, models),
-        "runs": runs,
+        "results": results,
     }
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{name}.json").write_text(
         json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -448,6 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"wrote {out / f'quality_{name}.md'} and .json ({record['wall_s']:.0f}s in all)")
     return 0
+
+
+def _as_mapping(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` as the sweep spec's ``overrides`` mapping (values parsed as YAML)."""
+    import yaml
+
+    return {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in overrides)}
+
+
+def _higher_is_better(run_dir: Path) -> bool:
+    from nestrnn.config import task_class
+
+    return bool(task_class(_flat_config(run_dir)["task.name"]).higher_is_better)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,62 @@ def test_tuning_takes_the_fastest_correct_configuration(tmp_path, monkeypatch):
         assert loop.pick_config(64, 256, None, torch.bfloat16, True) == untuned
     assert labels == {(32, 256): "32x32x32 w4 cuBLAS"}
     assert loop.pick_config(64, 256, None, torch.bfloat16, True) == untuned  # restored
+
+
+def fake_sweep(spec, directory, overrides, workers, threads):
+    """What ``nestrnn sweep`` leaves (the shared layout: ``trials/NNNN-seedS/`` run directories
+    with the trial's sampled values), trained here in-process: random trials, or the grid of
+    one-value choices."""
+    import math
+    import random
+
+    from nestrnn.config import load_config
+    from nestrnn.engine.trainer import Trainer
+
+    rng = random.Random(0)
+    fixed = [f"{key}={value}" for key, value in spec["overrides"].items()]
+    for trial in range(spec.get("trials", 1)):
+        sampled = []
+        for key, dist in spec["space"].items():
+            if "choice" in dist:
+                value = dist["choice"][0]
+            else:
+                low, high = dist["float"]
+                value = (math.exp(rng.uniform(math.log(low), math.log(high))) if dist.get("log")
+                         else rng.uniform(low, high))  # fmt: skip
+            sampled.append(f"{key}={value}")
+        for seed in spec["seeds"]:
+            config = load_config([], [*fixed, *overrides, *sampled, f"train.seed={seed}",
+                                      f"train.threads={threads}"])  # fmt: skip
+            Trainer(config, directory / "trials" / f"{trial:04d}-seed{seed}", echo=None).fit()
+
+
+def test_quality_quick_tunes_measures_and_compares(tmp_path, monkeypatch):
+    """``quality.py --quick``: every model tuned with the same budget, re-run over seeds and
+    compared with the stacked LSTM as baseline; the sweep step is faked where ``nestrnn sweep``
+    (or optuna) is not installed."""
+    pytest.importorskip("scipy")
+    quality = load("quality", monkeypatch)
+    if not (
+        importlib.util.find_spec("nestrnn.commands.sweep") and importlib.util.find_spec("optuna")
+    ):
+        monkeypatch.setattr(quality, "run_sweep", fake_sweep)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the king is dead. long live the queen.\n" * 60)
+    argv = ["text_file", f"task.path={corpus}", "--quick", "--out-dir", str(tmp_path / "results"),
+            "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    assert quality.main(argv) == 0
+    record = json.loads((tmp_path / "results" / "quality_text_file.json").read_text())
+    rows = record["results"]
+    assert [r["model"] for r in rows] == ["nlstm", "stacked_lstm", "lstm"]
+    assert [r["baseline"] for r in rows] == [False, True, False]
+    assert all(r["n"] == 2 and r["test"] in ("paired", None) for r in rows)  # seeds 0, 1 pair
+    assert all(set(r["tuned"]) == {"optim.lr", "model.dropout"} for r in rows)
+    assert max(r["params"] for r in rows) / min(r["params"] for r in rows) < 1.25
+    assert record["metric"] == "bpc" and record["split"] == "test"
+    assert {"commit", "dirty", "machine", "command", "date"} <= set(record["meta"])
+    assert record["meta"]["command"].startswith("python benchmarks/quality.py text_file")
+    table = (tmp_path / "results" / "quality_text_file.md").read_text()
+    assert table.count("\n| ") == 4  # header and one row per model
+    tuning = list((tmp_path / "runs" / "tune" / "nlstm" / "trials").iterdir())
+    assert sorted(p.name for p in tuning) == ["0000-seed0", "0001-seed0"]  # the same budget each

@@ -1,8 +1,8 @@
-"""``nestrnn viz``, ``nestrnn plot`` and benchmarks/quality.py on tiny runs trained here."""
+"""``nestrnn viz`` and ``nestrnn plot`` on tiny runs trained here (benchmarks/quality.py:
+tests/test_benchmarks.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -18,7 +18,6 @@ from nestrnn.cli import main
 from nestrnn.config import load_config
 from nestrnn.engine.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "king", "is", "dead", "long", "live", "queen", "and", "to", "be", "or", "not"]
 
 TINY = [
@@ -193,29 +192,3 @@ def test_plot_user_errors(runs: dict[str, Path], tmp_path: Path, capsys) -> None
     )
     assert "bpc" in capsys.readouterr().err  # names the metrics the run has
     assert main(["plot", str(tmp_path)]) == 2
-
-
-def test_quality_benchmark_end_to_end(runs: dict[str, Path], tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    argv = [
-        "text_file",
-        f"task.path={runs['corpus']}",
-        "train.threads=1",
-        "--quick",
-        "--out-dir",
-        str(tmp_path / "results"),
-        "--runs-dir",
-        str(tmp_path / "runs"),
-    ]
-    assert quality.main(argv) == 0
-    record = json.loads((tmp_path / "results" / "quality_text_file.json").read_text())
-    assert [row["model"] for row in record["summary"]] == ["nlstm", "stacked_lstm", "lstm"]
-    params = [row["params"] for row in record["summary"]]
-    assert max(params) / min(params) < 1.25  # sized to the same target
-    assert all("bpc" in row["test"] for row in record["summary"])
-    assert record["command"].startswith("python benchmarks/quality.py text_file")
-    table = (tmp_path / "results" / "quality_text_file.md").read_text()
-    assert table.count("\n| ") == 4  # header and one row per model
-    assert (tmp_path / "runs" / "nlstm-seed0" / "best.pt").is_file()
