@@ -245,12 +245,14 @@ def _flat_config(run_dir: Path) -> dict[str, Any]:
     return flatten(loaded)  # type: ignore[arg-type]
 
 
-def best_values(rows: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any]:
+def best_values(
+    rows: list[dict[str, Any]], space: dict[str, Any], higher_is_better: bool
+) -> dict[str, Any]:
     """The tuned keys' values of the row with the best mean (read from its first run)."""
     pick = max if higher_is_better else min
     best = pick(rows, key=lambda row: row["mean"])
     config = _flat_config(Path(best["runs"][0]))
-    return {key: config[key] for key in {**SPACE, **REGULARISERS}}
+    return {key: config[key] for key in space}
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:
@@ -353,13 +355,19 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             raise SystemExit(f"--render: no {source}")
         record = json.loads(source.read_text(encoding="utf-8"))
+        if "meta" not in record:
+            raise SystemExit(f"--render: {source} was written by the earlier, untuned benchmark")
         (out / f"quality_{name}.md").write_text(markdown(record), encoding="utf-8")
         print(markdown(record))
         return 0
     common, budget = common_overrides(args)
-    common = [*common, *args.overrides]
+    # a key the user fixes is not tuned; a preset's value of a tuned key gives way to the tuning
+    fixed = {o.split("=", 1)[0] for o in args.overrides}
+    space = {k: v for k, v in {**SPACE, **REGULARISERS}.items() if k not in fixed}
+    if not space:
+        raise SystemExit("quality.py: the overrides fix every tuned key; nothing to tune")
+    common = [o for o in common if o.split("=", 1)[0] not in space] + args.overrides
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "quality" / name
-    space = {**SPACE, **REGULARISERS}
     started = time.perf_counter()
     print(f"quality benchmark {name}: {', '.join(models)}; {budget['trials']} {args.sampler} "
           f"trials each, then seeds {budget['seeds']}; {budget['steps']} steps, target "
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         run_sweep(spec, directory, common, args.workers, args.threads)
         rows = run_compare(str(directory), "--split", "valid")
         higher_is_better = _higher_is_better(Path(rows[0]["runs"][0]))
-        tuned[model] = best_values(rows, higher_is_better)
+        tuned[model] = best_values(rows, space, higher_is_better)
         print(f"  {MODELS[model][0]:<24} tuned: {tuned[model]}", flush=True)
     for model in models:
         grid = {key: {"choice": [value]} for key, value in tuned[model].items()}
