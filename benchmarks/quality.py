@@ -127,30 +127,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="presets: " + ", ".join(PRESETS) + "; or any registered task name",
     )
     parser.add_argument("task", help="a preset or a registered task name")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides for every model (they win over the preset)")  # fmt: skip
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated, from {', '.join(MODELS)} (default: all)")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides for every model (they win over the preset)",
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated, from {', '.join(MODELS)} (default: all)",
+    )
     parser.add_argument("--params", type=int, help="target parameter count of every model")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (the budget)")
     parser.add_argument("--epochs", type=int, help="validation passes (the steps are split)")
     parser.add_argument("--trials", type=int, help="tuning trials per model (default 8)")
-    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
-                        help="how the trials are chosen (default tpe)")  # fmt: skip
+    parser.add_argument(
+        "--sampler",
+        choices=("tpe", "random"),
+        default="tpe",
+        help="how the trials are chosen (default tpe)",
+    )
     parser.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs")
     parser.add_argument("--seeds", help="comma-separated seeds of the final runs (default 0,1,2)")
     parser.add_argument("--workers", type=int, default=1, help="sweep workers (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     parser.add_argument("--name", help="results name (default: the task or preset)")
-    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"),
-                        help="where quality_<name>.md/.json go (default benchmarks/results)")  # fmt: skip
+    parser.add_argument(
+        "--out-dir",
+        default=str(REPO / "benchmarks" / "results"),
+        help="where quality_<name>.md/.json go (default benchmarks/results)",
+    )
     parser.add_argument("--runs-dir", help="sweep directories (default runs/quality/<name>)")
     parser.add_argument("--data-dir", help="shared data folder of the presets")
-    parser.add_argument("--quick", action="store_true",
-                        help="toy budget (tiny models, 2 trials, 2 seeds): checks that it runs")  # fmt: skip
-    parser.add_argument("--render", action="store_true",
-                        help="train nothing: rewrite <out-dir>/quality_<name>.md from its .json")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="toy budget (tiny models, 2 trials, 2 seeds): checks that it runs",
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="train nothing: rewrite <out-dir>/quality_<name>.md from its .json",
+    )
     return parser.parse_args(argv)
 
 
@@ -196,15 +216,22 @@ def common_overrides(args: argparse.Namespace) -> tuple[list[str], dict[str, Any
         "train.progress=false",
         "train.test=true",
     ]
-    return overrides, {"params": params, "steps": steps, "epochs": epochs,
-                       "steps_per_epoch": per_epoch, "trials": trials, "seeds": seeds}  # fmt: skip
+    return overrides, {
+        "params": params,
+        "steps": steps,
+        "epochs": epochs,
+        "steps_per_epoch": per_epoch,
+        "trials": trials,
+        "seeds": seeds,
+    }
 
 
 # --------------------------------------------------------------------------- sweep and compare
 
 
-def run_sweep(spec: dict[str, Any], directory: Path, overrides: list[str], workers: int,
-              threads: int) -> None:  # fmt: skip
+def run_sweep(
+    spec: dict[str, Any], directory: Path, overrides: list[str], workers: int, threads: int
+) -> None:
     """``nestrnn sweep SPEC KEY=VALUE... --dir DIRECTORY``: the spec is written beside the
     sweep directory (``<directory>.yaml``); run again, it continues the study."""
     import yaml
@@ -212,8 +239,20 @@ def run_sweep(spec: dict[str, Any], directory: Path, overrides: list[str], worke
     path = directory.with_name(directory.name + ".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    command = [sys.executable, "-m", "nestrnn", "sweep", str(path), *overrides, "--dir",
-               str(directory), "--workers", str(workers), "--threads-per-worker", str(threads)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "nestrnn",
+        "sweep",
+        str(path),
+        *overrides,
+        "--dir",
+        str(directory),
+        "--workers",
+        str(workers),
+        "--threads-per-worker",
+        str(threads),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(
@@ -265,8 +304,7 @@ def meta(argv: list[str] | None) -> dict[str, Any]:
     from bench_common import describe_machine
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False)  # fmt: skip
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     words = sys.argv[1:] if argv is None else argv
@@ -314,8 +352,18 @@ def markdown(record: dict[str, Any]) -> str:
         "(paired by seed; Welch where the seeds do not pair).",
         "",
     ]
-    header = ["model", *tuned, "hidden", "params", f"{record['split']} {metric}", "95% CI",
-              "vs baseline", "p", "wall s", "steps"]  # fmt: skip
+    header = [
+        "model",
+        *tuned,
+        "hidden",
+        "params",
+        f"{record['split']} {metric}",
+        "95% CI",
+        "vs baseline",
+        "p",
+        "wall s",
+        "steps",
+    ]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|---|" + "---:|" * (len(header) - 1))
     for row in record["results"]:
@@ -369,15 +417,23 @@ def main(argv: list[str] | None = None) -> int:
     common = [o for o in common if o.split("=", 1)[0] not in space] + args.overrides
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "quality" / name
     started = time.perf_counter()
-    print(f"quality benchmark {name}: {', '.join(models)}; {budget['trials']} {args.sampler} "
-          f"trials each, then seeds {budget['seeds']}; {budget['steps']} steps, target "
-          f"{budget['params']:,} parameters", flush=True)  # fmt: skip
+    print(
+        f"quality benchmark {name}: {', '.join(models)}; {budget['trials']} {args.sampler} "
+        f"trials each, then seeds {budget['seeds']}; {budget['steps']} steps, target "
+        f"{budget['params']:,} parameters",
+        flush=True,
+    )
     tuned: dict[str, dict[str, Any]] = {}
     higher_is_better = False
     for model in models:
         directory = runs_dir / "tune" / model
-        spec = {"overrides": _as_mapping(MODELS[model][1]), "space": space,
-                "sampler": args.sampler, "trials": budget["trials"], "seeds": [args.tune_seed]}  # fmt: skip
+        spec = {
+            "overrides": _as_mapping(MODELS[model][1]),
+            "space": space,
+            "sampler": args.sampler,
+            "trials": budget["trials"],
+            "seeds": [args.tune_seed],
+        }
         run_sweep(spec, directory, common, args.workers, args.threads)
         rows = run_compare(str(directory), "--split", "valid")
         higher_is_better = _higher_is_better(Path(rows[0]["runs"][0]))
@@ -385,8 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {MODELS[model][0]:<24} tuned: {tuned[model]}", flush=True)
     for model in models:
         grid = {key: {"choice": [value]} for key, value in tuned[model].items()}
-        spec = {"overrides": _as_mapping(MODELS[model][1]), "space": grid, "sampler": "grid",
-                "seeds": budget["seeds"]}  # fmt: skip
+        spec = {
+            "overrides": _as_mapping(MODELS[model][1]),
+            "space": grid,
+            "sampler": "grid",
+            "seeds": budget["seeds"],
+        }
         run_sweep(spec, runs_dir / "final" / model, common, args.workers, args.threads)
     finals = [runs_dir / "final" / model for model in models]
     baseline = BASELINE if BASELINE in models else None
@@ -396,8 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     for model, final in zip(models, finals):
         row = next(r for r in rows if Path(r["runs"][0]).is_relative_to(final))
         summary = _summary(Path(row["runs"][0]))
-        results.append({"model": model, "tuned": tuned[model], "hidden_size": summary.get("hidden_size"),
-                        "params": summary.get("params"), **row})  # fmt: skip
+        results.append(
+            {
+                "model": model,
+                "tuned": tuned[model],
+                "hidden_size": summary.get("hidden_size"),
+                "params": summary.get("params"),
+                **row,
+            }
+        )
     record = {
         "meta": meta(argv),
         "name": name,

@@ -230,12 +230,16 @@ def fake_sweep(spec, directory, overrides, workers, threads):
                 value = dist["choice"][0]
             else:
                 low, high = dist["float"]
-                value = (math.exp(rng.uniform(math.log(low), math.log(high))) if dist.get("log")
-                         else rng.uniform(low, high))  # fmt: skip
+                value = (
+                    math.exp(rng.uniform(math.log(low), math.log(high)))
+                    if dist.get("log")
+                    else rng.uniform(low, high)
+                )
             sampled.append(f"{key}={value}")
         for seed in spec["seeds"]:
-            config = load_config([], [*fixed, *overrides, *sampled, f"train.seed={seed}",
-                                      f"train.threads={threads}"])  # fmt: skip
+            config = load_config(
+                [], [*fixed, *overrides, *sampled, f"train.seed={seed}", f"train.threads={threads}"]
+            )
             Trainer(config, directory / "trials" / f"{trial:04d}-seed{seed}", echo=None).fit()
 
 
@@ -251,8 +255,15 @@ def test_quality_quick_tunes_measures_and_compares(tmp_path, monkeypatch):
         monkeypatch.setattr(quality, "run_sweep", fake_sweep)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the king is dead. long live the queen.\n" * 60)
-    argv = ["text_file", f"task.path={corpus}", "--quick", "--out-dir", str(tmp_path / "results"),
-            "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    argv = [
+        "text_file",
+        f"task.path={corpus}",
+        "--quick",
+        "--out-dir",
+        str(tmp_path / "results"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     assert quality.main(argv) == 0
     record = json.loads((tmp_path / "results" / "quality_text_file.json").read_text())
     rows = record["results"]

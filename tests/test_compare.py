@@ -28,15 +28,32 @@ FILES = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json")
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("compare") / "template"
-    overrides = ["task.name=adding", "task.length=6", "task.valid_size=8", "task.test_size=8",
-                 "model.hidden_size=6", "train.batch_size=4", "train.epochs=2",
-                 "train.steps_per_epoch=1", "train.threads=1", "train.progress=false"]  # fmt: skip
+    overrides = [
+        "task.name=adding",
+        "task.length=6",
+        "task.valid_size=8",
+        "task.test_size=8",
+        "model.hidden_size=6",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "train.steps_per_epoch=1",
+        "train.threads=1",
+        "train.progress=false",
+    ]
     Trainer(load_config([], overrides), run_dir, echo=None).fit()
     return run_dir
 
 
-def make_run(template: Path, path: Path, seed: int, value: float, family: str = "nlstm",
-             lr: str | None = None, wall: float = 3.0, device: str = "cpu") -> Path:  # fmt: skip
+def make_run(
+    template: Path,
+    path: Path,
+    seed: int,
+    value: float,
+    family: str = "nlstm",
+    lr: str | None = None,
+    wall: float = 3.0,
+    device: str = "cpu",
+) -> Path:
     """A copy of the template run with its seed, family, learning rate and results edited."""
     path.mkdir(parents=True)
     for name in FILES:
@@ -80,6 +97,7 @@ def sweep(template: Path, tmp_path: Path) -> Path:
     stopped = make_run(template, root / "0004-seed0", 0, 0.1, lr="0.2")
     with (stopped / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps({"event": "stopped", "step": 3, "epoch": 2}) + "\n")
+    (make_run(template, root / "0005-seed0", 0, 0.1, lr="0.3") / "summary.json").write_text("{")
     return tmp_path / "sweep"
 
 
@@ -115,12 +133,26 @@ def test_groups_seeds_and_tests_against_the_baseline(
 ) -> None:
     rows, err = compare_json(capsys, str(sweep))
     assert [r["label"] for r in rows] == [
-        "model.family=nlstm", "model.family=stacked_lstm", "model.family=lstm"
-    ]  # fmt: skip
+        "model.family=nlstm",
+        "model.family=stacked_lstm",
+        "model.family=lstm",
+    ]
     assert [r["n"] for r in rows] == [3, 3, 2]  # train.device differs: still one configuration
     nlstm, stacked, lstm = rows
-    assert set(nlstm) >= {"label", "config", "runs", "n", "metric", "mean", "sd", "ci95",
-                          "baseline", "p_value", "wall_s_mean", "steps"}  # fmt: skip
+    assert set(nlstm) >= {
+        "label",
+        "config",
+        "runs",
+        "n",
+        "metric",
+        "mean",
+        "sd",
+        "ci95",
+        "baseline",
+        "p_value",
+        "wall_s_mean",
+        "steps",
+    }
     assert nlstm["config"] == {"model.family": "nlstm"} and nlstm["metric"] == "mse"
     assert nlstm["baseline"] and nlstm["p_value"] is None and nlstm["test"] is None
     described = scipy_stats.describe(list(NLSTM.values()))
@@ -141,6 +173,7 @@ def test_groups_seeds_and_tests_against_the_baseline(
     # not finished: said on stderr, with the reason
     assert "0003-seed0: unfinished: no summary.json" in err
     assert "0004-seed0: stopped at step 3" in err
+    assert "0005-seed0: unreadable: " in err and "is not a run summary" in err
     # another baseline, by label fragment or by path; another metric and split
     rows, _ = compare_json(capsys, str(sweep), "--baseline", "model.family=stacked_lstm")
     assert [r["baseline"] for r in rows] == [False, True, False]
@@ -193,7 +226,7 @@ def test_plot_writes_learning_curves(sweep: Path, tmp_path: Path, capsys) -> Non
         (["SWEEP", "--baseline", "model.family="], "matches 3 configurations"),
         (["SWEEP", "--plot", "x.gif"], "give a .png, .svg or .pdf file"),
     ],
-)  # fmt: skip
+)
 def test_errors_are_one_line(sweep, tmp_path, capsys, args, message) -> None:
     (tmp_path / "empty").mkdir()
     paths = {
@@ -214,8 +247,12 @@ def test_without_scipy_names_the_extra(sweep: Path) -> None:
         "assert 'scipy' not in sys.modules, 'the command line imported scipy'; "
         "sys.modules['scipy'] = None; sys.exit(main(sys.argv[1:]))"
     )
-    run = subprocess.run([sys.executable, "-c", code, "compare", str(sweep)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code, "compare", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == (
         "nestrnn compare: error: comparing runs needs scipy: pip install 'nestrnn[compare]' "

@@ -28,8 +28,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "train.checkpoint_every, log.*) are the seeds of one configuration"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("paths", nargs="+", metavar="RUNS_OR_SWEEPS",
-                        help="run directories, or folders searched for them")  # fmt: skip
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RUNS_OR_SWEEPS",
+        help="run directories, or folders searched for them",
+    )
     parser.add_argument(
         "--baseline",
         metavar="LABEL_OR_PATH",
@@ -37,13 +41,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "model.family=stacked_lstm, or a run's path (default: the first configuration)",
     )
     parser.add_argument("--metric", help="the metric (default: the task's selection metric)")
-    parser.add_argument("--split", choices=("valid", "test"),
-                        help="test (default when the runs have it) or valid (the best epoch)")  # fmt: skip
+    parser.add_argument(
+        "--split",
+        choices=("valid", "test"),
+        help="test (default when the runs have it) or valid (the best epoch)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     output.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    parser.add_argument("--plot", metavar="FILE",
-                        help="also write the validation curves (png, svg or pdf)")  # fmt: skip
+    parser.add_argument(
+        "--plot", metavar="FILE", help="also write the validation curves (png, svg or pdf)"
+    )
 
 
 def _skip(path: Path, reason: str) -> None:
@@ -59,16 +67,17 @@ def _baseline(configurations: list[Configuration], wanted: str | None) -> int:
     if path.exists():
         target = path.resolve()
         for index, c in enumerate(configurations):
-            if any(run.path.resolve() == target or target in run.path.resolve().parents
-                   for run in c.runs):  # fmt: skip
+            if any(
+                run.path.resolve() == target or target in run.path.resolve().parents
+                for run in c.runs
+            ):
                 return index
         raise UserError(f"--baseline {wanted}: no compared run is at or under that path")
     words = wanted.split()
     exact = [i for i, c in enumerate(configurations) if c.label == wanted]
     matches = exact or [
-        i for i, c in enumerate(configurations) if all(w in c.label.split() or w in c.label
-                                                       for w in words)
-    ]  # fmt: skip
+        i for i, c in enumerate(configurations) if all(word in c.label for word in words)
+    ]
     if len(matches) == 1:
         return matches[0]
     labels = "; ".join(c.label for c in configurations)
@@ -106,10 +115,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"none of the {len(runs)} run(s) found has finished")
     metric = args.metric or str(finished[0].summary.get("primary_metric") or "loss")  # type: ignore[union-attr]
     split = args.split or next(
-        (s for s in table.SPLITS if any(table.value_of(r, s, metric) is not None
-                                        for r in finished)),
+        (
+            s
+            for s in table.SPLITS
+            if any(table.value_of(r, s, metric) is not None for r in finished)
+        ),
         "valid",
-    )  # fmt: skip
+    )
     kept = []
     for r in finished:
         if table.value_of(r, split, metric) is None:
@@ -135,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
         from nestrnn.compare import figure
         from nestrnn.engine.rundir import METRICS, read_records, writing
 
-        curves = [(c.label, [read_records(r.path / METRICS) for r in c.runs])
-                  for c in configurations]  # fmt: skip
+        curves = [
+            (c.label, [read_records(r.path / METRICS) for r in c.runs]) for c in configurations
+        ]
         with writing(plot):
             figure.save(figure.curves_figure(curves, metric), plot)
         print(f"wrote {plot}", file=sys.stderr if args.json else sys.stdout)

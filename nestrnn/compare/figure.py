@@ -46,8 +46,15 @@ def curves_figure(
         if not steps:
             continue
         colour = f"C{i % 10}"
-        ax.plot(steps, means, color=colour, linewidth=1.8, marker="o", markersize=3,
-                label=f"{label} (n={len(runs)})")  # fmt: skip
+        ax.plot(
+            steps,
+            means,
+            color=colour,
+            linewidth=1.8,
+            marker="o",
+            markersize=3,
+            label=f"{label} (n={len(runs)})",
+        )
         if all(sd is not None for sd in sds):
             low = [m - s for m, s in zip(means, sds)]  # type: ignore[operator]
             high = [m + s for m, s in zip(means, sds)]  # type: ignore[operator]
@@ -56,8 +63,14 @@ def curves_figure(
     if drawn:
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, f"no validation values of {metric!r}", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            f"no validation values of {metric!r}",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"valid {metric} (mean ± sd over seeds)")
     ax.grid(True, linewidth=0.3, alpha=0.5)

@@ -24,8 +24,14 @@ from nestrnn.engine.rundir import CONFIG, METRICS, SUMMARY, read_records, read_s
 from nestrnn.errors import UserError
 
 #: keys left out of a configuration's identity: the seed, and what does not change the result
-IGNORED = ("train.seed", "train.device", "train.threads", "train.progress", "train.log_every",
-           "train.checkpoint_every")  # fmt: skip
+IGNORED = (
+    "train.seed",
+    "train.device",
+    "train.threads",
+    "train.progress",
+    "train.log_every",
+    "train.checkpoint_every",
+)
 IGNORED_PREFIXES = ("log.",)
 
 

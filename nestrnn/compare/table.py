@@ -99,8 +99,16 @@ def cells(row: dict[str, Any]) -> list[str]:
 
 
 def header(metric: str, split: str) -> list[str]:
-    return ["configuration", "n", f"{split} {metric} mean ± sd", "95% CI", "vs baseline", "p (test)",
-            "wall s", "steps"]  # fmt: skip
+    return [
+        "configuration",
+        "n",
+        f"{split} {metric} mean ± sd",
+        "95% CI",
+        "vs baseline",
+        "p (test)",
+        "wall s",
+        "steps",
+    ]
 
 
 def notes(table: Sequence[dict[str, Any]]) -> list[str]:
