@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install matplotlib") from None
-    stats._scipy_stats()  # missing scipy: an error before any work
+    stats.scipy_stats()  # missing scipy: an error before any work
     runs = found.find_runs(args.paths)
     if not runs:
         raise UserError(f"no run directories (with {found.CONFIG}) under {' '.join(args.paths)}")

@@ -35,9 +35,14 @@ def curves_figure(
     configurations: Sequence[tuple[str, Sequence[Sequence[dict[str, Any]]]]], metric: str
 ) -> Any:
     """``configurations``: (label, the metrics.jsonl records of each of its runs)."""
+    from matplotlib.figure import Figure
+
     from nestrnn import figures
 
-    fig = figures._figure(figures.curves_size(1))
+    width, height = figures.curves_size(1)
+    fig = Figure(
+        figsize=(width / figures.DPI, height / figures.DPI), dpi=figures.DPI, layout="constrained"
+    )
     ax = fig.subplots()
     drawn = False
     for i, (label, runs) in enumerate(configurations):

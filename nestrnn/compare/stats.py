@@ -19,7 +19,7 @@ from nestrnn.errors import UserError
 EXTRA = "compare"
 
 
-def _scipy_stats() -> Any:
+def scipy_stats() -> Any:
     """``scipy.stats``; a UserError naming the extra when scipy is missing."""
     try:
         from scipy import stats
@@ -49,7 +49,7 @@ def describe(values: Sequence[float], confidence: float = 0.95) -> Summary:
     if n < 2:
         return Summary(n, mean, None, None)
     sd = statistics.stdev(values)
-    half = _scipy_stats().t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = scipy_stats().t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return Summary(n, mean, sd, (mean - half, mean + half))
 
 
@@ -73,7 +73,7 @@ def paired_t(values: Sequence[float], baseline: Sequence[float]) -> Test:
     differences = [a - b for a, b in zip(values, baseline)]
     if len(differences) < 2 or max(differences) == min(differences):
         return Test("paired", None)
-    return Test("paired", _finite(_scipy_stats().ttest_rel(values, baseline).pvalue))
+    return Test("paired", _finite(scipy_stats().ttest_rel(values, baseline).pvalue))
 
 
 def welch_t(values: Sequence[float], baseline: Sequence[float]) -> Test:
@@ -83,7 +83,7 @@ def welch_t(values: Sequence[float], baseline: Sequence[float]) -> Test:
         return Test("welch", None)
     if statistics.stdev(values) == 0 and statistics.stdev(baseline) == 0:
         return Test("welch", None)
-    result = _scipy_stats().ttest_ind(values, baseline, equal_var=False)
+    result = scipy_stats().ttest_ind(values, baseline, equal_var=False)
     return Test("welch", _finite(result.pvalue))
 
 
