@@ -125,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
     kept = []
     for r in finished:
         if table.value_of(r, split, metric) is None:
-            _skip(r.path, f"no {split} {metric} in its summary.json")
+            hint = (
+                "; compare the best validation values with --split valid" if split == "test" else ""
+            )
+            _skip(r.path, f"no {split} {metric} in its summary.json{hint}")
         else:
             kept.append(r)
     if not kept:
