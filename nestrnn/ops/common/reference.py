@@ -37,16 +37,17 @@ def _identity_(t: Tensor) -> Tensor:
     return t
 
 
+def _hardtanh_(t: Tensor) -> Tensor:
+    return t.clamp_(-1, 1)
+
+
+#: the activations whose in-place form is not the Tensor method ``<name>_``
+_INPLACE_SPECIAL = {"identity": _identity_, "hardtanh": _hardtanh_, "softsign": _softsign_}
+
 #: name -> the activation in place (``t = act(t)``, returning t), for every name of ACTIVATIONS
 ACTIVATIONS_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
-    "sigmoid": Tensor.sigmoid_,
-    "tanh": Tensor.tanh_,
-    "identity": _identity_,
-    "relu": Tensor.relu_,
-    "hardtanh": lambda t: t.clamp_(-1, 1),
-    "softsign": _softsign_,
+    name: _INPLACE_SPECIAL.get(name) or getattr(Tensor, f"{name}_") for name in ACTIVATIONS
 }
-assert ACTIVATIONS_INPLACE.keys() == ACTIVATIONS.keys()
 
 
 def additive(gated_cell: Tensor, gated_input: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
