@@ -2,12 +2,10 @@
 
 ``torch.export``, ``ExportedProgram.run_decompositions()`` and ``torch.onnx.export(dynamo=True)``
 need nothing: the op decomposes into core ATen ops and one scan over time
-(``nestrnn.ops.nested_lstm.decompose``), an ONNX ``Scan`` that runs any sequence length. This
-translation table is an alternative that unrolls the time loop into plain ONNX ops, for runtimes
-without ``Scan`` (export with a static sequence length)::
+(``nestrnn.ops.nested_lstm.decompose``, whose body is the reference cell step), an ONNX ``Scan``
+that runs any sequence length::
 
-    torch.onnx.export(model, (x,), dynamo=True,
-                      custom_translation_table=nestrnn.onnx_translation_table())
+    torch.onnx.export(model, (x,), dynamo=True)
 
 To run a traced or exported model where nestrnn is not installed (a C++ program, a server),
 load the library of ``library_path()`` there first: it defines ``nestrnn::nested_lstm``.
@@ -15,15 +13,23 @@ load the library of ``library_path()`` there first: it defines ``nestrnn::nested
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 
 def onnx_translation_table() -> dict[Callable, Callable]:
-    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)`` (needs onnxscript)."""
-    from nestrnn.ops.nested_lstm.onnx import onnx_translation_table as table
-
-    return table()
+    """Deprecated: an empty ``custom_translation_table``, so that exports which pass it keep
+    working. ONNX export needs no table: the op's decomposition (a ``Scan`` whose body is the
+    reference cell step) covers every model, at any sequence length."""
+    warnings.warn(
+        "nestrnn.onnx_translation_table() is deprecated and returns an empty table: "
+        "torch.onnx.export(dynamo=True) exports NestedLSTM without one (an ONNX Scan that runs "
+        "any sequence length)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return {}
 
 
 def library_path() -> Path:

@@ -522,3 +522,16 @@ def test_opcheck_every_op(depth, mode):
     needs = [True, True, True, *(w.numel() > 0 for w in flat)]
     backward_args = (x, flat, h0, out, *saved, bs, variant, args[6], "auto", *grads, needs)
     torch.library.opcheck(torch.ops.nestrnn.nested_lstm_backward.default, backward_args)
+
+
+def test_every_activation_in_place_computes_the_activation():
+    """The PyTorch loop activates its buffers in place: one table, for every activation name."""
+    from nestrnn.activations import ACTIVATIONS
+    from nestrnn.ops.common.reference import ACTIVATIONS_INPLACE
+
+    assert list(ACTIVATIONS_INPLACE) == list(ACTIVATIONS)
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    for name, activation in ACTIVATIONS.items():
+        y = x.clone()
+        ACTIVATIONS_INPLACE[name](y)
+        torch.testing.assert_close(y, activation(x), rtol=0, atol=0, msg=name)

@@ -120,24 +120,6 @@ def test_onnx_export_runs_in_onnxruntime_like_eager(tmp_path, depth):
     close([torch.from_numpy(g) for g in got], [out, h, c])
 
 
-def test_onnx_translation_refuses_a_dynamic_sequence_length():
-    pytest.importorskip("onnxscript")
-    steps = torch.export.Dim("steps", min=2, max=64)
-    with (
-        pytest.raises(Exception, match="sequence length must be static"),
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model(2).eval(),
-            (torch.randn(6, 3, 8),),
-            dynamo=True,
-            dynamic_shapes=({0: steps},),
-            custom_translation_table=nestrnn.onnx_translation_table(),
-            verbose=False,
-        )
-
-
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_legacy_onnx_export_is_a_clear_error(tmp_path, depth):
     """The TorchScript-based exporter cannot translate the op: it says so (never a
@@ -369,3 +351,9 @@ def test_nn_lstm_error_inputs_raise_the_same_exception_types():
             m = NestedLSTM(*construct.args, **construct.kwargs)
             with pytest.raises(error):
                 m(*inputs.forward_input.args, **inputs.forward_input.kwargs)
+
+
+def test_onnx_translation_table_is_deprecated_and_empty():
+    """ONNX export needs no table: the old argument still works, and says so."""
+    with pytest.warns(DeprecationWarning, match="exports NestedLSTM without one"):
+        assert nestrnn.onnx_translation_table() == {}

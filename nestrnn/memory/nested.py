@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from nestrnn.activations import ACTIVATIONS, check_activation
+from nestrnn.activations import check_activation
 from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.base import FusedLevel, MemoryFunction, State
 from nestrnn.memory.build import build_memory, inherited_options
 from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.reference import nested_level_step
 
 DEFAULT_ACTIVATIONS = {
     "gate_activation": "sigmoid",
@@ -34,6 +34,8 @@ class NestedMemory(MemoryFunction):
         i, f, o = gate_activation(.);  g = candidate_activation(g)
         c_inner = inner(f * c_inner_prev, i * g)
         cell    = o * cell_activation(c_inner)        # the new cell of the level above
+
+    (``nested_level_step`` of ``nestrnn/ops/common/reference.py``, the one definition of a level.)
 
     Parameters are named like ``nn.LSTMCell``: ``weight_ih`` (4H, H), ``weight_hh`` (4H, H),
     ``bias_ih``, ``bias_hh`` (4H,). State: this level's cell followed by ``inner``'s state.
@@ -115,17 +117,13 @@ class NestedMemory(MemoryFunction):
     def forward(
         self, gated_cell: Tensor, gated_input: Tensor, state: State
     ) -> tuple[Tensor, State]:
-        own_cell, inner_state = state[0], tuple(state[1:])
-        gates = F.linear(gated_input, self.weight_ih, self.bias_ih) + F.linear(
-            gated_cell, self.weight_hh, self.bias_hh
-        )
-        i, f, g, o = gates.chunk(4, dim=1)
-        gate = ACTIVATIONS[self.activations["gate_activation"]]
-        i, f, o = gate(i), gate(f), gate(o)
-        g = ACTIVATIONS[self.activations["candidate_activation"]](g)
-        new_own_cell, new_inner_state = self.inner(f * own_cell, i * g, inner_state)
-        cell = ACTIVATIONS[self.activations["cell_activation"]](new_own_cell)
-        return o * cell, (new_own_cell, *new_inner_state)
+        inner_state = tuple(state[1:])
+
+        def update(cell: Tensor, input: Tensor) -> tuple[Tensor, State]:
+            return self.inner(cell, input, inner_state)
+
+        weights, activations = self.level_weights(), self.level_activations()
+        return nested_level_step(gated_cell, gated_input, state[0], weights, activations, update)
 
     def level_weights(self) -> LevelWeights:
         return LevelWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

@@ -13,9 +13,8 @@
     torch_loop.py   the time loops in plain PyTorch, any device
     triton_loop.py  the Triton kernels on CUDA (with triton_kernels.py)
     decompose.py    the op in core ATen ops, for run_decompositions() and ONNX export
-    onnx.py         an optional hand translation for ``torch.onnx.export(dynamo=True)``
     projected.py    a layer with nn.LSTM's projection (proj_size), which the kernels lack
-    naive.py        the reference
+    naive.py        the reference: the time loop around ops/common/reference.py's cell step
 
 Design and measurements: docs/design.md.
 """

@@ -10,7 +10,7 @@ op's own autograd and backend kernels take precedence over a CompositeImplicitAu
 and ``torch.compile`` records the op whole (the kernel declines outside ``torch.export``).
 
 The decomposition is one ``scan`` (``torch.ops.higher_order.scan``) over time whose body is one
-step of the reference cell (``naive.nested_cell_step``): the graph does not grow with the sequence
+step of the reference cell (``ops/common/reference.py``: ``nested_cell_step``): the graph does not grow with the sequence
 length, a dynamic time dimension stays dynamic, and ONNX receives a ``Scan``.
 """
 
@@ -24,8 +24,8 @@ from torch._higher_order_ops.scan import scan_op
 from torch._subclasses.fake_tensor import FakeTensor
 
 from nestrnn.ops.common.levels import decode_activations, state_dtype
+from nestrnn.ops.common.reference import nested_cell_step
 from nestrnn.ops.nested_lstm import op, projected  # noqa: F401 (defines the second op registered below)
-from nestrnn.ops.nested_lstm.naive import nested_cell_step
 
 __all__ = ["nested_lstm_decomposed", "projected_decomposed"]
 
@@ -101,12 +101,10 @@ def _decomposed(
         # the weights come in as the scan's own inputs: a traced body may not close over
         # tensors of the graph around it
         inputs, given = rest[: len(xs)], rest[len(xs) :]
-        level_weights = given if weight_hr is None else given[:-1]
+        level_weights, w_hr = (given, None) if weight_hr is None else (given[:-1], given[-1])
         h_new, cells = nested_cell_step(
-            inputs[0], h, list(c.unbind(0)), op.levels_of(level_weights), acts
+            inputs[0], h, c.unbind(0), op.levels_of(level_weights), acts, w_hr
         )
-        if weight_hr is not None:
-            h_new = torch.nn.functional.linear(h_new, given[-1])
         c_new = torch.stack(cells)
         if batch_sizes is None:
             return h_new, c_new, h_new.clone()

@@ -1,7 +1,8 @@
 """Plain PyTorch reference for one direction of one Nested LSTM layer.
 
-Every implementation of the op is tested against this. It follows the equations of
-docs/design.md line by line, uses autograd for the backward pass, and makes no attempt to be fast.
+Every implementation of the op is tested against this. Each step is the reference cell
+(``ops/common/reference.py``: ``nested_cell_step``) under autograd; this adds the time loop and
+the rows of a packed batch, and makes no attempt to be fast.
 
 Shapes (T = steps, B = batch, I = input size, H = hidden size, D = memory levels):
 
@@ -21,44 +22,15 @@ Shapes (T = steps, B = batch, I = input size, H = hidden size, D = memory levels
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from nestrnn.activations import ACTIVATIONS
 from nestrnn.ops.common.levels import (
     LevelActivations,
     LevelWeights,
     standard_activations,
     time_order,
 )
-
-
-def nested_cell_step(
-    x_t: Tensor,
-    h: Tensor,
-    cells: list[Tensor],
-    weights: list[LevelWeights],
-    activations: tuple[LevelActivations, ...],
-) -> tuple[Tensor, list[Tensor]]:
-    """One step of the full nested cell. ``x_t`` (B, I), ``h`` (B, H), ``cells`` D x (B, H)."""
-    depth = len(weights)
-    level_input, level_hidden = x_t, h  # level 0: x_t and h; level k: x~ and h~ of level k-1
-    gated_inputs, gated_cells, out_gates = [], [], []
-    for k in range(depth):
-        w_ih, w_hh, b_ih, b_hh = weights[k]
-        act = activations[k]
-        gate, candidate = ACTIVATIONS[act.gate], ACTIVATIONS[act.candidate]
-        gates = F.linear(level_input, w_ih, b_ih) + F.linear(level_hidden, w_hh, b_hh)
-        i, f, g, o = gates.chunk(4, dim=1)
-        i, f, g, o = gate(i), gate(f), candidate(g), gate(o)
-        gated_inputs.append(i * g)
-        gated_cells.append(f * cells[k])
-        out_gates.append(o)
-        level_input, level_hidden = gated_inputs[-1], gated_cells[-1]
-    new_cells = [gated_cells[-1] + gated_inputs[-1]]  # the innermost level adds
-    for k in range(depth - 1, 0, -1):  # ascent: c^{k-1} = o_k * act_k(c^k)
-        new_cells.insert(0, out_gates[k] * ACTIVATIONS[activations[k].cell](new_cells[0]))
-    return out_gates[0] * ACTIVATIONS[activations[0].cell](new_cells[0]), new_cells
+from nestrnn.ops.common.reference import nested_cell_step
 
 
 def nested_lstm_naive(
@@ -79,9 +51,7 @@ def nested_lstm_naive(
     h, cells = h0, list(c0.unbind(0))
     outputs: list[Tensor | None] = [None] * steps
     for t in time_order(steps, reverse):
-        h_new, cells_new = nested_cell_step(x[t], h, cells, weights, activations)
-        if weight_hr is not None:
-            h_new = F.linear(h_new, weight_hr)
+        h_new, cells_new = nested_cell_step(x[t], h, cells, weights, activations, weight_hr)
         active = None if batch_sizes is None else int(batch_sizes[t])
         if active is None or active == batch:
             h, cells = h_new, cells_new

@@ -4,7 +4,9 @@ It runs where neither the C loop nor the Triton kernels can (no C compiler, CUDA
 or a device the kernels do not serve). Same phases as the C loop: one GEMM for the outer input
 projection of every step, then per step one GEMM per level and the pointwise math; the backward
 loop computes gate and state gradients only (``gradients.py`` does the rest). Inputs arrive in
-the state dtype (the op casts half precision to float32 first).
+the state dtype (the op casts half precision to float32 first). It computes what the reference
+cell (``ops/common/reference.py``) computes, with its activations applied in place
+(``ACTIVATIONS_INPLACE``) into saved buffers, and a backward written by hand.
 """
 
 from __future__ import annotations
@@ -14,29 +16,16 @@ from torch import Tensor
 
 from nestrnn.activations import output_derivative
 from nestrnn.ops.common.levels import LevelActivations, LevelWeights, time_order
+from nestrnn.ops.common.reference import ACTIVATIONS_INPLACE
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
-
-
-def _activate_(name: str, t: Tensor) -> None:
-    """t = act(t), in place."""
-    if name == "sigmoid":
-        t.sigmoid_()
-    elif name == "tanh":
-        t.tanh_()
-    elif name == "relu":
-        t.relu_()
-    elif name == "hardtanh":
-        t.clamp_(-1, 1)
-    elif name == "softsign":
-        t.div_(t.abs().add_(1))
 
 
 def _activate_gates_(z: Tensor, act: LevelActivations) -> None:
     """Activate one level's (rows, 4H) pre-activations i, f, g, o in place."""
     i_f, g, o = z.tensor_split((2 * z.shape[1] // 4, 3 * z.shape[1] // 4), dim=1)
-    _activate_(act.gate, i_f)
-    _activate_(act.candidate, g)
-    _activate_(act.gate, o)
+    ACTIVATIONS_INPLACE[act.gate](i_f)
+    ACTIVATIONS_INPLACE[act.candidate](g)
+    ACTIVATIONS_INPLACE[act.gate](o)
 
 
 def _nested_weights(weights: list[LevelWeights]) -> list[tuple[Tensor, Tensor | None] | None]:
@@ -102,7 +91,7 @@ def forward(
             cells[k, new, :r] = c
             act_c = act_cells[k, t, :r]
             act_c.copy_(c)
-            _activate_(activations[k].cell, act_c)
+            ACTIVATIONS_INPLACE[activations[k].cell](act_c)
             c = gates[k, t, :r, 3 * hidden :] * act_c
         h[:r] = c
         out[t, :r] = c

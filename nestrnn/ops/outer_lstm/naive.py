@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestrnn.activations import ACTIVATIONS
-from nestrnn.ops.common.levels import LevelWeights, time_order
+from nestrnn.ops.common.levels import LevelActivations, LevelWeights, time_order
+from nestrnn.ops.common.reference import level_step
 
 if TYPE_CHECKING:
     from nestrnn.memory.base import MemoryFunction
@@ -40,7 +40,8 @@ def outer_step(
     candidate_activation: str,
     weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One step of the outer LSTM around ``memory``.
+    """One step of the outer LSTM around ``memory``: the reference level step
+    (``ops/common/reference.py``) with the memory function as its cell update.
 
     Args:
         projected_input: ``W_ih x_t + b_ih``, (B, 4H).
@@ -49,15 +50,17 @@ def outer_step(
     Returns:
         ``(h_t, (c^0_t, *memory_state_t))``.
     """
-    gates = projected_input + F.linear(h, weights.weight_hh, weights.bias_hh)
-    i, f, g, o = gates.chunk(4, dim=1)
-    i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
-    g = ACTIVATIONS[candidate_activation](g)
-    cell, state = memory(f * cells[0], i * g, tuple(cells[1:]))
-    h_new = o * cell.tanh()
+    rest = tuple(cells[1:])
+
+    def update(gated_cell: Tensor, gated_input: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return memory(gated_cell, gated_input, rest)
+
+    # the gates and the cell activation are an LSTM's; the candidate's is the memory's choice
+    activations = LevelActivations(candidate=candidate_activation)
+    h_new, state = level_step(projected_input, h, cells[0], weights, activations, update)
     if weight_hr is not None:
         h_new = F.linear(h_new, weight_hr)
-    return h_new, (cell, *state)
+    return h_new, state
 
 
 def outer_lstm_naive(

@@ -8,8 +8,8 @@ with the C++ compiler (``$CXX``, else ``c++``), once per torch and Python versio
 (``_BUILD_COST``: a line on stderr says so when it starts), into the same cache as the CPU kernel
 and under the same rules (``ops/common/build_cache.py``).
 
-When they cannot be built (no C++ compiler or Python headers, an unwritable cache) stepwise.py's
-Python nodes do the same work: ``status()`` says why. ``NESTRNN_NATIVE_NODES=0`` turns them off;
+When they cannot be built (no C++ compiler or Python headers, an unwritable cache) stepwise.py
+runs every step through its gates node and autograd: ``status()`` says why. ``NESTRNN_NATIVE_NODES=0`` turns them off;
 ``python -m nestrnn.ops`` builds them ahead of time.
 """
 
@@ -60,7 +60,7 @@ _load = build_cache.LoadOnce(
     _try_load,
     "NESTRNN_NATIVE_NODES",
     "native step nodes",
-    "memory functions of your own run with Python step nodes, a little slower",
+    "memory functions of your own run without them, a little slower",
 )
 
 
@@ -110,7 +110,7 @@ def build(target: Path | None = None) -> Path:
         what="the step nodes",
         announce=f"compiling the native step nodes for memory functions of your own into "
         f"{target.parent}, once per torch and Python version and user: about {_BUILD_COST} "
-        f"(NESTRNN_NATIVE_NODES=0 uses slower Python nodes instead)",
+        f"(NESTRNN_NATIVE_NODES=0 runs without them, a little slower)",
         defines=[f"-DNESTRNN_MODULE_NAME={_MODULE}"],
         includes=_includes(),
         libraries=("c10", "torch", "torch_cpu", "torch_python"),

@@ -11,10 +11,10 @@ the C kernel, as in the whole-sequence op:
   weight packed once per call), the gate activations and the two inputs of the memory function,
   ``f * c_{t-1}`` and ``i * g``; its backward writes the gate gradients into ``dz`` and returns
   those of h_{t-1} and c_{t-1};
-* ``_Transition``: what lies between two memory calls, in one node and one kernel call: this
-  step's ``h_t = o * tanh(c_t)``, written into the output (T, B, H), and the next step's gates
-  from it; ``_Output``: the last step's h, and the output as one tensor. Native (C++) nodes do
-  the same work where they could be built (``native_nodes.py``).
+* the native (C++) nodes of ``native_nodes.py``: ``transition``, what lies between two memory
+  calls, in one node and one kernel call: this step's ``h_t = o * tanh(c_t)``, written into the
+  output (T, B, H), and the next step's gates from it; ``output``, the last step's h, and the
+  output as one tensor.
 
 Where the outer weights are small (``fuses_input``), the steps' GEMMs take the input too, while
 it is in cache: ``z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T`` in the forward, instead of the
@@ -25,21 +25,22 @@ Each of these nodes also takes a ``link`` tensor from the step before and gives 
 h_t depends on the step's gates whatever the memory function does with its inputs, so the
 backward must reach every earlier step (and the prologue) even from a memory function that
 detaches them, or ignores them. A link has the output's shape and no memory (zero strides): the
-output's gradient, which ``_Output``'s backward receives, goes down the links to every step, so
+output's gradient, which the ``output`` node's backward receives, goes down the links to every step, so
 that no step needs a gradient tensor of its own, and none is kept from one backward to the next.
 
 Autograd then runs one backward pass over the whole sequence: one node of ours per step besides
 the memory function's, instead of the ~20 small ops of the naive path, and no weight gradient
 inside the loop. A packed batch, whose active rows change from step to step, keeps ``_GatesStep``
-at every step and computes h with plain autograd. This path runs on CPU in float32 and float64
-when the CPU kernel is available (see ``applies``); shapes as in ``naive.py``, without a
-projection.
+at every step and computes h with plain autograd (``_step_loop``); so does every batch where the
+native nodes cannot be built (no C++ compiler or Python headers, ``NESTRNN_NATIVE_NODES=0``): at
+(B, H, T) = (32, 256, 100), forward and backward, that is 3-4x the speed of the naive path and
+close to the native nodes'. This path runs on CPU in float32 and float64 when the CPU kernel is
+available (see ``applies``); shapes as in ``naive.py``, without a projection.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,8 +88,7 @@ class _Sequence:
     each step's GEMM, ``xh``, which the weight gradients read: (T, B, I + H) = [x_t | h_{t-1}]
     where the steps do the input projection, else (T, B, H) = h_{t-1}; ``act_cells`` (T, B, H),
     tanh of each new cell; ``dz`` (T, B, 4H) and ``db`` (T, 4H), the gate and bias gradients the
-    steps' backwards leave for the prologue's; unless the batch is packed, the ``output``
-    (T, B, H) the steps write their h into, until ``_Output`` returns it; and where the steps
+    steps' backwards leave for the prologue's; and where the steps
     compute x's gradient, that gradient (T, B, I), which the prologue's backward takes
     (``take_dx``). The steps address them by pointer arithmetic (``z`` and the like): a view
     costs about a microsecond, a step tens."""
@@ -122,9 +122,8 @@ class _Sequence:
         self.act_cells = WORKSPACE.empty((steps, batch, hidden), dtype, device)
         # each step's bias gradient (T, 4H)
         self.db = WORKSPACE.empty((steps, 4 * hidden), dtype, device) if self.bias_grad else None
-        self.output = None if packed else x.new_empty(steps, batch, hidden)
-        # (B, H) for d h, then (B, H + I) for the backward's GEMM (the kernel's "wide")
-        self.scratch = x.new_empty(batch, 2 * hidden + self.in_size)
+        # (B, H + I) for the gates' backward GEMM (the kernel's "wide")
+        self.scratch = x.new_empty(batch, hidden + self.in_size)
         self._dx: Tensor | None = None
         # per step, whether a backward wrote its gate gradients into dz (the others' must be 0),
         # and whether one wrote the o gradient of its output (else the gates' backward takes 0):
@@ -134,12 +133,10 @@ class _Sequence:
         self.reached = view.from_address(self.flags.data_ptr())
         self.output_reached = view.from_address(self.flags[1].data_ptr())
         self.gates_ptr, self.dz_ptr = self.gates.data_ptr(), self.dz.data_ptr()
-        self.act_ptr = self.act_cells.data_ptr()
         self.stride = batch * 4 * hidden * x.element_size()  # bytes from one step to the next
-        self.state_stride = batch * hidden * x.element_size()
         self.input_stride = batch * in_size * x.element_size()
         self.xh_stride = batch * (self.in_fwd + hidden) * x.element_size()
-        self.wide = self.scratch.data_ptr() + self.state_stride
+        self.wide = self.scratch.data_ptr()
         self.bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
         self.db_ptr = 0 if self.db is None else self.db.data_ptr()
         kernel = native.kernel()
@@ -148,22 +145,22 @@ class _Sequence:
         w_back = torch.cat([w_hh, w_ih], 1) if self.input_grad else w_hh
         self.w_fwd = kernel.matrix(w_fwd, transposed=True, rows=batch)  # xh [W_ih | W_hh]^T
         self.w_back = kernel.matrix(w_back, transposed=False, rows=batch)  # dz [W_hh | W_ih]
-        for name in ("outer_gates", "outer_transition", "outer_output"):
-            setattr(self, name, kernel.step_function(name, x.dtype))
-            setattr(self, f"{name}_backward", kernel.step_function(f"{name}_backward", x.dtype))
+        self.outer_gates = kernel.step_function("outer_gates", x.dtype)
+        self.outer_gates_backward = kernel.step_function("outer_gates_backward", x.dtype)
         self.nodes = None if packed else self._native_sequence(kernel, w_fwd, w_back)
 
     def _native_sequence(self, kernel: native.Kernel, w_fwd: Tensor, w_back: Tensor):
-        """What the native nodes share (they own the weight matrices from then on), or None
-        when they are unavailable: then ``_Transition`` and ``_Output`` do their work."""
+        """What the native nodes share (they own the weight matrices and the output from then
+        on), or None when they are unavailable: then every step runs ``_GatesStep``."""
         nodes = native_nodes.module()
         if nodes is None:
             return None
         dtype = w_fwd.dtype
+        output = self.gates.new_empty(self.state_shape)  # the steps write their h into it
         functions = ("outer_transition", "outer_transition_backward", "outer_output",
                      "outer_output_backward")  # fmt: skip
         sequence = nodes.Sequence(
-            self.gates, self.dz, self.xh, self.act_cells, self.output, self.flags, self.bias,
+            self.gates, self.dz, self.xh, self.act_cells, output, self.flags, self.bias,
             self.db, self.x, self.in_size, w_fwd, w_back, self.w_fwd.handle, self.w_back.handle,
             kernel.matrix_free_address(dtype),
             (self.gate, self.candidate, self.cell),
@@ -171,7 +168,6 @@ class _Sequence:
         )  # fmt: skip
         self.w_fwd.release()
         self.w_back.release()
-        self.output = None  # the native Sequence holds it (see _Output)
         return sequence
 
     def link(self) -> Tensor:
@@ -185,14 +181,6 @@ class _Sequence:
     def dz_at_step(self, t: int) -> int:
         """Address of step t's gate gradients."""
         return self.dz_ptr + t * self.stride
-
-    def act(self, t: int) -> int:
-        """Address of tanh of step t's new cell."""
-        return self.act_ptr + t * self.state_stride
-
-    def output_at(self, t: int) -> int:
-        """Address of step t's h in the output."""
-        return self.output.data_ptr() + t * self.state_stride
 
     def x_at(self, t: int) -> int:
         """Address of x_t where the steps do the input projection, else 0."""
@@ -225,12 +213,6 @@ class _Sequence:
             return self.nodes.take_input_grad()
         dx, self._dx = self._dx, None
         return dx
-
-    def d_h(self, d_output: Tensor | None, t: int) -> Tensor:
-        """Step t's h gradient, from the output's gradient (None: the loss did not use it)."""
-        if d_output is None:
-            return self.scratch.new_zeros(self.batch, self.hidden)
-        return d_output[t]
 
 
 class _Prologue(torch.autograd.Function):
@@ -303,7 +285,7 @@ class _GatesStep(torch.autograd.Function):
         (c_prev,) = ctx.saved_tensors
         seq, t, rows = ctx.seq, ctx.t, c_prev.shape[0]
         grads = [_grad(g, c_prev) for g in (d_gated_cell, d_gated_input)]
-        d_o = None  # the o gradient is in dz already, from this step's _Transition or _Output
+        d_o = None  # the o gradient is in dz already, from this step's native transition or output
         if d_out_gate is not None or not seq.output_reached[t]:
             d_o = _grad(d_out_gate, c_prev)  # held here until the kernel has read it
         dc_prev, dh_prev = torch.empty_like(c_prev), torch.empty_like(c_prev)
@@ -314,75 +296,6 @@ class _GatesStep(torch.autograd.Function):
                                  seq.db_at(t), seq.in_size, seq.dx_at(t), seq.wide)  # fmt: skip
         seq.reached[t] = True
         return c_prev.new_empty(0), dh_prev, dc_prev, None, None
-
-
-class _Transition(torch.autograd.Function):
-    """The new cell c_t of step t, every row active, and the link from the step before -> the
-    next step's ``f * c_t`` and ``i * g`` (its ``_GatesStep`` and this step's output in one node
-    and one kernel call), and a link to the next step; h_t goes into the output."""
-
-    @staticmethod
-    def forward(ctx, seq: _Sequence, cell, _link, t: int, t_next: int):
-        cell = cell.contiguous()
-        gated_cell, gated_input = torch.empty_like(cell), torch.empty_like(cell)
-        seq.outer_transition(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
-                             seq.w_fwd.handle, seq.bias_ptr, seq.in_fwd, seq.z(t), cell.data_ptr(),
-                             seq.act(t), seq.output_at(t), seq.x_at(t_next), seq.xh_at(t_next),
-                             seq.z(t_next), gated_cell.data_ptr(),
-                             gated_input.data_ptr())  # fmt: skip
-        ctx.seq, ctx.t, ctx.t_next = seq, t, t_next
-        ctx.save_for_backward(cell)
-        ctx.set_materialize_grads(False)
-        return gated_cell, gated_input, seq.link()
-
-    @staticmethod
-    def backward(ctx, d_gated_cell, d_gated_input, d_output):
-        _refuse_double_backward(d_gated_cell, d_gated_input, d_output)
-        (cell,) = ctx.saved_tensors
-        seq, t, t_next = ctx.seq, ctx.t, ctx.t_next
-        grads = [seq.d_h(d_output, t), *(_grad(g, cell) for g in (d_gated_cell, d_gated_input))]
-        d_cell = torch.empty_like(cell)
-        if not seq.output_reached[t_next]:  # the next step's h fed nothing the loss used
-            seq.dz[t_next, :, 3 * seq.hidden :].zero_()
-        seq.outer_transition_backward(seq.batch, seq.hidden, seq.gate, seq.candidate, seq.cell,
-                                      seq.w_back.handle, seq.z(t), seq.act(t), seq.z(t_next),
-                                      cell.data_ptr(), *(g.data_ptr() for g in grads),
-                                      seq.dz_at_step(t), seq.dz_at_step(t_next), d_cell.data_ptr(),
-                                      seq.scratch.data_ptr(), seq.db_at(t_next), seq.in_size,
-                                      seq.dx_at(t_next), seq.wide)  # fmt: skip
-        seq.reached[t_next] = seq.output_reached[t] = True
-        return None, d_cell, d_output, None, None
-
-
-class _Output(torch.autograd.Function):
-    """The last step's new cell, every row active, and the link from the step before -> the
-    output (T, B, H), its h last, and that h."""
-
-    @staticmethod
-    def forward(ctx, seq: _Sequence, cell, _link, t: int):
-        cell = cell.contiguous()
-        seq.outer_output(seq.batch, seq.hidden, seq.cell, seq.z(t), cell.data_ptr(), seq.act(t),
-                         seq.output_at(t))  # fmt: skip
-        # the nodes hold seq: were it to hold the output too, the output's grad_fn would hold
-        # the output, a cycle
-        output, seq.output = seq.output, None
-        ctx.seq, ctx.t = seq, t
-        ctx.set_materialize_grads(False)
-        return output, output[t].clone()
-
-    @staticmethod
-    def backward(ctx, d_output, d_h_last):
-        _refuse_double_backward(d_output, d_h_last)
-        seq, t = ctx.seq, ctx.t
-        d_output = None if d_output is None else d_output.contiguous()
-        d_h = seq.d_h(d_output, t).clone()  # the kernel overwrites it
-        if d_h_last is not None:
-            d_h += d_h_last
-        d_cell = torch.empty_like(d_h)
-        seq.outer_output_backward(seq.batch, seq.hidden, seq.cell, seq.z(t), seq.act(t),
-                                  d_h.data_ptr(), seq.dz_at_step(t), d_cell.data_ptr())  # fmt: skip
-        seq.output_reached[t] = True
-        return None, d_cell, d_output, None
 
 
 def _l2_cache_bytes() -> int:
@@ -463,37 +376,32 @@ def outer_lstm_stepwise(
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
     seq = _Sequence(x, weights, candidate_activation, packed)
     token = _Prologue.apply(seq, x, *weights)
-    loop = _packed_loop if packed else _dense_loop
+    loop = _step_loop if seq.nodes is None else _native_loop
     output, h, cells = loop(seq, token, memory, h0, c0, sizes, reverse)
     return output, h, torch.stack(cells)
 
 
-def _dense_loop(seq, token, memory, h0, c0, sizes, reverse):
-    """The time loop when every row is active at every step: per step, the memory function and
-    one node of ours (its output and the next step's gates)."""
+def _native_loop(seq, token, memory, h0, c0, sizes, reverse):
+    """The time loop when every row is active at every step and the native nodes are there: per
+    step, the memory function and one native node (its output and the next step's gates)."""
     order = list(time_order(len(sizes), reverse))
     cells = tuple(c0.unbind(0))
     gated_cell, gated_input, _, link = _GatesStep.apply(token, h0, cells[0], seq, order[0])
     state = cells[1:]
-    if seq.nodes is not None:
-        nodes = native_nodes.module()
-        transition = functools.partial(nodes.transition, seq.nodes)
-        output = functools.partial(nodes.output, seq.nodes)
-    else:
-        transition = functools.partial(_Transition.apply, seq)
-        output = functools.partial(_Output.apply, seq)
+    nodes = native_nodes.module()
     for n, t in enumerate(order):
         cell, state = memory(gated_cell, gated_input, state)
         _check_memory_output(memory, cell, state, gated_cell)
         if n + 1 < len(order):
-            gated_cell, gated_input, link = transition(cell, link, t, order[n + 1])
-    out, h = output(cell, link, order[-1])
+            gated_cell, gated_input, link = nodes.transition(seq.nodes, cell, link, t, order[n + 1])
+    out, h = nodes.output(seq.nodes, cell, link, order[-1])
     return out, h, (cell, *state)
 
 
-def _packed_loop(seq, token, memory, h0, c0, sizes, reverse):
-    """The time loop of a packed batch: the active rows change from step to step, and the rows
-    beyond them keep their state."""
+def _step_loop(seq, token, memory, h0, c0, sizes, reverse):
+    """The time loop of a packed batch (the active rows change from step to step, and the rows
+    beyond them keep their state), and of any batch without the native nodes: per step,
+    ``_GatesStep``, the memory function, and h through autograd."""
     steps = len(sizes)
     h, cells = h0, tuple(c0.unbind(0))
     outputs: list[Tensor] = [h0.new_empty(0)] * steps
