@@ -6,7 +6,6 @@ output, (h_n, c_n) = rnn(x)          # c_n: (depth, layers * directions, batch, 
 """
 
 from nestrnn.cell import NestedLSTMCell
-from nestrnn.export import onnx_translation_table
 from nestrnn.hookspecs import hookimpl
 from nestrnn.layer import NestedLSTM
 from nestrnn.memory import AdditiveMemory, MemoryFunction, NestedMemory, build_memory
@@ -32,7 +31,6 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "memory_names",
-    "onnx_translation_table",
     "register_memory",
     "register_task",
     "safe_globals",

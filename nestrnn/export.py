@@ -13,23 +13,7 @@ load the library of ``library_path()`` there first: it defines ``nestrnn::nested
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-
-
-def onnx_translation_table() -> dict[Callable, Callable]:
-    """Deprecated: an empty ``custom_translation_table``, so that exports which pass it keep
-    working. ONNX export needs no table: the op's decomposition (a ``Scan`` whose body is the
-    reference cell step) covers every model, at any sequence length."""
-    warnings.warn(
-        "nestrnn.onnx_translation_table() is deprecated and returns an empty table: "
-        "torch.onnx.export(dynamo=True) exports NestedLSTM without one (an ONNX Scan that runs "
-        "any sequence length)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return {}
 
 
 def library_path() -> Path:

@@ -113,16 +113,12 @@ def test_onnx_export_of_a_projection_above_depth_one_runs_like_eager(tmp_path):
 
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    import nestrnn
 
     m = NestedLSTM(8, 16, 1, depth=2, proj_size=5).eval()
     x = torch.randn(4, 2, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            m, (x,), dynamo=True, verbose=False,
-            custom_translation_table=nestrnn.onnx_translation_table(),
-        )  # fmt: skip
+        program = torch.onnx.export(m, (x,), dynamo=True, verbose=False)
     program.save(str(tmp_path / "model.onnx"))
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})

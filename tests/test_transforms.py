@@ -108,7 +108,6 @@ def test_onnx_export_runs_in_onnxruntime_like_eager(tmp_path, depth):
             m,
             (torch.randn(6, 3, 8),),
             dynamo=True,
-            custom_translation_table=nestrnn.onnx_translation_table(),
             verbose=False,
         )
     program.save(str(path))
@@ -351,9 +350,3 @@ def test_nn_lstm_error_inputs_raise_the_same_exception_types():
             m = NestedLSTM(*construct.args, **construct.kwargs)
             with pytest.raises(error):
                 m(*inputs.forward_input.args, **inputs.forward_input.kwargs)
-
-
-def test_onnx_translation_table_is_deprecated_and_empty():
-    """ONNX export needs no table: the old argument still works, and says so."""
-    with pytest.warns(DeprecationWarning, match="exports NestedLSTM without one"):
-        assert nestrnn.onnx_translation_table() == {}
