@@ -255,15 +255,36 @@ class Trainer:
         self.optim_cfg = section(config, "optim")
         self.train_cfg = section(config, "train")
         self.dist = dist or DistContext.single()
+        self._echo = echo
+        self._open_run_dir(run_dir, resume, replace)
+        self._choose_device()
+        checkpoint = self.dist.from_main(self._read_last) if resume else None
+        if checkpoint is not None:
+            _check_resumable(checkpoint["config"], config)
+        self._build_data(checkpoint, allow_data_change)
+        self._build_model(checkpoint)
+        self._build_optimizer()
+        self._reset_progress()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            del checkpoint
+        self._wrap_for_processes()
+
+    # ------------------------------------------------------------------ building (no writes)
+
+    def _open_run_dir(self, run_dir: str | Path, resume: bool, replace: Replace) -> None:
+        """The run directory and what this trainer may do to it (nothing is written yet)."""
         self.run = rd.RunDir(run_dir, self.dist.is_main)
         self.replace = replace
         #: whether run_dir holds this run already (resumed, or written by an earlier fit)
         self._continues = resume
-        self._echo = echo
         self._lock: DirectoryLock | None = None
         self._stop: StopSignals | None = None
         self._stop_agreed = False
         self._last_stamp: tuple[int, ...] | None = None  # the last.pt this trainer knows
+
+    def _choose_device(self) -> None:
+        """The device (each process its own GPU under torchrun), the threads, the seeds."""
         tc = self.train_cfg
         self.device = resolve_device(tc.device)
         if self.dist.world_size > 1:
@@ -283,16 +304,19 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         rd.seed_everything(tc.seed)
 
-        checkpoint = self.dist.from_main(self._read_last) if resume else None
+    def _build_data(self, checkpoint: dict[str, Any] | None, allow_data_change: bool) -> None:
+        """The task and its data (a resumed run's: the checkpoint's task state), checked
+        against the checkpoint."""
+        self.task = build_task(self.config, None if checkpoint is None else checkpoint["task"])
         if checkpoint is not None:
-            _check_resumable(checkpoint["config"], config)
-        self.task = build_task(config, None if checkpoint is None else checkpoint["task"])
-        if checkpoint is not None:
-            _check_resume_overrides(checkpoint["config"], config, self.task.carries_state)
+            _check_resume_overrides(checkpoint["config"], self.config, self.task.carries_state)
         self.data_fingerprint = self.task.data_fingerprint()
         if checkpoint is not None and not allow_data_change:
             self._check_same_data(checkpoint.get("data_fingerprint"))
 
+    def _build_model(self, checkpoint: dict[str, Any] | None) -> None:
+        """The model, sized (or as the checkpoint sized it), checked to fit in memory first."""
+        tc = self.train_cfg
         with model_settings():
             if checkpoint is not None:
                 meta = checkpoint["model_meta"]
@@ -312,6 +336,10 @@ class Trainer:
         self.model = model.to(self.device)
         if self.dist.rank:  # its own dropout masks (the model is rank 0's: DDP broadcasts it)
             rd.seed_everything(tc.seed + 7919 * self.dist.rank)
+
+    def _build_optimizer(self) -> None:
+        """The optimizer, the epochs' length and the learning-rate schedule over them."""
+        tc = self.train_cfg
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
         self.eval_batch_size = tc.eval_batch_size or tc.batch_size
         try:
@@ -327,7 +355,8 @@ class Trainer:
         # the schedule spans the planned epochs; train.max_steps only stops early
         self.schedule = LRSchedule(self.optimizer, self.optim_cfg, tc.epochs * self.steps_per_epoch)
 
-        # progress (all of it is in the checkpoint)
+    def _reset_progress(self) -> None:
+        """The progress of a new run (all of it is in the checkpoint: :meth:`_restore`)."""
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
         self.global_step = 0
@@ -341,10 +370,9 @@ class Trainer:
         self.elapsed = 0.0
         self.last_checkpoint_step: int | None = None
 
-        if checkpoint is not None:
-            self._restore(checkpoint)
-            del checkpoint
-        self.net: torch.nn.Module = self.model  # what training calls: DDP over the processes
+    def _wrap_for_processes(self) -> None:
+        """What training calls: the model, in DistributedDataParallel under torchrun."""
+        self.net: torch.nn.Module = self.model
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
