@@ -59,6 +59,13 @@ from nestrnn.engine.resources import Workload, check_fits, minimum_parameters, r
 from nestrnn.engine.rundir import Replace
 from nestrnn.engine.schedule import LRSchedule, build_optimizer
 from nestrnn.engine.stopping import StopSignals
+from nestrnn.engine.tracking import (
+    TIMESCALE_ROWS,
+    TIMESCALE_STATISTIC,
+    TIMESCALE_STEPS,
+    Loggers,
+    build_loggers,
+)
 from nestrnn.models import Sizing, describe_family, size_model
 
 #: with train.threads=0 ("auto"), CPU runs of models smaller than this use one thread
@@ -264,6 +271,7 @@ class Trainer:
         self._build_data(checkpoint, allow_data_change)
         self._build_model(checkpoint)
         self._build_optimizer()
+        self.loggers: Loggers = build_loggers(config, self.run, self.dist.is_main)
         self._reset_progress()
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -597,12 +605,42 @@ class Trainer:
         else:
             kept = (f"the last good checkpoint is {self.run / rd.LAST} (step "
                     f"{self.last_checkpoint_step})")  # fmt: skip
-        self.run.log({"event": "diverged", "epoch": self.epoch + 1, "step": step, "what": what,
+        self.loggers.log_record({"event": "diverged", "epoch": self.epoch + 1, "step": step, "what": what,
                       "value": value})  # fmt: skip
         return TrainingDiverged(
             f"the {what} became {value} at step {step} (epoch {self.epoch + 1}); training stopped "
             f"and {kept}. Try a lower optim.lr or a smaller optim.grad_clip"
         )
+
+    def _log_timescales(self) -> None:
+        """Each memory level's timescale on a fixed validation batch, to the loggers that want
+        them (with log.timescales): measured as ``nestrnn viz`` measures them."""
+        if not (self.config.log.timescales and self.loggers.wants_timescales):
+            return
+        from nestrnn import analysis
+
+        inputs = self._timescale_batch
+        if inputs is None:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            recording = analysis.record_cells(self.model, inputs.to(self.device))
+        finally:
+            self.model.train(was_training)
+        self.loggers.log_timescales(
+            self.global_step,
+            {row.name: getattr(row, TIMESCALE_STATISTIC) for row in analysis.timescales(recording)},
+        )
+
+    @functools.cached_property
+    def _timescale_batch(self) -> Tensor | None:
+        """The first rows and steps of the first validation batch (None: under 3 steps)."""
+        batch = next(
+            iter(self.task.eval_batches("valid", self.eval_batch_size, self.train_cfg.bptt))
+        )
+        inputs = batch.inputs[:TIMESCALE_ROWS, :TIMESCALE_STEPS]
+        return inputs if inputs.dim() > 1 and inputs.shape[1] >= 3 else None
 
     def _accumulate(self, target: dict[str, float], stats: dict[str, float]) -> None:
         for key, value in stats.items():
@@ -648,8 +686,14 @@ class Trainer:
         if self.global_step % tc.log_every == 0:
             record = {"event": "train", "epoch": self.epoch + 1, "step": self.global_step,
                       "lr": self.schedule.lr, "grad_norm": grad_norm}  # fmt: skip
-            record.update(self.task.metrics(self.log_stats))
-            self.run.log(record)
+            metrics = self.task.metrics(self.log_stats)
+            record.update(metrics)
+            self.loggers.log_record(record)
+            self.loggers.log_metrics(
+                self.global_step,
+                {**metrics, "lr": self.schedule.lr, "grad_norm": grad_norm},
+                "train",
+            )
             self.log_stats = {}
         return values[0], grad_norm
 
@@ -740,9 +784,11 @@ class Trainer:
             self.save(rd.BEST)
         else:
             self.bad_epochs += 1
-        self.run.log({"event": "epoch", "epoch": self.epoch, "step": self.global_step,
-                      "lr": self.schedule.lr, "train": train_metrics, "valid": valid,
-                      "best": better})  # fmt: skip
+        self.loggers.log_record({"event": "epoch", "epoch": self.epoch, "step": self.global_step,
+                                 "lr": self.schedule.lr, "train": train_metrics, "valid": valid,
+                                 "best": better})  # fmt: skip
+        self.loggers.log_metrics(self.global_step, valid, "valid")
+        self._log_timescales()
         self.save(rd.LAST)
         seconds = time.perf_counter() - epoch_started
         keys = [k for k in valid if k != "baseline"]
@@ -769,7 +815,11 @@ class Trainer:
         self.dist.from_main(self._take_run_dir)
         self._stop = stop
         try:
-            return self._fit(stop_at)
+            self.loggers.start(self.config, self.run.path, self.global_step)
+            try:
+                return self._fit(stop_at)
+            finally:
+                self.loggers.close()
         finally:
             self._stop = None
             self._release_run_dir()
@@ -805,7 +855,7 @@ class Trainer:
             if reason == "interrupted":
                 signum = self._signal_received()
                 record["signal"] = signal.Signals(signum).name
-            self.run.log(record)
+            self.loggers.log_record(record)
             return Summary(self.run.path, reason, self.epoch, self.global_step, self.elapsed,
                            self.best_epoch, self.best_metrics, {}, self.task.primary_metric,
                            int(signum))  # fmt: skip
@@ -816,8 +866,11 @@ class Trainer:
                 test = self.test()
             except EvaluationStopped:  # the checkpoints are complete: only the test is missing
                 signum = self._signal_received()
-                self.run.log({"event": "stopped", "step": self.global_step, "epoch": self.epoch,
-                              "signal": signal.Signals(signum).name, "during": "test"})  # fmt: skip
+                self.loggers.log_record({"event": "stopped", "step": self.global_step,
+                                         "epoch": self.epoch, "during": "test",
+                                         "signal": signal.Signals(signum).name})  # fmt: skip
+        if self.best_metrics:
+            self.loggers.log_metrics(self.global_step, self.best_metrics, "best")
         summary = Summary(self.run.path, "test_interrupted" if signum else reason, self.epoch,
                           self.global_step, self.elapsed, self.best_epoch, self.best_metrics,
                           test, self.task.primary_metric, int(signum))  # fmt: skip
@@ -839,7 +892,10 @@ class Trainer:
             load_weights(self.model, best["model"], best_path)
         source = "best checkpoint" if best is not None else "current model"
         metrics = self.evaluate("test", max_batches=0)
-        self.run.log({"event": "test", "step": self.global_step, "source": source, **metrics})
+        self.loggers.log_record(
+            {"event": "test", "step": self.global_step, "source": source, **metrics}
+        )
+        self.loggers.log_metrics(self.global_step, metrics, "test")
         return metrics
 
 
