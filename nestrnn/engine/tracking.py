@@ -33,7 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from nestrnn.config import ConfigError, to_container
+from nestrnn.config import ConfigError, LogConfig, to_container
 from nestrnn.engine import rundir as rd
 
 #: the scalar each level's timescale is logged as (see :class:`nestrnn.analysis.Timescale`)
@@ -159,14 +159,23 @@ class Loggers:
     """The enabled loggers, called in order; a guarded one that raises is reported once on
     stderr and disabled (the others carry on)."""
 
-    def __init__(self, loggers: Iterable[Logger], guarded: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        loggers: Iterable[Logger],
+        guarded: dict[int, str] | None = None,
+        timescales: bool = True,
+    ) -> None:
         self.loggers = list(loggers)
+        self.timescales = timescales  # log.timescales
         #: id of each guarded logger -> the name its warning uses
         self._guarded = dict(guarded or {})
 
     @property
     def wants_timescales(self) -> bool:
-        return any(getattr(logger, "wants_timescales", True) for logger in self.loggers)
+        """Whether measuring the timescales is worth it: asked for, and some logger takes them."""
+        return self.timescales and any(
+            getattr(logger, "wants_timescales", True) for logger in self.loggers
+        )
 
     def start(self, config: DictConfig, run_dir: Path, step: int) -> None:
         self._call("start", config, run_dir, step)
@@ -211,7 +220,7 @@ def build_loggers(config: DictConfig, run: rd.RunDir, is_main: bool) -> Loggers:
     """The loggers ``config`` enables (none on processes other than rank 0). Checks everything
     now, before the run writes anything: an unknown ``log.loggers`` name or TensorBoard missing is
     a :class:`ConfigError`."""
-    log = config.log
+    log = config.get("log") or LogConfig()  # a configuration built without the log section
     if not is_main:
         return Loggers([])
     loggers: list[Logger] = [JsonlLogger(run)]
@@ -233,7 +242,7 @@ def build_loggers(config: DictConfig, run: rd.RunDir, is_main: bool) -> Loggers:
             if made is not None:
                 loggers.append(made)
                 guarded[id(made)] = str(name)
-    return Loggers(loggers, guarded)
+    return Loggers(loggers, guarded, timescales=bool(log.timescales))
 
 
 def _make_plugin_logger(factory: Any, name: str) -> Logger | None:

@@ -615,7 +615,7 @@ class Trainer:
     def _log_timescales(self) -> None:
         """Each memory level's timescale on a fixed validation batch, to the loggers that want
         them (with log.timescales): measured as ``nestrnn viz`` measures them."""
-        if not (self.config.log.timescales and self.loggers.wants_timescales):
+        if not self.loggers.wants_timescales:
             return
         from nestrnn import analysis
 
@@ -867,8 +867,8 @@ class Trainer:
             except EvaluationStopped:  # the checkpoints are complete: only the test is missing
                 signum = self._signal_received()
                 self.loggers.log_record({"event": "stopped", "step": self.global_step,
-                                         "epoch": self.epoch, "during": "test",
-                                         "signal": signal.Signals(signum).name})  # fmt: skip
+                                         "epoch": self.epoch, "signal": signal.Signals(signum).name,
+                                         "during": "test"})  # fmt: skip
         if self.best_metrics:
             self.loggers.log_metrics(self.global_step, self.best_metrics, "best")
         summary = Summary(self.run.path, "test_interrupted" if signum else reason, self.epoch,
