@@ -195,3 +195,23 @@ def test_plugin_loggers_are_listed_and_unknown_names_refused(
                        "names: broken, recorder"):  # fmt: skip
         Trainer(tiny_config("log.loggers=[wandb]"), tmp_path / "run", echo=None)
     assert not (tmp_path / "run").exists()
+
+
+def test_timescales_that_cannot_be_measured_are_left_out_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model ``record_cells`` cannot step (a task plugin's own) costs the timescales, not the run."""
+    pytest.importorskip("tensorboard")
+    from nestrnn import analysis
+
+    def refuse(*args, **kwargs):
+        raise ValueError("a bidirectional model cannot be stepped one step at a time")
+
+    monkeypatch.setattr(analysis, "record_cells", refuse)
+    run_dir = tmp_path / "run"
+    summary = Trainer(tiny_config("log.tensorboard=true"), run_dir, echo=None).fit()
+    assert summary.reason == "completed"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "timescales" in line]
+    assert len(warnings) == 1 and "bidirectional" in warnings[0]
+    tags = scalars(run_dir)
+    assert tags["valid/mse"] == [4, 8] and not [t for t in tags if t.startswith("timescale/")]

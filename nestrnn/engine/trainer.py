@@ -626,12 +626,16 @@ class Trainer:
         self.model.eval()
         try:
             recording = analysis.record_cells(self.model, inputs.to(self.device))
+            rows = analysis.timescales(recording)
+        except Exception as error:  # a model record_cells cannot step: the training goes on
+            self.loggers.timescales = False
+            why = f"the timescales cannot be measured on this model ({error})"
+            print(f"warning: {why}; they are not logged for the rest of the run", file=sys.stderr)
+            return
         finally:
             self.model.train(was_training)
-        self.loggers.log_timescales(
-            self.global_step,
-            {row.name: getattr(row, TIMESCALE_STATISTIC) for row in analysis.timescales(recording)},
-        )
+        timescales = {row.name: getattr(row, TIMESCALE_STATISTIC) for row in rows}
+        self.loggers.log_timescales(self.global_step, timescales)
 
     @functools.cached_property
     def _timescale_batch(self) -> Tensor | None:
