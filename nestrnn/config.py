@@ -1,11 +1,12 @@
 """Run configuration: dataclass schemas (one comment per field) merged with YAML and overrides.
 
-A run's configuration has four sections::
+A run's configuration has five sections::
 
     task:   which task (``task.name``) and its own options (each task's ``Options`` dataclass)
     model:  the recurrent model family, its size and initialisation   (:class:`ModelConfig`)
     optim:  optimizer, gradient clipping and learning-rate schedule   (:class:`OptimConfig`)
     train:  epochs, batching, evaluation, checkpoints, device, seed  (:class:`TrainConfig`)
+    log:    where the run's metrics go besides metrics.jsonl           (:class:`LogConfig`)
 
 Values are resolved in this order, later ones winning:
 
@@ -118,7 +119,19 @@ class TrainConfig:
     test: bool = True  # at the end, evaluate the best checkpoint on the test split
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+@dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tensorboard/
+    timescales: bool = True  # with a dashboard: each memory level's timescale after each epoch
+    loggers: list[str] = field(default_factory=list)  # loggers registered by plugins to enable
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "log": LogConfig,
+}
 
 CHOICES: dict[str, Sequence[str]] = {
     "model.family": FAMILIES,

@@ -4,9 +4,11 @@ Each hook receives a ``register`` callback; call it once per thing the plugin pr
 memory functions and tasks register through these same hooks.
 
 The registry calls a kind's hook when that kind is first looked up: ``register_memories`` when a
-layer first builds a memory function by name, ``register_tasks`` when a task is first looked up. A
-plugin module is imported before either, so keep its top level light and import heavy code (data
-loading, models) inside the hook, as :mod:`nestrnn.tasks` does.
+layer first builds a memory function by name, ``register_tasks`` when a task is first looked up,
+``register_loggers`` when a run names a logger in ``log.loggers`` (``nestrnn plugins`` loads them
+all). A plugin module is imported before any of them, so keep its top level light and import heavy
+code (data loading, models, a tracking service's client) inside the hook, as :mod:`nestrnn.tasks`
+does.
 
 An installed plugin's import and hooks run in a thread of their own, each given
 ``NESTRNN_PLUGIN_TIMEOUT`` seconds (30 by default) before nestrnn carries on without the plugin;
@@ -40,5 +42,19 @@ def register_tasks(register: Callable[..., None]) -> None:
     """
 
 
-HOOKS: dict[str, str] = {"memory": "register_memories", "task": "register_tasks"}
+@hookspec
+def register_loggers(register: Callable[..., None]) -> None:
+    """Register run loggers: ``register(name, factory, description="")``.
+
+    ``factory()`` returns a :class:`nestrnn.engine.tracking.Logger` (a Logger subclass is itself
+    a factory); a run enables it with ``log.loggers=[name]``. Import the tracking service's client
+    inside the factory or the logger's ``start``, not at the plugin's top level.
+    """
+
+
+HOOKS: dict[str, str] = {
+    "memory": "register_memories",
+    "task": "register_tasks",
+    "logger": "register_loggers",
+}
 """The hook each kind of registered thing comes from."""

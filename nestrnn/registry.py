@@ -1,4 +1,4 @@
-"""The plugin registry: memory functions and tasks, from built-ins, installed packages and scripts.
+"""The plugin registry: memory functions, tasks and run loggers, from built-ins, installed packages and scripts.
 
 Sources, in the order their registrations apply:
 
@@ -521,6 +521,14 @@ def register_task(
     return _register_script("task", name, description, replace)
 
 
+def register_logger(
+    name: str, description: str = "", *, replace: bool = False
+) -> Callable[[Any], Any]:
+    """Decorator registering a run logger class or factory by name (enabled with
+    ``log.loggers=[name]``); ``replace`` as in :func:`register_memory`."""
+    return _register_script("logger", name, description, replace)
+
+
 def memory_names() -> list[str]:
     """The usable memory-function names, sorted."""
     return get_registry().names("memory")
@@ -539,3 +547,13 @@ def get_memory(name: str) -> Entry:
 def get_task(name: str) -> Entry:
     """The task registered as ``name``."""
     return get_registry().get("task", name)
+
+
+def logger_names() -> list[str]:
+    """The usable run-logger names, sorted."""
+    return get_registry().names("logger")
+
+
+def get_logger(name: str) -> Entry:
+    """The run logger registered as ``name``."""
+    return get_registry().get("logger", name)

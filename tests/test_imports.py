@@ -47,3 +47,18 @@ def test_a_layer_imports_no_task_config_or_training_code():
     after_layer, after_task_lookup = run_python(code).splitlines()
     assert after_layer == "[]"
     assert "'nestrnn.tasks'" in after_task_lookup and "'omegaconf'" in after_task_lookup
+
+
+def test_a_training_run_imports_no_tensorboard_unless_asked(tmp_path):
+    """TensorBoard (seconds to import) loads only with log.tensorboard=true."""
+    code = (
+        "import sys\n"
+        "from nestrnn.config import load_config\n"
+        "from nestrnn.engine.trainer import Trainer\n"
+        "config = load_config([], ['task.length=5', 'task.valid_size=8', 'task.test_size=8',\n"
+        "    'model.hidden_size=4', 'train.batch_size=4', 'train.epochs=1',\n"
+        "    'train.steps_per_epoch=2', 'train.progress=false'])\n"
+        f"Trainer(config, {str(tmp_path / 'run')!r}, echo=None).fit()\n"
+        "print(sorted(m for m in sys.modules if 'tensorboard' in m))\n"
+    )
+    assert run_python(code).strip() == "[]"

@@ -173,7 +173,8 @@ def test_a_misspelled_hook_is_reported(plugin_path):
     (failure,) = registry.get_registry().report()["failures"]
     assert failure["name"] == "typo" and failure["distribution"] == "nestrnn-typo"
     assert failure["error"] == (
-        "implements no hook called register_memory; the hooks are register_memories, register_tasks"
+        "implements no hook called register_memory; the hooks are register_memories, "
+        "register_tasks, register_loggers"
     )
 
 

@@ -59,6 +59,13 @@ from nestrnn.engine.resources import Workload, check_fits, minimum_parameters, r
 from nestrnn.engine.rundir import Replace
 from nestrnn.engine.schedule import LRSchedule, build_optimizer
 from nestrnn.engine.stopping import StopSignals
+from nestrnn.engine.tracking import (
+    TIMESCALE_ROWS,
+    TIMESCALE_STATISTIC,
+    TIMESCALE_STEPS,
+    Loggers,
+    build_loggers,
+)
 from nestrnn.models import Sizing, describe_family, size_model
 
 #: with train.threads=0 ("auto"), CPU runs of models smaller than this use one thread
@@ -255,15 +262,37 @@ class Trainer:
         self.optim_cfg = section(config, "optim")
         self.train_cfg = section(config, "train")
         self.dist = dist or DistContext.single()
+        self._echo = echo
+        self._open_run_dir(run_dir, resume, replace)
+        self._choose_device()
+        checkpoint = self.dist.from_main(self._read_last) if resume else None
+        if checkpoint is not None:
+            _check_resumable(checkpoint["config"], config)
+        self._build_data(checkpoint, allow_data_change)
+        self._build_model(checkpoint)
+        self._build_optimizer()
+        self.loggers: Loggers = build_loggers(config, self.run, self.dist.is_main)
+        self._reset_progress()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            del checkpoint
+        self._wrap_for_processes()
+
+    # ------------------------------------------------------------------ building (no writes)
+
+    def _open_run_dir(self, run_dir: str | Path, resume: bool, replace: Replace) -> None:
+        """The run directory and what this trainer may do to it (nothing is written yet)."""
         self.run = rd.RunDir(run_dir, self.dist.is_main)
         self.replace = replace
         #: whether run_dir holds this run already (resumed, or written by an earlier fit)
         self._continues = resume
-        self._echo = echo
         self._lock: DirectoryLock | None = None
         self._stop: StopSignals | None = None
         self._stop_agreed = False
         self._last_stamp: tuple[int, ...] | None = None  # the last.pt this trainer knows
+
+    def _choose_device(self) -> None:
+        """The device (each process its own GPU under torchrun), the threads, the seeds."""
         tc = self.train_cfg
         self.device = resolve_device(tc.device)
         if self.dist.world_size > 1:
@@ -283,16 +312,19 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         rd.seed_everything(tc.seed)
 
-        checkpoint = self.dist.from_main(self._read_last) if resume else None
+    def _build_data(self, checkpoint: dict[str, Any] | None, allow_data_change: bool) -> None:
+        """The task and its data (a resumed run's: the checkpoint's task state), checked
+        against the checkpoint."""
+        self.task = build_task(self.config, None if checkpoint is None else checkpoint["task"])
         if checkpoint is not None:
-            _check_resumable(checkpoint["config"], config)
-        self.task = build_task(config, None if checkpoint is None else checkpoint["task"])
-        if checkpoint is not None:
-            _check_resume_overrides(checkpoint["config"], config, self.task.carries_state)
+            _check_resume_overrides(checkpoint["config"], self.config, self.task.carries_state)
         self.data_fingerprint = self.task.data_fingerprint()
         if checkpoint is not None and not allow_data_change:
             self._check_same_data(checkpoint.get("data_fingerprint"))
 
+    def _build_model(self, checkpoint: dict[str, Any] | None) -> None:
+        """The model, sized (or as the checkpoint sized it), checked to fit in memory first."""
+        tc = self.train_cfg
         with model_settings():
             if checkpoint is not None:
                 meta = checkpoint["model_meta"]
@@ -312,6 +344,10 @@ class Trainer:
         self.model = model.to(self.device)
         if self.dist.rank:  # its own dropout masks (the model is rank 0's: DDP broadcasts it)
             rd.seed_everything(tc.seed + 7919 * self.dist.rank)
+
+    def _build_optimizer(self) -> None:
+        """The optimizer, the epochs' length and the learning-rate schedule over them."""
+        tc = self.train_cfg
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
         self.eval_batch_size = tc.eval_batch_size or tc.batch_size
         try:
@@ -327,7 +363,8 @@ class Trainer:
         # the schedule spans the planned epochs; train.max_steps only stops early
         self.schedule = LRSchedule(self.optimizer, self.optim_cfg, tc.epochs * self.steps_per_epoch)
 
-        # progress (all of it is in the checkpoint)
+    def _reset_progress(self) -> None:
+        """The progress of a new run (all of it is in the checkpoint: :meth:`_restore`)."""
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
         self.global_step = 0
@@ -341,10 +378,9 @@ class Trainer:
         self.elapsed = 0.0
         self.last_checkpoint_step: int | None = None
 
-        if checkpoint is not None:
-            self._restore(checkpoint)
-            del checkpoint
-        self.net: torch.nn.Module = self.model  # what training calls: DDP over the processes
+    def _wrap_for_processes(self) -> None:
+        """What training calls: the model, in DistributedDataParallel under torchrun."""
+        self.net: torch.nn.Module = self.model
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -569,12 +605,46 @@ class Trainer:
         else:
             kept = (f"the last good checkpoint is {self.run / rd.LAST} (step "
                     f"{self.last_checkpoint_step})")  # fmt: skip
-        self.run.log({"event": "diverged", "epoch": self.epoch + 1, "step": step, "what": what,
+        self.loggers.log_record({"event": "diverged", "epoch": self.epoch + 1, "step": step, "what": what,
                       "value": value})  # fmt: skip
         return TrainingDiverged(
             f"the {what} became {value} at step {step} (epoch {self.epoch + 1}); training stopped "
             f"and {kept}. Try a lower optim.lr or a smaller optim.grad_clip"
         )
+
+    def _log_timescales(self) -> None:
+        """Each memory level's timescale on a fixed validation batch, to the loggers that want
+        them (with log.timescales): measured as ``nestrnn viz`` measures them."""
+        if not self.loggers.wants_timescales:
+            return
+        from nestrnn import analysis
+
+        inputs = self._timescale_batch
+        if inputs is None:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            recording = analysis.record_cells(self.model, inputs.to(self.device))
+            rows = analysis.timescales(recording)
+        except Exception as error:  # a model record_cells cannot step: the training goes on
+            self.loggers.timescales = False
+            why = f"the timescales cannot be measured on this model ({error})"
+            print(f"warning: {why}; they are not logged for the rest of the run", file=sys.stderr)
+            return
+        finally:
+            self.model.train(was_training)
+        timescales = {row.name: getattr(row, TIMESCALE_STATISTIC) for row in rows}
+        self.loggers.log_timescales(self.global_step, timescales)
+
+    @functools.cached_property
+    def _timescale_batch(self) -> Tensor | None:
+        """The first rows and steps of the first validation batch (None: under 3 steps)."""
+        batch = next(
+            iter(self.task.eval_batches("valid", self.eval_batch_size, self.train_cfg.bptt))
+        )
+        inputs = batch.inputs[:TIMESCALE_ROWS, :TIMESCALE_STEPS]
+        return inputs if inputs.dim() > 1 and inputs.shape[1] >= 3 else None
 
     def _accumulate(self, target: dict[str, float], stats: dict[str, float]) -> None:
         for key, value in stats.items():
@@ -620,8 +690,14 @@ class Trainer:
         if self.global_step % tc.log_every == 0:
             record = {"event": "train", "epoch": self.epoch + 1, "step": self.global_step,
                       "lr": self.schedule.lr, "grad_norm": grad_norm}  # fmt: skip
-            record.update(self.task.metrics(self.log_stats))
-            self.run.log(record)
+            metrics = self.task.metrics(self.log_stats)
+            record.update(metrics)
+            self.loggers.log_record(record)
+            self.loggers.log_metrics(
+                self.global_step,
+                {**metrics, "lr": self.schedule.lr, "grad_norm": grad_norm},
+                "train",
+            )
             self.log_stats = {}
         return values[0], grad_norm
 
@@ -712,9 +788,11 @@ class Trainer:
             self.save(rd.BEST)
         else:
             self.bad_epochs += 1
-        self.run.log({"event": "epoch", "epoch": self.epoch, "step": self.global_step,
-                      "lr": self.schedule.lr, "train": train_metrics, "valid": valid,
-                      "best": better})  # fmt: skip
+        self.loggers.log_record({"event": "epoch", "epoch": self.epoch, "step": self.global_step,
+                                 "lr": self.schedule.lr, "train": train_metrics, "valid": valid,
+                                 "best": better})  # fmt: skip
+        self.loggers.log_metrics(self.global_step, valid, "valid")
+        self._log_timescales()
         self.save(rd.LAST)
         seconds = time.perf_counter() - epoch_started
         keys = [k for k in valid if k != "baseline"]
@@ -741,7 +819,11 @@ class Trainer:
         self.dist.from_main(self._take_run_dir)
         self._stop = stop
         try:
-            return self._fit(stop_at)
+            self.loggers.start(self.config, self.run.path, self.global_step)
+            try:
+                return self._fit(stop_at)
+            finally:
+                self.loggers.close()
         finally:
             self._stop = None
             self._release_run_dir()
@@ -777,7 +859,7 @@ class Trainer:
             if reason == "interrupted":
                 signum = self._signal_received()
                 record["signal"] = signal.Signals(signum).name
-            self.run.log(record)
+            self.loggers.log_record(record)
             return Summary(self.run.path, reason, self.epoch, self.global_step, self.elapsed,
                            self.best_epoch, self.best_metrics, {}, self.task.primary_metric,
                            int(signum))  # fmt: skip
@@ -788,8 +870,11 @@ class Trainer:
                 test = self.test()
             except EvaluationStopped:  # the checkpoints are complete: only the test is missing
                 signum = self._signal_received()
-                self.run.log({"event": "stopped", "step": self.global_step, "epoch": self.epoch,
-                              "signal": signal.Signals(signum).name, "during": "test"})  # fmt: skip
+                self.loggers.log_record({"event": "stopped", "step": self.global_step,
+                                         "epoch": self.epoch, "signal": signal.Signals(signum).name,
+                                         "during": "test"})  # fmt: skip
+        if self.best_metrics:
+            self.loggers.log_metrics(self.global_step, self.best_metrics, "best")
         summary = Summary(self.run.path, "test_interrupted" if signum else reason, self.epoch,
                           self.global_step, self.elapsed, self.best_epoch, self.best_metrics,
                           test, self.task.primary_metric, int(signum))  # fmt: skip
@@ -811,7 +896,10 @@ class Trainer:
             load_weights(self.model, best["model"], best_path)
         source = "best checkpoint" if best is not None else "current model"
         metrics = self.evaluate("test", max_batches=0)
-        self.run.log({"event": "test", "step": self.global_step, "source": source, **metrics})
+        self.loggers.log_record(
+            {"event": "test", "step": self.global_step, "source": source, **metrics}
+        )
+        self.loggers.log_metrics(self.global_step, metrics, "test")
         return metrics
 
 
