@@ -133,8 +133,11 @@ def nvidia_driver() -> str:
     try:
         run = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError) as err:
         return f"unknown ({type(err).__name__})"
     return run.stdout.strip().splitlines()[0] if run.stdout.strip() else "unknown"
@@ -178,7 +181,10 @@ def describe_line(info: dict) -> str:
     """One line of :func:`describe_machine`'s facts."""
     parts = [info["device"]]
     if info["device_type"] == "cuda":
-        parts += [f"capability {info['capability']}", f"driver {info['driver']}",
-                  f"CUDA {info['cuda']}"]  # fmt: skip
+        parts += [
+            f"capability {info['capability']}",
+            f"driver {info['driver']}",
+            f"CUDA {info['cuda']}",
+        ]
     parts += [f"torch {info['torch']}", f"triton {info['triton'] or 'not installed'}"]
     return ", ".join(parts)

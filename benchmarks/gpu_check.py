@@ -147,18 +147,31 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
             for reverse in (False, True)
         ]
         graphs.append(Case("graph", dtype, (6, 4, 5, 24), 3, cuda_graph="1", seeds=(0, 1)))
-    graphs.append(Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="auto",
-                       seeds=(0, 1, 2)))  # fmt: skip
+    graphs.append(
+        Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="auto", seeds=(0, 1, 2))
+    )
     if dtype != "fp32":
         variants += [replace(case, smooth=True) for case in variants]
-    cublas = [Case("cublas", dtype, TILED, d, *mode, cublas=True) for d in depths
-              for mode in MODES[::3]]  # fmt: skip
+    cublas = [
+        Case("cublas", dtype, TILED, d, *mode, cublas=True) for d in depths for mode in MODES[::3]
+    ]
     cublas += [
-        Case("cublas", dtype, TINY, 3, True, True, 0, ("none", "both", "ih"), cublas=True,
-             smooth=dtype != "fp32"),
-        Case("cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1),
-             cublas=True),
-    ]  # fmt: skip
+        Case(
+            "cublas",
+            dtype,
+            TINY,
+            3,
+            True,
+            True,
+            0,
+            ("none", "both", "ih"),
+            cublas=True,
+            smooth=dtype != "fp32",
+        ),
+        Case(
+            "cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1), cublas=True
+        ),
+    ]
     if not cuda:
         return modes + variants + cublas[:-1]
     return timed + modes + variants + graphs + cublas
@@ -251,8 +264,9 @@ def check_seed(case: Case, seed: int, device: str) -> bool:
     x, weights, h0, c0, bs = make_inputs(case, seed, device)
     # the reference gets exactly the op's (rounded) inputs, computed in float64
     x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
-    weights = [LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw])
-               for lw in weights]  # fmt: skip
+    weights = [
+        LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw]) for lw in weights
+    ]
     label = f"{case.label()} seed={seed}"
     planned = plan(x.to(dtype), bs, case.reverse, acts, True, "triton")
     if planned.implementation != "triton":
@@ -310,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer modes, variants and graphs")
     parser.add_argument(
-        "--dtypes", type=parse_dtypes, default=list(DTYPES), help="comma-separated subset of "
-        f"{','.join(DTYPES)} (default: all)",
-    )  # fmt: skip
+        "--dtypes",
+        type=parse_dtypes,
+        default=list(DTYPES),
+        help=f"comma-separated subset of {','.join(DTYPES)} (default: all)",
+    )
     parser.add_argument(
         "--interpret",
         action="store_true",

@@ -120,9 +120,12 @@ def test_onnx_export_of_a_projection_above_depth_one_runs_like_eager(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            m, (x,), dynamo=True, verbose=False,
+            m,
+            (x,),
+            dynamo=True,
+            verbose=False,
             custom_translation_table=nestrnn.onnx_translation_table(),
-        )  # fmt: skip
+        )
     program.save(str(tmp_path / "model.onnx"))
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})

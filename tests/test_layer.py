@@ -170,13 +170,21 @@ def test_projected_depth_one_is_nn_lstm(backend, s, data):
     torch.manual_seed(s["seed"])
     options = {"bias": s["bias"], "batch_first": s["batch_first"], "proj_size": proj}
     reference = nn.LSTM(
-        s["input_size"], s["hidden_size"], s["num_layers"], bidirectional=s["bidirectional"],
+        s["input_size"],
+        s["hidden_size"],
+        s["num_layers"],
+        bidirectional=s["bidirectional"],
         **options,
-    ).double()  # fmt: skip
+    ).double()
     layer = NestedLSTM(
-        s["input_size"], s["hidden_size"], s["num_layers"], bidirectional=s["bidirectional"],
-        depth=1, backend=backend, **options,
-    ).double()  # fmt: skip
+        s["input_size"],
+        s["hidden_size"],
+        s["num_layers"],
+        bidirectional=s["bidirectional"],
+        depth=1,
+        backend=backend,
+        **options,
+    ).double()
     layer.load_state_dict(reference.state_dict(), strict=True)
     seqs, h0, c0 = make_inputs(s)
     h0 = h0[..., :proj].contiguous()
