@@ -78,3 +78,19 @@ def test_bare_config_names_resolve_to_the_package_data(installed: Path, tmp_path
     )
     assert printed.returncode == 0, printed.stderr
     assert "name: mnist_glimpses" in printed.stdout and "target_params: 250000" in printed.stdout
+
+
+def test_version_is_the_distributions(installed: Path, tmp_path: Path) -> None:
+    """``nestrnn --version`` prints the version the wheel was built with (one place holds it)."""
+    (info,) = installed.glob("nestrnn-*.dist-info")
+    metadata = (info / "METADATA").read_text()
+    version = next(
+        line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Version: ")
+    )
+    printed = _python(installed, tmp_path, "-m", "nestrnn", "--version")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == f"nestrnn {version}"
+    code = (
+        "import importlib.metadata as m, nestrnn; print(m.version('nestrnn'), nestrnn.__version__)"
+    )
+    assert _python(installed, tmp_path, "-c", code).stdout.split() == [version, version]
