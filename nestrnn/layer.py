@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,10 @@ class NestedLSTM(nn.Module):
         memory_l{k} (and ``memory_l{k}_reverse``): layer k's memory function; a nested level has
             ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` and its own memory ``inner``.
     """
+
+    # registered in __init__ (add_lstm_parameters, add_module); declared for the type checker
+    weight_ih_l0: Tensor
+    memory_l0: MemoryFunction
 
     def __init__(
         self,
@@ -211,7 +215,10 @@ class NestedLSTM(nn.Module):
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
-        if packed:
+        batch_sizes: Tensor | None
+        sorted_indices: Tensor | None
+        unsorted_indices: Tensor | None
+        if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input  # x: the data (N, I)
             check_input(x, (2,), self.input_size, weight, "PackedSequence data")
             batched, batch = True, int(batch_sizes[0]) if len(batch_sizes) else 0
@@ -223,7 +230,7 @@ class NestedLSTM(nn.Module):
             if self.batch_first:
                 x = x.transpose(0, 1)
             batch = x.shape[1]
-        steps = len(batch_sizes) if packed else x.shape[0]
+        steps = len(batch_sizes) if batch_sizes is not None else x.shape[0]
         if steps == 0:  # nn.LSTM's error: an empty batch is fine, an empty sequence is not
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is None:
@@ -238,7 +245,7 @@ class NestedLSTM(nn.Module):
 
         if self._is_torch_lstm():  # takes a packed batch's data as it is
             x, h_out, c_out = self._torch_lstm(x, h0, c0, batch_sizes)
-        elif packed:
+        elif batch_sizes is not None:
             x, _ = pad_packed_sequence(PackedSequence(x, batch_sizes))  # (T, B, I), sorted
             x, h_out, c_out = self._layers(x, h0, c0, batch_sizes)
             lengths = (batch_sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
@@ -391,7 +398,7 @@ def _check_lstm_arguments(
     if (
         not isinstance(dropout, numbers.Number)
         or isinstance(dropout, bool)
-        or not 0 <= dropout <= 1
+        or not 0 <= cast(float, dropout) <= 1
     ):
         raise ValueError(
             "dropout should be a number in range [0, 1] representing the probability of an "
@@ -406,7 +413,7 @@ def _check_lstm_arguments(
     check_int(proj_size, "proj_size", minimum=0)
     if proj_size >= hidden_size:
         raise ValueError("proj_size has to be smaller than hidden_size")
-    if dropout > 0 and num_layers == 1:
+    if cast(float, dropout) > 0 and num_layers == 1:
         warnings.warn(
             "dropout option adds dropout after all but the last layer, so non-zero dropout "
             f"expects num_layers greater than 1, but got dropout={dropout} and "

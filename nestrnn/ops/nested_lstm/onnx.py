@@ -13,11 +13,16 @@ imported by this module only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from onnxscript import opset18 as op
+from onnxscript import opset18
 
 from nestrnn.ops.common.levels import decode_activations, time_order
+
+#: onnxscript types each operator's inputs by ONNX element type, which the traced values here
+#: do not carry (the exporter checks the graph itself)
+op: Any = opset18
 
 __all__ = ["nested_lstm_onnx", "onnx_translation_table"]
 
@@ -83,7 +88,9 @@ def nested_lstm_onnx(
     for t in time_order(steps, reverse):
         step = op.Gather(projection, op.Constant(value_int=t), axis=0)
         level_input = op.Add(step, op.MatMul(h, recurrent[0]))
-        gated_inputs, gated_cells, out_gates = [], [], []
+        gated_inputs: list[Any] = []
+        gated_cells: list[Any] = []
+        out_gates: list[Any] = []
         for k, act in enumerate(levels):
             if k > 0:
                 both = op.Concat(gated_inputs[-1], gated_cells[-1], axis=1)

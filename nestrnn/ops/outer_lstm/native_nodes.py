@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import torch
 
@@ -72,7 +73,7 @@ def _open_trusted(path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(_MODULE, f"/proc/self/fd/{fd}")
     spec = importlib.util.spec_from_loader(_MODULE, loader)
     try:
-        loaded = importlib.util.module_from_spec(spec)
+        loaded = importlib.util.module_from_spec(cast(importlib.machinery.ModuleSpec, spec))
         loader.exec_module(loaded)
     except ImportError as err:  # not a module for this torch (never loaded): rebuilt
         os.close(fd)

@@ -41,8 +41,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -93,6 +94,11 @@ class _Sequence:
     (``take_dx``). The steps address them by pointer arithmetic (``z`` and the like): a view
     costs about a microsecond, a step tens."""
 
+    # the C step functions, set in __init__ by name (kernel.step_function)
+    outer_gates: Callable[..., Any]
+    outer_transition: Callable[..., Any]
+    outer_output: Callable[..., Any]
+
     def __init__(self, x: Tensor, weights: LevelWeights, candidate: str, packed: bool):
         steps, batch, in_size = x.shape
         hidden = weights.weight_hh.shape[1]
@@ -142,7 +148,7 @@ class _Sequence:
         self.wide = self.scratch.data_ptr() + self.state_stride
         self.bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
         self.db_ptr = 0 if self.db is None else self.db.data_ptr()
-        kernel = native.kernel()
+        kernel = cast(native.Kernel, native.kernel())  # the caller checked it is there
         w_hh, w_ih = weights.weight_hh.detach().contiguous(), weights.weight_ih.detach()
         w_fwd = torch.cat([w_ih, w_hh], 1) if self.fused else w_hh
         w_back = torch.cat([w_hh, w_ih], 1) if self.input_grad else w_hh
@@ -192,11 +198,11 @@ class _Sequence:
 
     def output_at(self, t: int) -> int:
         """Address of step t's h in the output."""
-        return self.output.data_ptr() + t * self.state_stride
+        return cast(Tensor, self.output).data_ptr() + t * self.state_stride
 
     def x_at(self, t: int) -> int:
         """Address of x_t where the steps do the input projection, else 0."""
-        return self.x.data_ptr() + t * self.input_stride if self.fused else 0
+        return cast(Tensor, self.x).data_ptr() + t * self.input_stride if self.fused else 0
 
     def xh_at(self, t: int) -> int:
         """Address of step t's GEMM input."""
@@ -224,7 +230,7 @@ class _Sequence:
         if self.nodes is not None:
             return self.nodes.take_input_grad()
         dx, self._dx = self._dx, None
-        return dx
+        return cast(Tensor, dx)
 
     def d_h(self, d_output: Tensor | None, t: int) -> Tensor:
         """Step t's h gradient, from the output's gradient (None: the loss did not use it)."""
@@ -368,7 +374,7 @@ class _Output(torch.autograd.Function):
         output, seq.output = seq.output, None
         ctx.seq, ctx.t = seq, t
         ctx.set_materialize_grads(False)
-        return output, output[t].clone()
+        return output, cast(Tensor, output)[t].clone()
 
     @staticmethod
     def backward(ctx, d_output, d_h_last):
