@@ -256,3 +256,15 @@ def test_an_init_state_of_the_wrong_shape_is_a_clear_error(module):
         RuntimeError, match=r"_Trace.init_state must return num_states=1 tensors of shape \(3, 5\)"
     ):
         model(x.unsqueeze(0) if module == "layer" else x)
+
+
+def test_the_class_docstring_example_runs() -> None:
+    """NestedLSTM's Examples section runs as written and prints what it shows."""
+    import doctest
+
+    from nestrnn import layer
+
+    (test,) = doctest.DocTestFinder(recurse=False).find(layer.NestedLSTM, "NestedLSTM")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    result = runner.run(test)
+    assert result.attempted > 0 and result.failed == 0
