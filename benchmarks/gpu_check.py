@@ -45,8 +45,10 @@ from bench_common import (
     describe_machine,
     environment,
     import_nestrnn,
+    result_meta,
     scaled_error,
     triton_configs,
+    write_result,
 )
 
 import_nestrnn()
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         help="dry run on CPU under TRITON_INTERPRET=1: the quick cases but the timed and CUDA-graph "
         "ones, no bf16",
     )
+    parser.add_argument("--json", default=None, help="write every check's outcome to this file")
     args = parser.parse_args(argv)
     if args.interpret:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(describe_line(describe_machine(device)), flush=True)
     failed: list[str] = []
+    rows: list[dict] = []
     total = 0
     for dtype in args.dtypes:
         if device == "cpu" and dtype == "bf16":
@@ -361,13 +365,18 @@ def main(argv: list[str] | None = None) -> int:
             triton_loop.clear_cuda_graphs()
             for seed in case.seeds:
                 total += 1
-                if not check_seed(case, seed, device):
+                passed = check_seed(case, seed, device)
+                rows.append({"dtype": dtype, "case": case.label(), "seed": seed, "passed": passed})
+                if not passed:
                     failed.append(f"{case.label()} seed={seed}")
             if case.cuda_graph != "0" and triton_loop.cuda_graph_count() == 0:
                 print(f"FAIL {case.label()}: no CUDA graph was captured")
                 failed.append(f"{case.label()}: no graph")
     if device == "cpu":
         print("SKIP timed and CUDA-graph cases: no CUDA device")
+    if args.json:
+        settings = {"quick": args.quick, "interpret": args.interpret, "failed": failed}
+        write_result(args.json, result_meta(device, argv, **settings), rows)
     if failed:
         print(f"FAILED {len(failed)} of {total}:\n  " + "\n  ".join(failed))
         return 1

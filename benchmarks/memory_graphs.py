@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 
 import speed
 import torch
-from bench_common import describe_line, describe_machine, parse_shapes, scaled_error
+from bench_common import (
+    describe_line,
+    describe_machine,
+    parse_shapes,
+    result_meta,
+    scaled_error,
+    write_result,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -168,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results, machine)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "results": results}, f, indent=1)
+        meta = result_meta("cuda", argv, repeats=args.repeats, header=machine)
+        write_result(args.json, meta, results)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)

@@ -42,7 +42,6 @@ Imports torch and nestrnn (and nestrnn_gru when installed). Without nestrnn's ow
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -53,12 +52,15 @@ from pathlib import Path
 
 import torch
 from bench_common import (
+    MACHINE_KEYS,
     describe_line,
     describe_machine,
     environment,
     import_nestrnn,
     parse_shapes,
+    result_meta,
     scaled_error,
+    write_result,
 )
 
 MISSING = import_nestrnn()  # None, or why only the op is available
@@ -690,18 +692,19 @@ def run_header(info: dict, args: argparse.Namespace, planned: dict) -> str:
 
 
 def write_results(args, info, check, records, splits, raw, notes, summary) -> None:
-    payload = {
-        "info": info,
-        "correctness": check,
-        "results": records,
-        "split": splits,
-        "summary": summary,
-        "notes": notes,
-        "raw": raw,
-    }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        settings = {k: v for k, v in info.items() if k not in MACHINE_KEYS}
+        meta = result_meta(info["device_type"], **settings)
+        write_result(
+            args.json,
+            meta,
+            records,
+            correctness=check,
+            split=splits,
+            summary=summary,
+            notes=notes,
+            raw=raw,
+        )
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         header = info.get("header", describe_line(info))

@@ -64,7 +64,7 @@ def test_gpu_sh_dry_run_without_triton(tmp_path):
         "speed_cpu_float32.md",
     }
     result = json.loads((out / "speed_cpu_float32.json").read_text())
-    rows = {r["row"]: r for r in result["results"]}
+    rows = {r["row"]: r for r in result["rows"]}
     assert rows["NLSTM-2"]["implementation"]["fwd+bwd"] in ("c_loop", "torch_loop")  # the CPU op
 
 
@@ -92,8 +92,8 @@ def test_gpu_sh_dry_run(tmp_path):
     assert all("error" not in row for row in tuned[0]["rows"])  # every candidate checked and timed
     assert any(row["fields"][-1] for row in tuned[0]["rows"])  # cuBLAS GEMMs among them
     result = json.loads((tmp_path / "speed_cpu_float32.json").read_text())
-    assert set(result["info"]["triton_configs"]) == {"3x17"}  # the tuned one, timed
-    rows = {r["row"]: r for r in result["results"]}
+    assert set(result["meta"]["triton_configs"]) == {"3x17"}  # the tuned one, timed
+    rows = {r["row"]: r for r in result["rows"]}
     assert set(rows) == {"NLSTM-1", "NLSTM-2", "NLSTM-3", "NLSTM-2 torch_loop"}
     assert all(rows[f"NLSTM-{d}"]["implementation"]["fwd+bwd"] == "triton" for d in (1, 2, 3))
     assert rows["NLSTM-2 torch_loop"]["implementation"]["fwd+bwd"] == "torch_loop"
@@ -127,7 +127,7 @@ def test_speed_issue_rows_on_cpu(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     expected = {
         "outer candidate tanh": "NLSTM-2",
         "cell softsign": "NLSTM-2",
@@ -161,7 +161,7 @@ def test_speed_without_nestrnn_dependencies_times_the_op(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(out.read_text())["info"]["nestrnn"] == "op only: pluggy is not installed"
+    assert json.loads(out.read_text())["meta"]["nestrnn"] == "op only: pluggy is not installed"
     refused = subprocess.run(
         [*command, *TINY, "--memories"],
         cwd=REPO,
@@ -283,3 +283,28 @@ def test_tuning_takes_the_fastest_correct_configuration(tmp_path, monkeypatch):
         assert loop.pick_config(64, 256, None, torch.bfloat16, True) == untuned
     assert labels == {(32, 256): "32x32x32 w4 cuBLAS"}
     assert loop.pick_config(64, 256, None, torch.bfloat16, True) == untuned  # restored
+
+
+def test_the_docs_tables_are_the_result_files() -> None:
+    """Every table of measured figures in the docs is what benchmarks/tables.py renders from
+    benchmarks/results/*.json: a figure edited by hand, or a result file re-measured without
+    re-rendering, fails here."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_every_result_file_has_the_common_meta() -> None:
+    """One schema for every result file the benchmark scripts write (bench_common.write_result)."""
+    keys = {"commit", "dirty", "machine", "torch", "python", "command", "date"}
+    for path in sorted((REPO / "benchmarks" / "results").glob("*.json")):
+        if path.name.startswith(("tune_triton", "quality_")):  # their scripts' own layouts
+            continue
+        data = json.loads(path.read_text())
+        assert data["schema"] == 1 and isinstance(data["rows"], list), path.name
+        assert keys <= set(data["meta"]), path.name
+        assert {"cpu", "cores", "gpu"} <= set(data["meta"]["machine"]), path.name
