@@ -133,8 +133,11 @@ def nvidia_driver() -> str:
     try:
         run = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError) as err:
         return f"unknown ({type(err).__name__})"
     return run.stdout.strip().splitlines()[0] if run.stdout.strip() else "unknown"
@@ -146,6 +149,12 @@ def triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
+
+
+#: the keys of :func:`describe_machine` (the rest of a script's ``info`` is its own settings)
+MACHINE_KEYS = frozenset(
+    ("device_type", "torch", "triton", "python", "cpu", "cpu_count", "device", "capability")
+) | {"memory_gib", "driver", "cuda"}
 
 
 def describe_machine(device_type: str) -> dict:
@@ -178,7 +187,78 @@ def describe_line(info: dict) -> str:
     """One line of :func:`describe_machine`'s facts."""
     parts = [info["device"]]
     if info["device_type"] == "cuda":
-        parts += [f"capability {info['capability']}", f"driver {info['driver']}",
-                  f"CUDA {info['cuda']}"]  # fmt: skip
+        parts += [
+            f"capability {info['capability']}",
+            f"driver {info['driver']}",
+            f"CUDA {info['cuda']}",
+        ]
     parts += [f"torch {info['torch']}", f"triton {info['triton'] or 'not installed'}"]
     return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------ result files
+#: the version of the layout of a result file: ``{"schema", "meta", "rows", ...}``
+RESULT_SCHEMA = 1
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """The checkout's commit and whether it has uncommitted changes (None, None outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(status.strip())
+
+
+def result_meta(device_type: str, argv: list[str] | None = None, **settings: object) -> dict:
+    """The ``meta`` of a result file: where, when, with what and by which command it was measured,
+    then the script's own ``settings``. Anything unknown is None, never guessed."""
+    import datetime
+
+    info = describe_machine(device_type)
+    commit, dirty = git_state()
+    gpu = None
+    if device_type == "cuda":
+        keys = ("capability", "memory_gib", "driver", "cuda")
+        gpu = {"name": info["device"], **{key: info[key] for key in keys}}
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(REPO_ROOT)
+    command = [str(script), *(sys.argv[1:] if argv is None else argv)]
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "machine": {"cpu": info["cpu"], "cores": info["cpu_count"], "gpu": gpu},
+        "torch": info["torch"],
+        "triton": info["triton"],
+        "python": info["python"],
+        "command": " ".join(["python", *command]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **settings,
+    }
+
+
+def write_result(path: str | Path, meta: dict, rows: list, **sections: object) -> None:
+    """Write one result file: ``meta`` (see :func:`result_meta`), the measured ``rows``, and any
+    further ``sections`` of the script's own (raw timings, notes)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"schema": RESULT_SCHEMA, "meta": meta, "rows": rows, **sections}
+    path.write_text(json.dumps(payload, indent=1) + "\n")

@@ -101,14 +101,27 @@ class Variant:
             dict(common, DEPTH=depth, CELL_ACTS=cells, **self.level(0)),
         )
         for k in range(1, depth):
-            yield triton_kernels.fwd_nested_kernel, dict(
-                common, LEVEL=k, DEPTH=depth, CELL_ACTS=cells, HAS_BIAS=self.nested_bias,
-                **self.level(k),
-            )  # fmt: skip
-        yield triton_kernels.bwd_inner_kernel, dict(
-            self.backward(), DEPTH=depth, GATE_ACTS=self.packed("gate"),
-            CAND_ACTS=self.packed("candidate"), CELL_ACTS=cells,
-        )  # fmt: skip
+            yield (
+                triton_kernels.fwd_nested_kernel,
+                dict(
+                    common,
+                    LEVEL=k,
+                    DEPTH=depth,
+                    CELL_ACTS=cells,
+                    HAS_BIAS=self.nested_bias,
+                    **self.level(k),
+                ),
+            )
+        yield (
+            triton_kernels.bwd_inner_kernel,
+            dict(
+                self.backward(),
+                DEPTH=depth,
+                GATE_ACTS=self.packed("gate"),
+                CAND_ACTS=self.packed("candidate"),
+                CELL_ACTS=cells,
+            ),
+        )
         for k in range(depth - 1):
             yield triton_kernels.bwd_level_kernel, dict(self.backward(), LEVEL=k, **self.level(k))
 
@@ -148,10 +161,16 @@ def variants(quick: bool) -> list[Variant]:
     the paper's activations, depth 3 with each of ``ACTIVATION_VARIANTS`` (bias-free nested levels
     with the first): every kernel and constexpr branch but the dense forward direction."""
     cublas = [  # the kernels reading cuBLAS's GEMMs: every kernel, each dtype
-        Variant(dtype, 3, True, activation_variant(1, 3), True,
-                replace(config_for(*SHAPES[0], dtype), cublas_gemms=True))
+        Variant(
+            dtype,
+            3,
+            True,
+            activation_variant(1, 3),
+            True,
+            replace(config_for(*SHAPES[0], dtype), cublas_gemms=True),
+        )
         for dtype in DTYPES
-    ]  # fmt: skip
+    ]
     if quick:
         return cublas + [
             Variant(dtype, depth, True, acts, bias, config_for(*SHAPES[0], dtype))
@@ -208,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for variant in variants(args.quick):
         for fn, consts in variant.jobs():
-            key = (fn.__name__, variant.dtype, tuple(sorted(consts.items())),
-                   variant.config.num_warps, variant.config.num_stages)  # fmt: skip
+            key = (
+                fn.__name__,
+                variant.dtype,
+                tuple(sorted(consts.items())),
+                variant.config.num_warps,
+                variant.config.num_stages,
+            )
             if key in done:  # e.g. bwd_level_kernel does not depend on the depth
                 continue
             done.add(key)

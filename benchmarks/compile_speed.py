@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import import_nestrnn, parse_shapes
+from bench_common import import_nestrnn, parse_shapes, result_meta, write_result
 
 MISSING = import_nestrnn()  # None, or why NestedLSTM is unavailable
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="1: CPU time, else wall clock")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if MISSING:
         parser.error(f"NestedLSTM needs nestrnn's dependencies ({MISSING})")
@@ -77,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         "| B | H | T | first compiled step s | eager ms | compiled ms | compiled / eager |",
         "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for shape in args.shapes:
         r = measure(shape, args.depth, args.repeats, clock)
+        rows.append(dict(zip("BHT", shape), **r))
         lines.append(
             f"| {' | '.join(map(str, shape))} | {r['first_step_s']:.1f} | {r['eager_ms']:.1f} "
             f"| {r['compiled_ms']:.1f} | **{r['compiled_ms'] / r['eager_ms']:.3f}** |"
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(lines[-1], flush=True)
     if args.markdown:
         args.markdown.write_text("\n".join(lines) + "\n")
+    if args.json:
+        settings = {"threads": args.threads, "depth": args.depth, "repeats": args.repeats}
+        write_result(args.json, result_meta("cpu", argv, **settings), rows)
     return 0
 
 

@@ -45,8 +45,10 @@ from bench_common import (
     describe_machine,
     environment,
     import_nestrnn,
+    result_meta,
     scaled_error,
     triton_configs,
+    write_result,
 )
 
 import_nestrnn()
@@ -147,18 +149,31 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
             for reverse in (False, True)
         ]
         graphs.append(Case("graph", dtype, (6, 4, 5, 24), 3, cuda_graph="1", seeds=(0, 1)))
-    graphs.append(Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="auto",
-                       seeds=(0, 1, 2)))  # fmt: skip
+    graphs.append(
+        Case("graph", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="auto", seeds=(0, 1, 2))
+    )
     if dtype != "fp32":
         variants += [replace(case, smooth=True) for case in variants]
-    cublas = [Case("cublas", dtype, TILED, d, *mode, cublas=True) for d in depths
-              for mode in MODES[::3]]  # fmt: skip
+    cublas = [
+        Case("cublas", dtype, TILED, d, *mode, cublas=True) for d in depths for mode in MODES[::3]
+    ]
     cublas += [
-        Case("cublas", dtype, TINY, 3, True, True, 0, ("none", "both", "ih"), cublas=True,
-             smooth=dtype != "fp32"),
-        Case("cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1),
-             cublas=True),
-    ]  # fmt: skip
+        Case(
+            "cublas",
+            dtype,
+            TINY,
+            3,
+            True,
+            True,
+            0,
+            ("none", "both", "ih"),
+            cublas=True,
+            smooth=dtype != "fp32",
+        ),
+        Case(
+            "cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1), cublas=True
+        ),
+    ]
     if not cuda:
         return modes + variants + cublas[:-1]
     return timed + modes + variants + graphs + cublas
@@ -251,8 +266,9 @@ def check_seed(case: Case, seed: int, device: str) -> bool:
     x, weights, h0, c0, bs = make_inputs(case, seed, device)
     # the reference gets exactly the op's (rounded) inputs, computed in float64
     x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
-    weights = [LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw])
-               for lw in weights]  # fmt: skip
+    weights = [
+        LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw]) for lw in weights
+    ]
     label = f"{case.label()} seed={seed}"
     planned = plan(x.to(dtype), bs, case.reverse, acts, True, "triton")
     if planned.implementation != "triton":
@@ -310,15 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer modes, variants and graphs")
     parser.add_argument(
-        "--dtypes", type=parse_dtypes, default=list(DTYPES), help="comma-separated subset of "
-        f"{','.join(DTYPES)} (default: all)",
-    )  # fmt: skip
+        "--dtypes",
+        type=parse_dtypes,
+        default=list(DTYPES),
+        help=f"comma-separated subset of {','.join(DTYPES)} (default: all)",
+    )
     parser.add_argument(
         "--interpret",
         action="store_true",
         help="dry run on CPU under TRITON_INTERPRET=1: the quick cases but the timed and CUDA-graph "
         "ones, no bf16",
     )
+    parser.add_argument("--json", default=None, help="write every check's outcome to this file")
     args = parser.parse_args(argv)
     if args.interpret:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -336,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(describe_line(describe_machine(device)), flush=True)
     failed: list[str] = []
+    rows: list[dict] = []
     total = 0
     for dtype in args.dtypes:
         if device == "cpu" and dtype == "bf16":
@@ -345,13 +365,18 @@ def main(argv: list[str] | None = None) -> int:
             triton_loop.clear_cuda_graphs()
             for seed in case.seeds:
                 total += 1
-                if not check_seed(case, seed, device):
+                passed = check_seed(case, seed, device)
+                rows.append({"dtype": dtype, "case": case.label(), "seed": seed, "passed": passed})
+                if not passed:
                     failed.append(f"{case.label()} seed={seed}")
             if case.cuda_graph != "0" and triton_loop.cuda_graph_count() == 0:
                 print(f"FAIL {case.label()}: no CUDA graph was captured")
                 failed.append(f"{case.label()}: no graph")
     if device == "cpu":
         print("SKIP timed and CUDA-graph cases: no CUDA device")
+    if args.json:
+        settings = {"quick": args.quick, "interpret": args.interpret, "failed": failed}
+        write_result(args.json, result_meta(device, argv, **settings), rows)
     if failed:
         print(f"FAILED {len(failed)} of {total}:\n  " + "\n  ".join(failed))
         return 1

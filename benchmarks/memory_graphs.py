@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 
 import speed
 import torch
-from bench_common import describe_line, describe_machine, parse_shapes, scaled_error
+from bench_common import (
+    describe_line,
+    describe_machine,
+    parse_shapes,
+    result_meta,
+    scaled_error,
+    write_result,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -66,8 +72,11 @@ def compare(shape, dtype, repeats: int, timer) -> dict:
     errors = {name: scaled_error(got[name], want) for name, want in eager.items()}
     worst = max(errors, key=errors.get)
     passed = errors[worst] <= TOL[dtype]
-    print(f"{'PASS' if passed else 'FAIL'} graphed LeakyMemory {dtype} {batch}x{hidden}x{steps}: "
-          f"max scaled error {errors[worst]:.1e} ({worst})", flush=True)  # fmt: skip
+    print(
+        f"{'PASS' if passed else 'FAIL'} graphed LeakyMemory {dtype} {batch}x{hidden}x{steps}: "
+        f"max scaled error {errors[worst]:.1e} ({worst})",
+        flush=True,
+    )
 
     chain = speed.layer(depth=2)(hidden, "auto").to("cuda", dtype)
     lstm = torch.nn.LSTM(hidden, hidden, 1).to("cuda", dtype)
@@ -88,33 +97,53 @@ def compare(shape, dtype, repeats: int, timer) -> dict:
     ms = {name: statistics.median(values) for name, values in times.items()}
     base = ms["nn.LSTM(H, H, 1)"]
     for name, value in ms.items():
-        print(f"  {dtype} {batch}x{hidden}x{steps} f+b {name}: {value:.2f} ms "
-              f"({value / base:.2f}x nn.LSTM)", flush=True)  # fmt: skip
-    return {"dtype": str(dtype).removeprefix("torch."), "B": batch, "H": hidden, "T": steps,
-            "passed": passed, "errors": errors, "ms": ms}  # fmt: skip
+        print(
+            f"  {dtype} {batch}x{hidden}x{steps} f+b {name}: {value:.2f} ms "
+            f"({value / base:.2f}x nn.LSTM)",
+            flush=True,
+        )
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "B": batch,
+        "H": hidden,
+        "T": steps,
+        "passed": passed,
+        "errors": errors,
+        "ms": ms,
+    }
 
 
 def markdown(results: list[dict], machine: str) -> str:
     names = list(results[0]["ms"])
-    out = ["# A user's memory function in CUDA graphs (benchmarks/memory_graphs.py)", "", machine,
-           "", "Forward+backward milliseconds (median, interleaved); in brackets against "
-           "`nn.LSTM(H, H, 1)`. graphed: `torch.cuda.make_graphed_callables(layer, (x,))`.", "",
-           "| dtype | B | H | T | graphed = eager | " + " | ".join(names) + " |",
-           "|---|---|---|---|---|" + "---|" * len(names)]  # fmt: skip
+    out = [
+        "# A user's memory function in CUDA graphs (benchmarks/memory_graphs.py)",
+        "",
+        machine,
+        "",
+        "Forward+backward milliseconds (median, interleaved); in brackets against "
+        "`nn.LSTM(H, H, 1)`. graphed: `torch.cuda.make_graphed_callables(layer, (x,))`.",
+        "",
+        "| dtype | B | H | T | graphed = eager | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+    ]
     for res in results:
         base = res["ms"]["nn.LSTM(H, H, 1)"]
         cells = [f"{res['ms'][n]:.2f} ({res['ms'][n] / base:.2f})" for n in names]
         same = "yes" if res["passed"] else f"NO ({max(res['errors'].values()):.1e})"
-        out.append(f"| {res['dtype']} | {res['B']} | {res['H']} | {res['T']} | {same} | "
-                   + " | ".join(cells) + " |")  # fmt: skip
+        out.append(
+            f"| {res['dtype']} | {res['B']} | {res['H']} | {res['T']} | {same} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memory_graphs.py", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--shapes", type=parse_shapes,
-                        default=parse_shapes("32x75x100,32x256x100,128x512x100"))  # fmt: skip
+    parser.add_argument(
+        "--shapes", type=parse_shapes, default=parse_shapes("32x75x100,32x256x100,128x512x100")
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
@@ -145,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results, machine)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "results": results}, f, indent=1)
+        meta = result_meta("cuda", argv, repeats=args.repeats, header=machine)
+        write_result(args.json, meta, results)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)

@@ -42,7 +42,6 @@ Imports torch and nestrnn (and nestrnn_gru when installed). Without nestrnn's ow
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -53,12 +52,15 @@ from pathlib import Path
 
 import torch
 from bench_common import (
+    MACHINE_KEYS,
     describe_line,
     describe_machine,
     environment,
     import_nestrnn,
     parse_shapes,
+    result_meta,
     scaled_error,
+    write_result,
 )
 
 MISSING = import_nestrnn()  # None, or why only the op is available
@@ -243,8 +245,9 @@ class OpChain(torch.nn.Module):
         if self.backend == "naive":
             return "naive"
         hidden = self.levels[0].hidden_size
-        planned = plan(x, None, False, self.activations, training, self.backend, eager=True,
-                       hidden=hidden)  # fmt: skip
+        planned = plan(
+            x, None, False, self.activations, training, self.backend, eager=True, hidden=hidden
+        )
         return planned.implementation
 
 
@@ -473,8 +476,15 @@ def summarize(shape, rows: list[Row], times: dict, repeats: int, planned: dict) 
         if not row.baselines:
             continue
         mine = times[row.name]
-        record = {"B": shape[0], "H": shape[1], "T": shape[2], "row": row.name,
-                  "group": row.group, "repeats": repeats, "implementation": planned[row.name]}  # fmt: skip
+        record = {
+            "B": shape[0],
+            "H": shape[1],
+            "T": shape[2],
+            "row": row.name,
+            "group": row.group,
+            "repeats": repeats,
+            "implementation": planned[row.name],
+        }
         for mode in MODES:
             record[f"{mode}_ms"] = statistics.median(mine[mode])
         record["vs"] = {
@@ -539,7 +549,9 @@ def time_split(shape, records, backend, device, dtype, timer, repeats=3) -> dict
         split[f"{mode}_op"] = mine[f"{mode}_ms"] * 1e3 / steps
         split[f"{mode}_lstm2"] = mine["vs"]["LSTM-2"][f"{mode}_ms"] * 1e3 / steps
         gemms = step_gemms(shape, dtype, device, backward=mode == "fwd+bwd")
-        split[f"{mode}_gemms"] = statistics.median(timer(gemms) for _ in range(repeats)) * 1e3 / steps  # fmt: skip
+        split[f"{mode}_gemms"] = (
+            statistics.median(timer(gemms) for _ in range(repeats)) * 1e3 / steps
+        )
     split.update(graphed_op(shape, backend, device, dtype, timer, repeats))
     return split
 
@@ -571,7 +583,9 @@ def per_step_times(model, x, grad_out, timer, repeats, direct_column="op") -> di
                 ran = implementation_of(model, x, mode == "fwd+bwd")
                 if ran != "triton":
                     raise RuntimeError(f"the op ran {ran}")
-                result[f"{mode}_{column}"] = statistics.median(timer(fn) for _ in range(repeats)) * 1e3 / steps  # fmt: skip
+                result[f"{mode}_{column}"] = (
+                    statistics.median(timer(fn) for _ in range(repeats)) * 1e3 / steps
+                )
     return result
 
 
@@ -618,8 +632,12 @@ def split_line(s: dict) -> str:
     cells = []
     for mode in MODES:
         graph = s.get(f"{mode}_graph")
-        cells += [f"{s[f'{mode}_op']:.1f}", "n/a" if graph is None else f"{graph:.1f}",
-                  f"{s[f'{mode}_gemms']:.1f}", f"{s[f'{mode}_lstm2']:.1f}"]  # fmt: skip
+        cells += [
+            f"{s[f'{mode}_op']:.1f}",
+            "n/a" if graph is None else f"{graph:.1f}",
+            f"{s[f'{mode}_gemms']:.1f}",
+            f"{s[f'{mode}_lstm2']:.1f}",
+        ]
     return f"| {s['B']} | {s['H']} | {s['T']} | " + " | ".join(cells) + " |"
 
 
@@ -647,8 +665,13 @@ def tables(records: list[dict], splits: list[dict]) -> str:
     if others:
         parts += ["", OTHER_HEAD, *(other_line(r) for r in others)]
     if splits:
-        parts += ["", "Microseconds per step, depth 2 (see speed.py's time_split):", "",
-                  SPLIT_HEAD, *(split_line(s) for s in splits)]  # fmt: skip
+        parts += [
+            "",
+            "Microseconds per step, depth 2 (see speed.py's time_split):",
+            "",
+            SPLIT_HEAD,
+            *(split_line(s) for s in splits),
+        ]
         parts += sorted({s["graph_note"] for s in splits if "graph_note" in s})
     return "\n".join(parts)
 
@@ -669,11 +692,19 @@ def run_header(info: dict, args: argparse.Namespace, planned: dict) -> str:
 
 
 def write_results(args, info, check, records, splits, raw, notes, summary) -> None:
-    payload = {"info": info, "correctness": check, "results": records, "split": splits,
-               "summary": summary, "notes": notes, "raw": raw}  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        settings = {k: v for k, v in info.items() if k not in MACHINE_KEYS}
+        meta = result_meta(info["device_type"], **settings)
+        write_result(
+            args.json,
+            meta,
+            records,
+            correctness=check,
+            split=splits,
+            summary=summary,
+            notes=notes,
+            raw=raw,
+        )
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         header = info.get("header", describe_line(info))
@@ -711,36 +742,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="speed.py", description=__doc__.split("\n", 1)[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="of the NLSTM rows: the op's backend, naive, or generic (NestedLSTM's "
-                   "per-step path)")  # fmt: skip
-    p.add_argument("--shapes", type=parse_shapes, default=None,
-                   help=f"BxHxT list (default {DEFAULT_SHAPES})")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="of the NLSTM rows: the op's backend, naive, or generic (NestedLSTM's per-step path)",
+    )
+    p.add_argument(
+        "--shapes", type=parse_shapes, default=None, help=f"BxHxT list (default {DEFAULT_SHAPES})"
+    )
     p.add_argument("--depths", type=parse_depths, default=[1, 2, 3], help="default 1,2,3")
     p.add_argument("--repeats", type=positive(int), default=None, help="timed runs (default 7)")
-    p.add_argument("--warmup", type=positive(int), default=None,
-                   help="untimed runs first (default 1; 2 on CUDA, where the op's step loops are "
-                   "captured in CUDA graphs when their shapes repeat)")  # fmt: skip
-    p.add_argument("--budget", type=positive(float), default=None,
-                   help="seconds per shape: fewer repeats (at least 3) where the warm-up says "
-                   "they would take longer")  # fmt: skip
+    p.add_argument(
+        "--warmup",
+        type=positive(int),
+        default=None,
+        help="untimed runs first (default 1; 2 on CUDA, where the op's step loops are "
+        "captured in CUDA graphs when their shapes repeat)",
+    )
+    p.add_argument(
+        "--budget",
+        type=positive(float),
+        default=None,
+        help="seconds per shape: fewer repeats (at least 3) where the warm-up says "
+        "they would take longer",
+    )
     p.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads")
-    p.add_argument("--clock", default="wall", choices=["wall", "process"],
-                   help="CPU timing: wall-clock, or this process's CPU time (with --threads 1 "
-                   "on a shared machine)")  # fmt: skip
-    p.add_argument("--max-interference", type=float, default=0.05,
-                   help="retake a CPU measurement when other processes took more than this "
-                   "share of the machine (default 0.05; 1 disables)")  # fmt: skip
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "process"],
+        help="CPU timing: wall-clock, or this process's CPU time (with --threads 1 "
+        "on a shared machine)",
+    )
+    p.add_argument(
+        "--max-interference",
+        type=float,
+        default=0.05,
+        help="retake a CPU measurement when other processes took more than this "
+        "share of the machine (default 0.05; 1 disables)",
+    )
     p.add_argument("--variants", action="store_true", help="depth-2 variant rows")
     p.add_argument("--memories", action="store_true", help="LeakyMemory and GRUMemory rows")
-    p.add_argument("--plain-loop", choices=CHAIN_BACKENDS, default=None,
-                   help="an NLSTM-2 row on this backend (torch_loop: the plain loop)")  # fmt: skip
+    p.add_argument(
+        "--plain-loop",
+        choices=CHAIN_BACKENDS,
+        default=None,
+        help="an NLSTM-2 row on this backend (torch_loop: the plain loop)",
+    )
     p.add_argument("--plain-loop-repeats", type=positive(int), default=3)
     p.add_argument("--split", action="store_true", help="per-step time split at depth 2")
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 3 repeats")
-    p.add_argument("--triton-configs", default=None, metavar="JSON",
-                   help="launch the Triton kernels with the best block configuration that "
-                   "tune_triton.py measured at each (B, H) it tuned (its --json file)")  # fmt: skip
+    p.add_argument(
+        "--triton-configs",
+        default=None,
+        metavar="JSON",
+        help="launch the Triton kernels with the best block configuration that "
+        "tune_triton.py measured at each (B, H) it tuned (its --json file)",
+    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     args = p.parse_args(argv)
@@ -753,8 +812,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--variants times the op's variants: choose one of the op's backends")
     layer_needed = args.memories or args.backend == "generic"
     if layer_needed and MISSING:
-        p.error(f"NestedLSTM needs nestrnn's dependencies ({MISSING}): --memories and backend "
-                "generic are unavailable")  # fmt: skip
+        p.error(
+            f"NestedLSTM needs nestrnn's dependencies ({MISSING}): --memories and backend "
+            "generic are unavailable"
+        )
     return args
 
 
@@ -787,10 +848,14 @@ def run(args: argparse.Namespace, extra_info: dict | None = None) -> int:
         print("warning: --clock process with several threads also counts their spin-waiting")
     timer = Timer(device, Interference(), args.max_interference, clock=args.clock)
     info = describe_machine(device.type)
-    info.update(threads=torch.get_num_threads(), dtype=args.dtype, backend=args.backend,
-                clock="cuda events" if device.type == "cuda" else args.clock,
-                nestrnn="op only: " + MISSING if MISSING else "whole package",
-                **(extra_info or {}))  # fmt: skip
+    info.update(
+        threads=torch.get_num_threads(),
+        dtype=args.dtype,
+        backend=args.backend,
+        clock="cuda events" if device.type == "cuda" else args.clock,
+        nestrnn="op only: " + MISSING if MISSING else "whole package",
+        **(extra_info or {}),
+    )
     records, raw, failure = [], [], None
     for shape in args.shapes:
         try:

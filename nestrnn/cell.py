@@ -29,6 +29,12 @@ class NestedLSTMCell(nn.Module):
     the memory function is the submodule ``memory``.
     """
 
+    # registered by add_lstm_parameters; declared for the type checker
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Tensor | None
+    bias_hh: Tensor | None
+
     def __init__(
         self,
         input_size: int,

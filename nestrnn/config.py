@@ -32,7 +32,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -143,7 +143,7 @@ CHOICES: dict[str, Sequence[str]] = {
 }
 
 
-def task_class(name: str) -> type:
+def task_class(name: str) -> Any:
     """The registered task class ``name``; a ConfigError with close matches when unknown."""
     from nestrnn.registry import RegistryError, get_task, task_names
 
@@ -257,7 +257,7 @@ def _task_name(sources: Sequence[tuple[str, DictConfig]], default: str) -> str:
 def load_config(
     files: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
-    base: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | Any = None,
 ) -> DictConfig:
     """Resolve a run configuration (see the module docstring for the order).
 
@@ -309,7 +309,7 @@ def _check_keys(
     node: DictConfig, schema: DictConfig, prefix: str, label: str, known: list[str]
 ) -> None:
     for key in node:
-        full = f"{prefix}{key}"
+        full = f"{prefix}{key!s}"
         if key not in schema:
             raise ConfigError(f"unknown config key '{full}' (in {label}){_suggest(full, known)}")
         expected = schema[key]
@@ -321,7 +321,7 @@ def _check_keys(
                 example = next(iter(expected), "...")
                 raise ConfigError(
                     f"config key '{full}' is a section, not a value (in {label}); "
-                    f"set its keys, e.g. {full}.{example}=..."
+                    f"set its keys, e.g. {full}.{example!s}=..."
                 )
 
 
@@ -345,7 +345,7 @@ def _type_error(
         value = OmegaConf.to_container(value)
     expected = types.get(key)
     if expected is None:
-        return f"invalid value for config key '{key}' (in {label}): {error.msg.splitlines()[0]}"
+        return f"invalid value for config key '{key}' (in {label}): {cast(str, error.msg).splitlines()[0]}"
     return f"config key '{key}' must be {_describe_type(expected)}, got {value!r} (in {label})"
 
 
@@ -365,7 +365,7 @@ def field_types(schema_cls: type, prefix: str = "") -> dict[str, Any]:
     for f in dataclasses.fields(schema_cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            found.update(field_types(tp, f"{prefix}{f.name}."))
+            found.update(field_types(cast(type, tp), f"{prefix}{f.name}."))
         else:
             found[f"{prefix}{f.name}"] = tp
     return found
@@ -462,7 +462,7 @@ def trained_config(saved: str | Mapping[str, Any]) -> DictConfig:
     """The configuration a checkpoint holds (its YAML text or a mapping), resolved as
     :func:`load_config` resolves a saved run's: settings added since it was written take their
     defaults, so comparing it with a configuration of today reports only real changes."""
-    return load_config([], [], base=OmegaConf.to_container(OmegaConf.create(saved)))
+    return load_config([], [], base=OmegaConf.to_container(OmegaConf.create(cast(Any, saved))))
 
 
 def check_same_model(

@@ -9,6 +9,7 @@ four gate blocks of ``weight_hh`` is an orthogonal H x H matrix) and a forget-ga
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ def add_lstm_parameters(
     ``weight_ih{suffix}`` (4H, I), ``weight_hh{suffix}`` (4H, P), ``bias_ih{suffix}`` and
     ``bias_hh{suffix}`` (4H,) or None, and with ``proj_size`` P > 0 ``weight_hr{suffix}`` (P, H).
     Values are left uninitialised (``init_lstm_level``)."""
-    kwargs = {"device": device, "dtype": dtype}
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     recurrent = proj_size or hidden_size
     module.register_parameter(
         f"weight_ih{suffix}", nn.Parameter(torch.empty(4 * hidden_size, input_size, **kwargs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,41 @@ class NestedLSTM(nn.Module):
     memory function ``c_t = m(f_t * c_{t-1}, i_t * g_t)``. With ``depth=1`` it is exactly
     ``nn.LSTM`` (same parameter names, loads its state dict); with ``depth=2`` the cell is computed
     by an inner LSTM (the paper's Nested LSTM); ``depth=3`` nests once more, and so on.
+
+    For each element of the input sequence, each layer computes the outer gates (as ``nn.LSTM``)
+
+    .. math::
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        g_t = \phi_g(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = m(f_t \odot c_{t-1},\; i_t \odot g_t) \\
+        h_t = o_t \odot \tanh(c_t)
+        \end{array}
+
+    where :math:`m` is the memory function: :math:`m(a, b) = a + b` (``depth=1``, ``"additive"``)
+    gives ``nn.LSTM`` with :math:`\phi_g = \tanh`. A nested level (``"nested"``, ``depth >= 2``)
+    is an LSTM step whose input is :math:`\tilde x_t = i_t \odot g_t` and whose previous hidden
+    state is :math:`\tilde h_{t-1} = f_t \odot c_{t-1}`, with its own cell
+    :math:`\tilde c` one level down:
+
+    .. math::
+        \begin{array}{ll}
+        \tilde\imath_t, \tilde f_t, \tilde o_t = \sigma(\tilde W_{i\cdot} \tilde x_t
+            + \tilde b_{i\cdot} + \tilde W_{h\cdot} \tilde h_{t-1} + \tilde b_{h\cdot}) \\
+        \tilde g_t = \tanh(\tilde W_{ig} \tilde x_t + \tilde b_{ig}
+            + \tilde W_{hg} \tilde h_{t-1} + \tilde b_{hg}) \\
+        \tilde c_t = \tilde m(\tilde f_t \odot \tilde c_{t-1},\; \tilde\imath_t \odot \tilde g_t) \\
+        c_t = \tilde o_t \odot \tanh(\tilde c_t)
+        \end{array}
+
+    :math:`\tilde m` is the next level down (additive at the innermost level), and above a nested
+    level the candidate activation :math:`\phi_g` is the identity (the paper's choice). Every
+    activation is configurable per level (see :class:`nestrnn.memory.NestedMemory`). With
+    ``proj_size > 0``, :math:`h_t = W_{hr}(o_t \odot \tanh(c_t))`. In a multi-layer model the
+    input of layer :math:`l \ge 2` is the output :math:`h^{(l-1)}_t` of the layer below, times a
+    Bernoulli dropout mask (``dropout``) in training.
 
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
@@ -64,14 +99,36 @@ class NestedLSTM(nn.Module):
           (depth, D_dir * num_layers, N, H); ``c_0[k]`` is memory level k (0 is the outer cell).
           Unbatched: drop the N axis.
 
-    Outputs: ``output, (h_n, c_n)`` with the shapes of the inputs and D_dir * H_out features.
+    Outputs: ``output, (h_n, c_n)``
+        * output: (L, N, D_dir * H_out), (N, L, D_dir * H_out) with ``batch_first=True``,
+          (L, D_dir * H_out) unbatched, or a ``PackedSequence`` when the input is one: the last
+          layer's h_t at every step.
+        * h_n: the shape of h_0, the final h of every layer and direction.
+        * c_n: the shape of c_0, the final cell of every memory level, layer and direction.
 
     Attributes:
         weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}, weight_hr_l{k} (and
-            ``_reverse``): the outer LSTM's parameters, shaped and named as in ``nn.LSTM``.
+            ``_reverse``): the outer LSTM's parameters, shaped and named as in ``nn.LSTM``:
+            (4H, H_in) for k = 0 else (4H, D_dir * H_out), (4H, H_out), (4H,), (4H,), (P, H).
         memory_l{k} (and ``memory_l{k}_reverse``): layer k's memory function; a nested level has
             ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` and its own memory ``inner``.
+
+    Examples::
+
+        >>> import torch
+        >>> from nestrnn import NestedLSTM
+        >>> rnn = NestedLSTM(10, 20, num_layers=2, depth=2)
+        >>> input = torch.randn(5, 3, 10)
+        >>> h0 = torch.zeros(2, 3, 20)
+        >>> c0 = torch.zeros(2, 2, 3, 20)  # (depth, num_layers, batch, hidden)
+        >>> output, (hn, cn) = rnn(input, (h0, c0))
+        >>> output.shape, hn.shape, cn.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]), torch.Size([2, 2, 3, 20]))
     """
+
+    # registered in __init__ (add_lstm_parameters, add_module); declared for the type checker
+    weight_ih_l0: Tensor
+    memory_l0: MemoryFunction
 
     def __init__(
         self,
@@ -179,9 +236,11 @@ class NestedLSTM(nn.Module):
             for suffix in self._suffixes:
                 name = f"l{layer}{suffix}"
                 init_lstm_level(
-                    *self._outer_weights(name), self.forget_bias, self.recurrent_init,
+                    *self._outer_weights(name),
+                    self.forget_bias,
+                    self.recurrent_init,
                     getattr(self, f"weight_hr_{name}", None),
-                )  # fmt: skip
+                )
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter, memory functions included."""
@@ -211,7 +270,10 @@ class NestedLSTM(nn.Module):
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
-        if packed:
+        batch_sizes: Tensor | None
+        sorted_indices: Tensor | None
+        unsorted_indices: Tensor | None
+        if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input  # x: the data (N, I)
             check_input(x, (2,), self.input_size, weight, "PackedSequence data")
             batched, batch = True, int(batch_sizes[0]) if len(batch_sizes) else 0
@@ -223,22 +285,28 @@ class NestedLSTM(nn.Module):
             if self.batch_first:
                 x = x.transpose(0, 1)
             batch = x.shape[1]
-        steps = len(batch_sizes) if packed else x.shape[0]
+        steps = len(batch_sizes) if batch_sizes is not None else x.shape[0]
         if steps == 0:  # nn.LSTM's error: an empty batch is fine, an empty sequence is not
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is None:
             h0, c0 = self._zero_state(batch, x.dtype, x.device)
         else:
             h0, c0 = check_state(
-                hx, batched, (self.num_layers * len(self._suffixes),), batch,
-                self._output_size, self.hidden_size, self.num_cells, weight,
-            )  # fmt: skip
+                hx,
+                batched,
+                (self.num_layers * len(self._suffixes),),
+                batch,
+                self._output_size,
+                self.hidden_size,
+                self.num_cells,
+                weight,
+            )
             if sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(2, sorted_indices)
 
         if self._is_torch_lstm():  # takes a packed batch's data as it is
             x, h_out, c_out = self._torch_lstm(x, h0, c0, batch_sizes)
-        elif packed:
+        elif batch_sizes is not None:
             x, _ = pad_packed_sequence(PackedSequence(x, batch_sizes))  # (T, B, I), sorted
             x, h_out, c_out = self._layers(x, h0, c0, batch_sizes)
             lengths = (batch_sizes.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
@@ -391,7 +459,7 @@ def _check_lstm_arguments(
     if (
         not isinstance(dropout, numbers.Number)
         or isinstance(dropout, bool)
-        or not 0 <= dropout <= 1
+        or not 0 <= cast(float, dropout) <= 1
     ):
         raise ValueError(
             "dropout should be a number in range [0, 1] representing the probability of an "
@@ -406,7 +474,7 @@ def _check_lstm_arguments(
     check_int(proj_size, "proj_size", minimum=0)
     if proj_size >= hidden_size:
         raise ValueError("proj_size has to be smaller than hidden_size")
-    if dropout > 0 and num_layers == 1:
+    if cast(float, dropout) > 0 and num_layers == 1:
         warnings.warn(
             "dropout option adds dropout after all but the last layer, so non-zero dropout "
             f"expects num_layers greater than 1, but got dropout={dropout} and "

@@ -342,8 +342,8 @@ class Registry:
             )
             warnings.warn(f"{provider.describe()} {message}; skipping it", RuntimeWarning, 2)
             return None, message
-        result, error = outcome
-        return (None, _describe_error(error)) if error is not None else (result, None)
+        result, failure = outcome
+        return (None, _describe_error(failure)) if failure is not None else (result, None)
 
     def _resolve(self, kind: str) -> None:
         """Rebuild ``kind``'s names from its plugins' registrations, then the scripts'."""

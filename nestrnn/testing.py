@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch.nn.utils.rnn import pack_sequence
@@ -154,7 +155,9 @@ def gradients(make_memory: MemoryFactory, sizes: Sizes) -> None:
 
     assert torch.autograd.gradcheck(function, (*inputs, *params), eps=1e-6, atol=1e-5)
     outputs = function(*inputs, *params)
-    torch.autograd.backward(sum(o.sum() for o in outputs), inputs=params or None)
+    torch.autograd.backward(
+        cast(torch.Tensor, sum(o.sum() for o in outputs)), inputs=params or None
+    )
     for name, param in zip(names, params):
         assert param.grad is not None, f"parameter {name} gets no gradient"
 

@@ -68,8 +68,10 @@ def parse(text: str, path: Path | str, length: int | None) -> list[str]:
                 "space-separated characters); is the file corrupt?"
             )
         if length is not None and sizes != {length}:
-            raise DataError(f"{path}, line {number}: a {sizes.pop()}-character quatrain in the "
-                            f"{length}-character file")  # fmt: skip
+            raise DataError(
+                f"{path}, line {number}: a {sizes.pop()}-character quatrain in the "
+                f"{length}-character file"
+            )
         for i, verse in enumerate(chars):
             symbols.extend(verse)
             symbols.append(LINE if i < 3 else END)
@@ -146,9 +148,11 @@ class ChinesePoemsTask(CharLMTask):
         loss = stats["nll"] / max(stats["count"], 1.0)
         char = stats.get("nll_char", 0.0) / max(stats.get("count_char", 0.0), 1.0)
         return {
-            "loss": loss, "bpc": loss / LN2, "ppl": math.exp(min(loss, 50.0)),
+            "loss": loss,
+            "bpc": loss / LN2,
+            "ppl": math.exp(min(loss, 50.0)),
             "ppl_char": math.exp(min(char, 50.0)),
-        }  # fmt: skip
+        }
 
     def text_to_symbols(self, text: str) -> list[str]:
         symbols = []

@@ -94,10 +94,15 @@ class CharLMTask(Task):
         "model": {"hidden_size": 256},
         "optim": {"lr": 0.002, "schedule": "plateau", "patience": 0},
         "train": {
-            "epochs": 20, "steps_per_epoch": 0, "batch_size": 32, "bptt": 100,
-            "eval_batch_size": 16, "log_every": 50, "early_stopping": 5,
+            "epochs": 20,
+            "steps_per_epoch": 0,
+            "batch_size": 32,
+            "bptt": 100,
+            "eval_batch_size": 16,
+            "log_every": 50,
+            "early_stopping": 5,
         },
-    }  # fmt: skip
+    }
     #: how symbols are shown by `decode` (e.g. PTB's "_" is a space)
     display: ClassVar[dict[str, str]] = {}
 

@@ -66,21 +66,25 @@ TEST_SIZE = 10_000
 FILES = {
     "train_images": RemoteFile(
         "train-images-idx3-ubyte.gz",
-        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9_912_422,
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        9_912_422,
     ),
     "train_labels": RemoteFile(
         "train-labels-idx1-ubyte.gz",
-        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28_881,
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        28_881,
     ),
     "test_images": RemoteFile(
         "t10k-images-idx3-ubyte.gz",
-        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1_648_877,
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        1_648_877,
     ),
     "test_labels": RemoteFile(
         "t10k-labels-idx1-ubyte.gz",
-        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4_542,
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        4_542,
     ),
-}  # fmt: skip
+}
 #: sha256 of the decompressed canonical content, where known (a re-compressed .gz still matches)
 CONTENT_SHA256 = {
     "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
@@ -235,9 +239,15 @@ class MnistGlimpsesTask(Task):
     config_defaults: ClassVar[dict[str, Any]] = {
         "model": {"hidden_size": 128},
         "optim": {"lr": 0.001, "schedule": "plateau", "patience": 1},
-        "train": {"epochs": 30, "steps_per_epoch": 0, "batch_size": 64, "eval_batch_size": 500,
-                  "log_every": 50, "early_stopping": 6},
-    }  # fmt: skip
+        "train": {
+            "epochs": 30,
+            "steps_per_epoch": 0,
+            "batch_size": 64,
+            "eval_batch_size": 500,
+            "log_every": 50,
+            "early_stopping": 6,
+        },
+    }
 
     def __init__(self, options: MnistGlimpsesOptions, seed: int = 0) -> None:
         super().__init__(options, seed)
@@ -267,8 +277,13 @@ class MnistGlimpsesTask(Task):
         remote = FILES[role]
         for name in (remote.name, remote.name[: -len(".gz")]):
             if (folder / name).exists():
-                return fetch(RemoteFile(name) if name != remote.name else remote, folder, urls,
-                             allow_download=False, check_local=_check_local(role))  # fmt: skip
+                return fetch(
+                    RemoteFile(name) if name != remote.name else remote,
+                    folder,
+                    urls,
+                    allow_download=False,
+                    check_local=_check_local(role),
+                )
         found = sorted(p for p in folder.glob(PATTERNS[role]) if not p.name.startswith("."))
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
@@ -277,9 +292,13 @@ class MnistGlimpsesTask(Task):
             _validator(role)(found[0])
             return found[0]
         return fetch(
-            remote, folder, urls, allow_download=self.options.download,
-            validate=_validator(role), how_to=HOW_TO.format(dir=folder),
-        )  # fmt: skip
+            remote,
+            folder,
+            urls,
+            allow_download=self.options.download,
+            validate=_validator(role),
+            how_to=HOW_TO.format(dir=folder),
+        )
 
     def prepare(self) -> None:
         folder = self.data_dir()
@@ -311,23 +330,32 @@ class MnistGlimpsesTask(Task):
             raise ValueError(f"task.valid_size={valid} must be between 1 and {n - 1}")
         images = torch.from_numpy(train_images.copy())
         labels = torch.from_numpy(train_labels.astype(np.int64))
-        self.images = {"train": images[:-valid], "valid": images[-valid:],
-                       "test": torch.from_numpy(arrays["test_images"][0].copy())}  # fmt: skip
-        self.labels = {"train": labels[:-valid], "valid": labels[-valid:],
-                       "test": torch.from_numpy(arrays["test_labels"][0].astype(np.int64))}  # fmt: skip
+        self.images = {
+            "train": images[:-valid],
+            "valid": images[-valid:],
+            "test": torch.from_numpy(arrays["test_images"][0].copy()),
+        }
+        self.labels = {
+            "train": labels[:-valid],
+            "valid": labels[-valid:],
+            "test": torch.from_numpy(arrays["test_labels"][0].astype(np.int64)),
+        }
 
     def data_fingerprint(self) -> str | None:
         """The images and labels of every split, the glimpse options and the shuffling seed."""
         splits = sorted(self.images)
         return fingerprint(
-            super().data_fingerprint(), *(self.images[s] for s in splits),
+            super().data_fingerprint(),
+            *(self.images[s] for s in splits),
             *(self.labels[s] for s in splits),
-        )  # fmt: skip
+        )
 
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {len(v):,}" for s, v in self.images.items())
-        return (f"images: {sizes}; {self.steps} glimpses of {self.glimpse}x{self.glimpse} "
-                f"(stride {self.stride}, order {self.options.order})")  # fmt: skip
+        return (
+            f"images: {sizes}; {self.steps} glimpses of {self.glimpse}x{self.glimpse} "
+            f"(stride {self.stride}, order {self.options.order})"
+        )
 
     def glimpses(self, images: Tensor) -> Tensor:
         """(N, 28, 28) uint8 -> (N, steps, glimpse_size**2) float: the glimpse sequences."""
@@ -364,8 +392,11 @@ class MnistGlimpsesTask(Task):
         nll = F.cross_entropy(output.float(), batch.targets, reduction="sum")
         wrong = (output.argmax(-1) != batch.targets).sum()
         count = batch.targets.numel()
-        stats = {"nll": nll.detach(), "wrong": wrong.detach().float(),
-                 "count": torch.tensor(float(count))}  # fmt: skip
+        stats = {
+            "nll": nll.detach(),
+            "wrong": wrong.detach().float(),
+            "count": torch.tensor(float(count)),
+        }
         return nll / count, stats
 
     def metrics(self, stats: dict[str, float]) -> dict[str, float]:

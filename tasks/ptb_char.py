@@ -96,9 +96,14 @@ class PTBCharTask(CharLMTask):
         splits = {}
         for split in SPLITS:
             path = fetch(
-                FILES[split], folder, urls, allow_download=self.options.download,
-                validate=validate, check_local=_checked_below, how_to=HOW_TO.format(dir=folder),
-            )  # fmt: skip
+                FILES[split],
+                folder,
+                urls,
+                allow_download=self.options.download,
+                validate=validate,
+                check_local=_checked_below,
+                how_to=HOW_TO.format(dir=folder),
+            )
             splits[split] = tokenize(read_text(path), path)
         return splits
 

@@ -152,8 +152,10 @@ class CopyMemoryTask(SyntheticTask):
 
     def describe(self) -> str:
         o = self.options
-        return (f"{o.length} of {o.symbols} symbols, delay {o.delay} ({self.steps} steps); "
-                f"memoryless baseline loss {self.baseline():.4f}")  # fmt: skip
+        return (
+            f"{o.length} of {o.symbols} symbols, delay {o.delay} ({self.steps} steps); "
+            f"memoryless baseline loss {self.baseline():.4f}"
+        )
 
     def baseline(self) -> float:
         o = self.options
@@ -161,8 +163,9 @@ class CopyMemoryTask(SyntheticTask):
 
     def loss(self, output: Tensor, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = output.float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
-                              reduction="sum")  # fmt: skip
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), reduction="sum"
+        )
         length = self.options.length
         recall = logits[:, -length:].argmax(-1) != batch.targets[:, -length:]
         stats = {

@@ -62,9 +62,13 @@ class Text8Task(CharLMTask):
     Options: ClassVar[type] = Text8Options
     config_defaults: ClassVar[dict[str, Any]] = {
         **CharLMTask.config_defaults,
-        "train": {**CharLMTask.config_defaults["train"], "batch_size": 128, "steps_per_epoch": 2000,
-                  "eval_max_batches": 400},
-    }  # fmt: skip
+        "train": {
+            **CharLMTask.config_defaults["train"],
+            "batch_size": 128,
+            "steps_per_epoch": 2000,
+            "eval_max_batches": 400,
+        },
+    }
 
     def __init__(self, options: Text8Options, seed: int = 0) -> None:
         super().__init__(options, seed)
@@ -94,10 +98,14 @@ class Text8Task(CharLMTask):
             remote = ZIP if self.canonical else RemoteFile(ZIP.name, max_size=zip_bound(self.total))
             urls = base_urls(self.options.base_url, URL_ENV, BASE_URLS)
             path = fetch(
-                remote, folder, urls, allow_download=self.options.download,
-                validate=self._validate_zip, check_local=self._check_local_zip,
+                remote,
+                folder,
+                urls,
+                allow_download=self.options.download,
+                validate=self._validate_zip,
+                check_local=self._check_local_zip,
                 how_to=HOW_TO.format(dir=folder),
-            )  # fmt: skip
+            )
             data = read_zip(path, self.total)
             source = f"{path}:{MEMBER}"
         ids = self._encode(data, source)

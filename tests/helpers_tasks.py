@@ -256,8 +256,12 @@ def run_cli(
     environment.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     return subprocess.run(
         [sys.executable, "-m", "nestrnn.cli", *args],
-        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def main_cli(argv: Sequence[str], capsys: Any) -> tuple[int, str, str]:
@@ -298,9 +302,13 @@ def start_cli(
     """``python -m nestrnn ARGS`` started in the background (stdout and stderr piped)."""
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "nestrnn", *args], cwd=cwd, env=environment, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "-m", "nestrnn", *args],
+        cwd=cwd,
+        env=environment,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def train_steps(run_dir: Path) -> list[int]:

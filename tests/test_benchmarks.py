@@ -47,8 +47,14 @@ def test_gpu_sh_dry_run_without_triton(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = script_env(OUT=str(out), PYTHONPATH=str(hide))
-    run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "triton not installed" in run.stdout and "Traceback" not in run.stdout
     assert run.stdout.rstrip().endswith("ALL STEPS PASSED")
@@ -58,28 +64,36 @@ def test_gpu_sh_dry_run_without_triton(tmp_path):
         "speed_cpu_float32.md",
     }
     result = json.loads((out / "speed_cpu_float32.json").read_text())
-    rows = {r["row"]: r for r in result["results"]}
+    rows = {r["row"]: r for r in result["rows"]}
     assert rows["NLSTM-2"]["implementation"]["fwd+bwd"] in ("c_loop", "torch_loop")  # the CPU op
 
 
 def test_gpu_sh_dry_run(tmp_path):
     pytest.importorskip("triton")
-    run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"], cwd=REPO,
-                         env=script_env(OUT=str(tmp_path)), capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"],
+        cwd=REPO,
+        env=script_env(OUT=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "ALL PASS" in run.stdout and run.stdout.rstrip().endswith("ALL STEPS PASSED")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "gpu_run.log", "speed_cpu_float32.json", "speed_cpu_float32.md", "tune_triton_cpu.json",
+        "gpu_run.log",
+        "speed_cpu_float32.json",
+        "speed_cpu_float32.md",
+        "tune_triton_cpu.json",
         "tune_triton_cpu.md",
-    }  # fmt: skip
+    }
     tuned = json.loads((tmp_path / "tune_triton_cpu.json").read_text())["results"]
     assert [(r["dtype"], r["B"], r["H"]) for r in tuned] == [("fp32", 3, 17)]
     assert all("error" not in row for row in tuned[0]["rows"])  # every candidate checked and timed
     assert any(row["fields"][-1] for row in tuned[0]["rows"])  # cuBLAS GEMMs among them
     result = json.loads((tmp_path / "speed_cpu_float32.json").read_text())
-    assert set(result["info"]["triton_configs"]) == {"3x17"}  # the tuned one, timed
-    rows = {r["row"]: r for r in result["results"]}
+    assert set(result["meta"]["triton_configs"]) == {"3x17"}  # the tuned one, timed
+    rows = {r["row"]: r for r in result["rows"]}
     assert set(rows) == {"NLSTM-1", "NLSTM-2", "NLSTM-3", "NLSTM-2 torch_loop"}
     assert all(rows[f"NLSTM-{d}"]["implementation"]["fwd+bwd"] == "triton" for d in (1, 2, 3))
     assert rows["NLSTM-2 torch_loop"]["implementation"]["fwd+bwd"] == "torch_loop"
@@ -91,14 +105,36 @@ def test_speed_issue_rows_on_cpu(tmp_path):
     """The variant and user-function rows, each with its ratio, in one run."""
     out = tmp_path / "speed.json"
     run = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "speed.py"), *TINY, "--depths", "2", "--variants",
-         "--memories", "--threads", "1", "--clock", "process", "--json", str(out)],
-        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(BENCHMARKS / "speed.py"),
+            *TINY,
+            "--depths",
+            "2",
+            "--variants",
+            "--memories",
+            "--threads",
+            "1",
+            "--clock",
+            "process",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
-    expected = {"outer candidate tanh": "NLSTM-2", "cell softsign": "NLSTM-2",
-                "bias-free level": "NLSTM-2", "LeakyMemory": "LSTM-1", "GRUMemory": "LSTM-1"}  # fmt: skip
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    expected = {
+        "outer candidate tanh": "NLSTM-2",
+        "cell softsign": "NLSTM-2",
+        "bias-free level": "NLSTM-2",
+        "LeakyMemory": "LSTM-1",
+        "GRUMemory": "LSTM-1",
+    }
     if importlib.util.find_spec("nestrnn_gru") is None:
         del expected["GRUMemory"]
     for name, baseline in expected.items():
@@ -116,22 +152,46 @@ def test_speed_without_nestrnn_dependencies_times_the_op(tmp_path):
     """A bare GPU machine has torch and triton only: the op's rows still run."""
     out = tmp_path / "speed.json"
     command = [sys.executable, "-c", HIDE_PLUGGY, str(BENCHMARKS / "speed.py")]
-    run = subprocess.run([*command, *TINY, "--depths", "1", "--backend", "torch_loop",
-                          "--json", str(out)], cwd=REPO, env=script_env(), capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [*command, *TINY, "--depths", "1", "--backend", "torch_loop", "--json", str(out)],
+        cwd=REPO,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(out.read_text())["info"]["nestrnn"] == "op only: pluggy is not installed"
-    refused = subprocess.run([*command, *TINY, "--memories"], cwd=REPO, env=script_env(),
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert json.loads(out.read_text())["meta"]["nestrnn"] == "op only: pluggy is not installed"
+    refused = subprocess.run(
+        [*command, *TINY, "--memories"],
+        cwd=REPO,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2
     assert "NestedLSTM needs nestrnn's dependencies (pluggy is not installed)" in refused.stderr
 
 
 def test_speed_refuses_to_time_a_fallback_under_the_backend_name():
     """Without the interpreter, Triton cannot run on CPU: the op would fall back, speed.py stops."""
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), *TINY, "--depths", "1",
-                          "--backend", "triton"], cwd=REPO, env=script_env(), capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "speed.py"),
+            *TINY,
+            "--depths",
+            "1",
+            "--backend",
+            "triton",
+        ],
+        cwd=REPO,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1
     assert run.stderr.strip().endswith("refusing to time it under that name")
     assert "backend 'triton' runs" in run.stderr
@@ -160,8 +220,10 @@ def test_speed_rejects_bad_arguments(argv, message, monkeypatch, capsys):
 def test_gpu_check_rejects_bad_arguments(monkeypatch, capsys):
     gpu_check = load("gpu_check", monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for argv, message in ((["--dtypes", "fp64"], "unknown dtype 'fp64'"),
-                          ([], "TRITON_INTERPRET=1 is set")):  # fmt: skip
+    for argv, message in (
+        (["--dtypes", "fp64"], "unknown dtype 'fp64'"),
+        ([], "TRITON_INTERPRET=1 is set"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             gpu_check.main(argv)
         assert exit_.value.code == 2
@@ -169,8 +231,14 @@ def test_gpu_check_rejects_bad_arguments(monkeypatch, capsys):
 
 
 def test_gpu_sh_rejects_an_unknown_option():
-    run = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--fast"], cwd=REPO,
-                         env=script_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--fast"],
+        cwd=REPO,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2
     assert (
         run.stderr.strip() == "usage: bash benchmarks/gpu.sh [--quick | --dry-run] [--quick-tune]"
@@ -187,8 +255,14 @@ def test_tuning_takes_the_fastest_correct_configuration(tmp_path, monkeypatch):
     tune = load("tune_triton", monkeypatch)
 
     def row(fields, graph, direct):
-        return {"config": str(fields), "fields": fields, "fwd_graph": graph[0],
-                "fwd+bwd_graph": graph[1], "fwd_direct": direct[0], "fwd+bwd_direct": direct[1]}  # fmt: skip
+        return {
+            "config": str(fields),
+            "fields": fields,
+            "fwd_graph": graph[0],
+            "fwd+bwd_graph": graph[1],
+            "fwd_direct": direct[0],
+            "fwd+bwd_direct": direct[1],
+        }
 
     fused = row([32, 16, 32, 4, None, False], (10.0, 20.0), (10.0, 20.0))
     cublas = row([32, 32, 32, 4, None, True], (9.0, 15.0), (30.0, 40.0))
@@ -279,3 +353,28 @@ def test_quality_quick_tunes_measures_and_compares(tmp_path, monkeypatch):
     assert table.count("\n| ") == 4  # header and one row per model
     tuning = list((tmp_path / "runs" / "tune" / "nlstm" / "trials").iterdir())
     assert sorted(p.name for p in tuning) == ["0000-seed0", "0001-seed0"]  # the same budget each
+
+
+def test_the_docs_tables_are_the_result_files() -> None:
+    """Every table of measured figures in the docs is what benchmarks/tables.py renders from
+    benchmarks/results/*.json: a figure edited by hand, or a result file re-measured without
+    re-rendering, fails here."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_every_result_file_has_the_common_meta() -> None:
+    """One schema for every result file the benchmark scripts write (bench_common.write_result)."""
+    keys = {"commit", "dirty", "machine", "torch", "python", "command", "date"}
+    for path in sorted((REPO / "benchmarks" / "results").glob("*.json")):
+        if path.name.startswith(("tune_triton", "quality_")):  # their scripts' own layouts
+            continue
+        data = json.loads(path.read_text())
+        assert data["schema"] == 1 and isinstance(data["rows"], list), path.name
+        assert keys <= set(data["meta"]), path.name
+        assert {"cpu", "cores", "gpu"} <= set(data["meta"]["machine"]), path.name

@@ -19,12 +19,17 @@ from helpers_tasks import (
     main_cli,
     snapshot,
     write_text,
-)  # fmt: skip
+)
 
 from nestrnn.engine import resources
 
-SHORT = [*TINY, "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=8",
-         "train.device=cpu"]  # fmt: skip
+SHORT = [
+    *TINY,
+    "train.epochs=1",
+    "train.steps_per_epoch=2",
+    "train.batch_size=8",
+    "train.device=cpu",
+]
 ADDING = ["task.length=6", "task.valid_size=16", "task.test_size=16"]
 
 
@@ -40,9 +45,23 @@ def runs(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     try:
         assert main(["train", *SHORT, *ADDING, "--run-dir", str(root / "adding")]) == 0
-        assert main(["train", *TINY, "task.name=text_file", f"task.path={corpus}",
-                     "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=4",
-                     "train.bptt=8", "--run-dir", str(root / "lm")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train",
+                    *TINY,
+                    "task.name=text_file",
+                    f"task.path={corpus}",
+                    "train.epochs=1",
+                    "train.steps_per_epoch=2",
+                    "train.batch_size=4",
+                    "train.bptt=8",
+                    "--run-dir",
+                    str(root / "lm"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     return root
@@ -150,9 +169,11 @@ def test_eval_sample_viz_mistakes(unchanged, monkeypatch, capsys, argv, message)
 
 @pytest.mark.parametrize(
     ("edit", "change"),
-    [(("family: nlstm", "family: lstm"), "model.family: 'nlstm' -> 'lstm'"),
-     (("depth: 2", "depth: 3"), "model.depth: 2 -> 3")],
-)  # fmt: skip
+    [
+        (("family: nlstm", "family: lstm"), "model.family: 'nlstm' -> 'lstm'"),
+        (("depth: 2", "depth: 3"), "model.depth: 2 -> 3"),
+    ],
+)
 def test_an_edited_config_yaml_is_named(runs, tmp_path, capsys, edit, change) -> None:
     run = tmp_path / "run"
     shutil.copytree(runs / "adding", run)
@@ -164,13 +185,20 @@ def test_an_edited_config_yaml_is_named(runs, tmp_path, capsys, edit, change) ->
 
 def test_overrides_and_options_in_any_order(unchanged, monkeypatch, capsys) -> None:
     monkeypatch.chdir(unchanged)
-    argv = ["train", "train.epochs=3", "--no-progress", "train.steps_per_epoch=7",
-            "--print-config", "optim.lr=0.01"]  # fmt: skip
+    argv = [
+        "train",
+        "train.epochs=3",
+        "--no-progress",
+        "train.steps_per_epoch=7",
+        "--print-config",
+        "optim.lr=0.01",
+    ]
     code, out, err = main_cli(argv, capsys)
     assert code == 0, err
     assert "epochs: 3 " in out and "steps_per_epoch: 7 " in out and "lr: 0.01 " in out
-    code, out, err = main_cli(["eval", "adding", "--split", "valid", "model.backend=generic",
-                               "--json"], capsys)  # fmt: skip
+    code, out, err = main_cli(
+        ["eval", "adding", "--split", "valid", "model.backend=generic", "--json"], capsys
+    )
     assert code == 0 and '"split": "valid"' in out, err
 
 

@@ -9,8 +9,15 @@ import pytest
 from conftest import REPO_ROOT
 from helpers_tasks import POEM_CHARS, TINY, run_cli, write_poems, write_text
 
-ADDING = [*TINY, "task.length=6", "task.valid_size=32", "task.test_size=32", "train.epochs=2",
-          "train.steps_per_epoch=5", "train.batch_size=8"]  # fmt: skip
+ADDING = [
+    *TINY,
+    "task.length=6",
+    "task.valid_size=32",
+    "task.test_size=32",
+    "train.epochs=2",
+    "train.steps_per_epoch=5",
+    "train.batch_size=8",
+]
 
 
 def _ok(result) -> str:
@@ -47,11 +54,28 @@ def test_train_eval_and_resume(tmp_path: Path) -> None:
 
 def test_sample_from_a_text_run(tmp_path: Path) -> None:
     corpus = write_text(tmp_path / "corpus.txt", repeats=10)
-    _ok(run_cli(["train", *TINY, "task.name=text_file", f"task.path={corpus}", "train.epochs=1",
-                 "train.steps_per_epoch=3", "train.batch_size=4", "train.bptt=8",
-                 "--run-dir", "lm"], tmp_path))  # fmt: skip
-    out = _ok(run_cli(["sample", "lm", "--prime", "To be", "--length", "30", "--temperature",
-                       "0.5"], tmp_path))  # fmt: skip
+    _ok(
+        run_cli(
+            [
+                "train",
+                *TINY,
+                "task.name=text_file",
+                f"task.path={corpus}",
+                "train.epochs=1",
+                "train.steps_per_epoch=3",
+                "train.batch_size=4",
+                "train.bptt=8",
+                "--run-dir",
+                "lm",
+            ],
+            tmp_path,
+        )
+    )
+    out = _ok(
+        run_cli(
+            ["sample", "lm", "--prime", "To be", "--length", "30", "--temperature", "0.5"], tmp_path
+        )
+    )
     assert out.startswith("To be") and len(out.rstrip("\n")) >= 5
     greedy = ["sample", "lm", "--prime", "To", "--length", "10", "--temperature", "0"]
     assert _ok(run_cli(greedy, tmp_path)) == _ok(run_cli(greedy, tmp_path))
@@ -63,9 +87,23 @@ def test_sample_from_a_text_run(tmp_path: Path) -> None:
 def test_sample_refuses_a_prime_a_vocabulary_with_unk_does_not_know(tmp_path: Path) -> None:
     """The poems' vocabulary has <unk>; a prime symbol outside it is still an error, not <unk>."""
     data = write_poems(tmp_path / "poems")
-    _ok(run_cli(["train", *TINY, "task.name=chinese_poems", f"task.data_dir={data}",
-                 "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=4", "train.bptt=8",
-                 "--run-dir", "poems-run"], tmp_path))  # fmt: skip
+    _ok(
+        run_cli(
+            [
+                "train",
+                *TINY,
+                "task.name=chinese_poems",
+                f"task.data_dir={data}",
+                "train.epochs=1",
+                "train.steps_per_epoch=2",
+                "train.batch_size=4",
+                "train.bptt=8",
+                "--run-dir",
+                "poems-run",
+            ],
+            tmp_path,
+        )
+    )
     known = POEM_CHARS[:3]
     assert _ok(run_cli(["sample", "poems-run", "--prime", known, "--length", "5"], tmp_path))
     bad = run_cli(["sample", "poems-run", "--prime", known + "猫狗"], tmp_path)
@@ -85,8 +123,10 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
     result = run_cli(["train", "train.epochs=many"], tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "'train.epochs' must be an integer, got 'many'" in result.stderr
-    missing = run_cli(["train", "task.name=ptb_char", "task.download=false",
-                       f"task.data_dir={tmp_path}"], tmp_path)  # fmt: skip
+    missing = run_cli(
+        ["train", "task.name=ptb_char", "task.download=false", f"task.data_dir={tmp_path}"],
+        tmp_path,
+    )
     assert missing.returncode == 2 and "ptb.char.train.txt is missing" in missing.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -104,8 +144,15 @@ def test_print_config_and_params(tmp_path: Path) -> None:
 
 def test_tasks_command(tmp_path: Path) -> None:
     out = _ok(run_cli(["tasks"], tmp_path))
-    for name in ("ptb_char", "text8", "chinese_poems", "mnist_glimpses", "text_file",
-                 "copy_memory", "adding"):  # fmt: skip
+    for name in (
+        "ptb_char",
+        "text8",
+        "chinese_poems",
+        "mnist_glimpses",
+        "text_file",
+        "copy_memory",
+        "adding",
+    ):
         assert name in out
     data = json.loads(_ok(run_cli(["tasks", "--json"], tmp_path)))
     mnist = next(t for t in data["tasks"] if t["name"] == "mnist_glimpses")
@@ -116,8 +163,11 @@ def test_tasks_command(tmp_path: Path) -> None:
 
 
 def test_sample_refuses_a_non_language_model(tmp_path: Path) -> None:
-    _ok(run_cli(["train", *ADDING, "train.epochs=1", "train.test=false", "--run-dir", "run"],
-                tmp_path))  # fmt: skip
+    _ok(
+        run_cli(
+            ["train", *ADDING, "train.epochs=1", "train.test=false", "--run-dir", "run"], tmp_path
+        )
+    )
     result = run_cli(["sample", "run"], tmp_path)
     assert result.returncode == 2 and "not a language model" in result.stderr
 

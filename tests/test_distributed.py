@@ -36,10 +36,17 @@ TEXT = "".join(
 )
 #: steps 1..8 in 2 epochs of 4, 4 streams of bptt 8, a checkpoint every 2 steps
 OVERRIDES = [
-    "task.name=text_file", "model.hidden_size=8", "train.batch_size=4", "train.bptt=8",
-    "train.eval_batch_size=3", "train.epochs=2", "train.steps_per_epoch=4", "train.log_every=1",
-    "train.checkpoint_every=2", "train.early_stopping=0",
-]  # fmt: skip
+    "task.name=text_file",
+    "model.hidden_size=8",
+    "train.batch_size=4",
+    "train.bptt=8",
+    "train.eval_batch_size=3",
+    "train.epochs=2",
+    "train.steps_per_epoch=4",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.early_stopping=0",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -51,8 +58,17 @@ def _env(**extra: str) -> dict[str, str]:
 def _torchrun(nproc: int, args: list[str], *launcher: str, fault: str = ""):
     """``torchrun ... nestrnn train ARGS`` (through tests/faults.py when ``fault`` is given)."""
     program = [FAULTS, fault, "--"] if fault else ["-m", "nestrnn"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *launcher, *program, "train", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *launcher,
+        *program,
+        "train",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
 
 
@@ -84,8 +100,9 @@ def single(corpus, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     run_dir = tmp_path_factory.mktemp("single") / "run"
     try:
-        code = main(["train", "--no-progress", "--run-dir", str(run_dir),
-                     f"task.path={corpus}", *OVERRIDES])  # fmt: skip
+        code = main(
+            ["train", "--no-progress", "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -96,8 +113,19 @@ def single(corpus, tmp_path_factory) -> Path:
 def double(corpus, tmp_path_factory) -> Path:
     """Two processes with 2 streams each (through ``nestrnn train --nproc 2``: torchrun)."""
     run_dir = tmp_path_factory.mktemp("double") / "run"
-    command = [sys.executable, "-m", "nestrnn", "train", "--nproc", "2", "--no-progress",
-               "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "nestrnn",
+        "train",
+        "--nproc",
+        "2",
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        f"task.path={corpus}",
+        *OVERRIDES,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -162,10 +190,21 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path):
     """A kill -9 inside the atomic write of last.pt: the previous last.pt stays whole, and the
     resume that follows removes the temporary file the killed process left."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, FAULTS, "pause-in-checkpoint:60", "--", "train", "--no-progress",
-               "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=_env())  # fmt: skip
+    command = [
+        sys.executable,
+        FAULTS,
+        "pause-in-checkpoint:60",
+        "--",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        f"task.path={corpus}",
+        *OVERRIDES,
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env()
+    )
     try:
         for line in proc.stdout:
             if line.startswith(PAUSED):
@@ -213,8 +252,16 @@ def test_the_launcher_takes_torchrun_and_its_workers_along(corpus, tmp_path):
     """``kill -9`` of the --nproc launcher: torchrun and both workers stop too (they save last.pt
     at the step they reached); SIGTERM to a resumed launch: the same, and exit status 143."""
     run_dir = tmp_path / "run"
-    args = ["train", "--nproc", "2", "--no-progress", f"task.path={corpus}", *OVERRIDES,
-            "train.steps_per_epoch=10000000", "train.checkpoint_every=0"]  # fmt: skip
+    args = [
+        "train",
+        "--nproc",
+        "2",
+        "--no-progress",
+        f"task.path={corpus}",
+        *OVERRIDES,
+        "train.steps_per_epoch=10000000",
+        "train.checkpoint_every=0",
+    ]
     kill_at_step(start_cli([*args, "--run-dir", str(run_dir)]), run_dir, 3)
     step = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
     assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
@@ -238,12 +285,26 @@ def test_a_killed_torchrun_takes_its_workers_along(corpus, tmp_path):
     """``kill -9`` of torchrun itself (started by hand, not by --nproc): both workers get SIGTERM,
     save last.pt at the step they reached and stop."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", "-m", "nestrnn", "train", "--no-progress", "--run-dir",
-               str(run_dir), f"task.path={corpus}", *OVERRIDES, "train.steps_per_epoch=10000000",
-               "train.checkpoint_every=0"]  # fmt: skip
-    agent = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "nestrnn",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        f"task.path={corpus}",
+        *OVERRIDES,
+        "train.steps_per_epoch=10000000",
+        "train.checkpoint_every=0",
+    ]
+    agent = subprocess.Popen(
+        command, env=_env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     kill_at_step(agent, run_dir, 3)
     assert rd.RunDir(run_dir).records()[-1]["event"] == "stopped"
     assert rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"] >= 3
@@ -273,8 +334,14 @@ def test_closing_stops_the_process_groups_threads(tmp_path):
     where a worker that still held a tensor aborted the process)."""
     script = tmp_path / "close.py"
     script.write_text(CLOSE_SCRIPT, encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", str(script)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(script),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = re.findall(r"rank (\d) gloo threads: (\d+) open, (\d+) closed", result.stdout)
@@ -286,9 +353,20 @@ def test_the_launcher_passes_sighup_on_and_every_worker_saves(corpus, tmp_path):
     """SIGHUP to the --nproc launcher (its terminal closed): torchrun passes it on as SIGHUP, the
     workers stop at the same step as on SIGTERM, last.pt is saved there, exit status 129."""
     run_dir = tmp_path / "run"
-    launcher = start_cli(["train", "--nproc", "2", "--no-progress", f"task.path={corpus}",
-                          *OVERRIDES, "train.steps_per_epoch=10000000", "train.checkpoint_every=0",
-                          "--run-dir", str(run_dir)])  # fmt: skip
+    launcher = start_cli(
+        [
+            "train",
+            "--nproc",
+            "2",
+            "--no-progress",
+            f"task.path={corpus}",
+            *OVERRIDES,
+            "train.steps_per_epoch=10000000",
+            "train.checkpoint_every=0",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     try:
         wait_for_step(run_dir, 3, launcher)
         launcher.send_signal(signal.SIGHUP)
@@ -301,18 +379,35 @@ def test_the_launcher_passes_sighup_on_and_every_worker_saves(corpus, tmp_path):
     step = rd.load_checkpoint(run_dir / rd.LAST)["position"]["global_step"]
     assert step >= 3
     assert rd.RunDir(run_dir).records()[-1] == {
-        "event": "stopped", "step": step, "epoch": 1, "signal": "SIGHUP"
-    }  # fmt: skip
+        "event": "stopped",
+        "step": step,
+        "epoch": 1,
+        "signal": "SIGHUP",
+    }
 
 
 def test_a_launcher_under_nohup_ignores_sighup(corpus, tmp_path):
     """``nohup nestrnn train --nproc 2``: a SIGHUP reaches neither torchrun nor the workers."""
     run_dir = tmp_path / "run"
-    command = ["nohup", sys.executable, "-m", "nestrnn", "train", "--nproc", "2", "--no-progress",
-               f"task.path={corpus}", *OVERRIDES, "train.steps_per_epoch=10000000",
-               "train.checkpoint_every=0", "--run-dir", str(run_dir)]  # fmt: skip
-    launcher = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)  # fmt: skip
+    command = [
+        "nohup",
+        sys.executable,
+        "-m",
+        "nestrnn",
+        "train",
+        "--nproc",
+        "2",
+        "--no-progress",
+        f"task.path={corpus}",
+        *OVERRIDES,
+        "train.steps_per_epoch=10000000",
+        "train.checkpoint_every=0",
+        "--run-dir",
+        str(run_dir),
+    ]
+    launcher = subprocess.Popen(
+        command, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         wait_for_step(run_dir, 3, launcher)
         launcher.send_signal(signal.SIGHUP)
@@ -332,11 +427,25 @@ def test_sigterm_during_the_final_test_stops_every_worker(corpus, tmp_path):
     same batch (no worker waits for another in a collective), the run is complete without a test
     record."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", FAULTS, "slow-eval:test:1", "--", "train", "--no-progress",
-               "--run-dir", str(run_dir), f"task.path={corpus}", *OVERRIDES]  # fmt: skip
-    agent = subprocess.Popen(command, env=_env(), text=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        FAULTS,
+        "slow-eval:test:1",
+        "--",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        f"task.path={corpus}",
+        *OVERRIDES,
+    ]
+    agent = subprocess.Popen(
+        command, env=_env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         seen = []
         for line in agent.stderr:
@@ -352,15 +461,21 @@ def test_sigterm_during_the_final_test_stops_every_worker(corpus, tmp_path):
     assert "stopped by SIGTERM during the final test" in err, err[-3000:]
     records = rd.RunDir(run_dir).records()
     assert "test" not in [r["event"] for r in records]
-    assert records[-1] == {"event": "stopped", "step": 8, "epoch": 2, "signal": "SIGTERM",
-                           "during": "test"}  # fmt: skip
+    assert records[-1] == {
+        "event": "stopped",
+        "step": 8,
+        "epoch": 2,
+        "signal": "SIGTERM",
+        "during": "test",
+    }
     assert json.loads((run_dir / rd.SUMMARY).read_text())["test"] == {}
 
 
 def _pid_namespaces_work() -> bool:
     try:
-        probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
-                               capture_output=True, timeout=30)  # fmt: skip
+        probe = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -371,10 +486,27 @@ def test_torchrun_as_pid_1_trains(corpus, tmp_path):
     """torchrun as a container's entrypoint is pid 1 (here: of a new pid namespace): its workers'
     parent is pid 1 and alive, which is no orphan; the run trains to its end."""
     run_dir = tmp_path / "run"
-    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
-               "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nestrnn",
-               "train", "--no-progress", "--run-dir", str(run_dir), f"task.path={corpus}",
-               *OVERRIDES, "train.epochs=1", "train.steps_per_epoch=2"]  # fmt: skip
+    command = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "nestrnn",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        f"task.path={corpus}",
+        *OVERRIDES,
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / rd.SUMMARY).read_text())["steps"] == 2

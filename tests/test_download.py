@@ -147,8 +147,13 @@ def test_a_download_removes_what_killed_downloads_left(served: Path, tmp_path: P
 
 def test_missing_and_downloads_disabled(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="downloads are disabled.*do this"):
-        fetch(RemoteFile("x.bin"), tmp_path, ["http://127.0.0.1:9/"], allow_download=False,
-              how_to="do this")  # fmt: skip
+        fetch(
+            RemoteFile("x.bin"),
+            tmp_path,
+            ["http://127.0.0.1:9/"],
+            allow_download=False,
+            how_to="do this",
+        )
     with pytest.raises(DataError, match="could not obtain x.bin: cannot download"):
         fetch(RemoteFile("x.bin"), tmp_path, ["http://127.0.0.1:9/"], progress=False)
 
@@ -299,10 +304,19 @@ def test_the_cli_stops_an_endless_or_trickling_download(tmp_path: Path, server: 
     data = tmp_path / "data"
     with http_server(tmp_path, **{server: ["text8.zip"]}) as url:
         result = run_cli(
-            ["train", "task.name=text8", f"task.data_dir={data}", f"task.base_url={url}",
-             *SMALL_TEXT8, *TINY, "--run-dir", str(tmp_path / "run")],
-            cwd=tmp_path, env={"NESTRNN_DOWNLOAD_DEADLINE": "2"},
-        )  # fmt: skip
+            [
+                "train",
+                "task.name=text8",
+                f"task.data_dir={data}",
+                f"task.base_url={url}",
+                *SMALL_TEXT8,
+                *TINY,
+                "--run-dir",
+                str(tmp_path / "run"),
+            ],
+            cwd=tmp_path,
+            env={"NESTRNN_DOWNLOAD_DEADLINE": "2"},
+        )
     error = _cli_error(result)
     assert "text8.zip" in error
     assert ("has more than" if server == "endless" else "took longer than 2 s") in error
@@ -332,9 +346,19 @@ def test_a_full_disk_during_a_download(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     with http_server(tmp_path / "server") as url:
-        command = [sys.executable, "-m", "nestrnn", "train", "task.name=text8",
-                   f"task.data_dir={data}", f"task.base_url={url}", *split, *TINY,
-                   "--run-dir", str(tmp_path / "run")]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "nestrnn",
+            "train",
+            "task.name=text8",
+            f"task.data_dir={data}",
+            f"task.base_url={url}",
+            *split,
+            *TINY,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
         result = subprocess.run(
             [*_on_a_tiny_disk(data, "32k"), *command], capture_output=True, text=True, timeout=120
         )

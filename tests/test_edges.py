@@ -49,9 +49,14 @@ def reference_of(model: NestedLSTM) -> NestedLSTM:
     """The same model on the step-by-step reference path."""
     kwargs = {k: getattr(model, k) for k in ("num_layers", "batch_first", "bidirectional")}
     reference = NestedLSTM(
-        model.input_size, model.hidden_size, proj_size=model.proj_size, **kwargs,
-        memory=model.memory_l0, backend="naive", dtype=model.weight_ih_l0.dtype,
-    )  # fmt: skip
+        model.input_size,
+        model.hidden_size,
+        proj_size=model.proj_size,
+        **kwargs,
+        memory=model.memory_l0,
+        backend="naive",
+        dtype=model.weight_ih_l0.dtype,
+    )
     reference.load_state_dict(model.state_dict())
     return reference
 
@@ -164,8 +169,10 @@ def test_trace_in_grad_mode_at_depth_1_passes_its_check_as_nn_lstm(layout):
     x = sequence(model, 6, 2)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            assert_same(torch.utils._pytree.tree_leaves(traced_model(x)),
-                        torch.utils._pytree.tree_leaves(traced_lstm(x)))  # fmt: skip
+            assert_same(
+                torch.utils._pytree.tree_leaves(traced_model(x)),
+                torch.utils._pytree.tree_leaves(traced_lstm(x)),
+            )
 
 
 @pytest.mark.parametrize("depth", [2, 3])
@@ -184,8 +191,10 @@ def test_trace_in_grad_mode_passes_its_check_and_matches_eager(layout, depth):
             assert_same(flat(plain(x)), flat(model(x)))
             assert_same(flat(with_state(x, hx)), flat(model(x, hx)))
     # and it differentiates as eager mode does
-    assert_same(run_and_differentiate(with_state, x, hx)[1],
-                run_and_differentiate(model, x.detach(), tuple(t.detach() for t in hx))[1])  # fmt: skip
+    assert_same(
+        run_and_differentiate(with_state, x, hx)[1],
+        run_and_differentiate(model, x.detach(), tuple(t.detach() for t in hx))[1],
+    )
 
 
 # ------------------------------------------------------------------------------ shapes only

@@ -30,16 +30,40 @@ from nestrnn.models import (
 
 def text_config(tmp_path: Path, *extra: str):
     corpus = write_text(tmp_path / "corpus.txt", repeats=12)
-    return load_config([], [*TINY, "task.name=text_file", f"task.path={corpus}", "train.epochs=2",
-                            "train.steps_per_epoch=5", "train.batch_size=4", "train.bptt=6",
-                            "train.eval_batch_size=4", "model.dropout=0.1", *extra])  # fmt: skip
+    return load_config(
+        [],
+        [
+            *TINY,
+            "task.name=text_file",
+            f"task.path={corpus}",
+            "train.epochs=2",
+            "train.steps_per_epoch=5",
+            "train.batch_size=4",
+            "train.bptt=6",
+            "train.eval_batch_size=4",
+            "model.dropout=0.1",
+            *extra,
+        ],
+    )
 
 
 def copy_config(*extra: str):
-    return load_config([], [*TINY, "task.name=copy_memory", "task.length=3", "task.delay=4",
-                            "task.valid_size=16", "task.test_size=16", "train.epochs=2",
-                            "train.steps_per_epoch=4", "train.batch_size=8", "model.dropout=0.2",
-                            *extra])  # fmt: skip
+    return load_config(
+        [],
+        [
+            *TINY,
+            "task.name=copy_memory",
+            "task.length=3",
+            "task.delay=4",
+            "task.valid_size=16",
+            "task.test_size=16",
+            "train.epochs=2",
+            "train.steps_per_epoch=4",
+            "train.batch_size=8",
+            "model.dropout=0.2",
+            *extra,
+        ],
+    )
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -100,8 +124,14 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path: Path) -> None:
     assert set(last["rng"]) >= {"torch", "python", "numpy"}
     assert last["position"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 10}
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.yaml", "environment.json", "metrics.jsonl", "last.pt", "best.pt",
-            "summary.json"} <= files  # fmt: skip
+    assert {
+        "config.yaml",
+        "environment.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "summary.json",
+    } <= files
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
     saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "config.yaml"))
@@ -156,8 +186,11 @@ def test_tbptt_carries_the_full_nested_state(tmp_path: Path) -> None:
 def test_early_stopping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = copy_config("train.epochs=10", "train.early_stopping=2", "train.steps_per_epoch=1")
     trainer = Trainer(config, tmp_path / "run", echo=None)
-    monkeypatch.setattr(trainer, "evaluate", lambda split="valid", max_batches=None: {
-        "loss": 1.0, "error": 50.0, "baseline": 0.5})  # fmt: skip
+    monkeypatch.setattr(
+        trainer,
+        "evaluate",
+        lambda split="valid", max_batches=None: {"loss": 1.0, "error": 50.0, "baseline": 0.5},
+    )
     summary = trainer.fit()
     assert summary.reason == "early_stopping" and summary.epochs == 3
 

@@ -24,10 +24,16 @@ from nestrnn.cli import main
 from nestrnn.config import ModelConfig, OptimConfig, TrainConfig, field_types
 
 settings.register_profile(
-    "fuzz", max_examples=25, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                           HealthCheck.data_too_large],
-)  # fmt: skip
+    "fuzz",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
 fuzz = settings(settings.get_profile("fuzz"), max_examples=settings().max_examples + 10)
 
 KNOWN_KEYS = sorted(
@@ -36,13 +42,52 @@ KNOWN_KEYS = sorted(
     + [f"train.{k}" for k in field_types(TrainConfig)]
     + ["task.name", "task.length", "task.path", "task.data_dir", "task.valid_fraction"]
 )
-SPECIAL = ["", "null", "~", "true", "no", "[1, 2]", "{a: 1}", "{", "]", "'", '"', ".inf", "-.inf",
-           ".nan", "1e999", "-1", "0", "0.5", "3", "abc", "${oops}", "${train.seed}", "x: y",
-           "!!python/object:os.system", "&a", "*a", "%", "\x00", "é", "\\", "=", "1_000"]  # fmt: skip
+SPECIAL = [
+    "",
+    "null",
+    "~",
+    "true",
+    "no",
+    "[1, 2]",
+    "{a: 1}",
+    "{",
+    "]",
+    "'",
+    '"',
+    ".inf",
+    "-.inf",
+    ".nan",
+    "1e999",
+    "-1",
+    "0",
+    "0.5",
+    "3",
+    "abc",
+    "${oops}",
+    "${train.seed}",
+    "x: y",
+    "!!python/object:os.system",
+    "&a",
+    "*a",
+    "%",
+    "\x00",
+    "é",
+    "\\",
+    "=",
+    "1_000",
+]
 #: a tiny run: one optimizer step on a short adding problem, small evaluation sets
-TINY = ["task.length=5", "task.valid_size=8", "task.test_size=8", "model.hidden_size=4",
-        "train.batch_size=4", "train.epochs=1", "train.steps_per_epoch=1", "train.max_steps=1",
-        "train.progress=false"]  # fmt: skip
+TINY = [
+    "task.length=5",
+    "task.valid_size=8",
+    "task.test_size=8",
+    "model.hidden_size=4",
+    "train.batch_size=4",
+    "train.epochs=1",
+    "train.steps_per_epoch=1",
+    "train.max_steps=1",
+    "train.progress=false",
+]
 
 keys = st.one_of(
     st.sampled_from(KNOWN_KEYS),
@@ -61,9 +106,10 @@ overrides = st.lists(
 )
 #: small values only, for overrides that really build and train a model
 small_values = st.one_of(
-    st.sampled_from(SPECIAL), st.integers(-3, 6).map(str),
+    st.sampled_from(SPECIAL),
+    st.integers(-3, 6).map(str),
     st.sampled_from(["0.0", "1e-9", "2.5", "-0.5", "1e3"]),
-)  # fmt: skip
+)
 small_overrides = st.lists(
     st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KNOWN_KEYS), small_values), max_size=3
 )
@@ -116,11 +162,48 @@ def test_failed_resume_changes_no_file(capsys, finished_run, items):
 
 # --------------------------------------------------------------------------- command lines
 
-TOKENS = ["train", "eval", "sample", "tasks", "--resume", "--run-dir", "-c", "--config",
-          "--print-config", "--print-params", "--no-progress", "--nproc", "--backend", "--split",
-          "--checkpoint", "--json", "--prime", "--length", "--temperature", "--seed", "auto",
-          "best", "last", "test", "valid", "nccl", "gloo", "-1", "0", "2", "x=1", "=", "--",
-          "-", "default", "ptb_char", "/nonexistent", ".", "--version", "-h"]  # fmt: skip
+TOKENS = [
+    "train",
+    "eval",
+    "sample",
+    "tasks",
+    "--resume",
+    "--run-dir",
+    "-c",
+    "--config",
+    "--print-config",
+    "--print-params",
+    "--no-progress",
+    "--nproc",
+    "--backend",
+    "--split",
+    "--checkpoint",
+    "--json",
+    "--prime",
+    "--length",
+    "--temperature",
+    "--seed",
+    "auto",
+    "best",
+    "last",
+    "test",
+    "valid",
+    "nccl",
+    "gloo",
+    "-1",
+    "0",
+    "2",
+    "x=1",
+    "=",
+    "--",
+    "-",
+    "default",
+    "ptb_char",
+    "/nonexistent",
+    ".",
+    "--version",
+    "-h",
+]
 
 
 @fuzz
@@ -160,9 +243,16 @@ def test_random_text_file(capsys, data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "input.txt"
         path.write_bytes(data)
-        argv = ["train", "--run-dir", str(Path(tmp) / "run"), "task.name=text_file",
-                f"task.path={path}", "train.bptt=4", "train.batch_size=2",
-                *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))]]  # fmt: skip
+        argv = [
+            "train",
+            "--run-dir",
+            str(Path(tmp) / "run"),
+            "task.name=text_file",
+            f"task.path={path}",
+            "train.bptt=4",
+            "train.batch_size=2",
+            *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))],
+        ]
         code, _, err = main_cli(argv, capsys)
         assert_one_line_error(code, err, "train")
         assert path.read_bytes() == data
@@ -174,11 +264,12 @@ def _idx(magic: int, shape: tuple[int, ...], payload: bytes) -> bytes:
 
 mnist_file = st.one_of(
     st.binary(max_size=64),
-    st.builds(lambda n, body: _idx(2051, (n, 28, 28), body), st.integers(0, 3),
-              st.binary(max_size=64)),
+    st.builds(
+        lambda n, body: _idx(2051, (n, 28, 28), body), st.integers(0, 3), st.binary(max_size=64)
+    ),
     st.builds(lambda n, body: _idx(2049, (n,), body), st.integers(0, 12), st.binary(max_size=12)),
     st.builds(lambda n: _idx(2051, (n, 28, 28), bytes(n * 784)), st.integers(0, 12)),
-)  # fmt: skip
+)
 
 
 @fuzz
@@ -186,8 +277,12 @@ mnist_file = st.one_of(
     st.lists(mnist_file, min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4)
 )
 def test_random_idx_files(capsys, contents, zipped):
-    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte"]  # fmt: skip
+    names = [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mnist"
         folder.mkdir()
@@ -196,10 +291,18 @@ def test_random_idx_files(capsys, contents, zipped):
                 gzip.compress(data) if gz else data
             )
         before = snapshot(folder)
-        argv = ["train", "--run-dir", str(Path(tmp) / "run"), "task.name=mnist_glimpses",
-                f"task.data_dir={folder}", "task.download=false", "task.valid_size=1",
-                "train.batch_size=1", "train.eval_batch_size=4",
-                *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))]]  # fmt: skip
+        argv = [
+            "train",
+            "--run-dir",
+            str(Path(tmp) / "run"),
+            "task.name=mnist_glimpses",
+            f"task.data_dir={folder}",
+            "task.download=false",
+            "task.valid_size=1",
+            "train.batch_size=1",
+            "train.eval_batch_size=4",
+            *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))],
+        ]
         code, _, err = main_cli(argv, capsys)
         assert_one_line_error(code, err, "train")
         assert snapshot(folder) == before
@@ -210,9 +313,12 @@ quatrain = st.lists(verse, min_size=0, max_size=5).map("\t".join)
 poem_file = st.one_of(
     st.binary(max_size=200),
     st.lists(quatrain, max_size=4).map(lambda lines: "\n".join(lines).encode()),
-    st.lists(st.sampled_from(["春 风 明 月 山\t水 花 春 风 明\t月 山 水 花 春\t风 明 月 山 水"]),
-             min_size=1, max_size=3).map(lambda lines: "\n".join(lines).encode()),
-)  # fmt: skip
+    st.lists(
+        st.sampled_from(["春 风 明 月 山\t水 花 春 风 明\t月 山 水 花 春\t风 明 月 山 水"]),
+        min_size=1,
+        max_size=3,
+    ).map(lambda lines: "\n".join(lines).encode()),
+)
 
 
 @fuzz
@@ -224,10 +330,17 @@ def test_random_quatrain_files(capsys, contents):
         for name, data in zip(["qtrain", "qvalid", "qtest"], contents):
             (folder / name).write_bytes(data)
         before = snapshot(folder)
-        argv = ["train", "--run-dir", str(Path(tmp) / "run"), "task.name=chinese_poems",
-                f"task.data_dir={folder}", "train.bptt=4", "train.batch_size=1",
-                "train.eval_batch_size=1",
-                *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))]]  # fmt: skip
+        argv = [
+            "train",
+            "--run-dir",
+            str(Path(tmp) / "run"),
+            "task.name=chinese_poems",
+            f"task.data_dir={folder}",
+            "train.bptt=4",
+            "train.batch_size=1",
+            "train.eval_batch_size=1",
+            *[o for o in TINY if not o.startswith(("task.", "train.batch_size"))],
+        ]
         code, _, err = main_cli(argv, capsys)
         assert_one_line_error(code, err, "train")
         assert snapshot(folder) == before
@@ -261,8 +374,12 @@ def test_bad_input_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"train: {batch_size: [\x00")
     for args in (["optim.lr=abc"], ["-c", str(bad)], ["--resume", str(tmp_path)], ["x"]):
-        result = subprocess.run([sys.executable, "-m", "nestrnn", "train", *args],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "nestrnn", "train", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().split("\n")
         assert lines[-1].startswith("nestrnn train: error: ") and "Traceback" not in result.stderr

@@ -170,13 +170,21 @@ def test_projected_depth_one_is_nn_lstm(backend, s, data):
     torch.manual_seed(s["seed"])
     options = {"bias": s["bias"], "batch_first": s["batch_first"], "proj_size": proj}
     reference = nn.LSTM(
-        s["input_size"], s["hidden_size"], s["num_layers"], bidirectional=s["bidirectional"],
+        s["input_size"],
+        s["hidden_size"],
+        s["num_layers"],
+        bidirectional=s["bidirectional"],
         **options,
-    ).double()  # fmt: skip
+    ).double()
     layer = NestedLSTM(
-        s["input_size"], s["hidden_size"], s["num_layers"], bidirectional=s["bidirectional"],
-        depth=1, backend=backend, **options,
-    ).double()  # fmt: skip
+        s["input_size"],
+        s["hidden_size"],
+        s["num_layers"],
+        bidirectional=s["bidirectional"],
+        depth=1,
+        backend=backend,
+        **options,
+    ).double()
     layer.load_state_dict(reference.state_dict(), strict=True)
     seqs, h0, c0 = make_inputs(s)
     h0 = h0[..., :proj].contiguous()
@@ -248,3 +256,15 @@ def test_an_init_state_of_the_wrong_shape_is_a_clear_error(module):
         RuntimeError, match=r"_Trace.init_state must return num_states=1 tensors of shape \(3, 5\)"
     ):
         model(x.unsqueeze(0) if module == "layer" else x)
+
+
+def test_the_class_docstring_example_runs() -> None:
+    """NestedLSTM's Examples section runs as written and prints what it shows."""
+    import doctest
+
+    from nestrnn import layer
+
+    (test,) = doctest.DocTestFinder(recurse=False).find(layer.NestedLSTM, "NestedLSTM")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    result = runner.run(test)
+    assert result.attempted > 0 and result.failed == 0

@@ -53,9 +53,18 @@ def op(backend: str):
 
 
 def make_case(
-    steps, batch, inputs, hidden, depth, *, bias="both", state=True, seed=0,
-    dtype=torch.float64, requires_grad=True,
-):  # fmt: skip
+    steps,
+    batch,
+    inputs,
+    hidden,
+    depth,
+    *,
+    bias="both",
+    state=True,
+    seed=0,
+    dtype=torch.float64,
+    requires_grad=True,
+):
     """Random x, weights, h0, c0 (zeros when ``state`` is False), all leaves."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -83,8 +92,9 @@ def leaves(x, weights, h0, c0):
     return [x, h0, c0, *(w for lw in weights for w in lw if w is not None)]
 
 
-def run_with_grads(fn, x, weights, h0, c0, batch_sizes=None, reverse=False, activations=None,
-                   seed=1):  # fmt: skip
+def run_with_grads(
+    fn, x, weights, h0, c0, batch_sizes=None, reverse=False, activations=None, seed=1
+):
     """Outputs plus the gradients of a random linear loss of (output, h_n, c_n) w.r.t. all leaves.
     Loss weights are float64 and fixed by ``seed``, so two runs see the same loss."""
     out, h_n, c_n = fn(x, weights, h0, c0, batch_sizes, reverse, activations)
@@ -144,9 +154,16 @@ def cases(draw, max_depth=4):
 
 def build(case, **kw):
     return make_case(
-        case["steps"], case["batch"], case["inputs"], case["hidden"], case["depth"],
-        bias=case["bias"], state=case["state"], seed=case["seed"], **kw,
-    )  # fmt: skip
+        case["steps"],
+        case["batch"],
+        case["inputs"],
+        case["hidden"],
+        case["depth"],
+        bias=case["bias"],
+        state=case["state"],
+        seed=case["seed"],
+        **kw,
+    )
 
 
 def case_args(case):

@@ -104,8 +104,9 @@ def test_each_kind_of_step_node_runs():
     memory, weights, x, h0, c0 = case("leaky", 3, 2, 2, 4, True, 0)
     for kind, name in (("native", "CppNode"), ("none", "MulBackward0")):
         with step_nodes(kind):
-            _, h_n, _ = stepwise.outer_lstm_stepwise(x, weights, memory, h0, c0, None, False,
-                                                     "tanh")  # fmt: skip
+            _, h_n, _ = stepwise.outer_lstm_stepwise(
+                x, weights, memory, h0, c0, None, False, "tanh"
+            )
         assert name in h_n.grad_fn.name()
 
 
@@ -117,17 +118,20 @@ def case(memory_name, steps, batch, inputs, hidden, bias, seed):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     weights = LevelWeights(
-        rand(4 * hidden, inputs), rand(4 * hidden, hidden),
-        rand(4 * hidden) if bias else None, rand(4 * hidden) if bias else None,
-    )  # fmt: skip
+        rand(4 * hidden, inputs),
+        rand(4 * hidden, hidden),
+        rand(4 * hidden) if bias else None,
+        rand(4 * hidden) if bias else None,
+    )
     x, h0 = rand(steps, batch, inputs), rand(batch, hidden)
     c0 = rand(1 + memory.num_states, batch, hidden)
     return memory, weights, x, h0, c0
 
 
 def run(fn, memory, weights, x, h0, c0, batch_sizes, reverse, seed=1):
-    out, h_n, c_n = fn(x, weights, memory, h0, c0, batch_sizes, reverse,
-                       memory.outer_candidate_activation)  # fmt: skip
+    out, h_n, c_n = fn(
+        x, weights, memory, h0, c0, batch_sizes, reverse, memory.outer_candidate_activation
+    )
     gen = torch.Generator().manual_seed(seed)
     loss = sum(
         (t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, h_n, c_n)
@@ -157,8 +161,9 @@ def run(fn, memory, weights, x, h0, c0, batch_sizes, reverse, seed=1):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_matches_the_naive_path(nodes, memory, steps, batch, inputs, hidden, bias, packed, reverse,
-                                fuse_input, seed, data):  # fmt: skip
+def test_matches_the_naive_path(
+    nodes, memory, steps, batch, inputs, hidden, bias, packed, reverse, fuse_input, seed, data
+):
     memory, weights, x, h0, c0 = case(memory, steps, batch, inputs, hidden, bias, seed)
     batch_sizes = None
     if packed:
@@ -205,8 +210,9 @@ def partial_loss(out, h_n, c_n, used):
     """A loss of the steps' outputs in ``used`` (step numbers; "h", "c": the final states)."""
     terms = [out[t] for t in used if isinstance(t, int)]
     terms += [s for name, s in (("h", h_n), ("c", c_n)) if name in used]
-    return sum((t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view(t.shape)).sum()
-               for t in terms)  # fmt: skip
+    return sum(
+        (t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view(t.shape)).sum() for t in terms
+    )
 
 
 @pytest.mark.parametrize("nodes", NODES)
@@ -220,8 +226,9 @@ def partial_loss(out, h_n, c_n, used):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_losses_of_some_outputs_through_a_retained_graph(nodes, memory, steps, packed, reverse,
-                                                         fuse_input, seed, data):  # fmt: skip
+def test_losses_of_some_outputs_through_a_retained_graph(
+    nodes, memory, steps, packed, reverse, fuse_input, seed, data
+):
     """Losses that use only some outputs (so that some steps' nodes never run their backward),
     one after another through the same retained graph: every gradient as the naive path's."""
     memory, weights, x, h0, c0 = case(memory, steps, 3, 2, 4, True, seed)
@@ -233,10 +240,12 @@ def test_losses_of_some_outputs_through_a_retained_graph(nodes, memory, steps, p
         fast = stepwise.outer_lstm_stepwise(*args)
     for _ in range(2):
         used = data.draw(st.lists(st.sampled_from(outputs), min_size=1, unique=True))
-        got = torch.autograd.grad(partial_loss(*fast, used), leaves, retain_graph=True,
-                                  allow_unused=True)  # fmt: skip
-        want = torch.autograd.grad(partial_loss(*outer_lstm_naive(*args), used), leaves,
-                                   allow_unused=True)  # fmt: skip
+        got = torch.autograd.grad(
+            partial_loss(*fast, used), leaves, retain_graph=True, allow_unused=True
+        )
+        want = torch.autograd.grad(
+            partial_loss(*outer_lstm_naive(*args), used), leaves, allow_unused=True
+        )
         for n, (g, w, leaf) in enumerate(zip(got, want, leaves)):
             g = torch.zeros_like(leaf) if g is None else g
             w = torch.zeros_like(leaf) if w is None else w
@@ -319,6 +328,11 @@ def test_other_dtypes_and_autocast_run_the_naive_path():
     assert not stepwise.applies(half[0], LevelWeights(*(w.bfloat16() for w in weights)), *half[1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not stepwise.applies(x, weights, h0, c0)
-        out, _, _ = outer_lstm(x.float(), LevelWeights(*(w.float() for w in weights)),
-                               memory.float(), h0.float(), c0.float())  # fmt: skip
+        out, _, _ = outer_lstm(
+            x.float(),
+            LevelWeights(*(w.float() for w in weights)),
+            memory.float(),
+            h0.float(),
+            c0.float(),
+        )
     assert out.dtype == torch.bfloat16

@@ -22,13 +22,30 @@ def installed(tmp_path_factory) -> Path:
     pytest.importorskip("setuptools")
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".*", "build", "dist", "*.egg-info", "__pycache__", "runs", "tests", "benchmarks"))  # fmt: skip
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".*", "build", "dist", "*.egg-info", "__pycache__", "runs", "tests", "benchmarks"
+        ),
+    )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-         "--quiet", "--wheel-dir", str(root / "dist")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(root / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = (root / "dist").glob("nestrnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -45,8 +62,9 @@ def installed(tmp_path_factory) -> Path:
 
 def _python(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(site))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_bare_config_names_resolve_to_the_package_data(installed: Path, tmp_path: Path) -> None:
@@ -55,7 +73,24 @@ def test_bare_config_names_resolve_to_the_package_data(installed: Path, tmp_path
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == installed / "nestrnn" / "configs" / "ptb_char.yaml"
 
-    printed = _python(installed, tmp_path, "-m", "nestrnn", "train", "-c", "mnist_glimpses",
-                      "--print-config")  # fmt: skip
+    printed = _python(
+        installed, tmp_path, "-m", "nestrnn", "train", "-c", "mnist_glimpses", "--print-config"
+    )
     assert printed.returncode == 0, printed.stderr
     assert "name: mnist_glimpses" in printed.stdout and "target_params: 250000" in printed.stdout
+
+
+def test_version_is_the_distributions(installed: Path, tmp_path: Path) -> None:
+    """``nestrnn --version`` prints the version the wheel was built with (one place holds it)."""
+    (info,) = installed.glob("nestrnn-*.dist-info")
+    metadata = (info / "METADATA").read_text()
+    version = next(
+        line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Version: ")
+    )
+    printed = _python(installed, tmp_path, "-m", "nestrnn", "--version")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == f"nestrnn {version}"
+    code = (
+        "import importlib.metadata as m, nestrnn; print(m.version('nestrnn'), nestrnn.__version__)"
+    )
+    assert _python(installed, tmp_path, "-c", code).stdout.split() == [version, version]

@@ -103,9 +103,18 @@ def test_a_plugin_that_hangs_at_import_is_skipped_after_the_timeout(tmp_path):
 def test_train_and_eval_run_with_a_hanging_plugin_and_a_noisy_memory(tmp_path):
     env = install(tmp_path / "site", "nestrnn-faulty", {"hang": HANGING, "noisy": NOISY})
     env["NESTRNN_PLUGIN_TIMEOUT"] = "2"
-    train = [*TINY, "model.memory=loud", "task.length=6", "task.valid_size=16",
-             "task.test_size=16", "train.epochs=1", "train.steps_per_epoch=2",
-             "train.batch_size=4", "--run-dir", "run"]  # fmt: skip
+    train = [
+        *TINY,
+        "model.memory=loud",
+        "task.length=6",
+        "task.valid_size=16",
+        "task.test_size=16",
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+        "train.batch_size=4",
+        "--run-dir",
+        "run",
+    ]
     trained = run_cli(["train", *train], tmp_path, env, timeout=300)
     assert trained.returncode == 0, trained.stderr
     assert "finished (completed)" in trained.stdout and "plugin 'hang'" in trained.stderr

@@ -30,8 +30,15 @@ from helpers_tasks import (
 
 from nestrnn.engine import rundir as rd
 
-SHORT = [*TINY, "task.length=6", "task.valid_size=16", "task.test_size=16", "train.epochs=2",
-         "train.steps_per_epoch=3", "train.batch_size=8"]  # fmt: skip
+SHORT = [
+    *TINY,
+    "task.length=6",
+    "task.valid_size=16",
+    "task.test_size=16",
+    "train.epochs=2",
+    "train.steps_per_epoch=3",
+    "train.batch_size=8",
+]
 LINK = "is a symbolic link, not a regular file"
 
 
@@ -175,10 +182,21 @@ def test_a_crash_while_a_checkpoint_is_replaced_does_not_block_the_resume(
 ) -> None:
     faults = REPO / "tests" / "faults.py"
     result = subprocess.run(
-        [sys.executable, str(faults), "crash-in-checkpoint", "--", "train", "--resume", str(run),
-         "train.max_steps=0"],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(faults),
+            "crash-in-checkpoint",
+            "--",
+            "train",
+            "--resume",
+            str(run),
+            "train.max_steps=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 1 and "fault: exit while replacing" in result.stderr
     code, _, err = main_cli(["train", "--resume", str(run), "train.max_steps=0"], capsys)
     assert code == 0, err
@@ -208,16 +226,25 @@ def test_resume_keeps_the_checkpoints_configuration(run: Path, capsys) -> None:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("train.batch_size=2", "train.batch_size cannot change"),
-     ("optim.name=sgd", "optim.name cannot change")],
-)  # fmt: skip
+    [
+        ("train.batch_size=2", "train.batch_size cannot change"),
+        ("optim.name=sgd", "optim.name cannot change"),
+    ],
+)
 def test_an_override_that_cannot_resume_is_refused_before_anything_is_written(
     tmp_path: Path, capsys, override: str, message: str
 ) -> None:
     corpus = write_text(tmp_path / "corpus.txt", repeats=10)
     run = tmp_path / "lm"
-    args = [*TINY, "task.name=text_file", f"task.path={corpus}", "train.epochs=1",
-            "train.steps_per_epoch=4", "train.batch_size=4", "train.bptt=6"]  # fmt: skip
+    args = [
+        *TINY,
+        "task.name=text_file",
+        f"task.path={corpus}",
+        "train.epochs=1",
+        "train.steps_per_epoch=4",
+        "train.batch_size=4",
+        "train.bptt=6",
+    ]
     assert main_cli(["train", *args, "train.max_steps=2", "--run-dir", str(run)], capsys)[0] == 0
     before = snapshot(run)
     err = _error(["train", "--resume", str(run), "train.max_steps=0", override], capsys, "train")
@@ -254,8 +281,10 @@ def _take_default(root: str, barrier, names) -> None:
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
     context = multiprocessing.get_context("fork")
     barrier, names = context.Barrier(4), context.Queue()
-    workers = [context.Process(target=_take_default, args=(str(tmp_path), barrier, names))
-               for _ in range(4)]  # fmt: skip
+    workers = [
+        context.Process(target=_take_default, args=(str(tmp_path), barrier, names))
+        for _ in range(4)
+    ]
     for worker in workers:
         worker.start()
     taken = [names.get(timeout=60) for _ in workers]
@@ -269,16 +298,20 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("line", "fault"),
-    [('[1, 2]', "is not a JSON record"),
-     ('{"event": "train", "step": "seven", "loss": 1.0}', 'has no "step" number'),
-     ('{"step": 1, "loss": 1.0}', 'has no "event" name'),
-     ('{"event": "epoch", "step": 3, "valid": [1]}', "has metrics that are not an object")],
-)  # fmt: skip
+    [
+        ("[1, 2]", "is not a JSON record"),
+        ('{"event": "train", "step": "seven", "loss": 1.0}', 'has no "step" number'),
+        ('{"step": 1, "loss": 1.0}', 'has no "event" name'),
+        ('{"event": "epoch", "step": 3, "valid": [1]}', "has metrics that are not an object"),
+    ],
+)
 def test_a_malformed_metrics_record_is_one_line(run: Path, capsys, line: str, fault: str) -> None:
     metrics = run / rd.METRICS
     metrics.write_text(line + "\n" + metrics.read_text())
-    for argv in (["plot", str(run), "--out", str(run.parent / "c.png")],
-                 ["train", "--resume", str(run), "train.max_steps=0"]):  # fmt: skip
+    for argv in (
+        ["plot", str(run), "--out", str(run.parent / "c.png")],
+        ["train", "--resume", str(run), "train.max_steps=0"],
+    ):
         err = _error(argv, capsys, argv[0])
         assert f"{metrics}, line 1 {fault}" in err
 
@@ -286,8 +319,10 @@ def test_a_malformed_metrics_record_is_one_line(run: Path, capsys, line: str, fa
 @pytest.mark.parametrize("text", ["[]", '"done"', "{torn"])
 def test_a_malformed_summary_is_one_line(run: Path, capsys, text: str) -> None:
     (run / rd.SUMMARY).write_text(text)
-    for argv in (["plot", str(run), "--out", str(run.parent / "c.png")],
-                 ["train", "--resume", str(run)]):  # fmt: skip
+    for argv in (
+        ["plot", str(run), "--out", str(run.parent / "c.png")],
+        ["train", "--resume", str(run)],
+    ):
         err = _error(argv, capsys, argv[0])
         assert f"{run / rd.SUMMARY} is not a run summary" in err
 
@@ -299,10 +334,12 @@ def test_a_full_disk_at_start_up_is_one_line(tmp_path: Path) -> None:
     limit = 200  # environment.json and config.yaml are larger
     result = subprocess.run(
         [sys.executable, "-m", "nestrnn", "train", *SHORT, "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
         env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    )
     assert_one_line_error(result.returncode, result.stderr, "train", ok=())
     assert f"cannot write {tmp_path / 'run' / rd.ENVIRONMENT}: File too large" in result.stderr
 

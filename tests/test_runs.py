@@ -34,8 +34,15 @@ from helpers_tasks import (
 from nestrnn.engine import rundir as rd
 
 #: a whole run of 2 epochs x 3 steps, a few seconds
-SHORT = [*TINY, "task.length=6", "task.valid_size=16", "task.test_size=16", "train.epochs=2",
-         "train.steps_per_epoch=3", "train.batch_size=8"]  # fmt: skip
+SHORT = [
+    *TINY,
+    "task.length=6",
+    "task.valid_size=16",
+    "task.test_size=16",
+    "train.epochs=2",
+    "train.steps_per_epoch=3",
+    "train.batch_size=8",
+]
 #: a run that lasts until it is stopped (no checkpoint before the epoch ends)
 ENDLESS = [*SHORT, "train.epochs=1", "train.steps_per_epoch=10000000"]
 
@@ -97,8 +104,11 @@ def test_one_writer_at_a_time_and_sigterm_saves_the_current_step(tmp_path: Path,
     assert f"nestrnn train --resume {run}" in err and "Traceback" not in err
     assert train_steps(run) == list(range(1, step + 1))
     assert rd.RunDir(run).records()[-1] == {
-        "event": "stopped", "step": step, "epoch": 1, "signal": "SIGTERM"
-    }  # fmt: skip
+        "event": "stopped",
+        "step": step,
+        "epoch": 1,
+        "signal": "SIGTERM",
+    }
 
 
 def test_sigint_saves_the_current_step_and_the_resumed_run_is_exact(tmp_path: Path, capsys) -> None:
@@ -172,8 +182,15 @@ def test_run_files_follow_the_umask(tmp_path: Path, capsys) -> None:
 def test_resuming_on_other_data_is_refused(tmp_path: Path, capsys) -> None:
     """The same characters in another order: the vocabulary fits, the data does not."""
     corpus = write_text(tmp_path / "corpus.txt", repeats=12)
-    args = [*TINY, "task.name=text_file", f"task.path={corpus}", "train.epochs=1",
-            "train.steps_per_epoch=4", "train.batch_size=4", "train.bptt=6"]  # fmt: skip
+    args = [
+        *TINY,
+        "task.name=text_file",
+        f"task.path={corpus}",
+        "train.epochs=1",
+        "train.steps_per_epoch=4",
+        "train.batch_size=4",
+        "train.bptt=6",
+    ]
     run = tmp_path / "run"
     assert main_cli(["train", *args, "train.max_steps=2", "--run-dir", str(run)], capsys)[0] == 0
     corpus.write_text("".join(reversed(corpus.read_text().splitlines(keepends=True))))
@@ -198,16 +215,25 @@ def _file_size_limit(limit: int):
 
 def _train_with_limit(args: list[str], limit: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nestrnn", "train", *args], capture_output=True, text=True,
-        preexec_fn=_file_size_limit(limit), timeout=120,
+        [sys.executable, "-m", "nestrnn", "train", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(limit),
+        timeout=120,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    )
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
-    args = [*SHORT, "train.epochs=1", "train.steps_per_epoch=5000", "train.checkpoint_every=50",
-            "--run-dir", str(run)]  # fmt: skip
+    args = [
+        *SHORT,
+        "train.epochs=1",
+        "train.steps_per_epoch=5000",
+        "train.checkpoint_every=50",
+        "--run-dir",
+        str(run),
+    ]
     result = _train_with_limit(args, 64 << 10)  # a checkpoint fits; metrics.jsonl outgrows it
     assert_one_line_error(result.returncode, result.stderr, "train")
     assert f"cannot write {run / rd.METRICS}: File too large" in result.stderr
@@ -245,15 +271,20 @@ def test_a_read_only_run_directory(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     assert main_cli(["train", *SHORT, "--run-dir", str(run)], capsys)[0] == 0
     before = snapshot(run)
-    commands = [["eval", str(run)], ["train", "--resume", str(run), "train.epochs=3"],
-                ["viz", str(run), "--timescales-only", "--timescale-length", "8"]]  # fmt: skip
+    commands = [
+        ["eval", str(run)],
+        ["train", "--resume", str(run), "train.epochs=3"],
+        ["viz", str(run), "--timescales-only", "--timescale-length", "8"],
+    ]
     # one process runs the three commands and prints their exit statuses
-    script = ("import sys; from nestrnn.cli import main; "
-              f"print([main(argv) for argv in {commands!r}])")  # fmt: skip
+    script = (
+        f"import sys; from nestrnn.cli import main; print([main(argv) for argv in {commands!r}])"
+    )
     prefix = _read_only_prefix(run)
     try:
-        result = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True,
-                                text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [*prefix, sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
     finally:
         for path in [run, *run.rglob("*")]:
             path.chmod(stat.S_IMODE(path.stat().st_mode) | 0o200)

@@ -24,8 +24,15 @@ from nestrnn.engine import rundir as rd
 FAULTS = str(Path(__file__).with_name("faults.py"))
 
 #: 2 epochs x 3 steps of the adding problem; 8 validation and 8 test batches of 8
-SHORT = [*TINY, "task.length=6", "task.valid_size=64", "task.test_size=64", "train.epochs=2",
-         "train.steps_per_epoch=3", "train.batch_size=8"]  # fmt: skip
+SHORT = [
+    *TINY,
+    "task.length=6",
+    "task.valid_size=64",
+    "task.test_size=64",
+    "train.epochs=2",
+    "train.steps_per_epoch=3",
+    "train.batch_size=8",
+]
 #: a run that lasts until it is stopped
 ENDLESS = [*SHORT, "train.epochs=1", "train.steps_per_epoch=10000000"]
 
@@ -38,9 +45,12 @@ def _with_fault(fault: str, args: list[str]) -> subprocess.Popen[str]:
     """``nestrnn train ARGS`` through tests/faults.py (stdout and stderr piped)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, FAULTS, fault, "--", "train", *args], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, FAULTS, fault, "--", "train", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _signal_at(process: subprocess.Popen[str], marker: str, signum: int) -> tuple[str, str]:
@@ -77,8 +87,11 @@ def test_sighup_saves_the_current_step_like_sigterm(tmp_path: Path) -> None:
     assert f"stopped by SIGHUP after step {step}" in err and "Traceback" not in err
     assert train_steps(run) == list(range(1, step + 1))
     assert rd.RunDir(run).records()[-1] == {
-        "event": "stopped", "step": step, "epoch": 1, "signal": "SIGHUP"
-    }  # fmt: skip
+        "event": "stopped",
+        "step": step,
+        "epoch": 1,
+        "signal": "SIGHUP",
+    }
 
 
 def test_sighup_stays_ignored_under_nohup(tmp_path: Path) -> None:
@@ -87,8 +100,11 @@ def test_sighup_stays_ignored_under_nohup(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     writer = subprocess.Popen(
         ["nohup", sys.executable, "-m", "nestrnn", "train", *ENDLESS, "--run-dir", str(run)],
-        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_step(run, 3, writer)
         writer.send_signal(signal.SIGHUP)
@@ -113,8 +129,13 @@ def test_sigterm_during_the_final_test_stops_it(tmp_path: Path, capsys) -> None:
     assert f"nestrnn eval {run} --split test" in err
     records = rd.RunDir(run).records()
     assert "test" not in [r["event"] for r in records]
-    assert records[-1] == {"event": "stopped", "step": 6, "epoch": 2, "signal": "SIGTERM",
-                           "during": "test"}  # fmt: skip
+    assert records[-1] == {
+        "event": "stopped",
+        "step": 6,
+        "epoch": 2,
+        "signal": "SIGTERM",
+        "during": "test",
+    }
     summary = json.loads((run / rd.SUMMARY).read_text())
     assert summary["steps"] == 6 and summary["test"] == {}
     code, out, err = main_cli(["eval", str(run), "--split", "test"], capsys)
@@ -146,10 +167,24 @@ def test_epoch_lines_reach_a_pipe_when_they_are_printed(tmp_path: Path) -> None:
     goes on (epochs of seconds: a block buffer would hold the line for minutes)."""
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    command = [sys.executable, FAULTS, "slow-eval:valid:0.5", "--", "train", *SHORT,
-               "train.epochs=1000", "--run-dir", str(run)]  # fmt: skip
-    process = subprocess.Popen(command, env=dict(env, OMP_NUM_THREADS="1"), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    command = [
+        sys.executable,
+        FAULTS,
+        "slow-eval:valid:0.5",
+        "--",
+        "train",
+        *SHORT,
+        "train.epochs=1000",
+        "--run-dir",
+        str(run),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=dict(env, OMP_NUM_THREADS="1"),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     watchdog = threading.Timer(90, process.kill)  # a line that never comes ends the test
     watchdog.start()
     try:

@@ -35,8 +35,15 @@ from nestrnn.data_utils import DataError
 from nestrnn.registry import get_task, task_names
 
 TINY_MODEL = ModelConfig(hidden_size=8, embedding_dim=4, backend=BACKEND)
-BUILTIN = ("ptb_char", "text8", "chinese_poems", "mnist_glimpses", "text_file", "copy_memory",
-           "adding")  # fmt: skip
+BUILTIN = (
+    "ptb_char",
+    "text8",
+    "chinese_poems",
+    "mnist_glimpses",
+    "text_file",
+    "copy_memory",
+    "adding",
+)
 
 
 def make(name: str, seed: int = 0, **options) -> Task:
@@ -108,8 +115,14 @@ def test_ptb_char_rejects_bad_files(tmp_path: Path) -> None:
 
 def test_text8(tmp_path: Path) -> None:
     write_text8_zip(tmp_path, 1200)
-    task = make("text8", data_dir=str(tmp_path), download=False, train_chars=1000,
-                valid_chars=100, test_chars=100)  # fmt: skip
+    task = make(
+        "text8",
+        data_dir=str(tmp_path),
+        download=False,
+        train_chars=1000,
+        valid_chars=100,
+        test_chars=100,
+    )
     task.prepare()
     assert len(task.vocab) == 27
     assert [task.splits[s].numel() for s in ("train", "valid", "test")] == [1000, 100, 100]
@@ -122,8 +135,13 @@ def test_text8(tmp_path: Path) -> None:
 
 def test_text8_checks_length_and_content(tmp_path: Path) -> None:
     write_text8_zip(tmp_path, 1100)
-    options = {"data_dir": str(tmp_path), "download": False, "train_chars": 1000,
-               "valid_chars": 100, "test_chars": 100}  # fmt: skip
+    options = {
+        "data_dir": str(tmp_path),
+        "download": False,
+        "train_chars": 1000,
+        "valid_chars": 100,
+        "test_chars": 100,
+    }
     with pytest.raises(DataError, match="has 1,100 characters, but the split needs 1,200"):
         make("text8", **options).prepare()
     path = write_text8_zip(tmp_path, 1200)
@@ -192,8 +210,9 @@ def test_chinese_poems_errors(tmp_path: Path) -> None:
 
 def test_mnist_glimpses(tmp_path: Path) -> None:
     write_mnist(tmp_path, train=120, test=40)
-    task = make("mnist_glimpses", data_dir=str(tmp_path), download=False, valid_size=20,
-                normalize=False)  # fmt: skip
+    task = make(
+        "mnist_glimpses", data_dir=str(tmp_path), download=False, valid_size=20, normalize=False
+    )
     task.prepare()
     assert [len(task.labels[s]) for s in ("train", "valid", "test")] == [100, 20, 40]
     batch = task.train_batch(0, 8, 1)
@@ -294,8 +313,13 @@ def test_mnist_gzip_bombs_are_not_inflated(tmp_path: Path) -> None:
 
 
 def test_text8_is_not_read_or_inflated_beyond_the_split(tmp_path: Path) -> None:
-    options = {"data_dir": str(tmp_path), "download": False, "train_chars": 1000,
-               "valid_chars": 100, "test_chars": 100}  # fmt: skip
+    options = {
+        "data_dir": str(tmp_path),
+        "download": False,
+        "train_chars": 1000,
+        "valid_chars": 100,
+        "test_chars": 100,
+    }
     # an extracted text8 of 1 TiB (sparse): refused by its size, not read
     with open(tmp_path / "text8", "wb") as handle:
         handle.truncate(1 << 40)

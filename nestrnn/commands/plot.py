@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nestrnn.errors import UserError
 
@@ -70,7 +70,7 @@ def _config(run_dir: Path) -> dict[str, Any]:
         loaded = OmegaConf.to_container(OmegaConf.create(text.decode("utf-8")))
     except Exception:
         return {}
-    return loaded if isinstance(loaded, dict) else {}
+    return cast(dict[str, Any], loaded) if isinstance(loaded, dict) else {}
 
 
 def primary_metric(run_dir: Path, config: dict[str, Any]) -> str:

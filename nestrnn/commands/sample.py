@@ -18,17 +18,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prime", default="", help="text to start from (default: a line start)")
     parser.add_argument("--length", type=int, default=200, help="symbols to generate (200)")
     parser.add_argument(
-        "--temperature", type=float, default=1.0,
+        "--temperature",
+        type=float,
+        default=1.0,
         help="sampling temperature: lower is more conservative, 0 is greedy (default 1.0)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a path")
     parser.add_argument("--device", help="auto, cpu, cuda (default: cpu)")
 
 
 @torch.no_grad()
-def generate(model, task, prime: list[int], length: int, temperature: float, seed: int,
-             device: torch.device) -> list[int]:  # fmt: skip
+def generate(
+    model, task, prime: list[int], length: int, temperature: float, seed: int, device: torch.device
+) -> list[int]:
     """Feed ``prime`` then sample ``length`` symbols, carrying the recurrent state."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     tokens = torch.tensor([prime], dtype=torch.long, device=device)

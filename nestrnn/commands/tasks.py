@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from nestrnn.registry import Entry, Registry
@@ -23,6 +23,7 @@ def _options(factory: Any) -> list[dict[str, Any]]:
     options = getattr(factory, "Options", None)
     if options is None or not dataclasses.is_dataclass(options):
         return []
+    options = cast(type, options)
     comments = field_comments(options)
     instance = options()
     return [

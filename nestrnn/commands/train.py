@@ -21,7 +21,7 @@ from nestrnn.engine.distributed import (
     is_main_process,
     launched_by_torchrun,
     restart_count,
-)  # fmt: skip
+)
 from nestrnn.engine.launch import (
     RunPlan,
     plan_on_main,
@@ -55,52 +55,68 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="config overrides, e.g. train.epochs=3 model.family=lstm optim.lr=1e-3",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "-c", "--config", action="append", default=[], metavar="FILE",
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="YAML config file (repeatable, later files win); a bare NAME is a config shipped "
         f"with nestrnn: {', '.join(bundled_config_names())}",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--run-dir", metavar="DIR",
+        "--run-dir",
+        metavar="DIR",
         help="where the run's files go (default: runs/<task>-<time>); must not hold a run",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--resume", metavar="RUN_DIR",
+        "--resume",
+        metavar="RUN_DIR",
         help="continue RUN_DIR from its last checkpoint (KEY=VALUE overrides still apply); "
         "'auto': continue --run-dir when it has a checkpoint, else start it there",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="let a new run replace the run already in --run-dir (its checkpoints, metrics and "
         "summary are deleted)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--allow-data-change", action="store_true",
+        "--allow-data-change",
+        action="store_true",
         help="resume even though the task's data differs from the data the run was trained on",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--nproc", type=int, metavar="N",
+        "--nproc",
+        type=int,
+        metavar="N",
         help="train with N processes on this machine (runs torchrun --standalone)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--backend", choices=BACKENDS, default="auto",
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
         help="torch.distributed backend under torchrun (auto: nccl on GPUs, gloo on CPUs)",
-    )  # fmt: skip
+    )
     show = parser.add_mutually_exclusive_group()
     show.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration and exit"
     )
     show.add_argument(
-        "--print-params", action="store_true",
+        "--print-params",
+        action="store_true",
         help="print the size of every model family (nlstm, lstm, stacked_lstm) and exit",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--no-progress", action="store_true",
+        "--no-progress",
+        action="store_true",
         help="no progress bar (there is one only when stderr is a terminal)",
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,8 +204,14 @@ def _run_workers(args: argparse.Namespace, plan: RunPlan) -> int:
         argv += {"any": ["--overwrite"], "incomplete": ["--resume", "auto"], "nothing": []}[
             plan.replace
         ]
-    argv += [flag for flag, on in (("--no-progress", args.no_progress),
-                                   ("--allow-data-change", args.allow_data_change)) if on]  # fmt: skip
+    argv += [
+        flag
+        for flag, on in (
+            ("--no-progress", args.no_progress),
+            ("--allow-data-change", args.allow_data_change),
+        )
+        if on
+    ]
     return run_torchrun(args.nproc, argv)
 
 
@@ -201,10 +223,14 @@ def _train(args: argparse.Namespace, plan: RunPlan, dist: DistContext) -> int:
     if args.no_progress:
         OmegaConf.update(config, "train.progress", False)
     trainer = Trainer(
-        config, plan.run_dir, resume=plan.resume, replace=plan.replace,
-        allow_data_change=args.allow_data_change, dist=dist,
+        config,
+        plan.run_dir,
+        resume=plan.resume,
+        replace=plan.replace,
+        allow_data_change=args.allow_data_change,
+        dist=dist,
         echo=print if dist.is_main else None,
-    )  # fmt: skip
+    )
     if dist.is_main:
         print(trainer.describe(), flush=True)
     try:
@@ -218,30 +244,42 @@ def _train(args: argparse.Namespace, plan: RunPlan, dist: DistContext) -> int:
     if summary.reason == "test_interrupted":
         if dist.is_main:
             name = signal.Signals(summary.signal).name
-            print(f"nestrnn train: stopped by {name} during the final test; the training is "
-                  f"complete ({run_dir / 'best.pt'}). Get the test result with: nestrnn eval "
-                  f"{run_dir} --split test", file=sys.stderr)  # fmt: skip
+            print(
+                f"nestrnn train: stopped by {name} during the final test; the training is "
+                f"complete ({run_dir / 'best.pt'}). Get the test result with: nestrnn eval "
+                f"{run_dir} --split test",
+                file=sys.stderr,
+            )
         return exit_status(summary.signal)
     if summary.reason == "interrupted":
         if dist.is_main:
             name = signal.Signals(summary.signal).name
-            print(f"nestrnn train: stopped by {name} after step {summary.steps}; "
-                  f"{run_dir / 'last.pt'} holds it. Continue with: nestrnn train --resume "
-                  f"{run_dir}", file=sys.stderr)  # fmt: skip
+            print(
+                f"nestrnn train: stopped by {name} after step {summary.steps}; "
+                f"{run_dir / 'last.pt'} holds it. Continue with: nestrnn train --resume "
+                f"{run_dir}",
+                file=sys.stderr,
+            )
         return exit_status(summary.signal)
     if not dist.is_main:
         return 0
     if summary.reason == "already_finished":
-        print(f"nothing to do: {run_dir} is finished ({summary.epochs} epochs, {summary.steps} "
-              "steps); to train further raise train.epochs (or train.max_steps, "
-              "train.early_stopping) in the overrides")  # fmt: skip
+        print(
+            f"nothing to do: {run_dir} is finished ({summary.epochs} epochs, {summary.steps} "
+            "steps); to train further raise train.epochs (or train.max_steps, "
+            "train.early_stopping) in the overrides"
+        )
         return 0
     metric = summary.primary_metric
-    print(f"finished ({summary.reason.replace('_', ' ')}) in {_duration(summary.elapsed)}: "
-          f"{summary.epochs} epochs, {summary.steps} steps")  # fmt: skip
+    print(
+        f"finished ({summary.reason.replace('_', ' ')}) in {_duration(summary.elapsed)}: "
+        f"{summary.epochs} epochs, {summary.steps} steps"
+    )
     if summary.best:
-        print(f"best valid {format_metrics(summary.best, [metric])} at epoch "
-              f"{summary.best_epoch} ({format_metrics(summary.best)})")  # fmt: skip
+        print(
+            f"best valid {format_metrics(summary.best, [metric])} at epoch "
+            f"{summary.best_epoch} ({format_metrics(summary.best)})"
+        )
     if summary.test:
         source = "best checkpoint" if summary.best else "final model"
         print(f"test ({source}): {format_metrics(summary.test)}")

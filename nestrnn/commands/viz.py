@@ -279,6 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         ts_warm, ts_x, ts_what = plot_warm, plot_x, plot_what
     state = analysis.warm_state(model, None if ts_warm is None else ts_warm.to(device))
+    assert ts_x is not None  # read above whenever there is no data of the task's own
     recording = analysis.record_cells(model, ts_x.to(device), state)
     if recording.steps < 3:
         raise UserError(f"{recording.steps} steps are too few to measure a timescale")
@@ -295,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
         from nestrnn import figures
 
         state = analysis.warm_state(model, None if plot_warm is None else plot_warm.to(device))
+        assert plot_x is not None  # read above for every plot
         plotted = analysis.record_cells(model, plot_x.to(device), state)
         chosen = units or analysis.pick_units(plotted, args.num_units)
         heat = list(range(min(args.heat_units, hidden)))

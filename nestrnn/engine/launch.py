@@ -198,7 +198,7 @@ def plan_run(args: argparse.Namespace, restarted: bool) -> RunPlan:
     if args.resume == "auto" or restarted:
         replace = "incomplete"  # a run killed before its first checkpoint starts again
     if args.run_dir:
-        run, created = rd.RunDir(args.run_dir), []
+        run, created = rd.RunDir(args.run_dir), list[Path]()
     else:
         path, created = rd.default_run_dir(config.task.name)
         run = rd.RunDir(path)

@@ -398,7 +398,7 @@ def load_checkpoint(
 def capture_rng() -> dict[str, Any]:
     """The state of every random number generator a run uses (tensors and plain types only)."""
     version, keys, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [version, list(keys), gauss],

@@ -58,6 +58,12 @@ class NestedMemory(MemoryFunction):
         device, dtype: of the parameters.
     """
 
+    # registered by add_lstm_parameters; declared for the type checker
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Tensor | None
+    bias_hh: Tensor | None
+
     def __init__(
         self,
         hidden_size: int,
@@ -91,9 +97,9 @@ class NestedMemory(MemoryFunction):
         self.recurrent_init = recurrent_init
 
         inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
-        below = {"outer_candidate_activation": candidate_activation}
+        below: dict[str, Any] = {"outer_candidate_activation": candidate_activation}
         if inner is None and depth > 2:
-            levels = {
+            levels: dict[str, Any] = {
                 k: v for k, v in self.activations.items() if k != "outer_candidate_activation"
             }
             inner = type(self)(hidden_size, depth - 1, **inherited, **levels, **below)

@@ -45,8 +45,8 @@ def input_gradient(dz: Tensor, weight_ih: Tensor) -> Tensor:
     """``dz @ W_ih``: (rows, 4H) @ (4H, I) -> (rows, I), contiguous.
 
     In float32 on CPU the weight gets zero columns up to a multiple of 16 first: MKL's SGEMM is
-    25-40% faster at such widths (I = 75, 150, 250, 300 with 4H = 300 or 1024), far more than the
-    copy out of the padded result costs. In float64 padding measured slower, so it is not done.
+    faster at such widths (I = 75, 150, 250, 300 with 4H = 300 or 1024) by far more than the
+    copy out of the padded result costs. In float64 padding was slower, so it is not done.
     """
     width = weight_ih.shape[1]
     padded = -(-width // 16) * 16
@@ -79,6 +79,7 @@ def parameter_gradients(
     rows = steps * batch
     gemm = inputs.dtype
     if steps == 0:  # nothing ran: every gradient is zero
+        zero: list[tuple[Tensor | None, Tensor | None, Tensor | None]]
         zero = [(torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
                 for w_ih, w_hh, _, _ in weights]  # fmt: skip
         return (torch.zeros_like(x) if needs_x else None), zero

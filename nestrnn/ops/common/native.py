@@ -30,6 +30,7 @@ import shutil
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -85,7 +86,7 @@ class Args(ctypes.Structure):
 
 def args_layout() -> str:
     """``nlstm_args_layout()``'s text for the mirror above: ``name:offset,...,size:N``."""
-    fields = ",".join(f"{name}:{getattr(Args, name).offset}" for name, _ in Args._fields_)
+    fields = ",".join(f"{name}:{getattr(Args, name).offset}" for name, *_ in Args._fields_)
     return f"{fields},size:{ctypes.sizeof(Args)}"
 
 
@@ -150,11 +151,11 @@ class Kernel:
 
     def step_address(self, name: str, dtype: torch.dtype) -> int:
         """The address of an outer-step function, for native code that calls it directly."""
-        return ctypes.cast(self._steps[name, dtype], ctypes.c_void_p).value
+        return cast(int, ctypes.cast(self._steps[name, dtype], ctypes.c_void_p).value)
 
     def matrix_free_address(self, dtype: torch.dtype) -> int:
         """The address of the function that frees a ``Matrix`` handle of this dtype."""
-        return ctypes.cast(self._matrix[dtype][1], ctypes.c_void_p).value
+        return cast(int, ctypes.cast(self._matrix[dtype][1], ctypes.c_void_p).value)
 
     def forward(self, dtype: torch.dtype, args: Args) -> None:
         self._call("forward", dtype, args)
@@ -266,7 +267,7 @@ def _torch_blas() -> list[ctypes.c_void_p] | str:
     packed = [address(n) for n in ("sgemm_pack_get_size_", "sgemm_pack_", "sgemm_compute_")]
     if None in packed:
         packed = [ctypes.c_void_p(None)] * 3
-    return gemms + packed
+    return cast(list[ctypes.c_void_p], gemms + packed)  # None excluded above
 
 
 def _cpu_signature() -> str:

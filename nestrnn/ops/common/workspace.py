@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -28,11 +30,11 @@ class Workspace:
         self.max_bytes = int(os.environ.get("NESTRNN_WORKSPACE_MB", "2048")) << 20
         self._buffers: list[Tensor] = []
         self._lock = threading.Lock()
-        self._use_count = getattr(torch._C, "_storage_Use_Count", None)
+        self._use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
         self._free_count = None if self._use_count is None else self._count(torch.empty(1))
 
     def _count(self, t: Tensor) -> int:
-        return self._use_count(t.untyped_storage()._cdata)
+        return cast(Callable[[int], int], self._use_count)(t.untyped_storage()._cdata)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A tensor of ``shape`` with undefined contents (pooled when large and on CPU)."""

@@ -82,7 +82,9 @@ def nested_lstm(
     dtype = autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if dtype is not None:
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
-        weights = [LevelWeights(*(w if w is None else w.to(dtype) for w in lw)) for lw in weights]
+        weights = [
+            LevelWeights._make(w if w is None else w.to(dtype) for w in lw) for lw in weights
+        ]
     check_inputs(x, weights, h0, c0, batch_sizes, activations)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

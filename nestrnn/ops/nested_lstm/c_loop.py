@@ -16,6 +16,7 @@ Inputs: float32 or float64 CPU tensors (the op casts half precision to float32 f
 from __future__ import annotations
 
 import ctypes
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -154,7 +155,7 @@ def forward(
     call = _Call(
         steps, w, (gates, cells, act_cells, inputs), h_slots, sizes, reverse, save, activations
     )
-    native.kernel().forward(dtype, call.args)
+    cast(native.Kernel, native.kernel()).forward(dtype, call.args)  # checked by the caller
 
     h_n = h_slots[last].clone()
     c_n = c0.new_empty(c0.shape)  # (torch.stack below autograd would return a view)
@@ -197,5 +198,5 @@ def backward(
     args.d_out, args.dh, args.dc = d_out.data_ptr(), dh.data_ptr(), dc.data_ptr()
     args.d_gates = ctypes.cast(call.arrays["d_gates"], ctypes.c_void_p)
     args.scratch, args.dht = scratch.data_ptr(), dht.data_ptr()
-    native.kernel().backward(dtype, args)
+    cast(native.Kernel, native.kernel()).backward(dtype, args)
     return dz, dh, dc

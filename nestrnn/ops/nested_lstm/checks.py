@@ -37,7 +37,7 @@ def check_inputs(
     steps, batch, in_size = x.shape
     hidden = weights[0].weight_hh.shape[-1]
     depth = len(weights)
-    named: list[tuple[str, Tensor, tuple[int, ...]]] = [
+    named: list[tuple[str, Tensor | None, tuple[int, ...]]] = [
         ("h0", h0, (batch, hidden)),
         ("c0", c0, (depth, batch, hidden)),
     ]
@@ -67,9 +67,9 @@ def check_inputs(
     if activations is not None:
         if len(activations) != depth:
             raise ValueError(f"activations must name {depth} levels, got {len(activations)}")
-        for k, level in enumerate(activations):
-            for field, name in zip(LevelActivations._fields, level):
-                check_activation(name, f"level {k} {field} activation")
+        for k, names in enumerate(activations):
+            for field, activation in zip(LevelActivations._fields, names):
+                check_activation(activation, f"level {k} {field} activation")
 
 
 def _check_batch_sizes(batch_sizes: Tensor, steps: int, batch: int) -> None:

@@ -32,7 +32,7 @@ __all__ = ["OPERATOR", "build", "library_path", "refuse_foreign_definition"]
 
 OPERATOR = "nestrnn::nested_lstm"
 _SOURCE = Path(__file__).parent / "torch_library.cpp"
-# measured: 23 s on a 2-core VM (14 s of CPU), the torch headers being most of it
+# the time a user is told to expect; the torch headers are most of it
 _BUILD_COST = "20-60 s"
 
 

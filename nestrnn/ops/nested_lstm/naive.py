@@ -21,6 +21,8 @@ Shapes (T = steps, B = batch, I = input size, H = hidden size, D = memory levels
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -63,4 +65,4 @@ def nested_lstm_naive(
             outputs[t] = torch.where(keep, h_new, torch.zeros_like(h_new))
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0
-    return torch.stack(outputs), h, torch.stack(cells)
+    return torch.stack(cast(list[Tensor], outputs)), h, torch.stack(cells)

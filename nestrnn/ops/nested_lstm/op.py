@@ -19,6 +19,7 @@ elements; ``activations`` is ``layout.encode_activations``'s string.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -38,7 +39,7 @@ ForwardResult = tuple[Tensor, Tensor, Tensor, Saved | None]
 def levels_of(flat: Sequence[Tensor]) -> list[LevelWeights]:
     """The op's flat weight list as LevelWeights (an empty bias tensor is no bias)."""
     missing = [None if t.numel() == 0 and n % 4 >= 2 else t for n, t in enumerate(flat)]
-    return [LevelWeights(*missing[n : n + 4]) for n in range(0, len(flat), 4)]
+    return [LevelWeights._make(missing[n : n + 4]) for n in range(0, len(flat), 4)]
 
 
 def flat_weights(weights: Sequence[LevelWeights], like: Tensor) -> list[Tensor]:
@@ -72,7 +73,7 @@ def _run_forward(
 
 
 def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
-    return [LevelWeights(*(None if w is None else w.to(dtype) for w in lw)) for lw in levels]
+    return [LevelWeights._make(None if w is None else w.to(dtype) for w in lw) for lw in levels]
 
 
 def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, backend):
@@ -161,7 +162,9 @@ def backward(
     for level, level_needs, (dw_ih, dw_hh, db) in zip(levels, per_level, level_grads):
         for w, need, grad in zip(level, level_needs, (dw_ih, dw_hh, db, db)):
             useful = need and w is not None and grad is not None
-            d_weights.append(grad.to(w.dtype, copy=True) if useful else none.clone())
+            d_weights.append(
+                cast(Tensor, grad).to(cast(Tensor, w).dtype, copy=True) if useful else none.clone()
+            )
     return (
         dx.to(x.dtype) if dx is not None else none.clone(),
         dh0.to(h0.dtype, copy=True) if needs[1] else none.clone(),
@@ -210,7 +213,7 @@ def nested_lstm_train_op(
         out, h_n, c_n, saved = forward(
             x, weights, h0, c0, batch_sizes, reverse, activations, backend, True
         )
-    return out, h_n, c_n, *saved
+    return out, h_n, c_n, *cast(Saved, saved)  # saved, as asked
 
 
 @torch.library.custom_op("nestrnn::nested_lstm_backward", mutates_args=())

@@ -99,7 +99,7 @@ def _gradients(inputs, grads) -> list[Tensor]:
     def reference(x, weight_hr, h0, c0, *weights):
         return _reference(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations)
 
-    _, vjp = torch.func.vjp(reference, x, weight_hr, h0, c0, *weights)
+    vjp = torch.func.vjp(reference, x, weight_hr, h0, c0, *weights)[1]
     dx, d_hr, dh0, dc0, *d_weights = vjp(tuple(grads))
     return [dx, *d_weights, d_hr, dh0, dc0]
 

@@ -11,6 +11,8 @@ cell (``ops/common/reference.py``) computes, with its activations applied in pla
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -78,7 +80,7 @@ def forward(
             level_input = inputs[k - 1, t, :r]
             torch.mul(i, g, out=level_input[:, :hidden])
             torch.mul(f, cells[k - 1, prev, :r], out=level_input[:, hidden:])
-            w_cat, bias = nested[k]
+            w_cat, bias = cast(tuple[Tensor, Tensor | None], nested[k])  # k >= 1
             z = gates[k, t, :r]
             if bias is None:
                 torch.mm(level_input, w_cat.t(), out=z)
@@ -151,7 +153,7 @@ def backward(
             c_prev = cells[k, prev, :r]
             dc[k, :r] = _gate_backward(z, c_prev, d_ig, d_fc, dz[k, t, :r], activations[k])
             if k > 0:
-                d_both = dz[k, t, :r] @ nested[k][0]
+                d_both = dz[k, t, :r] @ cast(tuple[Tensor, Tensor | None], nested[k])[0]
                 d_ig, d_fc = d_both[:, :hidden], d_both[:, hidden:]
         dh[:r] = dz[0, t, :r] @ w_hh0
     return dz, dh, dc

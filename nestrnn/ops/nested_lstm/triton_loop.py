@@ -42,7 +42,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import triton
@@ -113,8 +113,8 @@ def pick_config(
         chosen = _measured_blocks(batch, hidden, dtype, graphed)
     given = (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages,
              cfg.cublas_gemms)  # fmt: skip
-    block_b, block_h, block_k, num_warps, num_stages, cublas = (
-        mine if mine is not None else default for mine, default in zip(given, chosen)
+    block_b, block_h, block_k, num_warps, num_stages, cublas = cast(
+        Any, (mine if mine is not None else default for mine, default in zip(given, chosen))
     )
     for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
         if value < 1 or value & (value - 1):
@@ -149,6 +149,7 @@ def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype, graphed: bool)
     """
     small = max(16, _pow2(hidden))  # no block wider than the hidden size needs
     block_b = _batch_block(batch)
+    chosen: tuple[int, int, int, int, int | None]
     if dtype == torch.float32:  # the fused kernels' FMA dots: small tiles, 4 warps
         chosen = (16, 16, 64, 4, None) if batch <= 32 else (32, 32, 32, 4, None)
         cublas = graphed or batch * hidden >= 128 * 1024

@@ -11,7 +11,7 @@ instead, once (so ``fullgraph=True`` is refused, with ``FULLGRAPH_MESSAGE``). ``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def outer_lstm(
         results = _run(*args, weight_hr, False)
     dtype = autocast_dtype(x.device)
     if dtype is not None:
-        results = tuple(t.to(dtype) for t in results)
+        results = cast(tuple[Tensor, Tensor, Tensor], tuple(t.to(dtype) for t in results))
     return results
 
 

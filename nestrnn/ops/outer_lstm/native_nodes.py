@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import torch
 
@@ -33,7 +34,7 @@ __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
 ABI_VERSION = 2  # the module's ABI_VERSION in step_nodes.cpp
 _MODULE = "_nestrnn_step_nodes"
 _SOURCE = Path(__file__).parent / "step_nodes.cpp"
-# measured with /usr/bin/time: 32 s of CPU, 1.1 GB peak, on a 2-core Xeon VM (85 s there when busy)
+# the cost a user is told to expect (a 2-core machine, idle or busy)
 _BUILD_COST = "30-90 s and 1.1 GB of memory"
 
 
@@ -72,7 +73,7 @@ def _open_trusted(path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(_MODULE, f"/proc/self/fd/{fd}")
     spec = importlib.util.spec_from_loader(_MODULE, loader)
     try:
-        loaded = importlib.util.module_from_spec(spec)
+        loaded = importlib.util.module_from_spec(cast(importlib.machinery.ModuleSpec, spec))
         loader.exec_module(loaded)
     except ImportError as err:  # not a module for this torch (never loaded): rebuilt
         os.close(fd)

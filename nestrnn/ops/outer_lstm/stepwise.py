@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -93,6 +94,11 @@ class _Sequence:
     (``take_dx``). The steps address them by pointer arithmetic (``z`` and the like): a view
     costs about a microsecond, a step tens."""
 
+    # the C step functions, set in __init__ by name (kernel.step_function)
+    outer_gates: Callable[..., Any]
+    outer_transition: Callable[..., Any]
+    outer_output: Callable[..., Any]
+
     def __init__(self, x: Tensor, weights: LevelWeights, candidate: str, packed: bool):
         steps, batch, in_size = x.shape
         hidden = weights.weight_hh.shape[1]
@@ -139,7 +145,7 @@ class _Sequence:
         self.wide = self.scratch.data_ptr()
         self.bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
         self.db_ptr = 0 if self.db is None else self.db.data_ptr()
-        kernel = native.kernel()
+        kernel = cast(native.Kernel, native.kernel())  # the caller checked it is there
         w_hh, w_ih = weights.weight_hh.detach().contiguous(), weights.weight_ih.detach()
         w_fwd = torch.cat([w_ih, w_hh], 1) if self.fused else w_hh
         w_back = torch.cat([w_hh, w_ih], 1) if self.input_grad else w_hh
@@ -184,7 +190,7 @@ class _Sequence:
 
     def x_at(self, t: int) -> int:
         """Address of x_t where the steps do the input projection, else 0."""
-        return self.x.data_ptr() + t * self.input_stride if self.fused else 0
+        return cast(Tensor, self.x).data_ptr() + t * self.input_stride if self.fused else 0
 
     def xh_at(self, t: int) -> int:
         """Address of step t's GEMM input."""
@@ -212,7 +218,7 @@ class _Sequence:
         if self.nodes is not None:
             return self.nodes.take_input_grad()
         dx, self._dx = self._dx, None
-        return dx
+        return cast(Tensor, dx)
 
 
 class _Prologue(torch.autograd.Function):
@@ -245,7 +251,7 @@ class _Prologue(torch.autograd.Function):
         dz = seq.dz.view(steps * batch, -1)
         if need_x and dx is None:
             dx = input_gradient(dz, w_ih).view(x.shape)
-        # (X^T dz)^T rather than dz^T X: 25-30% faster at (B, H) = (32, 75), equal at 256
+        # (X^T dz)^T rather than dz^T X: faster at small (B, H) such as (32, 75), equal at 256
         xh = seq.xh.view(steps * batch, -1)
         if seq.fused and need_ih and need_hh:  # both from one GEMM: [x | h_{t-1}]^T dz
             both = xh.t().mm(dz)
