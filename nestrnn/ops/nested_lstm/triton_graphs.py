@@ -11,7 +11,7 @@ Inside another capture (a user's graph, ``torch.compile(mode="reduce-overhead")`
 directly, with the graph configuration, to be captured by that one.
 
 The loops themselves and their launch parameters are ``triton_loop.py``'s; this module only needs
-a launch's ``cfg.cuda_graph``, ``batch`` and ``hidden``, and that it is hashable (a cache key).
+what ``Launch`` and ``Launches`` describe.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from nestrnn.ops.nested_lstm.triton_configs import TritonConfig
 from nestrnn.ops.nested_lstm.triton_kernels import LAUNCH_ERRORS
-
-if TYPE_CHECKING:
-    from nestrnn.ops.nested_lstm.triton_loop import _Launch, _Launches
 
 __all__ = [
     "AUTO_GRAPH_MAX_BATCH_HIDDEN",
@@ -38,10 +36,34 @@ __all__ = [
 ]
 
 
+class Launch(Protocol):
+    """What this module needs of a step loop's launch parameters (``triton_loop._Launch``);
+    it must also be hashable: it is part of a graph's cache key."""
+
+    @property
+    def cfg(self) -> TritonConfig: ...
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def hidden(self) -> int: ...
+
+
+class Launches(Protocol):
+    """A call's launch parameters launched directly and in a CUDA graph (``triton_loop._Launches``)."""
+
+    @property
+    def direct(self) -> Launch: ...
+
+    @property
+    def graphed(self) -> Launch: ...
+
+
 class _Graphed:
     """A step loop captured in a CUDA graph over static buffers (GPU only)."""
 
-    def __init__(self, loop, launch: _Launch, static: dict[str, Tensor]):
+    def __init__(self, loop, launch: Launch, static: dict[str, Tensor]):
         self.static = static
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -114,7 +136,7 @@ def _nbytes(bufs: dict[str, Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in bufs.values())
 
 
-def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only) -> _Graphed | None:
+def _graph_for(loop, launch: Launch, bufs: dict[str, Tensor], fill, write_only) -> _Graphed | None:
     """The cached graph of this call's key, or one captured now, or None: run directly."""
     stream = _capture_stream(bufs)
     if stream is None or launch.cfg.cuda_graph is False:
@@ -153,7 +175,7 @@ def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only)
         return graphed
 
 
-def _auto_captures_now(key: tuple, launch: _Launch, size: int, device: torch.device) -> bool:
+def _auto_captures_now(key: tuple, launch: Launch, size: int, device: torch.device) -> bool:
     """Whether auto mode captures this loop now (``size``: bytes of its static buffers): not at a
     key's first sighting, nor where graphs measured no faster; least recently used graphs are
     evicted to keep within the memory budget."""
@@ -195,7 +217,7 @@ def _give_up_automatic_graphs(reason: str) -> None:
 
 def run(
     loop,
-    launches: _Launches,
+    launches: Launches,
     bufs: dict[str, Tensor],
     outputs: tuple[str, ...],
     fill: Callable[[dict[str, Tensor]], None],
