@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu.sh --dry-run     its Python steps on CPU at a tiny size, float32, Triton's
 #                                        interpreter (results in $OUT, else a temporary directory);
 #                                        without Triton installed, steps 2 and 3 are skipped and
-#                                        step 4 times the CPU op (backend fused) instead
+#                                        step 4 times the CPU op (backend auto) instead
 #
 # 1. compile_check.py --quick: every kernel through the real compiler for sm_90, offline;
 # 2. gpu_check.py: the Triton kernels against the naive reference (fp32, bf16, fp16; depths 1-3;
@@ -122,10 +122,10 @@ if [ "$has_triton" = no ] && [ "$mode" != dry-run ]; then
     exit 2
 fi
 if [ "$has_triton" = no ]; then  # what runs without Triton still runs
-    echo "without Triton: steps 2 and 3 are skipped; step 4 times the CPU op (backend fused)"
+    echo "without Triton: steps 2 and 3 are skipped; step 4 times the CPU op (backend auto)"
     check_dtypes=""
     tune=no
-    speed_backend=fused
+    speed_backend=auto
 fi
 if [ "$device" = cuda ] && ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "no CUDA device here (bash benchmarks/gpu.sh --dry-run runs the steps on CPU)"

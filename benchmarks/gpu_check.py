@@ -72,7 +72,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY = (6, 3, 5, 17)  # (T, B, I, H)
 TILED = (8, 70, 64, 200)  # several batch and unit tiles, masked tails, several reduction chunks
 #: batch sizes whose block configurations (at H = 64) are those of gpu.sh's timed shapes: B = 16,
-#: 32, >= 64, and B * H >= 256 * 1024 (triton_loop._measured_blocks)
+#: 32, >= 64, and B * H >= 256 * 1024 (triton_configs.json, read by triton_configs.measured_blocks)
 TIMED_BATCHES = (16, 32, 128, 4096)
 MODES = ((False, False), (True, False), (False, True), (True, True))  # (packed, reverse)
 #: which of a level's two biases exist

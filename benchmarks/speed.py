@@ -79,7 +79,7 @@ DEFAULT_SHAPES = "32x256x100,128x512x100,16x128x100,64x512x50"
 QUICK_SHAPES = "32x256x100"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: implementations of the op, and "naive" (its reference); "generic" is NestedLSTM's per-step path
-CHAIN_BACKENDS = ("auto", "fused", "c_loop", "torch_loop", "triton", "naive")
+CHAIN_BACKENDS = ("auto", "c_loop", "torch_loop", "triton", "naive")
 BACKENDS = (*CHAIN_BACKENDS, "generic")
 MODES = ("fwd", "fwd+bwd")
 #: depth-2 variants of the standard chain, as NestedLSTM runs ``memory={"name": "nested", OPTION}``

@@ -3,6 +3,7 @@
     python benchmarks/tune_triton.py --dtypes bf16,fp16 --shapes 128x1024x50,256x1024x50
     python benchmarks/tune_triton.py --compile-only --jobs 8   # fill Triton's cache in parallel
     python benchmarks/tune_triton.py --interpret               # dry run on CPU (TRITON_INTERPRET=1)
+    python benchmarks/tune_triton.py --write                   # and rewrite the op's table
 
 For each dtype and (B, H, T) every candidate ``TritonConfig`` (``pick_config``'s choices, for
 step loops in CUDA graphs and launched directly, the latter with the other GEMM choice too,
@@ -20,6 +21,10 @@ needs; ``--quick``: all but the last) is
 The table gives microseconds a step and each time against ``pick_config``'s choice; the JSON has
 every number. ``--compile-only`` compiles every candidate's kernels for the given dtypes in
 ``--jobs`` processes (Triton caches them on disk), so that the timing run finds them compiled.
+``--write [PATH]`` rewrites the launch-configuration table the op reads
+(``nestrnn/ops/nested_lstm/triton_configs.json``, or PATH) from the run: each measured dtype, (B, H)
+and mode (CUDA graph, direct launches) gets a row with its fastest correct configuration, ahead of
+the table's other rows, which keep every shape not measured as it was.
 Imports torch, triton and this repository (gpu_check.py and speed.py beside it).
 """
 
@@ -35,6 +40,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from multiprocessing import get_context
+from pathlib import Path
 
 import gpu_check
 import speed
@@ -42,22 +48,43 @@ import torch
 from bench_common import describe_line, describe_machine, environment, parse_shapes, triton_configs
 
 from nestrnn.ops.nested_lstm import planning
+from nestrnn.ops.nested_lstm import triton_configs as launch_configs
 
 #: (block_b, block_h, block_k, num_warps, num_stages or None for Triton's default) that compile
 #: for sm_90 without register spills in bfloat16 (ptxas -v on Triton's PTX), from 16 to 128 rows
 #: and 16 to 64 units a program, and a few other pipelining depths
 CANDIDATES = (
-    (16, 16, 32, 4, None), (16, 16, 64, 4, None), (16, 16, 64, 4, 4), (16, 32, 64, 4, None),
-    (32, 16, 32, 4, None), (32, 16, 64, 4, None), (32, 16, 64, 4, 4), (32, 64, 32, 8, None),
-    (32, 64, 64, 8, None), (64, 16, 32, 4, None), (64, 16, 32, 4, 2), (64, 16, 32, 4, 4),
-    (64, 16, 64, 4, None), (64, 32, 32, 8, None), (64, 32, 64, 8, None), (64, 32, 64, 8, 2),
-    (64, 32, 64, 8, 4), (64, 32, 128, 8, None), (128, 16, 32, 8, None), (128, 16, 64, 8, None),
-)  # fmt: skip
+    (16, 16, 32, 4, None),
+    (16, 16, 64, 4, None),
+    (16, 16, 64, 4, 4),
+    (16, 32, 64, 4, None),
+    (32, 16, 32, 4, None),
+    (32, 16, 64, 4, None),
+    (32, 16, 64, 4, 4),
+    (32, 64, 32, 8, None),
+    (32, 64, 64, 8, None),
+    (64, 16, 32, 4, None),
+    (64, 16, 32, 4, 2),
+    (64, 16, 32, 4, 4),
+    (64, 16, 64, 4, None),
+    (64, 32, 32, 8, None),
+    (64, 32, 64, 8, None),
+    (64, 32, 64, 8, 2),
+    (64, 32, 64, 8, 4),
+    (64, 32, 128, 8, None),
+    (128, 16, 32, 8, None),
+    (128, 16, 64, 8, None),
+)
 #: float32 keeps its operands in shared memory at twice the size: the smaller tiles only
 FP32_CANDIDATES = (
-    (16, 16, 32, 4, None), (32, 16, 32, 4, None), (64, 16, 32, 4, None), (16, 16, 64, 4, None),
-    (32, 16, 64, 4, None), (64, 16, 64, 4, None), (32, 32, 32, 4, None),
-)  # fmt: skip
+    (16, 16, 32, 4, None),
+    (32, 16, 32, 4, None),
+    (64, 16, 32, 4, None),
+    (16, 16, 64, 4, None),
+    (32, 16, 64, 4, None),
+    (64, 16, 64, 4, None),
+    (32, 32, 32, 4, None),
+)
 #: the per-step GEMMs by cuBLAS, the kernels doing the rest (pointwise tiles; no K loop), besides
 #: pick_config's blocks with cuBLAS
 CUBLAS_CANDIDATES = ((32, 32, 32, 4, None, True), (64, 64, 32, 8, None, True))
@@ -72,6 +99,12 @@ def triton_loop():
     return module
 
 
+def triton_graphs():
+    from nestrnn.ops.nested_lstm import triton_graphs as module  # imports Triton
+
+    return module
+
+
 def candidates(dtype: str, batch: int, hidden: int, quick: bool = False):
     """The configurations tried at (batch, hidden): ``pick_config``'s for CUDA graphs first, then
     its for direct launches and the same with the other GEMM choice, then those of the tables whose
@@ -79,9 +112,11 @@ def candidates(dtype: str, batch: int, hidden: int, quick: bool = False):
     only ``CUBLAS_CANDIDATES`` of the tables."""
     loop = triton_loop()
     unset = loop.TritonConfig(cuda_graph=False)
-    graphed, direct = (loop.pick_config(batch, hidden, unset, DTYPES[dtype], graphed=mode)
-                       for mode in (True, False))  # fmt: skip
-    limit = max(16, loop._pow2(batch))
+    graphed, direct = (
+        loop.pick_config(batch, hidden, unset, DTYPES[dtype], graphed=mode)
+        for mode in (True, False)
+    )
+    limit = max(16, launch_configs.pow2(batch))
     table = () if quick else FP32_CANDIDATES if dtype == "fp32" else CANDIDATES
     found = [graphed]
     for cfg in (direct, replace(direct, cublas_gemms=not direct.cublas_gemms)):
@@ -108,13 +143,26 @@ def make_config(fields):
     """A TritonConfig from (block_b, block_h, block_k, num_warps, num_stages[, cublas_gemms]),
     graphs off."""
     bb, bh, bk, warps, stages, *cublas = fields
-    return triton_loop().TritonConfig(bb, bh, bk, warps, cuda_graph=False, num_stages=stages,
-                                      cublas_gemms=bool(cublas and cublas[0]))  # fmt: skip
+    return triton_loop().TritonConfig(
+        bb,
+        bh,
+        bk,
+        warps,
+        cuda_graph=False,
+        num_stages=stages,
+        cublas_gemms=bool(cublas and cublas[0]),
+    )
 
 
 def fields(cfg) -> tuple:
-    return (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages,
-            bool(cfg.cublas_gemms))  # fmt: skip
+    return (
+        cfg.block_b,
+        cfg.block_h,
+        cfg.block_k,
+        cfg.num_warps,
+        cfg.num_stages,
+        bool(cfg.cublas_gemms),
+    )
 
 
 def label(cfg) -> str:
@@ -136,8 +184,17 @@ def _compile_one(job: tuple[str, tuple]) -> str:
     try:
         with forced(cfg), environment("NESTRNN_TRITON_CUDA_GRAPH", "0"):
             x, weights, h0, c0, _ = gpu_check.make_inputs(case, 0, "cuda")
-            gpu_check.run(gpu_check.triton_op, x, weights, h0, c0, None, False,
-                          case.activations(), DTYPES[dtype])  # fmt: skip
+            gpu_check.run(
+                gpu_check.triton_op,
+                x,
+                weights,
+                h0,
+                c0,
+                None,
+                False,
+                case.activations(),
+                DTYPES[dtype],
+            )
         torch.cuda.synchronize()
     except Exception as exc:
         return f"compile {dtype} {label(cfg)}: {type(exc).__name__}: {str(exc)[:200]}"
@@ -147,8 +204,15 @@ def _compile_one(job: tuple[str, tuple]) -> str:
 
 
 def compile_all(dtypes: list[str], shapes, jobs: int, quick: bool) -> None:
-    work = sorted({(dt, fields(cfg)) for dt in dtypes for b, h, _ in shapes
-                   for cfg in candidates(dt, b, h, quick)}, key=str)  # fmt: skip
+    work = sorted(
+        {
+            (dt, fields(cfg))
+            for dt in dtypes
+            for b, h, _ in shapes
+            for cfg in candidates(dt, b, h, quick)
+        },
+        key=str,
+    )
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         for line in pool.map(_compile_one, work):
@@ -183,7 +247,10 @@ def lstm_times(shape, dtype, device: str, timer, repeats: int) -> dict:
     model = torch.nn.LSTM(hidden, hidden, 2).to(device, dtype)
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn_like(x)
-    calls = {"fwd": lambda: speed.inference(model, x), "fwd+bwd": lambda: model(x)[0].backward(grad_out)}  # fmt: skip
+    calls = {
+        "fwd": lambda: speed.inference(model, x),
+        "fwd+bwd": lambda: model(x)[0].backward(grad_out),
+    }
     result = {}
     for mode, fn in calls.items():
         fn()
@@ -209,16 +276,24 @@ def tune_shape(dtype: str, shape, device: str, repeats: int, timer, quick: bool)
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
         print(f"  {dtype} {batch}x{hidden}x{steps} {row}", flush=True)
-    return {"dtype": dtype, "B": batch, "H": hidden, "T": steps, "rows": rows,
-            "lstm2": lstm_times(shape, torch_dtype, device, timer, repeats)}  # fmt: skip
+    return {
+        "dtype": dtype,
+        "B": batch,
+        "H": hidden,
+        "T": steps,
+        "rows": rows,
+        "lstm2": lstm_times(shape, torch_dtype, device, timer, repeats),
+    }
 
 
-def best(result: dict) -> tuple | None:
+def best(result: dict, mode: str | None = None) -> tuple | None:
     """The fields of the fastest correct configuration of one tuned shape: the least sum of its
-    forward and forward+backward times against ``pick_config``'s choice, in the mode the op runs
-    there by default (CUDA graphs up to ``AUTO_GRAPH_MAX_BATCH_HIDDEN``, else direct)."""
-    graphs = result["B"] * result["H"] <= triton_loop().AUTO_GRAPH_MAX_BATCH_HIDDEN
-    mode = "graph" if graphs else "direct"
+    forward and forward+backward times against ``pick_config``'s choice, in ``mode`` ("graph" or
+    "direct"; None: the mode the op runs there by default, CUDA graphs up to
+    ``AUTO_GRAPH_MAX_BATCH_HIDDEN``, else direct)."""
+    if mode is None:
+        graphs = result["B"] * result["H"] <= triton_graphs().AUTO_GRAPH_MAX_BATCH_HIDDEN
+        mode = "graph" if graphs else "direct"
     columns = (f"fwd_{mode}", f"fwd+bwd_{mode}")
     rows = [row for row in result["rows"] if "error" not in row]
     if not rows:
@@ -226,6 +301,42 @@ def best(result: dict) -> tuple | None:
     base = result["rows"][0] if "error" not in result["rows"][0] else rows[0]
     row = min(rows, key=lambda r: sum(r[c] / base[c] for c in columns))
     return tuple(row["fields"])
+
+
+def table_rows(results: list[dict], previous: tuple) -> list[tuple[dict, object]]:
+    """The rows of a launch-configuration table (``triton_configs.write_table``) from this
+    script's ``results``: per dtype, (B, H) and mode the fastest correct configuration (``best``),
+    then the rows of ``previous`` (``triton_configs.load_table``) not replaced by one of those."""
+    rows = []
+    for result in results:
+        name = str(DTYPES[result["dtype"]]).removeprefix("torch.")
+        for graphed in (True, False):
+            entry = best(result, "graph" if graphed else "direct")
+            if entry is None:
+                continue
+            when = {
+                "dtypes": [name],
+                "min_batch": result["B"],
+                "max_batch": result["B"],
+                "min_hidden": result["H"],
+                "max_hidden": result["H"],
+                "graphed": graphed,
+            }
+            rows = [(w, c) for w, c in rows if w != when]  # a shape measured twice: the later run
+            rows.append((when, make_config(entry)))
+    measured = [when for when, _ in rows]
+    kept = [(when, make_config(entry)) for when, entry in previous if when not in measured]
+    return rows + kept
+
+
+def write_table(results: list[dict], path: str, machine: str) -> None:
+    """Rewrite the launch-configuration table at ``path`` (the op's own where it does not exist
+    yet) from ``results`` (``table_rows``); its note gains a line saying where it was measured."""
+    source = Path(path) if Path(path).exists() else launch_configs.TABLE_PATH
+    previous = launch_configs.load_table(source)
+    earlier = json.loads(source.read_text()).get("note", "")
+    note = f"Written by benchmarks/tune_triton.py on {machine}, measured shapes first. {earlier}"
+    launch_configs.write_table(table_rows(results, previous), Path(path), note.strip())
 
 
 @contextlib.contextmanager
@@ -251,18 +362,25 @@ COLUMNS = ("fwd_graph", "fwd+bwd_graph", "fwd_direct", "fwd+bwd_direct")
 
 def markdown(results: list[dict], machine: str) -> str:
     out = [
-        "# Triton launch configurations, depth 2 (benchmarks/tune_triton.py)", "", machine, "",
+        "# Triton launch configurations, depth 2 (benchmarks/tune_triton.py)",
+        "",
+        machine,
+        "",
         "Microseconds a step; in brackets the time against the first row of each table "
         "(`pick_config`'s choice for CUDA graphs). graph: step loops in CUDA graphs (the "
         "kernels alone); direct: launched "
-        "from Python. cuDNN: `nn.LSTM(H, H, 2)` in the same process.", "",
-    ]  # fmt: skip
+        "from Python. cuDNN: `nn.LSTM(H, H, 2)` in the same process.",
+        "",
+    ]
     for res in results:
         lstm = res["lstm2"]
-        out += [f"## {res['dtype']} B={res['B']} H={res['H']} T={res['T']} "
-                f"(cuDNN LSTM-2: fwd {lstm['fwd']:.1f}, f+b {lstm['fwd+bwd']:.1f})", "",
-                "| config (B x H x K block, warps) | " + " | ".join(COLUMNS) + " |",
-                "|---|" + "---|" * len(COLUMNS)]  # fmt: skip
+        out += [
+            f"## {res['dtype']} B={res['B']} H={res['H']} T={res['T']} "
+            f"(cuDNN LSTM-2: fwd {lstm['fwd']:.1f}, f+b {lstm['fwd+bwd']:.1f})",
+            "",
+            "| config (B x H x K block, warps) | " + " | ".join(COLUMNS) + " |",
+            "|---|" + "---|" * len(COLUMNS),
+        ]
         base = res["rows"][0]
         for row in res["rows"]:
             if "error" in row:
@@ -288,12 +406,16 @@ def parse_dtypes(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tune_triton.py", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--dtypes", type=parse_dtypes, default=["bf16", "fp16"])
-    parser.add_argument("--shapes", type=parse_shapes,
-                        default=parse_shapes("32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50"))  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=parse_shapes("32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50"),
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-only", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="pick_config's choices and CUBLAS_CANDIDATES only")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="pick_config's choices and CUBLAS_CANDIDATES only"
+    )
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument(
         "--interpret",
@@ -302,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
+    parser.add_argument(
+        "--write",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="rewrite the op's launch-configuration table (or PATH) from the run",
+    )
     args = parser.parse_args(argv)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
@@ -326,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(tune_shape(dtype, shape, device, args.repeats, timer, args.quick))
             write(results, machine, args)  # after each shape: a run cut short keeps what it did
     print(markdown(results, machine))
+    if args.write is not None:
+        path = args.write or str(launch_configs.TABLE_PATH)
+        write_table(results, path, machine)
+        print(f"wrote {path}")
     return 0
 
 

@@ -81,7 +81,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on the recurrent input and output (and between layers)
     forget_bias: float | None = 1.0  # initial forget-gate bias on every level (null: PyTorch init)
     recurrent_init: str = "orthogonal"  # orthogonal | uniform initialisation of recurrent weights
-    backend: str = "auto"  # NestedLSTM backend (auto, generic, naive, fused, an op implementation)
+    backend: str = "auto"  # NestedLSTM backend (auto, generic, naive, an op implementation)
     lstm_impl: str = "torch"  # lstm/stacked_lstm: torch (nn.LSTM, cuDNN on GPU) | nestrnn (depth 1)
 
 

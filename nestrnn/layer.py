@@ -86,7 +86,7 @@ class NestedLSTM(nn.Module):
             nested memory chains (any activations; its C time loop on CPU; on CUDA the Triton
             loops, or cuDNN at depth 1 where it measured faster), the generic path for any other
             memory function. ``"generic"`` and ``"naive"`` (the
-            step-by-step references) force a path; ``"fused"``, ``"triton"`` or an implementation
+            step-by-step references) force a path; ``"triton"`` or another implementation
             name of :mod:`nestrnn.ops.nested_lstm.planning` choose the op's implementation.
 
     Inputs: ``input, (h_0, c_0)`` (the state may be omitted or None: zeros, and each memory

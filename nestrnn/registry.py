@@ -56,11 +56,15 @@ DEFAULT_TIMEOUT = 30.0
 """Seconds an installed plugin's import, or one of its hooks, may take before it is left behind."""
 BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
     "nestrnn.memory.builtin": ("memory",),
-    "nestrnn.plugins.triton_nested": ("memory",),
     "nestrnn.tasks": ("task",),
 }
 """The built-in plugin modules and the kinds each provides; each is imported on first use of one."""
 KINDS = tuple(hookspecs.HOOKS)
+RETIRED_NAMES: dict[tuple[str, str], str] = {
+    ("memory", "triton_nested"): "another name for 'nested', removed: use 'nested'",
+}
+"""Names that earlier releases registered, and what to use instead (configs and checkpoints
+may still name them)."""
 PLUGIN_ERRORS = (Exception, SystemExit)
 """What a built-in plugin's import or hook may raise without stopping nestrnn (Ctrl-C still stops
 it); an installed plugin runs in a thread of its own, where whatever it raises is its failure."""
@@ -230,10 +234,12 @@ class Registry:
             return self.entries[kind][name]
         except KeyError:
             known = ", ".join(self.names(kind)) or "none"
+            retired = RETIRED_NAMES.get((kind, name))
+            name_hint = f" ({retired})" if retired else ""
             failed = ", ".join(dict.fromkeys(f.provider.plugin for f in self.failures))
             hint = f" (plugins with errors: {failed}; see `nestrnn plugins`)" if failed else ""
             raise RegistryError(
-                f"unknown {kind} {name!r}; known {kind} names: {known}{hint}"
+                f"unknown {kind} {name!r}{name_hint}; known {kind} names: {known}{hint}"
             ) from None
 
     def provided_by(self, provider: Provider) -> dict[str, list[str]]:

@@ -84,6 +84,7 @@ def _error(argv: list[str], capsys) -> str:
 
 TRAIN_ERRORS = [
     (["model.memory=nosuchmemory"], "unknown memory 'nosuchmemory'; known memory names"),
+    (["model.memory=triton_nested"], "'triton_nested' (another name for 'nested', removed: use"),
     (["model.memory={name: nested, foo: 1}"], "invalid options for memory 'nested'"),
     (["model.depth=1000"], "'model.depth' must be at most 100"),
     (["model.memory={name: nested, depth: 1000}"], "nested too deeply to be built"),

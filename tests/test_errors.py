@@ -32,12 +32,17 @@ class Scaled(MemoryFunction):
         ({"memory": {"name": "nested", "deepness": 3}}, TypeError, "invalid options for memory"),
         ({"memory": "nested", "depth": 3}, ValueError, "depth=3 does not match"),
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
+        (
+            {"backend": "fused"},
+            ValueError,
+            r"one of \('generic', 'naive', 'auto', 'torch_lstm'",
+        ),
         ({"recurrent_init": "identity"}, ValueError, "recurrent_init must be one of"),
         ({"forget_bias": "one"}, TypeError, "forget_bias must be a finite number"),
         (
-            {"memory": lambda hidden: Scaled(hidden), "backend": "fused"},
+            {"memory": lambda hidden: Scaled(hidden), "backend": "c_loop"},
             ValueError,
-            "backend='fused' runs the whole-sequence op",
+            "backend='c_loop' runs the whole-sequence op",
         ),
     ],
 )

@@ -22,14 +22,14 @@ def test_nestrnn_does_not_import_triton():
     code = (
         "import sys, torch, nestrnn\n"
         "assert 'triton' not in sys.modules, 'importing nestrnn imported triton'\n"
-        "rnn = nestrnn.NestedLSTM(3, 4, memory='triton_nested')\n"
+        "rnn = nestrnn.NestedLSTM(3, 4, memory='nested')\n"
         "out, state = rnn(torch.randn(5, 2, 3))\n"
         "out.sum().backward()\n"
         "print(nestrnn.memory_names())\n"
         "kernels = [m for m in sys.modules if m.startswith('nestrnn.ops.nested_lstm.triton')]\n"
         "assert not kernels, kernels\n"
     )
-    assert "triton_nested" in run_python(code)
+    assert "nested" in run_python(code)
 
 
 def test_a_layer_imports_no_task_config_or_training_code():

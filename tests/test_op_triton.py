@@ -40,9 +40,10 @@ from nestrnn.ops.nested_lstm import (
     nested_lstm_naive,
     plan,
     planning,
+    triton_graphs,
     triton_loop,
 )
-from nestrnn.ops.nested_lstm.triton_loop import TritonConfig
+from nestrnn.ops.nested_lstm.triton_configs import TritonConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -308,11 +309,11 @@ def test_bf16_matches_naive(depth):
 @cuda_only
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cuda_graph_matches_naive(reverse, monkeypatch):
-    monkeypatch.setattr(triton_loop, "_GRAPHS", triton_loop.OrderedDict())
+    monkeypatch.setattr(triton_graphs, "_GRAPHS", triton_graphs.OrderedDict())
     with forced_config(TritonConfig(cuda_graph=True)):
         for seed in (0, 1):  # the second call replays the cached graphs with new inputs
             check(torch.float32, 5, 3, 6, 17, 2, PACKED, reverse, seed=seed)
-            assert len(triton_loop._GRAPHS) == 2  # one forward, one backward graph
+            assert len(triton_graphs._GRAPHS) == 2  # one forward, one backward graph
 
 
 @cuda_only
@@ -371,6 +372,41 @@ def test_unsupported_dtype_falls_back_with_one_warning(dtype, monkeypatch):
     assert len(messages) == 1, messages
     assert f"input dtype {dtype}" in messages[0]
     assert not bad, "; ".join(bad)
+
+
+def test_a_bug_in_the_driver_propagates_instead_of_falling_back(monkeypatch):
+    """Only what compiling or launching a kernel raises makes the op fall back: an error of any
+    other kind (here a TypeError in the step loop) reaches the caller, and Triton stays planned."""
+    planning.forget_failures()
+
+    def buggy(m, b):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(triton_loop, "_forward_loop", buggy)
+    x, weights, h0, c0 = in_float32(make_case(3, 2, 3, 8, 2))
+    with pytest.raises(TypeError, match="unsupported operand"):
+        triton_op(x, weights, h0, c0)
+    assert "triton" not in planning.failures()
+
+
+def test_a_kernel_that_does_not_compile_falls_back_with_one_warning(monkeypatch):
+    from triton.compiler.errors import CompilationError
+
+    planning.forget_failures()
+
+    def failing(m, b):
+        raise CompilationError("", None, "unsupported layout on this GPU")
+
+    monkeypatch.setattr(triton_loop, "_forward_loop", failing)
+    case = make_case(3, 2, 3, 8, 2)
+    try:
+        with pytest.warns(RuntimeWarning, match="the triton implementation failed") as caught:
+            bad = errors_vs_naive(torch.float32, case) + errors_vs_naive(torch.float32, case)
+        assert len([w for w in caught if "implementation failed" in str(w.message)]) == 1
+        assert "CompilationError" in planning.failures()["triton"]
+        assert not bad, "; ".join(bad)
+    finally:
+        planning.forget_failures()
 
 
 _NO_INTERPRETER_SCRIPT = r"""
@@ -443,13 +479,13 @@ def emulated_graphs(monkeypatch):
     """The CUDA-graph path on CPU: everything but the capture itself (that is ``cuda_only`` above
     and in ``benchmarks/gpu_check.py``). Yields the list of graphs made."""
     monkeypatch.setattr(FakeGraphed, "made", [])
-    monkeypatch.setattr(triton_loop, "_Graphed", FakeGraphed)
-    monkeypatch.setattr(triton_loop, "_capture_stream", lambda bufs: "stream")
-    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1 << 30)
-    monkeypatch.setattr(triton_loop, "_GRAPHS", triton_loop.OrderedDict())
-    monkeypatch.setattr(triton_loop, "_SEEN", triton_loop.OrderedDict())
-    monkeypatch.setattr(triton_loop, "_EVICTED", triton_loop.OrderedDict())
-    monkeypatch.setattr(triton_loop, "_auto_failure", None)
+    monkeypatch.setattr(triton_graphs, "_Graphed", FakeGraphed)
+    monkeypatch.setattr(triton_graphs, "_capture_stream", lambda bufs: "stream")
+    monkeypatch.setattr(triton_graphs, "_graph_budget", lambda device: 1 << 30)
+    monkeypatch.setattr(triton_graphs, "_GRAPHS", triton_graphs.OrderedDict())
+    monkeypatch.setattr(triton_graphs, "_SEEN", triton_graphs.OrderedDict())
+    monkeypatch.setattr(triton_graphs, "_EVICTED", triton_graphs.OrderedDict())
+    monkeypatch.setattr(triton_graphs, "_auto_failure", None)
     monkeypatch.delenv("NESTRNN_TRITON_CUDA_GRAPH", raising=False)
     return FakeGraphed.made
 
@@ -523,7 +559,7 @@ def test_default_cuda_graphs_in_a_deep_bidirectional_layer(emulated_graphs):
 
 
 def test_auto_cuda_graphs_only_where_they_measured_faster(emulated_graphs, monkeypatch):
-    monkeypatch.setattr(triton_loop, "AUTO_GRAPH_MAX_BATCH_HIDDEN", 3 * 8 - 1)  # B * H = 24
+    monkeypatch.setattr(triton_graphs, "AUTO_GRAPH_MAX_BATCH_HIDDEN", 3 * 8 - 1)  # B * H = 24
     for seed in (0, 1, 2):
         check(torch.float32, 4, 3, 4, 8, 2, None, seed=seed)
     assert not emulated_graphs
@@ -531,34 +567,34 @@ def test_auto_cuda_graphs_only_where_they_measured_faster(emulated_graphs, monke
 
 def test_auto_cuda_graphs_keep_to_their_memory_budget(emulated_graphs, monkeypatch):
     """Graphs whose buffers would not fit are not made; older ones are evicted to make room."""
-    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1000)  # bytes: too few
+    monkeypatch.setattr(triton_graphs, "_graph_budget", lambda device: 1000)  # bytes: too few
     for seed in (0, 1):
         check(torch.float32, 4, 3, 4, 8, 2, None, seed=seed)
     assert not emulated_graphs
-    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: 1 << 30)
+    monkeypatch.setattr(triton_graphs, "_graph_budget", lambda device: 1 << 30)
     with torch.no_grad():  # forward only: one graph a shape
         for steps in (2, 3, 2, 3):
             triton_op(*in_float32(make_case(steps, 3, 4, 8, 2)))
-    assert len(triton_loop._GRAPHS) == 2
-    both = sum(triton_loop._nbytes(g.static) for g in emulated_graphs)
-    monkeypatch.setattr(triton_loop, "_graph_budget", lambda device: both)
+    assert len(triton_graphs._GRAPHS) == 2
+    both = sum(triton_graphs._nbytes(g.static) for g in emulated_graphs)
+    monkeypatch.setattr(triton_graphs, "_graph_budget", lambda device: both)
     with torch.no_grad():
         for _ in range(2):
             triton_op(*in_float32(make_case(4, 3, 4, 8, 2)))
-    (graph,) = triton_loop._GRAPHS.values()  # the new one, larger than either: both evicted
+    (graph,) = triton_graphs._GRAPHS.values()  # the new one, larger than either: both evicted
     assert graph is emulated_graphs[-1] and graph.launch.steps == 4
     made = len(emulated_graphs)
     with torch.no_grad():  # evicted loops run directly from then on: alternating does not thrash
         for steps in (2, 3, 4, 2, 3, 4):
             triton_op(*in_float32(make_case(steps, 3, 4, 8, 2)))
-    assert len(emulated_graphs) == made and list(triton_loop._GRAPHS.values()) == [graph]
+    assert len(emulated_graphs) == made and list(triton_graphs._GRAPHS.values()) == [graph]
 
 
 def test_a_failed_automatic_capture_falls_back_with_one_warning(emulated_graphs, monkeypatch):
     def failing(loop, launch, static):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(triton_loop, "_Graphed", failing)
+    monkeypatch.setattr(triton_graphs, "_Graphed", failing)
     with pytest.warns(RuntimeWarning, match="capturing a CUDA graph failed") as caught:
         for seed in (0, 1, 2):
             check(torch.float32, 4, 3, 4, 8, 2, None, seed=seed)
@@ -595,7 +631,7 @@ def test_a_bad_cuda_graph_setting_is_an_error(monkeypatch):
 
 def test_no_graph_is_captured_off_cuda_or_inside_another_capture():
     bufs = {"gates": torch.zeros(2)}
-    assert triton_loop._capture_stream(bufs) is None  # a CPU tensor (the interpreter)
+    assert triton_graphs._capture_stream(bufs) is None  # a CPU tensor (the interpreter)
 
 
 # ------------------------------------------------------------------ the real compiler, offline
@@ -633,7 +669,7 @@ def test_layer_with_triton_backend_matches_generic_path():
 
     torch.manual_seed(0)
     fused = NestedLSTM(
-        3, 5, num_layers=2, bidirectional=True, memory="triton_nested", backend="triton"
+        3, 5, num_layers=2, bidirectional=True, memory="nested", backend="triton"
     ).to(DEVICE)
     generic = NestedLSTM(3, 5, num_layers=2, bidirectional=True, depth=2, backend="generic")
     generic.to(DEVICE).load_state_dict(fused.state_dict(), strict=True)  # same parameter names

@@ -94,3 +94,19 @@ def test_version_is_the_distributions(installed: Path, tmp_path: Path) -> None:
         "import importlib.metadata as m, nestrnn; print(m.version('nestrnn'), nestrnn.__version__)"
     )
     assert _python(installed, tmp_path, "-c", code).stdout.split() == [version, version]
+
+
+def test_the_triton_launch_table_is_package_data(installed: Path, tmp_path: Path) -> None:
+    """The GPU launch configurations are read from the installed package's JSON table (choosing one
+    needs neither Triton nor a GPU); the removed triton_nested plugin is not shipped."""
+    code = (
+        "from nestrnn.ops.nested_lstm import triton_configs as c\n"
+        "print(c.TABLE_PATH)\n"
+        "print(c.measured_blocks(32, 256, c.torch.bfloat16, True))\n"
+    )
+    result = _python(installed, tmp_path, "-c", code)
+    assert result.returncode == 0, result.stderr
+    path, blocks = result.stdout.strip().splitlines()
+    assert Path(path) == installed / "nestrnn" / "ops" / "nested_lstm" / "triton_configs.json"
+    assert blocks == "(32, 16, 32, 4, None, True)"
+    assert not (installed / "nestrnn" / "plugins" / "triton_nested").exists()

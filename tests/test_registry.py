@@ -71,7 +71,8 @@ def plugin_path(tmp_path, monkeypatch, fresh_registry):
 
 
 def test_builtins_are_registered_through_hooks(fresh_registry):
-    assert {"additive", "nested", "triton_nested"} <= set(nestrnn.memory_names())
+    assert {"additive", "nested"} <= set(nestrnn.memory_names())
+    assert "triton_nested" not in nestrnn.memory_names()  # removed: use "nested"
     report = registry.get_registry().report()
     builtin = {p["name"]: p for p in report["plugins"] if p["builtin"]}
     assert builtin["nestrnn.memory.builtin"]["registered"]["memory"] == ["additive", "nested"]

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nestrnn.engine import runfiles
 from nestrnn.engine.rundir import CONFIG, METRICS, SUMMARY, read_records, read_summary
@@ -88,7 +88,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{path / CONFIG} is not a readable config ({error})") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path / CONFIG} is not a config (a YAML mapping)")
-    return flatten(loaded)
+    return flatten(cast(dict[str, Any], loaded))
 
 
 def load_run(path: Path) -> Run:

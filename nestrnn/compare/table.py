@@ -34,10 +34,9 @@ def rows(
     for index, (c, pairs) in enumerate(zip(configurations, values)):
         summary = stats.describe([v for _, v in pairs])  # type: ignore[misc]
         test = None if index == baseline else stats.compare_seeds(pairs, base)  # type: ignore[arg-type]
-        steps = [run.summary.get("steps") for run in c.runs if run.summary]
-        walls = [run.summary.get("elapsed_s") for run in c.runs if run.summary]
-        walls = [float(w) for w in walls if isinstance(w, (int, float))]
-        steps = [int(s) for s in steps if isinstance(s, int)]
+        summaries = [run.summary for run in c.runs if run.summary]
+        walls = [float(w) for s in summaries if isinstance(w := s.get("elapsed_s"), (int, float))]
+        steps = [s["steps"] for s in summaries if isinstance(s.get("steps"), int)]
         out.append(
             {
                 "label": c.label,

@@ -73,7 +73,7 @@ def nested_lstm(
             b >= batch_sizes[t] are inactive at step t: they keep their state, output zero).
         reverse: process the sequence from its end.
         activations: D ``LevelActivations`` (None: the paper's, ``standard_activations``).
-        backend: "auto", "fused", "triton" or an implementation name (see ``plan``).
+        backend: "auto", "triton" or another implementation name (see ``plan``).
 
     Returns:
         ``(output (T, B, H), h_n (B, H), c_n (D, B, H))`` in the dtype of ``x``; under

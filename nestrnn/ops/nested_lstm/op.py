@@ -31,7 +31,7 @@ from nestrnn.ops.nested_lstm import c_loop, torch_loop, torch_lstm
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, saved_shapes
 from nestrnn.ops.nested_lstm.library import refuse_foreign_definition
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
-from nestrnn.ops.nested_lstm.planning import mark_broken, plan
+from nestrnn.ops.nested_lstm.planning import fallback_choice, mark_broken, plan
 
 ForwardResult = tuple[Tensor, Tensor, Tensor, Saved | None]
 
@@ -77,7 +77,10 @@ def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
 
 
 def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, backend):
-    """Run the planned implementation; a Triton failure is recorded and the fused choice runs."""
+    """Run the planned implementation; a Triton failure is recorded and ``fallback_choice`` runs.
+
+    Only what a compile or launch raises counts as a failure (``triton_loop.LAUNCH_ERRORS``); any
+    other error is a bug and propagates."""
     planned = plan(x, batch_sizes, reverse, activations, training, backend, hidden=hidden)
     if planned.implementation != "triton":
         return run(planned.implementation)
@@ -86,9 +89,9 @@ def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, 
     triton_loop.cuda_graph_setting()  # a bad setting is the user's error, not a kernel failure
     try:
         return run("triton")
-    except Exception as err:  # a kernel that does not compile or launch on this GPU
+    except triton_loop.LAUNCH_ERRORS as err:  # a kernel that does not compile or launch here
         mark_broken("triton", f"{type(err).__name__}: {err}")
-        return run(plan(x, batch_sizes, reverse, activations, training, "fused").implementation)
+        return run(fallback_choice(x, batch_sizes, reverse, activations, training))
 
 
 def forward(

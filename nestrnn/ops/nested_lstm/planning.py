@@ -11,8 +11,8 @@ Implementations (each a module of this package):
     "triton"      the fused Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1 for tests)
 
 Backends a caller may ask for: "auto" (the fastest that can run: on CUDA chosen from measurements,
-see :func:`cuda_choice`; elsewhere the fused choice), "fused" (torch_lstm for depth-1 inference,
-else the C loop on CPU, else the PyTorch loop), "triton" (falls back to the fused choice, with a
+see :func:`cuda_choice`; elsewhere :func:`fallback_choice`: torch_lstm for depth-1 inference, else
+the C loop on CPU, else the PyTorch loop), "triton" (falls back to :func:`fallback_choice`, with a
 warning once, where Triton cannot run), or an implementation's name, which pins it and is an error
 where it cannot run.
 
@@ -35,7 +35,7 @@ from nestrnn.ops.common.levels import LevelActivations, state_dtype
 from nestrnn.ops.nested_lstm import c_loop, torch_lstm
 
 IMPLEMENTATIONS = ("torch_lstm", "c_loop", "torch_loop", "triton")
-BACKENDS = ("auto", "fused", *IMPLEMENTATIONS)
+BACKENDS = ("auto", *IMPLEMENTATIONS)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_DEPTH = 15  # the kernels take every level's activation code packed into 64 bits
 
@@ -122,12 +122,10 @@ def plan(
             return Plan(chosen, "" if why_not is None else f"triton: {why_not}")
         if why_not is None:
             return Plan("triton")
-        chosen = _fused(x, batch_sizes, reverse, activations, training)
+        chosen = fallback_choice(x, batch_sizes, reverse, activations, training)
         if backend == "triton" and "triton" not in _broken:  # a failure was warned about
             warn_once(f"nestrnn: backend 'triton' cannot run here ({why_not}); using {chosen}")
         return Plan(chosen, f"triton: {why_not}")
-    if backend == "fused":
-        return Plan(_fused(x, batch_sizes, reverse, activations, training))
     why_not = _pinned_reason(backend, x, batch_sizes, reverse, activations, training)
     if why_not is not None:
         raise RuntimeError(f"the {backend} implementation cannot run this call: {why_not}")
@@ -157,10 +155,10 @@ def cuda_choice(
       where the Triton loops measured faster at depth 1 (``DEPTH1_TRITON_MAX_BATCH_HIDDEN``;
       ``hidden`` None: not applied);
     - otherwise the Triton loops: at depth 2 in every dtype and size measured 1.5-24x faster than
-      the PyTorch loop; where they cannot run (``triton_why_not``), the fused choice.
+      the PyTorch loop; where they cannot run (``triton_why_not``), :func:`fallback_choice`.
     """
     if triton_why_not is not None:
-        return _fused(x, batch_sizes, reverse, activations, training)
+        return fallback_choice(x, batch_sizes, reverse, activations, training)
     cudnn = torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
     if not training and cudnn and not _triton_beats_cudnn(x, hidden):
         return "torch_lstm"
@@ -174,7 +172,15 @@ def _triton_beats_cudnn(x: Tensor, hidden: int | None) -> bool:
     return limit is not None and hidden is not None and ieee and x.shape[1] * hidden <= limit
 
 
-def _fused(x, batch_sizes, reverse, activations, training) -> str:
+def fallback_choice(
+    x: Tensor,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    activations: tuple[LevelActivations, ...],
+    training: bool,
+) -> str:
+    """The implementation where Triton does not run (off CUDA, or after it failed): torch's LSTM for
+    depth-1 inference where it can, else the C loop where it can, else the PyTorch loop."""
     if not training and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None:
         return "torch_lstm"
     if c_loop.unavailable_reason(x.device, state_dtype(x.dtype)) is None:

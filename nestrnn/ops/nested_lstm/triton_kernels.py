@@ -1,6 +1,6 @@
 """Triton kernels of the op (one time step, one level per launch), driven by ``triton_loop.py``.
 
-Imported only by ``triton_loop.py``, which the op imports lazily: importing ``nestrnn`` never
+Imported only by ``triton_loop.py`` and ``triton_graphs.py``, which the op imports lazily: importing ``nestrnn`` never
 imports Triton. Every kernel runs on a 2-D grid ``(cdiv(B, BLOCK_B), cdiv(H, BLOCK_H))``: a program
 owns BLOCK_B batch rows and BLOCK_H whole hidden units, i.e. all four gates (i, f, g, o) of those
 units, so the pointwise math runs in the GEMM's epilogue without a round trip through memory.
@@ -35,6 +35,12 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.errors import TritonError
+
+#: what compiling or launching these kernels raises where they cannot run on this GPU: Triton's
+#: own errors (CompilationError, OutOfResources, PTXASError...) and the driver's (RuntimeError,
+#: torch.AcceleratorError among them); anything else is a bug of ours and must not be taken for one
+LAUNCH_ERRORS = (TritonError, RuntimeError)
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
@@ -113,9 +119,22 @@ def _active(bs_ptr, t, rows, B, HAS_BS: tl.constexpr):
 
 @triton.jit
 def _matmul_gates(
-    acc_i, acc_f, acc_g, acc_o, a_ptr, a_stride, w_ptr, rows, units, rmask, umask, H, K,
-    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    acc_i,
+    acc_f,
+    acc_g,
+    acc_o,
+    a_ptr,
+    a_stride,
+    w_ptr,
+    rows,
+    units,
+    rmask,
+    umask,
+    H,
+    K,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """acc_gate += A[rows, :K] @ W[gate * H + units, :K]^T for the four gates.
 
     ``A`` is row-major with row stride ``a_stride``; ``W`` is (4H, K) row-major (nn.LSTM's layout).
@@ -203,25 +222,57 @@ def _store_level_input(in_ptr, rows, units, H, i, f, g, c_prev, mask, act):
 
 @triton.jit
 def _ascend(
-    c_cur, o_cur, gates_ptr, cells_ptr, act_cells_ptr, h_ptr, y_ptr, t, prev, new, T, B, H,
-    tile, gtile, mask, act, LEVEL: tl.constexpr, CELL_ACTS: tl.constexpr, HAS_BS: tl.constexpr,
-):  # fmt: skip
+    c_cur,
+    o_cur,
+    gates_ptr,
+    cells_ptr,
+    act_cells_ptr,
+    h_ptr,
+    y_ptr,
+    t,
+    prev,
+    new,
+    T,
+    B,
+    H,
+    tile,
+    gtile,
+    mask,
+    act,
+    LEVEL: tl.constexpr,
+    CELL_ACTS: tl.constexpr,
+    HAS_BS: tl.constexpr,
+):
     """Innermost epilogue: store c^LEVEL, then c^{k-1} = o_k act_k(c^k) up to h = o_0 act_0(c^0).
 
     ``c_cur`` is the new innermost cell, ``o_cur`` that level's output gate (in registers); the
     output gates of the upper levels are read back from ``gates`` (written by earlier launches).
     """
     plane = B * H
-    _store_state(cells_ptr + (LEVEL * (T + 1) + new) * plane,
-                 cells_ptr + (LEVEL * (T + 1) + prev) * plane, c_cur, tile, mask, act, HAS_BS)  # fmt: skip
+    _store_state(
+        cells_ptr + (LEVEL * (T + 1) + new) * plane,
+        cells_ptr + (LEVEL * (T + 1) + prev) * plane,
+        c_cur,
+        tile,
+        mask,
+        act,
+        HAS_BS,
+    )
     for j in tl.static_range(LEVEL + 1):
         k = LEVEL - j  # the level whose output is produced now
         a = _act(c_cur, (CELL_ACTS >> (4 * k)) & 15)
         tl.store(act_cells_ptr + (k * T + t) * plane + tile, a, mask=mask)
         up = o_cur * a
         if k > 0:
-            _store_state(cells_ptr + ((k - 1) * (T + 1) + new) * plane,
-                         cells_ptr + ((k - 1) * (T + 1) + prev) * plane, up, tile, mask, act, HAS_BS)  # fmt: skip
+            _store_state(
+                cells_ptr + ((k - 1) * (T + 1) + new) * plane,
+                cells_ptr + ((k - 1) * (T + 1) + prev) * plane,
+                up,
+                tile,
+                mask,
+                act,
+                HAS_BS,
+            )
             o_cur = tl.load(
                 gates_ptr + ((k - 1) * T + t) * (4 * plane) + gtile + 3 * H, mask=mask, other=0.0
             )
@@ -238,12 +289,31 @@ def _ascend(
 
 @triton.jit(do_not_specialize=["s", "T"])
 def fwd_outer_kernel(
-    gates_ptr, h_ptr, w_hh_ptr, cells_ptr, act_cells_ptr, inputs_ptr, y_ptr, bs_ptr, g_ptr, s, T,
-    B, H, DEPTH: tl.constexpr, GATE_ACT: tl.constexpr, CAND_ACT: tl.constexpr,
-    CELL_ACTS: tl.constexpr, REVERSE: tl.constexpr, HAS_BS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    gates_ptr,
+    h_ptr,
+    w_hh_ptr,
+    cells_ptr,
+    act_cells_ptr,
+    inputs_ptr,
+    y_ptr,
+    bs_ptr,
+    g_ptr,
+    s,
+    T,
+    B,
+    H,
+    DEPTH: tl.constexpr,
+    GATE_ACT: tl.constexpr,
+    CAND_ACT: tl.constexpr,
+    CELL_ACTS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
-):  # fmt: skip
+):
     """Level 0 of step ``s``: gates = (x W_ih^T + b, in ``gates`` already) + h_{t-1} W_hh^T.
 
     DEPTH == 1: also the cell update and h (a plain LSTM step). DEPTH >= 2: writes level 1's
@@ -262,14 +332,27 @@ def fwd_outer_kernel(
     acc_g = tl.load(gp + gtile + 2 * H, mask=mask, other=0.0)
     acc_o = tl.load(gp + gtile + 3 * H, mask=mask, other=0.0)
     if CUBLAS:
-        acc_i, acc_f, acc_g, acc_o = _add_gemm_gates(acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H,
-                                                     mask)  # fmt: skip
+        acc_i, acc_f, acc_g, acc_o = _add_gemm_gates(
+            acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H, mask
+        )
     else:
         acc_i, acc_f, acc_g, acc_o = _matmul_gates(
-            acc_i, acc_f, acc_g, acc_o, a_ptr=h_ptr + prev * plane, a_stride=H, w_ptr=w_hh_ptr,
-            rows=rows, units=units, rmask=rmask, umask=umask, H=H, K=H, BLOCK_K=BLOCK_K,
+            acc_i,
+            acc_f,
+            acc_g,
+            acc_o,
+            a_ptr=h_ptr + prev * plane,
+            a_stride=H,
+            w_ptr=w_hh_ptr,
+            rows=rows,
+            units=units,
+            rmask=rmask,
+            umask=umask,
+            H=H,
+            K=H,
+            BLOCK_K=BLOCK_K,
             DOT_PREC=DOT_PREC,
-        )  # fmt: skip
+        )
     i = _act(acc_i, GATE_ACT)
     f = _act(acc_f, GATE_ACT)
     g = _act(acc_g, CAND_ACT)
@@ -277,20 +360,62 @@ def fwd_outer_kernel(
     _store_gates(gp, gtile, H, i, f, g, o, mask)
     c_prev = tl.load(cells_ptr + prev * plane + tile, mask=mask, other=0.0)
     if DEPTH == 1:
-        _ascend(f * c_prev + i * g, o, gates_ptr, cells_ptr, act_cells_ptr, h_ptr, y_ptr, t,
-                prev, new, T, B, H, tile, gtile, mask, act, 0, CELL_ACTS, HAS_BS)  # fmt: skip
+        _ascend(
+            f * c_prev + i * g,
+            o,
+            gates_ptr,
+            cells_ptr,
+            act_cells_ptr,
+            h_ptr,
+            y_ptr,
+            t,
+            prev,
+            new,
+            T,
+            B,
+            H,
+            tile,
+            gtile,
+            mask,
+            act,
+            0,
+            CELL_ACTS,
+            HAS_BS,
+        )
     else:
         _store_level_input(inputs_ptr + t * (2 * plane), rows, units, H, i, f, g, c_prev, mask, act)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
 def fwd_nested_kernel(
-    gates_ptr, inputs_ptr, w_ptr, bias_ptr, cells_ptr, act_cells_ptr, h_ptr, y_ptr, bs_ptr, g_ptr,
-    s, T, B, H, LEVEL: tl.constexpr, DEPTH: tl.constexpr, GATE_ACT: tl.constexpr,
-    CAND_ACT: tl.constexpr, CELL_ACTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, CUBLAS: tl.constexpr,
-):  # fmt: skip
+    gates_ptr,
+    inputs_ptr,
+    w_ptr,
+    bias_ptr,
+    cells_ptr,
+    act_cells_ptr,
+    h_ptr,
+    y_ptr,
+    bs_ptr,
+    g_ptr,
+    s,
+    T,
+    B,
+    H,
+    LEVEL: tl.constexpr,
+    DEPTH: tl.constexpr,
+    GATE_ACT: tl.constexpr,
+    CAND_ACT: tl.constexpr,
+    CELL_ACTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CUBLAS: tl.constexpr,
+):
     """Nested level LEVEL (1..D-1) of step ``s``: gates = b + [x~ | h~] [W_ih | W_hh]^T (CUBLAS:
     the product read from ``g_ptr``).
 
@@ -312,15 +437,27 @@ def fwd_nested_kernel(
         acc_g += tl.load(bias_ptr + 2 * H + units, mask=umask, other=0.0)[None, :]
         acc_o += tl.load(bias_ptr + 3 * H + units, mask=umask, other=0.0)[None, :]
     if CUBLAS:
-        acc_i, acc_f, acc_g, acc_o = _add_gemm_gates(acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H,
-                                                     mask)  # fmt: skip
+        acc_i, acc_f, acc_g, acc_o = _add_gemm_gates(
+            acc_i, acc_f, acc_g, acc_o, g_ptr, gtile, H, mask
+        )
     else:
         acc_i, acc_f, acc_g, acc_o = _matmul_gates(
-            acc_i, acc_f, acc_g, acc_o,
-            a_ptr=inputs_ptr + ((LEVEL - 1) * T + t) * (2 * plane), a_stride=2 * H, w_ptr=w_ptr,
-            rows=rows, units=units, rmask=rmask, umask=umask, H=H, K=2 * H, BLOCK_K=BLOCK_K,
+            acc_i,
+            acc_f,
+            acc_g,
+            acc_o,
+            a_ptr=inputs_ptr + ((LEVEL - 1) * T + t) * (2 * plane),
+            a_stride=2 * H,
+            w_ptr=w_ptr,
+            rows=rows,
+            units=units,
+            rmask=rmask,
+            umask=umask,
+            H=H,
+            K=2 * H,
+            BLOCK_K=BLOCK_K,
             DOT_PREC=DOT_PREC,
-        )  # fmt: skip
+        )
     i = _act(acc_i, GATE_ACT)
     f = _act(acc_f, GATE_ACT)
     g = _act(acc_g, CAND_ACT)
@@ -331,8 +468,28 @@ def fwd_nested_kernel(
         in_ptr = inputs_ptr + (LEVEL * T + t) * (2 * plane)
         _store_level_input(in_ptr, rows, units, H, i, f, g, c_prev, mask, act)
     else:
-        _ascend(f * c_prev + i * g, o, gates_ptr, cells_ptr, act_cells_ptr, h_ptr, y_ptr, t,
-                prev, new, T, B, H, tile, gtile, mask, act, LEVEL, CELL_ACTS, HAS_BS)  # fmt: skip
+        _ascend(
+            f * c_prev + i * g,
+            o,
+            gates_ptr,
+            cells_ptr,
+            act_cells_ptr,
+            h_ptr,
+            y_ptr,
+            t,
+            prev,
+            new,
+            T,
+            B,
+            H,
+            tile,
+            gtile,
+            mask,
+            act,
+            LEVEL,
+            CELL_ACTS,
+            HAS_BS,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,30 +497,66 @@ def fwd_nested_kernel(
 
 
 @triton.jit
-def _gate_grads(dp, op, gp, gtile, H, d_ig, d_fc, c_prev, mask, act, GATE_ACT: tl.constexpr,
-                CAND_ACT: tl.constexpr, OP_COPY: tl.constexpr):  # fmt: skip
+def _gate_grads(
+    dp,
+    op,
+    gp,
+    gtile,
+    H,
+    d_ig,
+    d_fc,
+    c_prev,
+    mask,
+    act,
+    GATE_ACT: tl.constexpr,
+    CAND_ACT: tl.constexpr,
+    OP_COPY: tl.constexpr,
+):
     """Gradients of one level's i, f, g pre-activations from d(i*g) and d(f*c_prev) (into ``dp``
     and, with OP_COPY, ``op``); returns f."""
     i = tl.load(gp + gtile, mask=mask, other=0.0)
     f = tl.load(gp + gtile + H, mask=mask, other=0.0)
     g = tl.load(gp + gtile + 2 * H, mask=mask, other=0.0)
-    _store_grad(dp, op, gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask,
-                OP_COPY)  # fmt: skip
-    _store_grad(dp, op, gtile + H, tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0),
-                mask, OP_COPY)  # fmt: skip
-    _store_grad(dp, op, gtile + 2 * H, tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0), mask,
-                OP_COPY)  # fmt: skip
+    _store_grad(dp, op, gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask, OP_COPY)
+    _store_grad(
+        dp, op, gtile + H, tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0), mask, OP_COPY
+    )
+    _store_grad(
+        dp, op, gtile + 2 * H, tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0), mask, OP_COPY
+    )
     return f
 
 
 @triton.jit(do_not_specialize=["s", "T"])
 def bwd_inner_kernel(
-    dA_ptr, w_hh_ptr, dh_ptr, dc_ptr, dy_ptr, gates_ptr, cells_ptr, act_cells_ptr, bs_ptr, g_ptr,
-    op_ptr, s, T, B, H, DEPTH: tl.constexpr, GATE_ACTS: tl.constexpr, CAND_ACTS: tl.constexpr,
-    CELL_ACTS: tl.constexpr, REVERSE: tl.constexpr, HAS_BS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    CUBLAS: tl.constexpr, OP_COPY: tl.constexpr,
-):  # fmt: skip
+    dA_ptr,
+    w_hh_ptr,
+    dh_ptr,
+    dc_ptr,
+    dy_ptr,
+    gates_ptr,
+    cells_ptr,
+    act_cells_ptr,
+    bs_ptr,
+    g_ptr,
+    op_ptr,
+    s,
+    T,
+    B,
+    H,
+    DEPTH: tl.constexpr,
+    GATE_ACTS: tl.constexpr,
+    CAND_ACTS: tl.constexpr,
+    CELL_ACTS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CUBLAS: tl.constexpr,
+    OP_COPY: tl.constexpr,
+):
     """First backward launch of step ``s``.
 
     GEMM: dh = dA^0(step s+1) @ W_hh^0 (the outer gates of the step processed after s; CUBLAS:
@@ -390,10 +583,16 @@ def bwd_inner_kernel(
             for n0 in range(0, H4, BLOCK_K):
                 ns = n0 + tl.arange(0, BLOCK_K)
                 nmask = ns < H4
-                da = tl.load(dA_ptr + t_next * (4 * plane) + rows[:, None] * H4 + ns[None, :],
-                             mask=rmask[:, None] & nmask[None, :], other=0.0).to(wdt)  # fmt: skip
-                w = tl.load(w_hh_ptr + ns[:, None] * H + units[None, :],
-                            mask=nmask[:, None] & umask[None, :], other=0.0)  # fmt: skip
+                da = tl.load(
+                    dA_ptr + t_next * (4 * plane) + rows[:, None] * H4 + ns[None, :],
+                    mask=rmask[:, None] & nmask[None, :],
+                    other=0.0,
+                ).to(wdt)
+                w = tl.load(
+                    w_hh_ptr + ns[:, None] * H + units[None, :],
+                    mask=nmask[:, None] & umask[None, :],
+                    other=0.0,
+                )
                 acc = tl.dot(da, w, acc, input_precision=DOT_PREC)
         dh = tl.where(_active(bs_ptr, t_next, rows, B, HAS_BS), acc, dh)
         tl.store(dh_ptr + tile, dh, mask=mask)
@@ -405,27 +604,64 @@ def bwd_inner_kernel(
         o = tl.load(gates_ptr + (k * T + t) * (4 * plane) + gtile + 3 * H, mask=mask, other=0.0)
         a = tl.load(act_cells_ptr + (k * T + t) * plane + tile, mask=mask, other=0.0)
         d_o = grad * a * _act_grad(o, (GATE_ACTS >> (4 * k)) & 15)
-        _store_grad(dA_ptr + (k * T + t) * (4 * plane), op_ptr + k * (4 * plane), gtile + 3 * H,
-                    tl.where(act, d_o, 0.0), mask, OP_COPY)  # fmt: skip
+        _store_grad(
+            dA_ptr + (k * T + t) * (4 * plane),
+            op_ptr + k * (4 * plane),
+            gtile + 3 * H,
+            tl.where(act, d_o, 0.0),
+            mask,
+            OP_COPY,
+        )
         dc_old = tl.load(dc_ptr + k * plane + tile, mask=mask, other=0.0)
         grad = dc_old + grad * o * _act_grad(a, (CELL_ACTS >> (4 * k)) & 15)
 
     # the innermost level L adds: c^L = f_L c^L_{t-1} + i_L g_L, so d(i g) = d(f c_prev) = grad
     L = DEPTH - 1
     c_prev = tl.load(cells_ptr + (L * (T + 1) + prev) * plane + tile, mask=mask, other=0.0)
-    f = _gate_grads(dA_ptr + (L * T + t) * (4 * plane), op_ptr + L * (4 * plane),
-                    gates_ptr + (L * T + t) * (4 * plane), gtile, H, grad, grad, c_prev, mask, act,
-                    (GATE_ACTS >> (4 * L)) & 15, (CAND_ACTS >> (4 * L)) & 15, OP_COPY)  # fmt: skip
+    f = _gate_grads(
+        dA_ptr + (L * T + t) * (4 * plane),
+        op_ptr + L * (4 * plane),
+        gates_ptr + (L * T + t) * (4 * plane),
+        gtile,
+        H,
+        grad,
+        grad,
+        c_prev,
+        mask,
+        act,
+        (GATE_ACTS >> (4 * L)) & 15,
+        (CAND_ACTS >> (4 * L)) & 15,
+        OP_COPY,
+    )
     tl.store(dc_ptr + L * plane + tile, tl.where(act, grad * f, dc_old), mask=mask)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
 def bwd_level_kernel(
-    dA_ptr, w_ptr, dc_ptr, gates_ptr, cells_ptr, bs_ptr, g_ptr, op_ptr, s, T, B, H,
-    LEVEL: tl.constexpr, GATE_ACT: tl.constexpr, CAND_ACT: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_BS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr, CUBLAS: tl.constexpr, OP_COPY: tl.constexpr,
-):  # fmt: skip
+    dA_ptr,
+    w_ptr,
+    dc_ptr,
+    gates_ptr,
+    cells_ptr,
+    bs_ptr,
+    g_ptr,
+    op_ptr,
+    s,
+    T,
+    B,
+    H,
+    LEVEL: tl.constexpr,
+    GATE_ACT: tl.constexpr,
+    CAND_ACT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CUBLAS: tl.constexpr,
+    OP_COPY: tl.constexpr,
+):
     """Level LEVEL (D-2 .. 0) of backward step ``s`` (launched only when D >= 2).
 
     GEMM: [dx~ | dh~] = dA^{LEVEL+1} @ [W_ih | W_hh] of the level below (``w_ptr``, (4H, 2H);
@@ -452,22 +688,39 @@ def bwd_level_kernel(
         for n0 in range(0, H4, BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K)
             nmask = ns < H4
-            da = tl.load(da_base + rows[:, None] * H4 + ns[None, :],
-                         mask=rmask[:, None] & nmask[None, :], other=0.0).to(wdt)  # fmt: skip
+            da = tl.load(
+                da_base + rows[:, None] * H4 + ns[None, :],
+                mask=rmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(wdt)
             w_off = ns[:, None] * (2 * H) + units[None, :]
             wmask = nmask[:, None] & umask[None, :]
             d_x = tl.dot(
                 da, tl.load(w_ptr + w_off, mask=wmask, other=0.0), d_x, input_precision=DOT_PREC
             )
             d_h = tl.dot(
-                da, tl.load(w_ptr + w_off + H, mask=wmask, other=0.0), d_h,
+                da,
+                tl.load(w_ptr + w_off + H, mask=wmask, other=0.0),
+                d_h,
                 input_precision=DOT_PREC,
-            )  # fmt: skip
+            )
 
     act = _active(bs_ptr, t, rows, B, HAS_BS)
     c_prev = tl.load(cells_ptr + (LEVEL * (T + 1) + prev) * plane + tile, mask=mask, other=0.0)
-    f = _gate_grads(dA_ptr + (LEVEL * T + t) * (4 * plane), op_ptr + LEVEL * (4 * plane),
-                    gates_ptr + (LEVEL * T + t) * (4 * plane), gtile, H, d_x, d_h, c_prev, mask,
-                    act, GATE_ACT, CAND_ACT, OP_COPY)  # fmt: skip
+    f = _gate_grads(
+        dA_ptr + (LEVEL * T + t) * (4 * plane),
+        op_ptr + LEVEL * (4 * plane),
+        gates_ptr + (LEVEL * T + t) * (4 * plane),
+        gtile,
+        H,
+        d_x,
+        d_h,
+        c_prev,
+        mask,
+        act,
+        GATE_ACT,
+        CAND_ACT,
+        OP_COPY,
+    )
     dc_old = tl.load(dc_ptr + LEVEL * plane + tile, mask=mask, other=0.0)
     tl.store(dc_ptr + LEVEL * plane + tile, tl.where(act, d_h * f, dc_old), mask=mask)

@@ -15,34 +15,22 @@ backward
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
 dtype as GEMM operands).
 
+Launch parameters (``TritonConfig``, chosen by ``pick_config``) are ``triton_configs.py``'s, the
+CUDA graphs the loops may run in ``triton_graphs.py``'s.
+
 cuBLAS GEMMs (``TritonConfig.cublas_gemms``): before each launch ``torch.mm`` computes the step's
 GEMM into a small buffer (``g``; ``g_h``, ``g_x`` backward) and the kernel adds it instead of running
 its own dot; in half precision the backward kernels also write the gate gradients in the input
 dtype (``dA_op``), the next GEMM's operand. Each call has two launch configurations
 (``_Launches``): one for a loop run in a CUDA graph, one for a loop launched directly
 (``pick_config``'s ``graphed``).
-
-CUDA graphs: a step loop can run as a captured CUDA graph, cached per shape; inputs are copied into
-the graph's static buffers and its outputs cloned out, so calls that share a graph (several layers,
-both directions) stay independent. ``TritonConfig(cuda_graph=...)`` or ``NESTRNN_TRITON_CUDA_GRAPH``
-(``1``, ``0``, ``auto``) decide; by default (``auto``) a loop is captured when its shapes repeat
-(the second call with the same key) and B * H is at most ``AUTO_GRAPH_MAX_BATCH_HIDDEN``, where
-graphs measured faster, while the cached static buffers fit in a share of the device's memory (and
-in half of what is free); a loop whose graph had to be evicted runs directly from then on.
-Inside another capture (a user's graph, ``torch.compile(mode="reduce-overhead")``) the loop runs
-directly, with the graph configuration, to be captured by that one.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import threading
-import warnings
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 import triton
@@ -51,7 +39,11 @@ from torch import Tensor
 from nestrnn.activations import activation_code
 from nestrnn.ops.common.levels import LevelActivations, LevelWeights
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
+from nestrnn.ops.nested_lstm.triton_configs import TritonConfig, cuda_graph_setting, pick_config
+from nestrnn.ops.nested_lstm.triton_graphs import clear_cuda_graphs, cuda_graph_count
+from nestrnn.ops.nested_lstm.triton_graphs import run as _run
 from nestrnn.ops.nested_lstm.triton_kernels import (
+    LAUNCH_ERRORS,
     bwd_inner_kernel,
     bwd_level_kernel,
     fwd_nested_kernel,
@@ -59,6 +51,7 @@ from nestrnn.ops.nested_lstm.triton_kernels import (
 )
 
 __all__ = [
+    "LAUNCH_ERRORS",
     "TritonConfig",
     "backward",
     "clear_cuda_graphs",
@@ -67,115 +60,6 @@ __all__ = [
     "forward",
     "pick_config",
 ]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class TritonConfig:
-    """Launch parameters of the kernels. ``None`` fields are chosen by ``pick_config``."""
-
-    block_b: int | None = None  # batch rows per program (power of two; >= 16 on a GPU)
-    block_h: int | None = None  # hidden units per program, all four gates of each (power of two)
-    block_k: int | None = None  # reduction chunk of the per-step GEMMs (power of two)
-    num_warps: int | None = None  # warps per program
-    cuda_graph: bool | None = None  # step loops as CUDA graphs (None: the env variable, else auto)
-    num_stages: int | None = None  # software-pipelining depth of the K loops (None: Triton's)
-    cublas_gemms: bool | None = None  # per-step GEMMs by cuBLAS, the kernels doing the rest
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def pick_config(
-    batch: int,
-    hidden: int,
-    config: TritonConfig | None = None,
-    dtype: torch.dtype = torch.float32,
-    graphed: bool = False,
-) -> TritonConfig:
-    """Fill in ``config``'s unset fields for a call with ``batch`` rows, ``hidden`` units and
-    operands in ``dtype``, for a step loop run in a CUDA graph (``graphed``) or launched directly
-    (no autotuning: it fails in the interpreter).
-
-    On a GPU from measurements (``_measured_blocks``); under the interpreter, where each program and
-    loop iteration costs Python time, blocks are made as large as allowed.
-    """
-    cfg = config or TritonConfig()
-    if _interpreting():
-        size = min(max(16, _pow2(hidden)), 64)
-        block_b = _batch_block(batch)
-        chosen = (block_b, size, size, 4 if block_b * size <= 512 else 8, None, False)
-    else:
-        chosen = _measured_blocks(batch, hidden, dtype, graphed)
-    given = (cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps, cfg.num_stages,
-             cfg.cublas_gemms)  # fmt: skip
-    block_b, block_h, block_k, num_warps, num_stages, cublas = cast(
-        Any, (mine if mine is not None else default for mine, default in zip(given, chosen))
-    )
-    for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
-    cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
-    return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, num_stages, cublas)
-
-
-def _batch_block(batch: int) -> int:
-    """Rows a program: the batch rounded up to a power of two, from 16 (tl.dot) to 64."""
-    return min(max(16, _pow2(batch)), 64)
-
-
-def _measured_blocks(batch: int, hidden: int, dtype: torch.dtype, graphed: bool) -> tuple:
-    """(block_b, block_h, block_k, num_warps, num_stages, cublas_gemms) on a GPU.
-
-    From the fastest of the candidates that benchmarks/tune_triton.py timed on an H200 at
-    (B, H) = (32, 256), (128, 512), (128, 1024), (256, 1024), (16, 768), depth 2, forward and
-    forward+backward (results/tune_triton_cuda*.md):
-
-    - in CUDA graphs the per-step GEMMs by cuBLAS took 0.66-0.96x the fused kernels' forward+
-      backward time in 16-bit and 0.41-0.62x in float32, forward 0.63-1.22x and 0.26-0.47x;
-    - launched directly, cuBLAS's extra launches cost more than they save (1.0-3.1x in 16-bit),
-      except in IEEE float32 from B * H = 128 * 1024 (0.26-0.30x forward, 0.46-0.48x forward+
-      backward), where the kernels' FMA dots are slowest;
-    - the fused kernels' blocks: 0.59-0.84x the time of the earlier fixed 16-unit, 32-deep blocks
-      in 16-bit from B = 64 and 0.53-0.61x in float32 from B = 32 (TF32 dots take the same,
-      unmeasured).
-
-    ``tl.dot`` needs every block dimension >= 16; these tiles compile for sm_90 without register
-    spills.
-    """
-    small = max(16, _pow2(hidden))  # no block wider than the hidden size needs
-    block_b = _batch_block(batch)
-    chosen: tuple[int, int, int, int, int | None]
-    if dtype == torch.float32:  # the fused kernels' FMA dots: small tiles, 4 warps
-        chosen = (16, 16, 64, 4, None) if batch <= 32 else (32, 32, 32, 4, None)
-        cublas = graphed or batch * hidden >= 128 * 1024
-    elif block_b == 16:
-        chosen, cublas = (16, 16, 64, 4, 4), graphed
-    elif block_b == 32:
-        chosen, cublas = (32, 16, 32, 4, None), graphed
-    elif graphed:  # pointwise tiles only
-        chosen, cublas = (32, 32, 32, 4, None), True
-    elif batch * hidden >= 256 * 1024:  # enough tiles to fill the GPU with wider ones
-        chosen, cublas = (64, 32, 128, 8, None), False
-    else:
-        chosen, cublas = (64, 16, 64, 4, None), False
-    block_b, block_h, block_k, num_warps, num_stages = chosen
-    return block_b, min(block_h, small), min(block_k, small), num_warps, num_stages, cublas
-
-
-_GRAPH_SETTINGS = {"1": True, "0": False, "auto": None, "": None}
-
-
-def cuda_graph_setting() -> bool | None:
-    """``NESTRNN_TRITON_CUDA_GRAPH``: True (always), False (never) or None (auto, the default)."""
-    value = os.environ.get("NESTRNN_TRITON_CUDA_GRAPH", "auto").strip().lower()
-    if value not in _GRAPH_SETTINGS:
-        raise ValueError(f"NESTRNN_TRITON_CUDA_GRAPH must be 1, 0 or auto, got {value!r}")
-    return _GRAPH_SETTINGS[value]
 
 
 def pack_codes(names: list[str]) -> int:
@@ -343,182 +227,6 @@ def _gemm_buffers(
     }
 
 
-class _Graphed:
-    """A step loop captured in a CUDA graph over static buffers (GPU only)."""
-
-    def __init__(self, loop, launch: _Launch, static: dict[str, Tensor]):
-        self.static = static
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up run: compiles the kernels outside the capture
-            loop(launch, static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (autograd's, say) do not void the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            loop(launch, static)
-
-    def __call__(self, inputs: dict[str, Tensor], fill=None) -> dict[str, Tensor]:
-        for name, value in inputs.items():
-            self.static[name].copy_(value)
-        if fill is not None:
-            fill(self.static)
-        self.graph.replay()
-        return self.static
-
-
-# Measured on an H200 (benchmarks/results/tune_triton_cuda.md, depth 2): against direct launches
-# (each with its configuration, see _measured_blocks) graphs cut the forward step 1.3-4.1x in 16-bit
-# and 1.9-3.8x in float32 up to (B, H) = (128, 512); in float32 at (128, 1024) and (256, 1024) they
-# were 2-4% slower, which one limit for every dtype accepts. Beyond (256, 1024) nothing was measured.
-AUTO_GRAPH_MAX_BATCH_HIDDEN = 256 * 1024
-AUTO_GRAPH_MEMORY_SHARE = 8  # auto graphs' static buffers take at most 1/8 of device memory
-_MAX_GRAPHS = 16
-_MAX_SEEN = 64
-
-_GRAPHS: OrderedDict[tuple, _Graphed] = OrderedDict()  # least recently used first
-_SEEN: OrderedDict[tuple, None] = OrderedDict()  # keys run once without a graph (auto mode)
-_EVICTED: OrderedDict[tuple, None] = OrderedDict()  # keys whose graph was evicted: not recaptured
-_LOCK = threading.Lock()
-_auto_failure: str | None = None  # why an automatic capture failed (none is tried again)
-
-
-def cuda_graph_count() -> int:
-    """How many captured step loops are cached."""
-    return len(_GRAPHS)
-
-
-def clear_cuda_graphs() -> None:
-    """Release every cached CUDA graph and its static buffers; shapes must repeat again to be
-    captured anew."""
-    with _LOCK:
-        _GRAPHS.clear()
-        _SEEN.clear()
-        _EVICTED.clear()
-
-
-def _capture_stream(bufs: dict[str, Tensor]) -> torch.cuda.Stream | None:
-    """The current CUDA stream of the buffers' device; None where no graph can be captured (not
-    CUDA, or inside another capture, which then records the loop's launches itself)."""
-    device = bufs["gates"].device
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return None
-    return torch.cuda.current_stream(device)
-
-
-def _graph_budget(device: torch.device) -> int:
-    """Bytes that automatic graphs' static buffers may hold together: a share of the device's
-    memory, and of what is free now at most half."""
-    held = sum(_nbytes(g.static) for g in _GRAPHS.values())
-    free = torch.cuda.mem_get_info(device)[0]
-    share = torch.cuda.get_device_properties(device).total_memory // AUTO_GRAPH_MEMORY_SHARE
-    return min(share, held + free // 2)
-
-
-def _nbytes(bufs: dict[str, Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in bufs.values())
-
-
-def _graph_for(loop, launch: _Launch, bufs: dict[str, Tensor], fill, write_only) -> _Graphed | None:
-    """The cached graph of this call's key, or one captured now, or None: run directly."""
-    stream = _capture_stream(bufs)
-    if stream is None or launch.cfg.cuda_graph is False:
-        return None
-    auto = launch.cfg.cuda_graph is None
-    device = bufs["gates"].device
-    key = (loop.__name__, device, stream, launch,
-           *((name, tuple(v.shape), v.dtype) for name, v in sorted(bufs.items())))  # fmt: skip
-    with _LOCK:
-        if key in _GRAPHS:
-            _GRAPHS.move_to_end(key)
-            return _GRAPHS[key]
-        if auto and not _auto_captures_now(key, launch, _nbytes(bufs), device):
-            return None
-        static = {name: torch.zeros_like(v) for name, v in bufs.items()}
-        for name, v in bufs.items():
-            if name not in write_only:
-                static[name].copy_(v)
-        fill(static)
-        try:
-            graphed = _Graphed(loop, launch, static)
-        except Exception as err:
-            if not auto:
-                raise
-            _give_up_automatic_graphs(f"{type(err).__name__}: {err}")
-            return None
-        _SEEN.pop(key, None)
-        _GRAPHS[key] = graphed
-        while len(_GRAPHS) > _MAX_GRAPHS:
-            _evict_oldest()
-        return graphed
-
-
-def _auto_captures_now(key: tuple, launch: _Launch, size: int, device: torch.device) -> bool:
-    """Whether auto mode captures this loop now (``size``: bytes of its static buffers): not at a
-    key's first sighting, nor where graphs measured no faster; least recently used graphs are
-    evicted to keep within the memory budget."""
-    if _auto_failure or launch.batch * launch.hidden > AUTO_GRAPH_MAX_BATCH_HIDDEN:
-        return False
-    if key in _EVICTED:  # more loops alternate than fit: capturing again would thrash
-        return False
-    if key not in _SEEN:  # shapes that never repeat are not captured
-        _SEEN[key] = None
-        while len(_SEEN) > _MAX_SEEN:
-            _SEEN.popitem(last=False)
-        return False
-    budget = _graph_budget(device)
-    if size > budget:
-        return False
-    while _GRAPHS and size + sum(_nbytes(g.static) for g in _GRAPHS.values()) > budget:
-        _evict_oldest()
-    return True
-
-
-def _evict_oldest() -> None:
-    """Drop the least recently used graph; auto mode does not capture its key again."""
-    key, _ = _GRAPHS.popitem(last=False)
-    _EVICTED[key] = None
-    while len(_EVICTED) > _MAX_SEEN:
-        _EVICTED.popitem(last=False)
-
-
-def _give_up_automatic_graphs(reason: str) -> None:
-    global _auto_failure
-    _auto_failure = reason
-    warnings.warn(
-        f"nestrnn: capturing a CUDA graph failed ({reason}); the Triton step loops run without "
-        "graphs from now on", RuntimeWarning, stacklevel=3,
-    )  # fmt: skip
-
-
-def _run(
-    loop,
-    launches: _Launches,
-    bufs: dict[str, Tensor],
-    outputs: tuple[str, ...],
-    fill: Callable[[dict[str, Tensor]], None],
-    write_only: tuple[str, ...],
-) -> dict[str, Tensor]:
-    """Run a step loop directly, or through a CUDA graph (see the module docstring), with the
-    launch parameters chosen for each (``launches``).
-
-    ``bufs`` holds every tensor the loop touches; ``fill(bufs)`` writes values into parts of buffers
-    (the initial state slots). In graph mode every buffer not named in ``write_only`` (what the
-    loop only writes, or what ``fill`` writes) is copied into the graph's static twin, ``fill`` is
-    applied to the static buffers, and ``outputs`` are cloned out (the static buffers are reused
-    by the next call). A buffer read and written, like the gates that come in holding the input
-    projection, is both copied in and cloned out.
-    """
-    graphed = _graph_for(loop, launches.graphed, bufs, fill, write_only)
-    if graphed is None:
-        fill(bufs)
-        capturing = bufs["gates"].is_cuda and torch.cuda.is_current_stream_capturing()
-        loop(launches.graphed if capturing else launches.direct, bufs)  # in another's capture
-        return bufs
-    static = graphed({name: v for name, v in bufs.items() if name not in write_only}, fill)
-    return {**bufs, **{name: static[name].clone() for name in outputs}}
-
-
 # ---------------------------------------------------------------------------------------------------
 # the implementation's two phases
 
@@ -570,15 +278,14 @@ def _launches(
     batch_sizes: Tensor | None,
     reverse: bool,
     activations: tuple[LevelActivations, ...],
-    config: TritonConfig | None,
 ) -> _Launches:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
     has_bias = any(lw.bias_ih is not None or lw.bias_hh is not None for lw in levels[1:])
     direct = _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
-                     batch_sizes is not None, has_bias, pick_config(batch, hidden, config, x.dtype),
+                     batch_sizes is not None, has_bias, pick_config(batch, hidden, None, x.dtype),
                      _dot_precision(x.dtype), x.dtype)  # fmt: skip
-    graphed_cfg = pick_config(batch, hidden, config, x.dtype, graphed=True)
+    graphed_cfg = pick_config(batch, hidden, None, x.dtype, graphed=True)
     return _Launches(direct, replace(direct, cfg=graphed_cfg))
 
 
@@ -597,10 +304,9 @@ def forward(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     save: bool,
-    config: TritonConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
     """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``."""
-    launches = _launches(x, levels, batch_sizes, reverse, activations, config)
+    launches = _launches(x, levels, batch_sizes, reverse, activations)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
@@ -646,10 +352,9 @@ def backward(
     d_out: Tensor,
     d_hn: Tensor,
     d_cn: Tensor,
-    config: TritonConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0."""
-    launches = _launches(d_out, levels, batch_sizes, reverse, activations, config)
+    launches = _launches(d_out, levels, batch_sizes, reverse, activations)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     bufs = {
