@@ -19,7 +19,7 @@ from typing import Any
 
 from nestrnn.errors import UserError, one_line
 
-COMMANDS = ("train", "eval", "sample", "tasks", "memories", "plugins", "viz", "plot")
+COMMANDS = ("train", "eval", "sample", "tasks", "memories", "plugins", "viz", "plot", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
