@@ -47,3 +47,15 @@ def test_a_layer_imports_no_task_config_or_training_code():
     after_layer, after_task_lookup = run_python(code).splitlines()
     assert after_layer == "[]"
     assert "'nestrnn.tasks'" in after_task_lookup and "'omegaconf'" in after_task_lookup
+
+
+def test_train_does_not_import_optuna():
+    """Only ``nestrnn sweep`` needs optuna (an optional extra): training never imports it."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from nestrnn.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['train', '--print-config']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'sqlalchemy')))\n"
+    )
+    assert run_python(code).strip() == "[]"
