@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -93,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     study = worker.make_study(spec, url, name)
     if args.worker or args.workers == 1:
         worker.work(spec, study, sweep_dir, threads)
-    else:
-        _spawn(args, sweep_dir, threads)
+    else:  # this process is one of the workers
+        _spawn(args, sweep_dir, threads, lambda: worker.work(spec, study, sweep_dir, threads))
     if not args.worker:
         report.finish(spec, study, sweep_dir)
     return 0
@@ -117,8 +118,11 @@ def _prepare(sweep_dir: Path, resolved: dict) -> None:
     saved.write_text(text, encoding="utf-8")
 
 
-def _spawn(args: argparse.Namespace, sweep_dir: Path, threads: int) -> None:
-    """``--workers N``: N worker processes of this command; each stops with this one."""
+def _spawn(
+    args: argparse.Namespace, sweep_dir: Path, threads: int, work: Callable[[], None]
+) -> None:
+    """``--workers N``: this process works beside N - 1 worker processes of this command (each
+    stops with this one)."""
     from nestrnn.engine.parent_death import libc_prctl, terminate_with_parent
 
     argv = [sys.executable, "-m", "nestrnn", "sweep", args.spec, *args.overrides, "--worker",
@@ -129,12 +133,14 @@ def _spawn(args: argparse.Namespace, sweep_dir: Path, threads: int) -> None:
             argv += [flag, str(value)]
     parent, prctl = os.getpid(), libc_prctl()
     workers = [subprocess.Popen(argv, preexec_fn=lambda: terminate_with_parent(prctl, parent))
-               for _ in range(args.workers)]  # fmt: skip
+               for _ in range(args.workers - 1)]  # fmt: skip
     try:
+        work()
         codes = [w.wait() for w in workers]
-    except KeyboardInterrupt:
+    except BaseException as error:  # Ctrl-C reaches them too; otherwise they stop here
         for w in workers:
-            w.send_signal(signal.SIGINT)
+            if not isinstance(error, KeyboardInterrupt):
+                w.send_signal(signal.SIGTERM)
         for w in workers:
             w.wait()
         raise

@@ -155,6 +155,11 @@ def load_spec(path: str | Path, cli_overrides: list[str], trials: int | None = N
         raise _fail(path, "space", "needs at least one KEY: distribution")
     params: list[Param] = []
     memories: dict[str, dict[str, Any]] = {}
+    if MEMORY_KEY in space:
+        clash = [k for k in space if k in ("model.family", "model.memory", "model.depth")]
+        if clash:
+            raise _fail(path, f"space.{clash[0]}", "the memory search space sets it already; "
+                        "give it in a memory choice instead")  # fmt: skip
     for key, dist in space.items():
         where = f"space.{key}"
         if key == MEMORY_KEY:

@@ -53,13 +53,11 @@ class RunFailed(Exception):
 def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """The study's storage, with heartbeats so that a dead worker's trial is retried."""
     kwargs: dict[str, Any] = {}
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    if retry is not None:  # optuna >= 4.9
-        kwargs["heartbeat_stale_trial_callback"] = retry(inherit_intermediate_values=True)
+    # a retry reports the resumed run's records again from its first epoch: nothing inherited
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+        kwargs["heartbeat_stale_trial_callback"] = retry_callback()
     else:
-        kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(
-            inherit_intermediate_values=True
-        )
+        kwargs["failed_trial_callback"] = retry_callback()
     if url.startswith("sqlite"):  # several writers: wait for the lock instead of failing at once
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
@@ -125,9 +123,15 @@ def work(spec: Spec, study: optuna.Study, sweep_dir: Path, threads: int) -> None
     """Run trials until ``spec.trials`` are done and no other worker's trial is running."""
     lock = _Lock(sweep_dir)
 
+    interrupted: list[int] = []
+
     def run(trial: optuna.Trial) -> float:
         lock.release()  # the trial exists (RUNNING): others may now decide
-        return objective(spec, trial, sweep_dir, threads)
+        try:
+            return objective(spec, trial, sweep_dir, threads)
+        except KeyboardInterrupt:
+            interrupted.append(trial.number)
+            raise
 
     try:
         while True:
@@ -140,7 +144,14 @@ def work(spec: Spec, study: optuna.Study, sweep_dir: Path, threads: int) -> None
                 if (optuna.trial.TrialState.WAITING in states
                         or sum(map(counted, trials)) + states.count(
                             optuna.trial.TrialState.RUNNING) < spec.trials):  # fmt: skip
-                    study.optimize(run, n_trials=1, catch=(RunFailed,))
+                    try:
+                        study.optimize(run, n_trials=1, catch=(RunFailed,))
+                    except KeyboardInterrupt:  # Optuna failed the trial: queue it again, so
+                        # that the next `nestrnn sweep` resumes its run directories
+                        for trial in study.get_trials(deepcopy=False):
+                            if trial.number in interrupted:
+                                retry_callback()(study, trial)
+                        raise
                     continue
             finally:
                 lock.release()
@@ -149,6 +160,12 @@ def work(spec: Spec, study: optuna.Study, sweep_dir: Path, threads: int) -> None
             time.sleep(1.0)  # others' trials: wait for them to finish, or to go stale and retry
     finally:
         lock.handle.close()
+
+
+def retry_callback() -> Any:
+    """Optuna's callback that queues a failed trial again with its parameters and attributes."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    return retry() if retry is not None else optuna.storages.RetryFailedTrialCallback()
 
 
 def sample(spec: Spec, trial: optuna.Trial) -> dict[str, Any]:
@@ -210,6 +227,10 @@ def run_seed(spec: Spec, trial: optuna.Trial, report: bool, run_dir: Path, confi
         if pruned:
             trial.set_user_attr("pruned", f"at epoch {pruned} ({run_dir.name})")
             raise optuna.TrialPruned(f"pruned at epoch {pruned}")
+        if process.returncode in (128 + signal.SIGHUP, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+            # stopped by a signal (Ctrl-C reaches the run and its worker): it saved last.pt;
+            # the trial is queued again, and the next `nestrnn sweep` resumes it
+            raise KeyboardInterrupt
         if process.returncode != 0:
             reason = _failure(run_dir, log_file, process.returncode)
             trial.set_user_attr("fail_reason", reason)
