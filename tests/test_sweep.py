@@ -56,6 +56,11 @@ def records(run_dir: Path) -> list[dict]:
         ({"optim.lr": {"float": [0.001, 0.01]}}, {"sampler": "bayes"}, "sampler: must be one of"),
         ({"memory": {"memories": ["nested", "nope"]}}, {}, "space.memory.memories[1]:"),
         ({"memory": {"memories": [{"name": "additive", "depth": 3}]}}, {}, "takes no depth"),
+        ({"memory": "all", "model.depth": {"int": [2, 3]}}, {}, "space.model.depth: the memory"),
+        ({"memory": {"memories": [{"name": "nested", "cell_activation": "tanhh"}]}}, {},
+         "space.memory.memories[0]:"),
+        ({"optim.lr": {"float": [0.001, 0.01]}}, {"pruner": {"name": "median", "warmup": 1}},
+         "pruner: median:"),
     ],
 )  # fmt: skip
 def test_spec_errors_are_one_line_and_write_nothing(tmp_path, capsys, space, extra, message):
@@ -74,6 +79,11 @@ def test_memory_all_expands_to_every_memory_at_depths_2_and_3(tmp_path):
     assert {"nested-d2", "nested-d3", "additive"} <= set(spec.memories)
     assert "triton_nested-d2" not in spec.memories  # another name for nested
     assert spec.memories["nested-d3"]["model.depth"] == 3
+    choices = [{"name": "nested", "depth": 3, "cell_activation": "softsign"}, "lstm"]
+    spec = load_spec(write_spec(tmp_path / "s.yaml", space={"memory": {"memories": choices}}), [])
+    config = spec.config({"memory": "nested-d3-cell_activation=softsign"}, seed=1, threads=1)
+    assert config.model.memory == {"name": "nested", "cell_activation": "softsign", "depth": 3}
+    assert spec.config({"memory": "lstm"}, seed=1, threads=1).model.family == "lstm"
 
 
 @pytest.mark.slow

@@ -64,6 +64,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--study", metavar="NAME", help="the study's name (default: the sweep directory's name)"
     )
     parser.add_argument("--trials", type=int, metavar="N", help="override the spec's trials")
+    parser.add_argument(
+        "--status", action="store_true",
+        help="print the table of trials and the best one (and write best.yaml); train nothing",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -89,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     url = args.storage or f"sqlite:///{sweep_dir / 'study.db'}"
     name = args.study or sweep_dir.resolve().name
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // args.workers)
+    if args.status:
+        if args.storage is None and not (sweep_dir / "study.db").is_file():
+            raise UserError(f"{sweep_dir} holds no sweep (no study.db)")
+        report.finish(spec, worker.make_study(spec, url, name), sweep_dir)
+        return 0
     if not args.worker:
         _prepare(sweep_dir, spec.resolved())
     study = worker.make_study(spec, url, name)
