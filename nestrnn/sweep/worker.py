@@ -35,7 +35,7 @@ from nestrnn.sweep.spec import Spec
 
 # heartbeats and their retries are marked experimental; the sweep relies on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # the table says why a trial failed
 
 TRIALS = "trials"
 CONFIGS = "configs"
