@@ -89,9 +89,11 @@ def make_study(spec: Spec, url: str, name: str) -> optuna.Study:
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial that used up one of the spec's ``trials``: finished, pruned or diverged."""
+    """A trial that used up one of the spec's ``trials``: finished, pruned, or failed with a
+    reason (diverged, or a run that failed: a fault that fails every run ends the sweep). A
+    trial whose worker died or was stopped is retried instead."""
     return trial.state in COUNTED or (
-        trial.state == optuna.trial.TrialState.FAIL and "diverged" in trial.user_attrs
+        trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs
     )
 
 
