@@ -72,6 +72,13 @@ def test_spec_errors_are_one_line_and_write_nothing(tmp_path, capsys, space, ext
     assert not (tmp_path / "out").exists()
 
 
+def test_overrides_may_come_before_the_spec(tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", space={"optim.lr": {"float": [1e-3, 1e-2]}})
+    argv = ["sweep", "train.epochs=oops", "--dir", str(tmp_path / "out"), str(spec)]
+    assert main(argv) == 2
+    assert "config key 'train.epochs' must be an integer" in capsys.readouterr().err
+
+
 def test_memory_all_expands_to_every_memory_at_depths_2_and_3(tmp_path):
     from nestrnn.sweep.spec import load_spec
 

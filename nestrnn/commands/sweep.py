@@ -82,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
     from nestrnn.sweep import report, worker
     from nestrnn.sweep.spec import load_spec
 
+    if "=" in args.spec and not Path(args.spec).exists():  # KEY=VALUE before the spec
+        positional = [args.spec, *args.overrides]
+        specs = [a for a in positional if "=" not in a or Path(a).exists()]
+        if len(specs) != 1:
+            raise UserError(f"give one SPEC.yaml (and KEY=VALUE overrides), got {positional}")
+        args.spec, args.overrides = specs[0], [a for a in positional if a != specs[0]]
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.threads_per_worker is not None and args.threads_per_worker < 1:
