@@ -120,7 +120,7 @@ def test_two_workers_two_trials_two_seeds(tmp_path):
 def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_directory(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", space={"optim.lr": {"choice": [0.005]}},
                       trials=1, heartbeat_s=1,
-                      overrides={"train.epochs": 300, "train.steps_per_epoch": 1})  # fmt: skip
+                      overrides={"train.epochs": 150, "train.steps_per_epoch": 1})  # fmt: skip
     out = tmp_path / "sw"
     run = out / "trials" / "0000-seed0"
     worker = subprocess.Popen([sys.executable, "-m", "nestrnn", "sweep", str(spec), "--dir",
@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_directory(tmp_path
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000-seed0"]
     assert "resuming at epoch" in (out / "logs" / "0000-seed0.log").read_text()
     epochs = [r["epoch"] for r in records(run) if r["event"] == "epoch"]
-    assert epochs == list(range(1, 301))  # every epoch once: resumed, not trained again
+    assert epochs == list(range(1, 151))  # every epoch once: resumed, not trained again
 
 
 @pytest.mark.slow
