@@ -19,7 +19,18 @@ from typing import Any
 
 from nestrnn.errors import UserError, one_line
 
-COMMANDS = ("train", "eval", "sample", "tasks", "memories", "plugins", "viz", "plot", "compare")
+COMMANDS = (
+    "train",
+    "eval",
+    "sample",
+    "tasks",
+    "memories",
+    "plugins",
+    "viz",
+    "plot",
+    "sweep",
+    "compare",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

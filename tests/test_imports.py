@@ -49,16 +49,20 @@ def test_a_layer_imports_no_task_config_or_training_code():
     assert "'nestrnn.tasks'" in after_task_lookup and "'omegaconf'" in after_task_lookup
 
 
-def test_a_training_run_imports_no_tensorboard_unless_asked(tmp_path):
-    """TensorBoard (seconds to import) loads only with log.tensorboard=true."""
+def test_a_training_run_imports_no_optional_extra_unless_asked(tmp_path):
+    """TensorBoard (seconds to import) loads only with log.tensorboard=true; optuna, SQLAlchemy
+    and scipy only for ``nestrnn sweep`` and ``nestrnn compare``."""
     code = (
         "import sys\n"
+        "from nestrnn.cli import build_parser\n"
         "from nestrnn.config import load_config\n"
         "from nestrnn.engine.trainer import Trainer\n"
+        "build_parser()\n"
         "config = load_config([], ['task.length=5', 'task.valid_size=8', 'task.test_size=8',\n"
         "    'model.hidden_size=4', 'train.batch_size=4', 'train.epochs=1',\n"
         "    'train.steps_per_epoch=2', 'train.progress=false'])\n"
         f"Trainer(config, {str(tmp_path / 'run')!r}, echo=None).fit()\n"
-        "print(sorted(m for m in sys.modules if 'tensorboard' in m))\n"
+        "extras = ('tensorboard', 'optuna', 'sqlalchemy', 'scipy')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in extras))\n"
     )
     assert run_python(code).strip() == "[]"

@@ -16,8 +16,17 @@ from nestrnn.engine import rundir as rd
 from nestrnn.engine.trainer import Trainer
 
 #: a tiny adding-problem run: 2 epochs of 4 steps, a record every 2 steps
-SMALL = [*TINY, "task.name=adding", "task.length=8", "task.valid_size=16", "task.test_size=16",
-         "train.batch_size=8", "train.epochs=2", "train.steps_per_epoch=4", "train.log_every=2"]  # fmt: skip
+SMALL = [
+    *TINY,
+    "task.name=adding",
+    "task.length=8",
+    "task.valid_size=16",
+    "task.test_size=16",
+    "train.batch_size=8",
+    "train.epochs=2",
+    "train.steps_per_epoch=4",
+    "train.log_every=2",
+]
 
 
 def tiny_config(*extra: str):
@@ -101,8 +110,9 @@ def test_tensorboard_missing_is_one_line_error_before_training(tmp_path: Path) -
     run_dir = tmp_path / "run"
     result = run_cli(
         ["train", *SMALL, "log.tensorboard=true", "--run-dir", str(run_dir)],
-        tmp_path, {"PYTHONPATH": str(hide)},
-    )  # fmt: skip
+        tmp_path,
+        {"PYTHONPATH": str(hide)},
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "nestrnn train: error: log.tensorboard=true needs the tensorboard package: "
@@ -191,8 +201,10 @@ def test_plugin_loggers_are_listed_and_unknown_names_refused(
 ) -> None:
     code, out, _ = main_cli(["plugins"], capsys)
     assert code == 0 and "    logger: broken, recorder" in out.splitlines()
-    with pytest.raises(ConfigError, match="log.loggers: unknown logger 'wandb'; known logger "
-                       "names: broken, recorder"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match="log.loggers: unknown logger 'wandb'; known logger names: broken, recorder",
+    ):
         Trainer(tiny_config("log.loggers=[wandb]"), tmp_path / "run", echo=None)
     assert not (tmp_path / "run").exists()
 
