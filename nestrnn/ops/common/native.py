@@ -38,6 +38,7 @@ from nestrnn.ops.common.build_cache import NativeStatus
 
 __all__ = [
     "ABI_VERSION",
+    "HEADER",
     "Args",
     "Kernel",
     "Matrix",
@@ -49,13 +50,23 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 7  # NLSTM_ABI_VERSION in cpu_kernel.c
-_SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
+ABI_VERSION = 7  # NLSTM_ABI_VERSION in nlstm_kernel.h (tests/test_native_header.py checks it)
+#: the kernel's interface: what this module mirrors in ctypes (tests/test_native_header.py checks
+#: the mirror against it)
+HEADER = Path(__file__).parent / "nlstm_kernel.h"
+#: every file of the build, all in its cache key
+_SOURCES = (
+    "cpu_kernel.c",
+    "nlstm_kernel.h",
+    "cpu_kernel_parts.h",
+    "cpu_kernel_sequence.h",
+    "cpu_kernel_steps.h",
+)
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
 
 class Args(ctypes.Structure):
-    """Mirror of ``nlstm_args`` in cpu_kernel.c, checked against the library on load."""
+    """Mirror of ``nlstm_args`` in nlstm_kernel.h, checked against the library on load."""
 
     _fields_ = [
         ("steps", ctypes.c_int64),
@@ -186,7 +197,7 @@ class Matrix:
 
 #: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
 #: rows, H, activation codes, then pointers; the input size where the steps' GEMMs take the input
-#: too (see cpu_kernel_loops.h)
+#: too (their prototypes are in nlstm_kernel.h)
 _STEP_ARGTYPES = {
     "outer_gates": [_I64, _I64, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 8],
     "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 10, _I64, _PTR, _PTR],
