@@ -84,14 +84,15 @@ int nlstm_abi_version(void);
 /* "name:offset,..." of every field of nlstm_args and "size:<sizeof>" */
 const char *nlstm_args_layout(void);
 
-/* The sequence loops (nlstm_loops.h): forward over all steps; the backward's reverse loop gives
- * the gate gradients of every step and the gradients of h0 and c0, from a forward with save. */
+/* The sequence loops (cpu_kernel_sequence.h): the forward over all steps; the backward's reverse
+ * loop gives the gate gradients of every step and the gradients of h0 and c0, after a forward
+ * with save. */
 int nlstm_forward_f32(const nlstm_args *a);
 int nlstm_backward_f32(const nlstm_args *a);
 int nlstm_forward_f64(const nlstm_args *a);
 int nlstm_backward_f64(const nlstm_args *a);
 
-/* The outer steps (nlstm_outer_steps.h): one step of the outer LSTM around a memory function
+/* The outer steps (cpu_kernel_steps.h): one step of the outer LSTM around a memory function
  * written in Python. A GEMM operand kept across calls (W^T when transposed), packed where MKL's
  * packed GEMM is there, for products with full_n rows; NULL when the sizes are out of range. */
 void *nlstm_matrix_new_f32(const float *w, int32_t transposed, int64_t m, int64_t k,
