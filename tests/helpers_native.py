@@ -1,24 +1,63 @@
-"""What the tests of native code share."""
+"""What the tests of native code share: the one convention for what they need (a compiler, a
+built library), and a reader of the kernel's C header.
+
+Native code must build in CI (``NESTRNN_REQUIRE_NATIVE=1``, set by .ci/run): there a test whose
+compiler or library is missing FAILS, saying what is missing; elsewhere it is skipped. Every
+native test states its needs through ``require``, ``require_program`` or ``needs_program``,
+never through a plain ``pytest.skip`` or ``skipif``.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 
 from nestrnn.ops.common.build_cache import NativeStatus
 
+Test = TypeVar("Test", bound=Callable[..., object])
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test for ``reason``, or fail it where native code must run
+    (``NESTRNN_REQUIRE_NATIVE=1``)."""
+    if os.environ.get("NESTRNN_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"{reason} (NESTRNN_REQUIRE_NATIVE=1: it must be here)")
+    pytest.skip(reason)
+
 
 def require(found: NativeStatus, what: str) -> None:
-    """Skip where a native library cannot be built, except where it must be
-    (``NESTRNN_REQUIRE_NATIVE=1``, set by CI): there its absence fails the test."""
+    """Go on only where the native library ``what`` is available (see ``unavailable``)."""
     if not found.available:
-        reason = f"{what} unavailable: {found.reason}"
-        if os.environ.get("NESTRNN_REQUIRE_NATIVE") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"{what} unavailable: {found.reason}")
+
+
+def require_program(program: str | None, what: str) -> str:
+    """``program``'s path (a name looked up on PATH), where it is found (see ``unavailable``)."""
+    path = shutil.which(program) if program else None
+    if path is None:
+        unavailable(f"no {what} ({program or 'none given'})")
+    return path
+
+
+def needs_program(program: str, what: str) -> Callable[[Test], Test]:
+    """Decorate a test that needs ``program`` (say ``cc``): ``require_program`` before it runs."""
+
+    def decorate(test: Test) -> Test:
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            require_program(program, what)
+            return test(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return decorate
 
 
 # ----------------------------------------------------------------------------- the C header
