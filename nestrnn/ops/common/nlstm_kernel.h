@@ -36,7 +36,7 @@ extern "C" {
 #define NLSTM_ABI_VERSION 7
 #define NLSTM_EINVAL 1 /* an argument is out of range */
 
-/* The activations by code: nestrnn.activations.ACTIVATIONS in the same order (checked by
+/* The activations by code: the codes of nestrnn.activations.ACTIVATION_TABLE (checked by
  * tests/test_native_header.py). */
 enum nlstm_activation {
     NLSTM_ACT_SIGMOID = 0,
