@@ -4,11 +4,17 @@ Modules store activation *names* and look the function up when they run: a pickl
 holds only strings, and loads with ``torch.load(weights_only=True)``. Every activation here can
 be differentiated from its output alone (``output_derivative``), which is what lets the fused
 time loops save activated values only.
+
+``ACTIVATION_TABLE`` is the one table of them: name, code, function and derivative. The native
+kernels and the Triton kernels know an activation by its code (nlstm_kernel.h's enum
+``nlstm_activation`` has the same codes); tests/test_activations.py checks every implementation
+of every activation against this table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +25,29 @@ def identity(x: Tensor) -> Tensor:
     return x
 
 
-#: name -> function; the order is fixed: the native kernels know an activation by its index here
+@dataclass(frozen=True)
+class Activation:
+    """One activation: its ``code`` in the native and Triton kernels, ``function``, and
+    ``derivative``, d function(x) / dx written in terms of the output ``y = function(x)``."""
+
+    code: int
+    function: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor], Tensor]
+
+
+#: name -> Activation, codes 0, 1, ... in this order
+ACTIVATION_TABLE: dict[str, Activation] = {
+    "sigmoid": Activation(0, torch.sigmoid, lambda y: y * (1 - y)),
+    "tanh": Activation(1, torch.tanh, lambda y: 1 - y * y),
+    "identity": Activation(2, identity, torch.ones_like),
+    "relu": Activation(3, torch.relu, lambda y: (y > 0).to(y.dtype)),
+    "hardtanh": Activation(4, F.hardtanh, lambda y: ((y > -1) & (y < 1)).to(y.dtype)),
+    "softsign": Activation(5, F.softsign, lambda y: (1 - y.abs()).square()),
+}
+
+#: name -> function
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "identity": identity,
-    "relu": torch.relu,
-    "hardtanh": F.hardtanh,
-    "softsign": F.softsign,
+    name: activation.function for name, activation in ACTIVATION_TABLE.items()
 }
 
 
@@ -43,22 +64,13 @@ def check_activation(name: object, argument: str = "activation") -> None:
 
 
 def activation_code(name: str) -> int:
-    """The index of an activation, as the native kernels know it."""
-    return list(ACTIVATIONS).index(name)
+    """The code of an activation, as the native and Triton kernels know it."""
+    check_activation(name)
+    return ACTIVATION_TABLE[name].code
 
 
 def output_derivative(name: str, y: Tensor) -> Tensor:
     """d act(x) / dx written in terms of the output ``y = act(x)``."""
-    if name == "sigmoid":
-        return y * (1 - y)
-    if name == "tanh":
-        return 1 - y * y
-    if name == "identity":
-        return torch.ones_like(y)
-    if name == "relu":
-        return (y > 0).to(y.dtype)
-    if name == "hardtanh":
-        return ((y > -1) & (y < 1)).to(y.dtype)
-    if name == "softsign":
-        return (1 - y.abs()).square()
-    raise ValueError(f"unknown activation {name!r}")
+    if name not in ACTIVATION_TABLE:
+        raise ValueError(f"unknown activation {name!r}")
+    return ACTIVATION_TABLE[name].derivative(y)

@@ -22,7 +22,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers_native import require
+from helpers_native import require, unavailable
 from test_native import CHECK_OP, needs_compiler
 from test_native_nodes import CHECK_GENERIC_PATH
 
@@ -78,7 +78,7 @@ def built_kernel(tmp_path_factory) -> bytes:
     try:
         return native.build().read_bytes()
     except RuntimeError as err:
-        pytest.skip(f"the CPU kernel cannot be built here: {err}")
+        unavailable(f"the CPU kernel cannot be built here: {err}")
     finally:
         if previous is None:
             del os.environ["NESTRNN_CACHE_DIR"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_native import needs_program, require
 
 from nestrnn.ops.common import native
 
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+#: tests that compile libraries of their own with ``cc``
+needs_compiler = needs_program("cc", "C compiler")
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -58,8 +59,7 @@ CHECK_OP = """
 
 
 def require_kernel() -> None:
-    if not native.status().available:
-        pytest.skip(f"CPU kernel unavailable: {native.status().reason}")
+    require(native.status(), "CPU kernel")
 
 
 def test_build_is_cached(tmp_path, monkeypatch):
@@ -217,3 +217,29 @@ def test_kernel_errors_are_raised_not_ignored():
     with pytest.raises(RuntimeError, match="rejected its arguments"):
         native.kernel().forward(torch.float64, args)
     assert ctypes.sizeof(args) == int(native.args_layout().rsplit("size:", 1)[1])
+
+
+def test_where_native_code_must_run_a_missing_compiler_fails_its_tests(tmp_path):
+    """Under CI's ``NESTRNN_REQUIRE_NATIVE=1`` a test that needs the kernel, or a compiler of its
+    own, fails where the compiler is missing (here: an empty PATH), rather than skipping."""
+    tests = Path(__file__).parent
+    chosen = [
+        "test_native.py::test_build_is_cached",
+        "test_native.py::test_a_library_of_another_version_or_without_entry_points_is_rebuilt",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *chosen],
+        capture_output=True,
+        text=True,
+        cwd=tests,
+        env={
+            **os.environ,
+            "PATH": str(tmp_path),
+            "CC": "",
+            "NESTRNN_CACHE_DIR": str(tmp_path / "cache"),
+            "NESTRNN_REQUIRE_NATIVE": "1",
+        },
+        timeout=300,
+    )
+    assert "3 failed" in done.stdout, done.stdout[-3000:]
+    assert "NESTRNN_REQUIRE_NATIVE=1: it must be here" in done.stdout

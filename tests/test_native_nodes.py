@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers_native import require
-from test_native import compile_library, run_python
+from helpers_native import needs_program, require
+from test_native import compile_library, needs_compiler, run_python
 
 from nestrnn.ops.common.build_cache import Untrusted
 from nestrnn.ops.outer_lstm import native_nodes
@@ -58,7 +58,7 @@ def test_available_where_required():
     assert found.library is not None and found.library.parent.is_dir()
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (for the CPU kernel)")
+@needs_program("cc", "C compiler (for the CPU kernel)")
 def test_without_a_cpp_compiler_the_python_nodes_run_and_it_says_why(tmp_path):
     done = run_python(CHECK_GENERIC_PATH, CXX="false", NESTRNN_CACHE_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr
@@ -109,7 +109,7 @@ def test_files_that_are_not_ours_or_are_broken_are_never_imported(tmp_path, monk
         native_nodes._open_trusted(path)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@needs_compiler
 def test_a_library_others_can_write_never_runs(tmp_path, monkeypatch):
     """A group-writable file where the build would be may have been planted: its constructor
     never runs."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_native import require_program
 
 import nestrnn
 from nestrnn.export import library_path
@@ -34,11 +35,9 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-pytestmark = pytest.mark.skipif(_compiler() is None, reason="needs a C++ compiler")
-
-
 @pytest.fixture(scope="module")
 def library() -> Path:
+    require_program(_compiler(), "C++ compiler")
     return library_path()
 
 

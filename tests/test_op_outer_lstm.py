@@ -21,9 +21,11 @@ from nestrnn.ops.common import native
 from nestrnn.ops.nested_lstm import LevelWeights
 from nestrnn.ops.outer_lstm import native_nodes, outer_lstm, outer_lstm_naive, stepwise
 
-pytestmark = pytest.mark.skipif(
-    not native.status().available, reason=f"CPU kernel unavailable: {native.status().reason}"
-)
+
+@pytest.fixture(autouse=True)
+def _kernel() -> None:
+    """The fast path runs on the CPU kernel (helpers_native: a failure where it must build)."""
+    require(native.status(), "CPU kernel")
 
 
 class Decaying(MemoryFunction):

@@ -52,7 +52,7 @@ def installed(tmp_path_factory) -> Path:
     assert [n for n in names if n.startswith("nestrnn/configs/") and n.endswith(".yaml")] == [
         f"nestrnn/configs/{name}" for name in CONFIGS
     ]
-    sources = ("common/cpu_kernel.c", "common/cpu_kernel_loops.h", "outer_lstm/step_nodes.cpp")
+    sources = ("common/cpu_kernel.c", "common/nlstm_kernel.h", "outer_lstm/step_nodes.cpp")
     for source in sources:
         assert f"nestrnn/ops/{source}" in names  # compiled on first use
     site = root / "site"

@@ -205,13 +205,16 @@ def cxx_compiler() -> tuple[str, list[str]]:
     return compiler, shlex.split(os.environ.get("NESTRNN_CXXFLAGS", DEFAULT_CXXFLAGS))
 
 
-def torch_build_key(source: Path, *versions: str) -> str:
-    """16 hex digits naming a build of ``source`` with this compiler, its flags, this torch and
-    ``versions``: a change of any of them is another file in the cache."""
+def torch_build_key(source: Path, *versions: str, headers: Sequence[Path] = ()) -> str:
+    """16 hex digits naming a build of ``source`` (and the ``headers`` of this package that it
+    includes) with this compiler, its flags, this torch and ``versions``: a change of any of them
+    is another file in the cache."""
     import torch
 
     compiler, flags = cxx_compiler()
     key = hashlib.sha256(source.read_bytes())
+    for header in headers:
+        key.update(header.read_bytes())
     key.update(
         " ".join(
             [compiler, *flags, torch.__version__, str(torch.version.git_version), *versions]

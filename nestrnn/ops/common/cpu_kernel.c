@@ -1,26 +1,12 @@
-/* Time loops of the nested-LSTM op on CPU: the per-step recurrent GEMMs and all pointwise math.
+/* The CPU kernel of the nested-LSTM op: the time loops (per-step recurrent GEMMs and all pointwise
+ * math) of the whole-sequence op (cpu_kernel_sequence.h) and the outer steps around a memory
+ * function written in Python (cpu_kernel_steps.h), both made of cpu_kernel_parts.h. Its interface
+ * (layout, argument struct, activation codes, every exported function) is nlstm_kernel.h.
  *
- * Built and loaded by native.py; driven by c_loop.py, which allocates every buffer, runs the
- * input projection and the parameter gradients (large GEMMs outside the loop). The GEMMs call the
- * BLAS that PyTorch itself links (MKL on x86-64), through function pointers set by nlstm_set_blas.
- *
- * Layout (row-major, contiguous; T steps, B rows, H units, D levels; gates in nn.LSTM's order
- * i, f, g, o), the layout.Saved of the Python side split into one pointer per level:
- *   gates[k]     (T or 1, B, 4H)  level k's gates; gates[0] always has T steps and holds
- *                                 x W_ih^T + b on entry. Activated in place by the forward.
- *   inputs[k]    (T or 1, B, 2H)  [x~ | h~] = [i*g | f*c_prev] of level k, level k+1's input
- *   cells[k]     (T+1 or 2, B, H) the level's cell by slot: slot j is the state before step j
- *   act_cells[k] (T or 1, B, H)   the cell activation of each new cell
- *   h[j]         T+1 slot pointers, each (B, H)
- * "T or 1": all steps when the forward saves for the backward, else a ring of one step.
- * Weights: w_hh0 (4H, H); w_nested[k] (4H, 2H) = [W_ih | W_hh] of level k >= 1; bias[k] (4H,)
- * = b_ih + b_hh or NULL. activations: per level the codes of its gate, candidate and cell
- * activation (the index in nestrnn.activations.ACTIVATIONS).
- * Time t reads slot t + lo and writes slot t + lo + step, (lo, step) = (0, 1) or (1, -1) reversed.
- * Packed batches: rows >= batch_sizes[t] are inactive at step t and carry their state.
- *
- * The Python side checks its mirror of nlstm_args against nlstm_args_layout() and the version
- * against nlstm_abi_version() before the first call; every entry point returns 0 or an NLSTM_E*.
+ * Built and loaded by native.py; driven by c_loop.py and ops/outer_lstm, which allocate every
+ * buffer, run the input projection and the parameter gradients (large GEMMs outside the loop).
+ * The GEMMs call the BLAS that PyTorch itself links (MKL on x86-64), through function pointers
+ * set by nlstm_set_blas.
  */
 #include <math.h>
 #include <pthread.h>
@@ -30,8 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NLSTM_ABI_VERSION 7
-#define NLSTM_EINVAL 1 /* an argument is out of range */
+#include "nlstm_kernel.h"
 
 /* Fortran BLAS (column-major, arguments by reference, 32-bit integers) */
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
@@ -54,7 +39,6 @@ static pack_size_fn pack_size_ptr;
 static spack_fn spack_ptr;
 static scompute_fn scompute_ptr;
 
-/* Set the BLAS entry points; the packed ones may be NULL. */
 int nlstm_set_blas(void *sgemm, void *dgemm, void *pack_size, void *spack, void *scompute) {
     if (!sgemm || !dgemm)
         return NLSTM_EINVAL;
@@ -109,27 +93,8 @@ static void pool_give(void *ptr, size_t size) {
     free(ptr); /* the pool is full */
 }
 
-/* Everything one call needs; integers are int64. */
-typedef struct {
-    int64_t steps, batch, hidden, depth;
-    int64_t reverse, save;
-    const int64_t *batch_sizes; /* (T,) or NULL: every row active */
-    const int32_t *activations; /* (3D,) */
-    void **gates, **inputs, **cells, **act_cells, **h;
-    const void *w_hh0;
-    const void **w_nested, **bias;
-    /* backward only */
-    const void *d_out; /* (T, B, H) */
-    void *dh;          /* (B, H): d h_n on entry, d h0 on return */
-    void *dc;          /* (D, B, H): d c_n on entry, d c0 on return */
-    void **d_gates;    /* [k] (T, B, 4H) pre-activation gate gradients; zero where inactive */
-    void *scratch;     /* (B, 2H) */
-    void *dht;         /* (B, H) */
-} nlstm_args;
-
 int nlstm_abi_version(void) { return NLSTM_ABI_VERSION; }
 
-/* "name:offset,..." of every field and "size:<sizeof>", so that the caller can check its mirror */
 const char *nlstm_args_layout(void) {
     static char text[1024];
     static const struct {
@@ -167,8 +132,6 @@ const char *nlstm_args_layout(void) {
     return text;
 }
 
-enum { ACT_SIGMOID, ACT_TANH, ACT_IDENTITY, ACT_RELU, ACT_HARDTANH, ACT_SOFTSIGN, ACT_COUNT };
-
 /* float: exp from a degree-6 polynomial (Cephes' expf, ~1 ulp on the reduced range) so that
  * the loops vectorise; libm's expf is a scalar call without -ffast-math. */
 static inline float exp_f32(float x) {
@@ -199,7 +162,9 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #define ABS fabsf
 #define GEMM sgemm_ptr
 #define HAS_PACKED 1
-#include "cpu_kernel_loops.h"
+#include "cpu_kernel_parts.h"
+#include "cpu_kernel_sequence.h"
+#include "cpu_kernel_steps.h"
 #undef REAL
 #undef SFX
 #undef SIGMOID
@@ -215,4 +180,6 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #define ABS fabs
 #define GEMM dgemm_ptr
 #define HAS_PACKED 0
-#include "cpu_kernel_loops.h"
+#include "cpu_kernel_parts.h"
+#include "cpu_kernel_sequence.h"
+#include "cpu_kernel_steps.h"

@@ -30,7 +30,7 @@ import shutil
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -39,6 +39,9 @@ from nestrnn.ops.common.build_cache import NativeStatus
 
 __all__ = [
     "ABI_VERSION",
+    "HEADER",
+    "SIGNATURES",
+    "STEP_FUNCTIONS",
     "Args",
     "Kernel",
     "Matrix",
@@ -50,13 +53,26 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 7  # NLSTM_ABI_VERSION in cpu_kernel.c
-_SOURCES = ("cpu_kernel.c", "cpu_kernel_loops.h")
+ABI_VERSION = 7  # NLSTM_ABI_VERSION in nlstm_kernel.h (tests/test_native_header.py checks it)
+#: the kernel's interface: what this module mirrors in ctypes (tests/test_native_header.py checks
+#: the mirror against it)
+HEADER = Path(__file__).parent / "nlstm_kernel.h"
+#: every file of the build, all in its cache key
+_SOURCES = (
+    "cpu_kernel.c",
+    "nlstm_kernel.h",
+    "cpu_kernel_parts.h",
+    "cpu_kernel_sequence.h",
+    "cpu_kernel_steps.h",
+)
 _DEFAULT_CFLAGS = "-O3 -march=native -fopenmp-simd -fPIC -shared"
 
 
+_INT, _I64, _I32, _PTR = ctypes.c_int, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
 class Args(ctypes.Structure):
-    """Mirror of ``nlstm_args`` in cpu_kernel.c, checked against the library on load."""
+    """Mirror of ``nlstm_args`` in nlstm_kernel.h, checked against the library on load."""
 
     _fields_ = [
         ("steps", ctypes.c_int64),
@@ -97,33 +113,24 @@ class Kernel:
         """Bind every entry point; raises ``RuntimeError`` when one is missing or the library
         was built for another ABI."""
         try:
-            version, layout = lib.nlstm_abi_version, lib.nlstm_args_layout
-            version.restype, layout.restype = ctypes.c_int, ctypes.c_char_p
+            version, layout = _bind(lib, "nlstm_abi_version"), _bind(lib, "nlstm_args_layout")
             if version() != ABI_VERSION:
                 raise RuntimeError(f"ABI version {version()}, expected {ABI_VERSION}")
             if layout().decode() != args_layout():
                 raise RuntimeError("its argument struct does not match this module's mirror")
-            self.set_blas = lib.nlstm_set_blas
+            self.set_blas = _bind(lib, "nlstm_set_blas")
             self._fns, self._steps, self._matrix = {}, {}, {}
             for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
                 for name in ("forward", "backward"):
-                    fn = getattr(lib, f"nlstm_{name}_{suffix}")
-                    fn.argtypes, fn.restype = [ctypes.POINTER(Args)], ctypes.c_int
-                    self._fns[name, dtype] = fn
-                for name, argtypes in _STEP_ARGTYPES.items():
-                    fn = getattr(lib, f"nlstm_{name}_{suffix}")
-                    fn.argtypes, fn.restype = argtypes, ctypes.c_int
-                    self._steps[name, dtype] = fn
-                new, free = (
-                    getattr(lib, f"nlstm_matrix_new_{suffix}"),
-                    getattr(lib, f"nlstm_matrix_free_{suffix}"),
+                    self._fns[name, dtype] = _bind(lib, f"nlstm_{name}_{{}}", suffix)
+                for name in STEP_FUNCTIONS:
+                    self._steps[name, dtype] = _bind(lib, f"nlstm_{name}_{{}}", suffix)
+                self._matrix[dtype] = (
+                    _bind(lib, "nlstm_matrix_new_{}", suffix),
+                    _bind(lib, "nlstm_matrix_free_{}", suffix),
                 )
-                new.argtypes, new.restype = [_PTR, _I32, _I64, _I64, _I64], _PTR
-                free.argtypes, free.restype = [_PTR], None
-                self._matrix[dtype] = (new, free)
         except AttributeError as err:
             raise RuntimeError(f"the library lacks an entry point ({err})") from None
-        self.set_blas.restype = ctypes.c_int
 
     def matrix(self, weight: torch.Tensor, transposed: bool, rows: int) -> Matrix:
         """``weight`` (row-major, contiguous) as a GEMM operand for ``step_function``s: ``W^T``
@@ -139,8 +146,8 @@ class Kernel:
         return Matrix(handle, weight, free)
 
     def step_function(self, name: str, dtype: torch.dtype) -> Callable[..., None]:
-        """One of the outer-step functions (``_STEP_ARGTYPES``: sizes, codes, then pointers as
-        integers); raises when the kernel rejects its arguments."""
+        """One of the outer-step functions (``STEP_FUNCTIONS``, their arguments in ``SIGNATURES``:
+        sizes, codes, then pointers as integers); raises when the kernel rejects its arguments."""
         fn = self._steps[name, dtype]
 
         def call(*args: int) -> None:
@@ -169,9 +176,6 @@ class Kernel:
             raise RuntimeError(f"the CPU kernel's {name} rejected its arguments (error {code})")
 
 
-_I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-
-
 class Matrix:
     """A weight matrix prepared by the kernel (``Kernel.matrix``); ``handle`` is its address."""
 
@@ -185,17 +189,53 @@ class Matrix:
         return self.handle
 
 
-#: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm):
-#: rows, H, activation codes, then pointers; the input size where the steps' GEMMs take the input
-#: too (see cpu_kernel_loops.h)
-_STEP_ARGTYPES = {
-    "outer_gates": [_I64, _I64, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 8],
-    "outer_gates_backward": [_I64, _I64, _I32, _I32, *[_PTR] * 10, _I64, _PTR, _PTR],
-    "outer_transition": [_I64, _I64, _I32, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 9],
-    "outer_output": [_I64, _I64, _I32, *[_PTR] * 4],
-    "outer_transition_backward": [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 13, _I64, _PTR, _PTR],
-    "outer_output_backward": [_I64, _I64, _I32, *[_PTR] * 5],
+#: the outer-step functions (the outer LSTM around a Python memory function, ops/outer_lstm)
+STEP_FUNCTIONS = (
+    "outer_gates",
+    "outer_gates_backward",
+    "outer_transition",
+    "outer_output",
+    "outer_transition_backward",
+    "outer_output_backward",
+)
+
+#: every function of nlstm_kernel.h as ``name: (restype, argtypes)``, a ``{}`` in the name for
+#: its f32 and f64 versions; pointers to elements and matrices are ``c_void_p`` (the callers pass
+#: addresses as integers). tests/test_native_header.py checks it against the header.
+SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+    "nlstm_set_blas": (_INT, [_PTR] * 5),
+    "nlstm_abi_version": (_INT, []),
+    "nlstm_args_layout": (ctypes.c_char_p, []),
+    "nlstm_forward_{}": (_INT, [ctypes.POINTER(Args)]),
+    "nlstm_backward_{}": (_INT, [ctypes.POINTER(Args)]),
+    "nlstm_matrix_new_{}": (_PTR, [_PTR, _I32, _I64, _I64, _I64]),
+    "nlstm_matrix_free_{}": (None, [_PTR]),
+    # rows, H, activation codes, then pointers; the input size where the steps' GEMMs take the
+    # input too
+    "nlstm_outer_gates_{}": (_INT, [_I64, _I64, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 8]),
+    "nlstm_outer_gates_backward_{}": (
+        _INT,
+        [_I64, _I64, _I32, _I32, *[_PTR] * 10, _I64, _PTR, _PTR],
+    ),
+    "nlstm_outer_transition_{}": (
+        _INT,
+        [_I64, _I64, _I32, _I32, _I32, _PTR, _PTR, _I64, *[_PTR] * 9],
+    ),
+    "nlstm_outer_output_{}": (_INT, [_I64, _I64, _I32, *[_PTR] * 4]),
+    "nlstm_outer_transition_backward_{}": (
+        _INT,
+        [_I64, _I64, _I32, _I32, _I32, *[_PTR] * 13, _I64, _PTR, _PTR],
+    ),
+    "nlstm_outer_output_backward_{}": (_INT, [_I64, _I64, _I32, *[_PTR] * 5]),
 }
+
+
+def _bind(lib: ctypes.CDLL, name: str, suffix: str = "") -> Any:
+    """``lib``'s function ``name`` (of ``SIGNATURES``, its ``{}`` filled with ``suffix``) with
+    its restype and argtypes."""
+    fn = getattr(lib, name.format(suffix))
+    fn.restype, fn.argtypes = SIGNATURES[name]
+    return fn
 
 
 def kernel() -> Kernel | None:

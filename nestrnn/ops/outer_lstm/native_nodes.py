@@ -26,7 +26,7 @@ from typing import cast
 
 import torch
 
-from nestrnn.ops.common import build_cache
+from nestrnn.ops.common import build_cache, native
 from nestrnn.ops.common.build_cache import NativeStatus
 
 __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
@@ -34,6 +34,9 @@ __all__ = ["ABI_VERSION", "build", "library_path", "module", "status"]
 ABI_VERSION = 2  # the module's ABI_VERSION in step_nodes.cpp
 _MODULE = "_nestrnn_step_nodes"
 _SOURCE = Path(__file__).parent / "step_nodes.cpp"
+#: what step_nodes.cpp includes of this package: the CPU kernel's interface, whose function types
+#: the nodes call through
+_HEADERS = (native.HEADER,)
 # the cost a user is told to expect (a 2-core machine, idle or busy)
 _BUILD_COST = "30-90 s and 1.1 GB of memory"
 
@@ -95,9 +98,10 @@ def _includes() -> list[Path]:
 
 
 def library_path() -> Path:
-    """Where the build for this source, compiler, flags, torch, Python and user lives."""
+    """Where the build for this source (and its headers), compiler, flags, torch, Python and user
+    lives."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = build_cache.torch_build_key(_SOURCE, sys.version, suffix)
+    key = build_cache.torch_build_key(_SOURCE, sys.version, suffix, headers=_HEADERS)
     return build_cache.cache_dir() / f"step_nodes-{key}{build_cache.user_suffix()}{suffix}"
 
 

@@ -3,8 +3,9 @@
 // outer-step functions do, without a Python call per step in the forward and the backward.
 //
 // The kernel functions come in as addresses (the CPU kernel is a separate C library, built
-// without torch headers); the buffers the steps of one call share, as tensors. Everything a node
-// uses is owned by the Sequence it holds, so a node never outlives what it reads.
+// without torch headers; its interface, nlstm_kernel.h, gives their types); the buffers the
+// steps of one call share, as tensors. Everything a node uses is owned by the Sequence it holds,
+// so a node never outlives what it reads.
 //
 // Each step writes its h into the output (T, B, H), which the last step's node returns; the
 // gradient of the output comes back through that node's backward and travels down the chain of
@@ -17,6 +18,8 @@
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include "../common/nlstm_kernel.h"
 
 #include <cstdint>
 #include <cstring>
@@ -33,17 +36,12 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using TransitionFn = int (*)(int64_t, int64_t, int32_t, int32_t, int32_t, const void *,
-                             const void *, int64_t, const void *, const void *, void *, void *,
-                             const void *, void *, void *, void *, void *);
-using TransitionBackwardFn = int (*)(int64_t, int64_t, int32_t, int32_t, int32_t, const void *,
-                                     const void *, const void *, const void *, const void *,
-                                     const void *, const void *, const void *, void *, void *,
-                                     void *, void *, void *, int64_t, void *, void *);
-using OutputFn = int (*)(int64_t, int64_t, int32_t, const void *, const void *, void *, void *);
-using OutputBackwardFn = int (*)(int64_t, int64_t, int32_t, const void *, const void *, void *,
-                                 void *, void *);
-using FreeFn = void (*)(void *);
+// the kernel's outer steps, for either dtype (their types are the kernel's, in nlstm_kernel.h)
+using TransitionFn = nlstm_outer_transition_fn;
+using TransitionBackwardFn = nlstm_outer_transition_backward_fn;
+using OutputFn = nlstm_outer_output_fn;
+using OutputBackwardFn = nlstm_outer_output_backward_fn;
+using FreeFn = nlstm_matrix_free_fn;
 
 // What the steps of one call share (stepwise._Sequence has the Python side of it).
 struct Sequence : torch::CustomClassHolder {
