@@ -3,6 +3,9 @@ memory function, and dynamic int8 quantization: each against eager mode."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_transforms import Leaky, close, outputs_and_grads
@@ -40,6 +43,25 @@ def test_compile_with_a_projection_compiles_at_most_twice_over_ten_lengths(fullg
 
 
 @pytest.mark.slow
+def test_compile_in_a_fresh_process_where_nestrnn_comes_before_inductor():
+    """Inductor lists every CompositeImplicitAutograd op that exists when it is imported, the op's
+    export decomposition included; imported after nestrnn (a user's script), torch.compile of an
+    inference call or of a projected layer must still run the op whole."""
+    code = (
+        "import torch, nestrnn\n"
+        "x = torch.randn(5, 3, 8)\n"
+        "projected = nestrnn.NestedLSTM(8, 16, 1, depth=2, proj_size=5)\n"
+        "out, _ = torch.compile(projected)(x)\n"
+        "torch.testing.assert_close(out, projected(x)[0])\n"
+        "with torch.no_grad():\n"
+        "    plain = nestrnn.NestedLSTM(8, 16, 1, depth=2).eval()\n"
+        "    torch.testing.assert_close(torch.compile(plain)(x)[0], plain(x)[0])\n"
+        "print('compiled')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-2000:]
+
+
 def test_compile_with_a_projection_and_a_user_memory_compiles_nothing_after_two_lengths():
     """The time loop is a graph break around the compiled step, as without a projection."""
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def place_memory(
     return memory.to(device=device, dtype=dtype)
 
 
-def _accepted(factory: Callable[..., Any], option: str) -> bool:
+def accepts_option(factory: Callable[..., Any], option: str) -> bool:
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -86,7 +86,7 @@ def build_memory(
                 )
         factory = get_memory(name).factory
         for key, value in (inherited or {}).items():
-            if key not in options and _accepted(factory, key):
+            if key not in options and accepts_option(factory, key):
                 options[key] = value
         try:
             inspect.signature(factory).bind(hidden_size, **options)

@@ -354,7 +354,7 @@ def _pruner(path: Path, raw: Any) -> dict[str, Any]:
 
 def _memory_choices(path: Path, where: str, dist: Any, config: DictConfig) -> dict[str, Any]:
     """The memory search space: each choice's label and its model.* overrides."""
-    from nestrnn.memory.build import _accepted, build_memory
+    from nestrnn.memory.build import accepts_option, build_memory
     from nestrnn.registry import RegistryError, get_memory, memory_names
 
     if dist == "all" or (isinstance(dist, dict) and dist.get("memories") == "all"):
@@ -365,7 +365,7 @@ def _memory_choices(path: Path, where: str, dist: Any, config: DictConfig) -> di
             if factory in seen:
                 continue
             seen.add(factory)
-            depths = ALL_DEPTHS if _accepted(factory, "depth") else (None,)
+            depths = ALL_DEPTHS if accepts_option(factory, "depth") else (None,)
             items += [{"name": name, "depth": d} if d else name for d in depths]
     elif (
         isinstance(dist, dict) and set(dist) == {"memories"} and isinstance(dist["memories"], list)
@@ -401,7 +401,7 @@ def _memory_choices(path: Path, where: str, dist: Any, config: DictConfig) -> di
                 factory = get_memory(name).factory
             except RegistryError as error:
                 raise _fail(path, at, one_line(str(error))) from None
-            if depth is not None and not _accepted(factory, "depth"):
+            if depth is not None and not accepts_option(factory, "depth"):
                 raise _fail(path, at, f"memory {name!r} takes no depth")
             memory = {"name": name, **options, **({"depth": depth} if depth else {})}
             try:

@@ -16,11 +16,14 @@ length, a dynamic time dimension stays dynamic, and ONNX receives a ``Scan``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch._higher_order_ops.scan import scan_op
+from torch._library.utils import get_layout_constraint_tag
 from torch._subclasses.fake_tensor import FakeTensor
 
 from nestrnn.ops.common.levels import decode_activations, state_dtype
@@ -50,7 +53,8 @@ def nested_lstm_decomposed(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
-    return _decomposed(x, weights, None, h0, c0, batch_sizes, reverse, activations)
+    operator = torch.ops.nestrnn.nested_lstm.default
+    return _decomposed(operator, x, weights, None, h0, c0, batch_sizes, reverse, activations)
 
 
 def projected_decomposed(
@@ -64,10 +68,30 @@ def projected_decomposed(
     activations: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``nestrnn::nested_lstm_projected`` (arguments as in ``projected.py``), likewise."""
-    return _decomposed(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations)
+    operator = torch.ops.nestrnn.nested_lstm_projected.default
+    return _decomposed(operator, x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations)
+
+
+def _kept_whole(operator: torch._ops.OpOverload) -> Any:
+    """Outside ``torch.export`` the op stays whole (its fast loops): ``NotImplemented`` tells a
+    tracer that tries this decomposition (``torch.compile``'s, and Inductor's table, which lists
+    every CompositeImplicitAutograd op that existed when Inductor was imported) to record the op
+    as it is. Inductor then runs it as an external kernel, which it allows for an op in its
+    decomposition table only when told so: without this, ``torch.compile`` of a model whose
+    graph holds the op stops with "both a fallback and a decomp for same op"."""
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is not None and operator not in lowering.lowerings:
+        tag = get_layout_constraint_tag(operator, with_default=True)
+        lowering.make_fallback(
+            operator,
+            layout_constraint=lowering.tag_to_layout_constraint(tag),
+            override_decomp=True,
+        )
+    return NotImplemented
 
 
 def _decomposed(
+    operator: torch._ops.OpOverload,
     x: Tensor,
     weights: Sequence[Tensor],
     weight_hr: Tensor | None,
@@ -81,9 +105,7 @@ def _decomposed(
     if _only_shapes_wanted(x):
         return op.fake_outputs(x, h0, c0)
     if not torch.compiler.is_exporting():
-        # torch.compile's tracer decomposes CompositeImplicitAutograd kernels too; there the op
-        # stays whole (its fast loops), and NotImplemented tells the tracer to record it as is
-        return NotImplemented
+        return _kept_whole(operator)
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
     flat = [w.to(compute) for w in weights]
     if weight_hr is not None:  # the scan's last input
