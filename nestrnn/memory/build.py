@@ -49,6 +49,7 @@ def place_memory(
 
 
 def accepts_option(factory: Callable[..., Any], option: str) -> bool:
+    """Whether ``factory`` (a memory function's class or builder) takes the keyword ``option``."""
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
