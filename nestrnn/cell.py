@@ -86,13 +86,23 @@ class NestedLSTMCell(nn.Module):
             c0 = initial_cells(self.memory, batch, self.hidden_size, dtype, device)
         else:
             h0, c0 = check_state(
-                hx, batched, (), x.shape[0], self.hidden_size, self.hidden_size,
-                self.num_cells, self.weight_ih,
-            )  # fmt: skip
+                hx,
+                batched,
+                (),
+                x.shape[0],
+                self.hidden_size,
+                self.hidden_size,
+                self.num_cells,
+                self.weight_ih,
+            )
         h, cells = outer_step(
-            F.linear(x, self.weight_ih, self.bias_ih), h0, tuple(c0.unbind(0)),
-            self._weights(), self.memory, self.memory.outer_candidate_activation,
-        )  # fmt: skip
+            F.linear(x, self.weight_ih, self.bias_ih),
+            h0,
+            tuple(c0.unbind(0)),
+            self._weights(),
+            self.memory,
+            self.memory.outer_candidate_activation,
+        )
         c = torch.stack(cells)
         if self.num_cells == 1:
             c = c.squeeze(0)

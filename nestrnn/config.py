@@ -383,14 +383,33 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             options = ", ".join(str(a) for a in allowed)
             raise ConfigError(f"config key '{key}' must be one of {options}; got {value!r}{hint}")
-    positive = ["model.hidden_size", "model.num_layers", "model.depth", "train.batch_size",
-                "train.bptt", "train.log_every"]  # fmt: skip
-    non_negative = ["model.target_params", "model.embedding_dim", "train.epochs",
-                    "train.steps_per_epoch", "train.eval_batch_size", "train.eval_max_batches",
-                    "train.max_steps", "train.early_stopping", "train.threads",
-                    "train.checkpoint_every", "optim.weight_decay", "optim.grad_clip",
-                    "optim.patience", "optim.min_lr", "optim.warmup_steps", "optim.momentum",
-                    "optim.decay_start"]  # fmt: skip
+    positive = [
+        "model.hidden_size",
+        "model.num_layers",
+        "model.depth",
+        "train.batch_size",
+        "train.bptt",
+        "train.log_every",
+    ]
+    non_negative = [
+        "model.target_params",
+        "model.embedding_dim",
+        "train.epochs",
+        "train.steps_per_epoch",
+        "train.eval_batch_size",
+        "train.eval_max_batches",
+        "train.max_steps",
+        "train.early_stopping",
+        "train.threads",
+        "train.checkpoint_every",
+        "optim.weight_decay",
+        "optim.grad_clip",
+        "optim.patience",
+        "optim.min_lr",
+        "optim.warmup_steps",
+        "optim.momentum",
+        "optim.decay_start",
+    ]
     for key in positive:
         if OmegaConf.select(config, key) <= 0:
             raise ConfigError(

@@ -397,9 +397,15 @@ def fetch(
         print(f"downloading {url} -> {path}", file=sys.stderr)
         try:
             return download(
-                url, path, sha256=remote.sha256, size=remote.size, max_size=remote.max_size,
-                validate=validate, progress=progress, deadline=deadline,
-            )  # fmt: skip
+                url,
+                path,
+                sha256=remote.sha256,
+                size=remote.size,
+                max_size=remote.max_size,
+                validate=validate,
+                progress=progress,
+                deadline=deadline,
+            )
         except DataWriteError:
             raise  # the next mirror would meet the same disk
         except DataError as error:
@@ -425,9 +431,15 @@ def _progress_bar(total: int | None, name: str, enabled: bool | None) -> Any:
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, leave=False,
-        disable=None if enabled is None else not enabled, file=sys.stderr,
-    )  # fmt: skip
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=name,
+        leave=False,
+        disable=None if enabled is None else not enabled,
+        file=sys.stderr,
+    )
 
 
 def read_text(path: str | Path) -> str:

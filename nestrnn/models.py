@@ -52,29 +52,44 @@ def build_recurrent(cfg: ModelConfig, input_size: int, hidden_size: int) -> nn.M
     if cfg.family == "nlstm":
         memory = _memory_spec(cfg.memory)
         return NestedLSTM(
-            input_size, hidden_size, num_layers=cfg.num_layers, batch_first=True,
+            input_size,
+            hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
             dropout=dropout if cfg.num_layers > 1 else 0.0,
-            depth=None if memory is not None else cfg.depth, memory=memory,
-            forget_bias=cfg.forget_bias, recurrent_init=cfg.recurrent_init, backend=cfg.backend,
-        )  # fmt: skip
+            depth=None if memory is not None else cfg.depth,
+            memory=memory,
+            forget_bias=cfg.forget_bias,
+            recurrent_init=cfg.recurrent_init,
+            backend=cfg.backend,
+        )
     layers = cfg.num_layers * (cfg.depth if cfg.family == "stacked_lstm" else 1)
     layer_dropout = dropout if layers > 1 else 0.0
     if cfg.lstm_impl == "nestrnn":
         return NestedLSTM(
-            input_size, hidden_size, num_layers=layers, batch_first=True, dropout=layer_dropout,
-            depth=1, forget_bias=cfg.forget_bias, recurrent_init=cfg.recurrent_init,
+            input_size,
+            hidden_size,
+            num_layers=layers,
+            batch_first=True,
+            dropout=layer_dropout,
+            depth=1,
+            forget_bias=cfg.forget_bias,
+            recurrent_init=cfg.recurrent_init,
             backend=cfg.backend,
-        )  # fmt: skip
+        )
     lstm = nn.LSTM(
         input_size, hidden_size, num_layers=layers, batch_first=True, dropout=layer_dropout
     )
     if lstm.weight_hh_l0.device.type != "meta":
         for layer in range(layers):
             init_lstm_level(
-                getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}"),
-                getattr(lstm, f"bias_ih_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"),
-                cfg.forget_bias, cfg.recurrent_init,
-            )  # fmt: skip
+                getattr(lstm, f"weight_ih_l{layer}"),
+                getattr(lstm, f"weight_hh_l{layer}"),
+                getattr(lstm, f"bias_ih_l{layer}"),
+                getattr(lstm, f"bias_hh_l{layer}"),
+                cfg.forget_bias,
+                cfg.recurrent_init,
+            )
     return lstm
 
 

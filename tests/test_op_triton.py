@@ -94,16 +94,18 @@ def make_case(T, B, In, H, D, biases="both", zero_state=False, seed=0):
 def rounded(case, dtype):
     """The case's values rounded to ``dtype``, in fp64: what the reference must see."""
     x, weights, h0, c0 = case
-    weights = [LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw])
-               for lw in weights]  # fmt: skip
+    weights = [
+        LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw]) for lw in weights
+    ]
     return x.to(dtype).double(), weights, h0.to(dtype).double(), c0.to(dtype).double()
 
 
 def in_float32(case):
     """The case's leaves in float32 on DEVICE, without gradients."""
     x, weights, h0, c0 = case
-    weights = [LevelWeights(*[None if p is None else p.float().to(DEVICE) for p in lw])
-               for lw in weights]  # fmt: skip
+    weights = [
+        LevelWeights(*[None if p is None else p.float().to(DEVICE) for p in lw]) for lw in weights
+    ]
     return x.float().to(DEVICE), weights, h0.float().to(DEVICE), c0.float().to(DEVICE)
 
 
@@ -124,8 +126,10 @@ def run_op(fn, case, batch_sizes, reverse, activations, dtype, device):
     ]
     out = fn(leaves[0], wts, leaves[1], leaves[2], batch_sizes, reverse, activations)
     g = torch.Generator().manual_seed(1234)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(device)).sum()
-               for o in out)  # fmt: skip
+    loss = sum(
+        (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(device)).sum()
+        for o in out
+    )
     loss.backward()
     results = {name: o.detach().double().cpu() for name, o in zip(NAMES[:3], out)}
     for name, leaf in zip(NAMES[3:], leaves):
@@ -190,8 +194,20 @@ def forced_config(config: TritonConfig):
     )
 
 
-def check(dtype, T, B, In, H, D, batch_sizes=None, reverse=False, biases="both", zero_state=False,
-          activations=None, seed=0):  # fmt: skip
+def check(
+    dtype,
+    T,
+    B,
+    In,
+    H,
+    D,
+    batch_sizes=None,
+    reverse=False,
+    biases="both",
+    zero_state=False,
+    activations=None,
+    seed=0,
+):
     """The Triton kernels (one forward, one backward) match the reference in ``dtype``."""
     case = make_case(T, B, In, H, D, biases, zero_state, seed)
     with expect_triton_runs():
@@ -214,8 +230,9 @@ FP32_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("depth", "hidden", "batch_sizes", "reverse", "biases", "zero_state"),
-                         FP32_CASES)  # fmt: skip
+@pytest.mark.parametrize(
+    ("depth", "hidden", "batch_sizes", "reverse", "biases", "zero_state"), FP32_CASES
+)
 def test_fp32_matches_naive(depth, hidden, batch_sizes, reverse, biases, zero_state):
     check(torch.float32, 5, 3, 4, hidden, depth, batch_sizes, reverse, biases, zero_state)
 
@@ -262,8 +279,18 @@ VARIANT_CASES = {
 def test_activation_variants_and_bias_free_levels_match_naive(name):
     activations, biases = VARIANT_CASES[name]
     packed = len(activations) != 2  # both modes, and reverse, across the cases
-    check(torch.float32, 5, 3, 4, 8, len(activations), PACKED if packed else None,
-          reverse=len(activations) == 3, biases=biases, activations=activations)  # fmt: skip
+    check(
+        torch.float32,
+        5,
+        3,
+        4,
+        8,
+        len(activations),
+        PACKED if packed else None,
+        reverse=len(activations) == 3,
+        biases=biases,
+        activations=activations,
+    )
 
 
 @pytest.mark.parametrize(("depth", "batch_sizes", "reverse"), [(2, PACKED, False), (3, None, True)])
@@ -290,8 +317,9 @@ CUBLAS_CASES = [
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
-@pytest.mark.parametrize(("dtype", "depth", "hidden", "batch_sizes", "reverse", "biases", "acts"),
-                         CUBLAS_CASES)  # fmt: skip
+@pytest.mark.parametrize(
+    ("dtype", "depth", "hidden", "batch_sizes", "reverse", "biases", "acts"), CUBLAS_CASES
+)
 def test_cublas_gemms_match_naive(dtype, depth, hidden, batch_sizes, reverse, biases, acts):
     config = TritonConfig(block_b=2, block_h=16, block_k=16, cublas_gemms=True)
     if ON_CUDA:
@@ -435,8 +463,14 @@ print("fell back once")
 
 def test_cpu_without_interpreter_falls_back_with_one_warning():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _NO_INTERPRETER_SCRIPT], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_INTERPRETER_SCRIPT],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "fell back once"
 
@@ -525,7 +559,9 @@ def test_graphs_and_direct_launches_take_their_own_configuration(emulated_graphs
     ran = []
     for name in ("_forward_loop", "_backward_loop"):
         loop = getattr(triton_loop, name)
-        monkeypatch.setattr(triton_loop, name, lambda m, b, loop=loop: ran.append(m.cublas) or loop(m, b))  # fmt: skip
+        monkeypatch.setattr(
+            triton_loop, name, lambda m, b, loop=loop: ran.append(m.cublas) or loop(m, b)
+        )
     for seed in range(3):  # direct, capture (a warm-up run and a replay), replay
         check(torch.float32, 4, 3, 4, 8, 2, PACKED[:4], seed=seed)
     assert ran == [False, False, True, True, True, True, True, True]  # forward, backward each call
@@ -648,8 +684,14 @@ def test_kernels_compile_for_sm90():
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = REPO / "benchmarks" / "compile_check.py"
-    run = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=REPO)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     lines = run.stdout.splitlines()
     if run.returncode == 3:
         pytest.skip(next(line for line in lines if line.startswith("SETUP")))

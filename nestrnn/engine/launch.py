@@ -221,8 +221,16 @@ def plan_on_main(dist: DistContext, decide: Callable[[], RunPlan]) -> RunPlan:
 def run_torchrun(nproc: int, argv: list[str]) -> int:
     """``python -m torch.distributed.run --standalone --nproc-per-node NPROC -m nestrnn ARGV``
     (see the module docstring); its exit status, or 128 + n when signal n stopped the launch."""
-    command = [sys.executable, "-m", "nestrnn.engine.torchrun", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "nestrnn", *argv]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "nestrnn.engine.torchrun",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "nestrnn",
+        *argv,
+    ]
     received: list[int] = []
     process = subprocess.Popen(command, preexec_fn=_child_setup())
 

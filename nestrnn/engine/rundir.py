@@ -65,8 +65,16 @@ LOCK = ".lock"
 #: beside each checkpoint: its sha256 (see the module docstring)
 SUM_SUFFIX = ".sha256"
 #: the files a run writes (what --overwrite replaces; the lock file stays)
-RUN_FILES = (CONFIG, ENVIRONMENT, METRICS, LAST, BEST, SUMMARY, LAST + SUM_SUFFIX,
-             BEST + SUM_SUFFIX)  # fmt: skip
+RUN_FILES = (
+    CONFIG,
+    ENVIRONMENT,
+    METRICS,
+    LAST,
+    BEST,
+    SUMMARY,
+    LAST + SUM_SUFFIX,
+    BEST + SUM_SUFFIX,
+)
 FORMAT = "nestrnn-checkpoint/1"
 
 #: what a new run may replace in its directory: nothing, the files of a run that saved no
@@ -420,9 +428,14 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(keys), gauss))
     numpy = state["numpy"]
     np.random.set_state(
-        ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-         numpy["cached_gaussian"])
-    )  # fmt: skip
+        (
+            "MT19937",
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 

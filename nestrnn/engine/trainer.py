@@ -415,8 +415,14 @@ class Trainer:
         and hidden size, which each check fills in): worked out once, as it reads a batch."""
         tc = self.train_cfg
         steps = tc.bptt if self.task.carries_state else self._sequence_length()
-        return Workload(0, self.optim_cfg.name, tc.batch_size // self.dist.world_size, steps, 0,
-                        recurrent_levels(self.model_cfg))  # fmt: skip
+        return Workload(
+            0,
+            self.optim_cfg.name,
+            tc.batch_size // self.dist.world_size,
+            steps,
+            0,
+            recurrent_levels(self.model_cfg),
+        )
 
     def _sequence_length(self) -> int:
         inputs = self.task.train_batch(0, 1, self.train_cfg.bptt).inputs
@@ -555,9 +561,10 @@ class Trainer:
                 payload["rng_ranks"] = [g["rng"] for g in gathered]
                 carries = [g["carry"] for g in gathered]
                 payload["carry"] = (
-                    None if any(c is None for c in carries)
+                    None
+                    if any(c is None for c in carries)
                     else [torch.cat(parts, dim=-2) for parts in zip(*carries)]
-                )  # fmt: skip
+                )
             self.run.save_checkpoint(name, payload)
             if full:
                 self._last_stamp = _stamp(self.run / rd.LAST)
@@ -603,10 +610,19 @@ class Trainer:
         if self.last_checkpoint_step is None:
             kept = "no checkpoint had been written yet"
         else:
-            kept = (f"the last good checkpoint is {self.run / rd.LAST} (step "
-                    f"{self.last_checkpoint_step})")  # fmt: skip
-        self.loggers.log_record({"event": "diverged", "epoch": self.epoch + 1, "step": step, "what": what,
-                      "value": value})  # fmt: skip
+            kept = (
+                f"the last good checkpoint is {self.run / rd.LAST} (step "
+                f"{self.last_checkpoint_step})"
+            )
+        self.loggers.log_record(
+            {
+                "event": "diverged",
+                "epoch": self.epoch + 1,
+                "step": step,
+                "what": what,
+                "value": value,
+            }
+        )
         return TrainingDiverged(
             f"the {what} became {value} at step {step} (epoch {self.epoch + 1}); training stopped "
             f"and {kept}. Try a lower optim.lr or a smaller optim.grad_clip"
@@ -688,8 +704,13 @@ class Trainer:
         self._accumulate(self.epoch_stats, step_stats)
         self._accumulate(self.log_stats, step_stats)
         if self.global_step % tc.log_every == 0:
-            record = {"event": "train", "epoch": self.epoch + 1, "step": self.global_step,
-                      "lr": self.schedule.lr, "grad_norm": grad_norm}  # fmt: skip
+            record = {
+                "event": "train",
+                "epoch": self.epoch + 1,
+                "step": self.global_step,
+                "lr": self.schedule.lr,
+                "grad_norm": grad_norm,
+            }
             metrics = self.task.metrics(self.log_stats)
             record.update(metrics)
             self.loggers.log_record(record)
@@ -707,9 +728,16 @@ class Trainer:
         if max_batches is None:
             max_batches = self.train_cfg.eval_max_batches
         return evaluate(
-            self.model, self.task, split, self.eval_batch_size, self.train_cfg.bptt, self.device,
-            max_batches, self.dist, None if self._stop is None else self._stop_requested,
-        )  # fmt: skip
+            self.model,
+            self.task,
+            split,
+            self.eval_batch_size,
+            self.train_cfg.bptt,
+            self.device,
+            max_batches,
+            self.dist,
+            None if self._stop is None else self._stop_requested,
+        )
 
     def _stop_requested(self) -> bool:
         """Whether a stop signal reached this process or, under torchrun, any rank (a collective:
@@ -728,13 +756,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
-            desc=f"epoch {self.epoch + 1}/{self.train_cfg.epochs}", file=sys.stderr,
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            leave=False,
+            desc=f"epoch {self.epoch + 1}/{self.train_cfg.epochs}",
+            file=sys.stderr,
             # None: tqdm shows the bar only on a terminal
             disable=None if self.train_cfg.progress and self.dist.is_main else True,
             dynamic_ncols=True,
             mininterval=0.25,
-        )  # fmt: skip
+        )
 
     def _train_epoch(self, stop_at: int | None) -> str | None:
         """Train until the epoch ends (None) or a step limit is hit (the reason)."""
@@ -788,9 +819,17 @@ class Trainer:
             self.save(rd.BEST)
         else:
             self.bad_epochs += 1
-        self.loggers.log_record({"event": "epoch", "epoch": self.epoch, "step": self.global_step,
-                                 "lr": self.schedule.lr, "train": train_metrics, "valid": valid,
-                                 "best": better})  # fmt: skip
+        self.loggers.log_record(
+            {
+                "event": "epoch",
+                "epoch": self.epoch,
+                "step": self.global_step,
+                "lr": self.schedule.lr,
+                "train": train_metrics,
+                "valid": valid,
+                "best": better,
+            }
+        )
         self.loggers.log_metrics(self.global_step, valid, "valid")
         self._log_timescales()
         self.save(rd.LAST)
@@ -813,9 +852,17 @@ class Trainer:
         a summary with reason ``already_finished``."""
         finished = self.dist.from_main(self._finished_summary)
         if finished is not None:
-            return Summary(self.run.path, "already_finished", self.epoch, self.global_step,
-                           self.elapsed, self.best_epoch, self.best_metrics,
-                           finished.get("test") or {}, self.task.primary_metric)  # fmt: skip
+            return Summary(
+                self.run.path,
+                "already_finished",
+                self.epoch,
+                self.global_step,
+                self.elapsed,
+                self.best_epoch,
+                self.best_metrics,
+                finished.get("test") or {},
+                self.task.primary_metric,
+            )
         self.dist.from_main(self._take_run_dir)
         self._stop = stop
         try:
@@ -853,16 +900,28 @@ class Trainer:
                 self.log(f"early stopping: no improvement in {tc.early_stopping} epochs")
                 break
         if reason in ("stopped", "interrupted"):
-            record: dict[str, Any] = {"event": "stopped", "step": self.global_step,
-                                      "epoch": self.epoch + 1}  # fmt: skip
+            record: dict[str, Any] = {
+                "event": "stopped",
+                "step": self.global_step,
+                "epoch": self.epoch + 1,
+            }
             signum = 0
             if reason == "interrupted":
                 signum = self._signal_received()
                 record["signal"] = signal.Signals(signum).name
             self.loggers.log_record(record)
-            return Summary(self.run.path, reason, self.epoch, self.global_step, self.elapsed,
-                           self.best_epoch, self.best_metrics, {}, self.task.primary_metric,
-                           int(signum))  # fmt: skip
+            return Summary(
+                self.run.path,
+                reason,
+                self.epoch,
+                self.global_step,
+                self.elapsed,
+                self.best_epoch,
+                self.best_metrics,
+                {},
+                self.task.primary_metric,
+                int(signum),
+            )
         test: dict[str, float] = {}
         signum = 0
         if tc.test:
@@ -870,20 +929,44 @@ class Trainer:
                 test = self.test()
             except EvaluationStopped:  # the checkpoints are complete: only the test is missing
                 signum = self._signal_received()
-                self.loggers.log_record({"event": "stopped", "step": self.global_step,
-                                         "epoch": self.epoch, "signal": signal.Signals(signum).name,
-                                         "during": "test"})  # fmt: skip
+                self.loggers.log_record(
+                    {
+                        "event": "stopped",
+                        "step": self.global_step,
+                        "epoch": self.epoch,
+                        "signal": signal.Signals(signum).name,
+                        "during": "test",
+                    }
+                )
         if self.best_metrics:
             self.loggers.log_metrics(self.global_step, self.best_metrics, "best")
-        summary = Summary(self.run.path, "test_interrupted" if signum else reason, self.epoch,
-                          self.global_step, self.elapsed, self.best_epoch, self.best_metrics,
-                          test, self.task.primary_metric, int(signum))  # fmt: skip
-        self.run.write_json(rd.SUMMARY, {
-            "reason": reason, "epochs": self.epoch, "steps": self.global_step,
-            "elapsed_s": round(self.elapsed, 2), "best_epoch": self.best_epoch,
-            "valid": self.best_metrics, "test": test, "primary_metric": self.task.primary_metric,
-            "params": self.sizing.params, "hidden_size": self.sizing.hidden_size,
-        })  # fmt: skip
+        summary = Summary(
+            self.run.path,
+            "test_interrupted" if signum else reason,
+            self.epoch,
+            self.global_step,
+            self.elapsed,
+            self.best_epoch,
+            self.best_metrics,
+            test,
+            self.task.primary_metric,
+            int(signum),
+        )
+        self.run.write_json(
+            rd.SUMMARY,
+            {
+                "reason": reason,
+                "epochs": self.epoch,
+                "steps": self.global_step,
+                "elapsed_s": round(self.elapsed, 2),
+                "best_epoch": self.best_epoch,
+                "valid": self.best_metrics,
+                "test": test,
+                "primary_metric": self.task.primary_metric,
+                "params": self.sizing.params,
+                "hidden_size": self.sizing.hidden_size,
+            },
+        )
         return summary
 
     def test(self) -> dict[str, float]:

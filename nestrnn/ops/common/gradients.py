@@ -80,8 +80,10 @@ def parameter_gradients(
     gemm = inputs.dtype
     if steps == 0:  # nothing ran: every gradient is zero
         zero: list[tuple[Tensor | None, Tensor | None, Tensor | None]]
-        zero = [(torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
-                for w_ih, w_hh, _, _ in weights]  # fmt: skip
+        zero = [
+            (torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
+            for w_ih, w_hh, _, _ in weights
+        ]
         return (torch.zeros_like(x) if needs_x else None), zero
     dz_gemm = dz.to(gemm).view(len(weights), rows, 4 * hidden)
     dx = (

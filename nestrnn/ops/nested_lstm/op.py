@@ -63,9 +63,15 @@ def _run_forward(
     loop = c_loop if implementation == "c_loop" else torch_loop
     compute = state_dtype(x.dtype)  # half precision runs in float32 here
     out, h_n, c_n, saved = loop.forward(
-        x.to(compute), _cast(levels, compute), h0.to(compute), c0.to(compute),
-        sizes, reverse, activations, save,
-    )  # fmt: skip
+        x.to(compute),
+        _cast(levels, compute),
+        h0.to(compute),
+        c0.to(compute),
+        sizes,
+        reverse,
+        activations,
+        save,
+    )
     operand = operand_dtype(x.dtype, x.device)
     if saved is not None and saved.inputs.dtype != operand:
         saved = saved._replace(inputs=saved.inputs.to(operand))
@@ -157,9 +163,17 @@ def backward(
         dz, dh0, dc0 = _with_fallback(run, x, hidden, batch_sizes, reverse, acts, True, backend)
     per_level = [tuple(needs[3 + 4 * k : 3 + 4 * k + 4]) for k in range(len(levels))]
     dx, level_grads = parameter_gradients(
-        x, h0, out, levels, saved.inputs, dz, batch_sizes, reverse, needs[0],
+        x,
+        h0,
+        out,
+        levels,
+        saved.inputs,
+        dz,
+        batch_sizes,
+        reverse,
+        needs[0],
         [(ih, hh, b_ih or b_hh) for ih, hh, b_ih, b_hh in per_level],
-    )  # fmt: skip
+    )
     none = x.new_empty(0)
     d_weights: list[Tensor] = []
     for level, level_needs, (dw_ih, dw_hh, db) in zip(levels, per_level, level_grads):
@@ -242,9 +256,20 @@ def nested_lstm_backward_op(
     saved = Saved(gates, cells, act_cells, inputs)
     with _own_dtypes(x):
         return backward(
-            x, weights, h0, out, saved, batch_sizes, reverse, activations, backend,
-            d_out, d_hn, d_cn, needs,
-        )  # fmt: skip
+            x,
+            weights,
+            h0,
+            out,
+            saved,
+            batch_sizes,
+            reverse,
+            activations,
+            backend,
+            d_out,
+            d_hn,
+            d_cn,
+            needs,
+        )
 
 
 def _own_dtypes(x: Tensor) -> torch.autocast:
@@ -271,8 +296,24 @@ def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
 
 
 @nested_lstm_backward_op.register_fake
-def _(x, weights, h0, out, gates, cells, act_cells, inputs, batch_sizes, reverse, activations,
-      backend, d_out, d_hn, d_cn, needs):  # fmt: skip
+def _(
+    x,
+    weights,
+    h0,
+    out,
+    gates,
+    cells,
+    act_cells,
+    inputs,
+    batch_sizes,
+    reverse,
+    activations,
+    backend,
+    d_out,
+    d_hn,
+    d_cn,
+    needs,
+):
     def like(t: Tensor, need: bool) -> Tensor:
         return torch.empty_like(t) if need and t.numel() else x.new_empty(0)
 
@@ -313,9 +354,20 @@ def _gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads, needs):
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = h0.new_zeros(depth, batch, hidden) if d_cn is None else d_cn
     dx, dh0, dc0, d_weights = torch.ops.nestrnn.nested_lstm_backward(
-        x, weights, h0, out, *saved, batch_sizes, ctx.reverse, ctx.activations, ctx.backend,
-        d_out, d_hn, d_cn, needs,
-    )  # fmt: skip
+        x,
+        weights,
+        h0,
+        out,
+        *saved,
+        batch_sizes,
+        ctx.reverse,
+        ctx.activations,
+        ctx.backend,
+        d_out,
+        d_hn,
+        d_cn,
+        needs,
+    )
     needs_x, needs_h0, needs_c0, *needs_w = needs
     d_weights = [
         g if need and w.numel() else None for g, w, need in zip(d_weights, weights, needs_w)
@@ -332,9 +384,16 @@ def _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads):
     """The gradients of the op's arguments: x, weights, h0, c0, then None for the others."""
     needs = ctx.needs_input_grad  # x, weights (a list), h0, c0, ...
     dx, dw, dh0, dc0 = _gradients(
-        ctx, x, h0, weights, batch_sizes, out, saved, grads,
+        ctx,
+        x,
+        h0,
+        weights,
+        batch_sizes,
+        out,
+        saved,
+        grads,
         [needs[0], needs[2], needs[3], *needs[1]],
-    )  # fmt: skip
+    )
     return dx, dw, dh0, dc0, None, None, None, None
 
 
@@ -355,10 +414,18 @@ def _differentiable_gradients(ctx, x, h0, c0, weights, batch_sizes, grads, needs
         if need and t.numel()
     ]
     pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
-    found = torch.autograd.grad(
-        [r for r, _ in pairs], [t for _, t in wanted], [g for _, g in pairs],
-        create_graph=True, allow_unused=True, materialize_grads=True,
-    ) if pairs and wanted else [torch.zeros_like(t) for _, t in wanted]  # fmt: skip
+    found = (
+        torch.autograd.grad(
+            [r for r, _ in pairs],
+            [t for _, t in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        if pairs and wanted
+        else [torch.zeros_like(t) for _, t in wanted]
+    )
     full: list[Tensor | None] = [None] * len(needs)
     for (n, _), grad in zip(wanted, found):
         full[n] = grad

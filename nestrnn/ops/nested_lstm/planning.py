@@ -92,7 +92,7 @@ def triton_unavailable_reason(x: Tensor, depth: int) -> str | None:
 
 @functools.cache
 def _triton_installed() -> bool:
-    """Looked up once: the plan is made on every call (~30 us a lookup)."""
+    """Looked up once: the plan is made on every call, and a lookup searches sys.path."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -132,11 +132,9 @@ def plan(
     return Plan(backend)
 
 
-# Measured on an H200 (benchmarks/results/speed_cuda_*.md, the default: step loops in CUDA graphs,
-# their per-step GEMMs by cuBLAS): at depth 1 the Triton loops took 0.54-0.86x cuDNN's forward time
-# and 0.59-0.89x its forward+backward in bfloat16 up to (B, H) = (128, 512), 0.90-0.95x and
-# 0.63-0.79x in IEEE float32 up to (16, 768); cuDNN was as fast or faster in float16 (1.00-2.75x
-# the kernels' time the other way round) and at the larger sizes. TF32 was not measured.
+# Up to these B * H the Triton loops were faster than cuDNN at depth 1 on an H200, forward and
+# forward+backward (benchmarks/results/speed_cuda_*.json); in float16 and at larger sizes cuDNN was
+# as fast or faster. TF32 was not measured.
 DEPTH1_TRITON_MAX_BATCH_HIDDEN = {torch.bfloat16: 128 * 512, torch.float32: 16 * 768}
 
 
@@ -154,8 +152,8 @@ def cuda_choice(
     - torch's LSTM (cuDNN) where it can run (``training`` here is training inside the op), except
       where the Triton loops measured faster at depth 1 (``DEPTH1_TRITON_MAX_BATCH_HIDDEN``;
       ``hidden`` None: not applied);
-    - otherwise the Triton loops: at depth 2 in every dtype and size measured 1.5-24x faster than
-      the PyTorch loop; where they cannot run (``triton_why_not``), :func:`fallback_choice`.
+    - otherwise the Triton loops: at depth 2 faster than the PyTorch loop in every dtype and size
+      measured; where they cannot run (``triton_why_not``), :func:`fallback_choice`.
     """
     if triton_why_not is not None:
         return fallback_choice(x, batch_sizes, reverse, activations, training)

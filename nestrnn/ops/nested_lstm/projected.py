@@ -50,16 +50,28 @@ def projected_nested_lstm(
     if not recorded or torch.onnx.is_in_onnx_export():
         return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, activations, weight_hr)
     return torch.ops.nestrnn.nested_lstm_projected(
-        x, flat_weights(weights, x), weight_hr, h0, c0, batch_sizes, bool(reverse),
+        x,
+        flat_weights(weights, x),
+        weight_hr,
+        h0,
+        c0,
+        batch_sizes,
+        bool(reverse),
         encode_activations(activations),
-    )  # fmt: skip
+    )
 
 
 def _reference(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations):
     return nested_lstm_naive(
-        x, levels_of(weights), h0, c0, batch_sizes, reverse,
-        decode_activations(activations), weight_hr,
-    )  # fmt: skip
+        x,
+        levels_of(weights),
+        h0,
+        c0,
+        batch_sizes,
+        reverse,
+        decode_activations(activations),
+        weight_hr,
+    )
 
 
 @torch.library.custom_op("nestrnn::nested_lstm_projected", mutates_args=())
@@ -114,8 +126,10 @@ def _recorded_gradients(inputs, grads) -> list[Tensor | None]:
     found = iter(
         torch.autograd.grad(
             results, wanted, grads, create_graph=True, allow_unused=True, materialize_grads=True
-        ) if wanted else []
-    )  # fmt: skip
+        )
+        if wanted
+        else []
+    )
     return [next(found) if t.requires_grad else None for t in tensors]
 
 

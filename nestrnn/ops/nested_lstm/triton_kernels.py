@@ -25,7 +25,7 @@ running their own ``tl.dot``; with OP_COPY (half precision) the backward kernels
 
 Matmul operands are in the weights' dtype with fp32 accumulation; state and gate math are fp32.
 ``s`` is the processing-order step and ``T`` the sequence length; neither is specialised on.
-Activations are constexpr codes (the index in ``nestrnn.activations.ACTIVATIONS``); a kernel that
+Activations are constexpr codes (``nestrnn.activations.ACTIVATION_TABLE``); a kernel that
 needs every level's code gets them packed 4 bits a level (``triton_loop.pack_codes``). Only plain
 pointer arithmetic is used (no block pointers, no autotuning), so the kernels run on Triton 3.6 to
 3.9 and under TRITON_INTERPRET=1.

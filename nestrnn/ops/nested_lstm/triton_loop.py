@@ -149,18 +149,51 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
         if m.cublas:  # the kernels read the step's GEMM from b["g"]
             _gemm(b["h"][prev], b["w_hh0"].t(), b["g"])
         fwd_outer_kernel[grid](
-            b["gates"], b["h"], b["w_hh0"], b["cells"], b["act_cells"], b["inputs"], b["y"],
-            b["bs"], b["g"], s, T, B, H, DEPTH=D, GATE_ACT=gate[0], CAND_ACT=cand[0],
-            CELL_ACTS=cells, **kw,
-        )  # fmt: skip
+            b["gates"],
+            b["h"],
+            b["w_hh0"],
+            b["cells"],
+            b["act_cells"],
+            b["inputs"],
+            b["y"],
+            b["bs"],
+            b["g"],
+            s,
+            T,
+            B,
+            H,
+            DEPTH=D,
+            GATE_ACT=gate[0],
+            CAND_ACT=cand[0],
+            CELL_ACTS=cells,
+            **kw,
+        )
         for k in range(1, D):
             if m.cublas:
                 _gemm(b["inputs"][k - 1, t], b[f"w{k}"].t(), b["g"])
             fwd_nested_kernel[grid](
-                b["gates"], b["inputs"], b[f"w{k}"], b[f"bias{k}"], b["cells"], b["act_cells"],
-                b["h"], b["y"], b["bs"], b["g"], s, T, B, H, LEVEL=k, DEPTH=D, GATE_ACT=gate[k],
-                CAND_ACT=cand[k], CELL_ACTS=cells, HAS_BIAS=m.has_bias, **kw,
-            )  # fmt: skip
+                b["gates"],
+                b["inputs"],
+                b[f"w{k}"],
+                b[f"bias{k}"],
+                b["cells"],
+                b["act_cells"],
+                b["h"],
+                b["y"],
+                b["bs"],
+                b["g"],
+                s,
+                T,
+                B,
+                H,
+                LEVEL=k,
+                DEPTH=D,
+                GATE_ACT=gate[k],
+                CAND_ACT=cand[k],
+                CELL_ACTS=cells,
+                HAS_BIAS=m.has_bias,
+                **kw,
+            )
 
 
 def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
@@ -174,17 +207,50 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             t_next = t - 1 if m.reverse else t + 1
             _gemm(op[0] if m.op_copy else dA[0, t_next], b["w_hh0"], b["g_h"])
         bwd_inner_kernel[grid](
-            dA, b["w_hh0"], b["dh"], b["dc"], b["dy"], b["gates"], b["cells"], b["act_cells"],
-            b["bs"], b["g_h"], op, s, T, B, H, DEPTH=D, GATE_ACTS=gate_acts, CAND_ACTS=cand_acts,
-            CELL_ACTS=cell_acts, OP_COPY=m.op_copy, **kw,
-        )  # fmt: skip
+            dA,
+            b["w_hh0"],
+            b["dh"],
+            b["dc"],
+            b["dy"],
+            b["gates"],
+            b["cells"],
+            b["act_cells"],
+            b["bs"],
+            b["g_h"],
+            op,
+            s,
+            T,
+            B,
+            H,
+            DEPTH=D,
+            GATE_ACTS=gate_acts,
+            CAND_ACTS=cand_acts,
+            CELL_ACTS=cell_acts,
+            OP_COPY=m.op_copy,
+            **kw,
+        )
         for k in range(D - 2, -1, -1):
             if m.cublas:  # [dx~ | dh~] = dA^{k+1} @ [W_ih | W_hh] of level k+1
                 _gemm(op[k + 1] if m.op_copy else dA[k + 1, t], b[f"w{k + 1}"], b["g_x"])
             bwd_level_kernel[grid](
-                dA, b[f"w{k + 1}"], b["dc"], b["gates"], b["cells"], b["bs"], b["g_x"], op, s, T,
-                B, H, LEVEL=k, GATE_ACT=gate[k], CAND_ACT=cand[k], OP_COPY=m.op_copy, **kw,
-            )  # fmt: skip
+                dA,
+                b[f"w{k + 1}"],
+                b["dc"],
+                b["gates"],
+                b["cells"],
+                b["bs"],
+                b["g_x"],
+                op,
+                s,
+                T,
+                B,
+                H,
+                LEVEL=k,
+                GATE_ACT=gate[k],
+                CAND_ACT=cand[k],
+                OP_COPY=m.op_copy,
+                **kw,
+            )
 
 
 def _gemm(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -282,9 +348,18 @@ def _launches(
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
     has_bias = any(lw.bias_ih is not None or lw.bias_hh is not None for lw in levels[1:])
-    direct = _Launch(steps, batch, hidden, tuple(activations), bool(reverse),
-                     batch_sizes is not None, has_bias, pick_config(batch, hidden, None, x.dtype),
-                     _dot_precision(x.dtype), x.dtype)  # fmt: skip
+    direct = _Launch(
+        steps,
+        batch,
+        hidden,
+        tuple(activations),
+        bool(reverse),
+        batch_sizes is not None,
+        has_bias,
+        pick_config(batch, hidden, None, x.dtype),
+        _dot_precision(x.dtype),
+        x.dtype,
+    )
     graphed_cfg = pick_config(batch, hidden, None, x.dtype, graphed=True)
     return _Launches(direct, replace(direct, cfg=graphed_cfg))
 

@@ -83,9 +83,14 @@ def outer_lstm_naive(
         active = batch if batch_sizes is None else int(batch_sizes[t])
         h_active, cells_active = active_rows(h, cells, active)
         h_new, cells_new = outer_step(
-            projected[t, :active], h_active, cells_active,
-            weights, memory, candidate_activation, weight_hr,
-        )  # fmt: skip
+            projected[t, :active],
+            h_active,
+            cells_active,
+            weights,
+            memory,
+            candidate_activation,
+            weight_hr,
+        )
         h, cells, outputs[t] = merge_rows(h, cells, h_new, cells_new)
     if steps == 0:
         return x.new_zeros(0, batch, h0.shape[1]), h0, c0

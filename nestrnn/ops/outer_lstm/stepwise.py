@@ -32,9 +32,8 @@ Autograd then runs one backward pass over the whole sequence: one node of ours p
 the memory function's, instead of the ~20 small ops of the naive path, and no weight gradient
 inside the loop. A packed batch, whose active rows change from step to step, keeps ``_GatesStep``
 at every step and computes h with plain autograd (``_step_loop``); so does every batch where the
-native nodes cannot be built (no C++ compiler or Python headers, ``NESTRNN_NATIVE_NODES=0``): at
-(B, H, T) = (32, 256, 100), forward and backward, that is 3-4x the speed of the naive path and
-close to the native nodes'. This path runs on CPU in float32 and float64 when the CPU kernel is
+native nodes cannot be built (no C++ compiler or Python headers, ``NESTRNN_NATIVE_NODES=0``),
+still several times the naive path's speed (docs/design.md §7). This path runs on CPU in float32 and float64 when the CPU kernel is
 available (see ``applies``); shapes as in ``naive.py``, without a projection.
 """
 
@@ -163,15 +162,31 @@ class _Sequence:
             return None
         dtype = w_fwd.dtype
         output = self.gates.new_empty(self.state_shape)  # the steps write their h into it
-        functions = ("outer_transition", "outer_transition_backward", "outer_output",
-                     "outer_output_backward")  # fmt: skip
+        functions = (
+            "outer_transition",
+            "outer_transition_backward",
+            "outer_output",
+            "outer_output_backward",
+        )
         sequence = nodes.Sequence(
-            self.gates, self.dz, self.xh, self.act_cells, output, self.flags, self.bias,
-            self.db, self.x, self.in_size, w_fwd, w_back, self.w_fwd.handle, self.w_back.handle,
+            self.gates,
+            self.dz,
+            self.xh,
+            self.act_cells,
+            output,
+            self.flags,
+            self.bias,
+            self.db,
+            self.x,
+            self.in_size,
+            w_fwd,
+            w_back,
+            self.w_fwd.handle,
+            self.w_back.handle,
             kernel.matrix_free_address(dtype),
             (self.gate, self.candidate, self.cell),
             tuple(kernel.step_address(name, dtype) for name in functions),
-        )  # fmt: skip
+        )
         self.w_fwd.release()
         self.w_back.release()
         return sequence
@@ -276,10 +291,23 @@ class _GatesStep(torch.autograd.Function):
         rows = h_prev.shape[0]
         h_prev, c_prev = h_prev.contiguous(), c_prev.contiguous()
         gated_cell, gated_input, out_gate = (torch.empty_like(c_prev) for _ in range(3))
-        seq.outer_gates(rows, seq.hidden, seq.gate, seq.candidate, seq.w_fwd.handle,
-                        seq.bias_ptr, seq.in_fwd, seq.x_at(t), h_prev.data_ptr(), seq.xh_at(t),
-                        seq.z(t), c_prev.data_ptr(),
-                        gated_cell.data_ptr(), gated_input.data_ptr(), out_gate.data_ptr())  # fmt: skip
+        seq.outer_gates(
+            rows,
+            seq.hidden,
+            seq.gate,
+            seq.candidate,
+            seq.w_fwd.handle,
+            seq.bias_ptr,
+            seq.in_fwd,
+            seq.x_at(t),
+            h_prev.data_ptr(),
+            seq.xh_at(t),
+            seq.z(t),
+            c_prev.data_ptr(),
+            gated_cell.data_ptr(),
+            gated_input.data_ptr(),
+            out_gate.data_ptr(),
+        )
         ctx.seq, ctx.t = seq, t
         ctx.save_for_backward(c_prev)
         ctx.set_materialize_grads(False)  # an unused output gets no zeros (see backward)
@@ -295,11 +323,24 @@ class _GatesStep(torch.autograd.Function):
         if d_out_gate is not None or not seq.output_reached[t]:
             d_o = _grad(d_out_gate, c_prev)  # held here until the kernel has read it
         dc_prev, dh_prev = torch.empty_like(c_prev), torch.empty_like(c_prev)
-        seq.outer_gates_backward(rows, seq.hidden, seq.gate, seq.candidate, seq.w_back.handle,
-                                 seq.z(t), c_prev.data_ptr(), *(g.data_ptr() for g in grads),
-                                 0 if d_o is None else d_o.data_ptr(),
-                                 seq.dz_at_step(t), dc_prev.data_ptr(), dh_prev.data_ptr(),
-                                 seq.db_at(t), seq.in_size, seq.dx_at(t), seq.wide)  # fmt: skip
+        seq.outer_gates_backward(
+            rows,
+            seq.hidden,
+            seq.gate,
+            seq.candidate,
+            seq.w_back.handle,
+            seq.z(t),
+            c_prev.data_ptr(),
+            *(g.data_ptr() for g in grads),
+            0 if d_o is None else d_o.data_ptr(),
+            seq.dz_at_step(t),
+            dc_prev.data_ptr(),
+            dh_prev.data_ptr(),
+            seq.db_at(t),
+            seq.in_size,
+            seq.dx_at(t),
+            seq.wide,
+        )
         seq.reached[t] = True
         return c_prev.new_empty(0), dh_prev, dc_prev, None, None
 
