@@ -324,8 +324,6 @@ def _probe_values(param: Param) -> list[Any]:
 
 
 def _pruner(path: Path, raw: Any) -> dict[str, Any]:
-    import optuna
-
     spec = {"name": raw} if isinstance(raw, str) or raw is None else raw
     if not isinstance(spec, dict) or spec.get("name", "none") not in PRUNERS:
         raise _fail(
@@ -334,22 +332,30 @@ def _pruner(path: Path, raw: Any) -> dict[str, Any]:
             f"must be one of {', '.join(PRUNERS)} or {{name: ..., OPTION: VALUE}}, got {raw!r}",
         )
     spec = {"name": spec.get("name") or "none", **{k: v for k, v in spec.items() if k != "name"}}
-    cls = {
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-    }.get(str(spec["name"]))
-    options = {k: v for k, v in spec.items() if k != "name"}
-    if cls is None:
-        if options:
-            raise _fail(path, "pruner", "'none' takes no options")
-        return spec
+    if spec["name"] == "none" and len(spec) > 1:
+        raise _fail(path, "pruner", "'none' takes no options")
     try:
-        inspect.signature(cls).bind(**options)
-        cls(**options)
+        make_pruner(spec)
     except (TypeError, ValueError) as error:
         raise _fail(path, "pruner", f"{spec['name']}: {one_line(str(error))}") from None
     return spec
+
+
+def make_pruner(spec: dict[str, Any]) -> Any:
+    """The Optuna pruner of a checked ``pruner`` spec: ``{name: ..., OPTION: VALUE}``."""
+    import optuna
+
+    classes = {
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+    }
+    cls = classes.get(str(spec["name"]))
+    if cls is None:
+        return optuna.pruners.NopPruner()
+    options = {k: v for k, v in spec.items() if k != "name"}
+    inspect.signature(cls).bind(**options)
+    return cls(**options)
 
 
 def _memory_choices(path: Path, where: str, dist: Any, config: DictConfig) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from nestrnn.config import format_config
 from nestrnn.engine import rundir as rd
 from nestrnn.engine.parent_death import libc_prctl, terminate_with_parent
 from nestrnn.errors import UserError
-from nestrnn.sweep.spec import Spec
+from nestrnn.sweep.spec import Spec, make_pruner
 
 # heartbeats and their retries are marked experimental; the sweep relies on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -78,17 +78,11 @@ def make_study(spec: Spec, url: str, name: str) -> optuna.Study:
         sampler = optuna.samplers.RandomSampler()
     else:
         sampler = optuna.samplers.TPESampler()
-    options = {k: v for k, v in spec.pruner.items() if k != "name"}
-    pruner = {
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-    }.get(spec.pruner["name"])
     return optuna.create_study(
         storage=storage(url, spec.heartbeat_s),
         study_name=name,
         sampler=sampler,
-        pruner=pruner(**options) if pruner else optuna.pruners.NopPruner(),
+        pruner=make_pruner(spec.pruner),
         direction=cast(Any, spec.direction),
         load_if_exists=True,
     )
