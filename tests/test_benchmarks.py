@@ -292,9 +292,17 @@ def fake_sweep(spec, directory, overrides, workers, threads):
     import math
     import random
 
+    import yaml
+
     from nestrnn.config import load_config
     from nestrnn.engine.trainer import Trainer
+    from nestrnn.sweep.spec import load_spec
 
+    # what the real command would check first: the spec and overrides quality.py gives it
+    written = directory.with_name(directory.name + ".yaml")
+    written.parent.mkdir(parents=True, exist_ok=True)
+    written.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    load_spec(written, list(overrides))
     rng = random.Random(0)
     fixed = [f"{key}={value}" for key, value in spec["overrides"].items()]
     for trial in range(spec.get("trials", 1)):
@@ -319,14 +327,11 @@ def fake_sweep(spec, directory, overrides, workers, threads):
 
 def test_quality_quick_tunes_measures_and_compares(tmp_path, monkeypatch):
     """``quality.py --quick``: every model tuned with the same budget, re-run over seeds and
-    compared with the stacked LSTM as baseline; the sweep step is faked where ``nestrnn sweep``
-    (or optuna) is not installed."""
+    compared with the stacked LSTM as baseline. The sweep step trains in this process (twelve
+    ``nestrnn train`` processes would take minutes; tests/test_sweep.py runs the real command)."""
     pytest.importorskip("scipy")
     quality = load("quality", monkeypatch)
-    if not (
-        importlib.util.find_spec("nestrnn.commands.sweep") and importlib.util.find_spec("optuna")
-    ):
-        monkeypatch.setattr(quality, "run_sweep", fake_sweep)
+    monkeypatch.setattr(quality, "run_sweep", fake_sweep)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the king is dead. long live the queen.\n" * 60)
     argv = [
