@@ -254,15 +254,7 @@ def test_tuning_takes_the_fastest_correct_configuration(tmp_path, monkeypatch):
 
     tune = load("tune_triton", monkeypatch)
 
-    def row(fields, graph, direct):
-        return {
-            "config": str(fields),
-            "fields": fields,
-            "fwd_graph": graph[0],
-            "fwd+bwd_graph": graph[1],
-            "fwd_direct": direct[0],
-            "fwd+bwd_direct": direct[1],
-        }
+    from test_triton_configs import measured_row as row
 
     fused = row([32, 16, 32, 4, None, False], (10.0, 20.0), (10.0, 20.0))
     cublas = row([32, 32, 32, 4, None, True], (9.0, 15.0), (30.0, 40.0))
