@@ -22,6 +22,11 @@ Rows, each timed forward only and forward+backward, and the rows each is compare
                   PyTorch loop), at most ``--plain-loop-repeats`` times. Against NLSTM-2: its
                   ratio is the speed-up of ``--backend`` over it.
     --split       per shape, a per-step time split of NLSTM-2 (see ``time_split``).
+    --regularisers  NestedLSTM(H, H, depth=2) with one recurrent regulariser on (weight drop
+                  0.5 on every level, locked input/output dropout 0.1, zoneout 0.5 of the cells
+                  and 0.05 of h, segment recomputation every T/4 steps), on ``--backend``.
+                  Against the same layer without it ("NLSTM-2 layer"). fwd is evaluation, where
+                  dropout and weight drop are off and zoneout is its expectation.
 
 fwd is inference (eval mode, torch.no_grad()); fwd+bwd is training mode with an input that
 requires grad (as after an embedding or another layer) and a fixed random output gradient. Input
@@ -271,6 +276,14 @@ class LeakyMemory(MemoryFunction):
 
 Build = Callable[[int, str], torch.nn.Module]  # (hidden size, backend) -> model
 
+#: --regularisers rows: NestedLSTM options (checkpoint_every is set to T/4 at each shape)
+REGULARISERS = {
+    "+ weight drop": {"weight_drop": 0.5},
+    "+ locked dropout": {"locked_dropout": True, "input_dropout": 0.1, "output_dropout": 0.1},
+    "+ zoneout": {"zoneout_cell": 0.5, "zoneout_hidden": 0.05},
+    "+ recompute T/4": {"checkpoint_every": 1},
+}
+
 
 def lstm(layers: int) -> Build:
     return lambda hidden, _backend: torch.nn.LSTM(hidden, hidden, layers)
@@ -338,6 +351,11 @@ def make_rows(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
             notes.append(f"GRUMemory row skipped: the nestrnn-gru plugin is not importable ({err})")
         else:
             rows.append(Row("GRUMemory", "memory", layer(memory=GRUMemory), "auto", ("LSTM-1",)))
+    if args.regularisers:
+        rows.append(Row("NLSTM-2 layer", "regulariser", layer(depth=2), args.backend))
+        for name, options in REGULARISERS.items():
+            build = layer(depth=2, **options)
+            rows.append(Row(name, "regulariser", build, args.backend, ("NLSTM-2 layer",)))
     if args.plain_loop:
         name, repeats = f"NLSTM-2 {args.plain_loop}", args.plain_loop_repeats
         rows.append(
@@ -365,11 +383,13 @@ def check_rows(rows: list[Row], device: torch.device, dtype: torch.dtype) -> dic
         fast = row.build(hidden, row.backend).to(device, run_dtype)
         ref = row.build(hidden, "naive").to(device, torch.float64)
         ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+        set_recompute_segments((fast, ref), steps)
         x = torch.randn(steps, batch, hidden, device=device, dtype=torch.float64)
         require_backend([row], implementations({row.name: fast}, x.to(dtype)))
         grad_out = torch.randn(steps, batch, hidden, device=device, dtype=torch.float64)
         results = []
         for model, dt in ((fast, run_dtype), (ref, torch.float64)):
+            torch.manual_seed(1)  # the same dropout and zoneout masks for both
             xi = x.to(dt).requires_grad_()
             out, (h_n, c_n) = model(xi)
             loss = (out.double() * grad_out).sum() + h_n.double().sum() + c_n.double().sum()
@@ -412,6 +432,7 @@ def time_shape(shape, rows, device, dtype, args, timer) -> tuple[dict, int, dict
     batch, hidden, steps = shape
     torch.manual_seed(0)
     models = {row.name: row.build(hidden, row.backend).to(device, dtype) for row in rows}
+    set_recompute_segments(models.values(), steps)
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
     x_train = x.clone().requires_grad_()
     grad_out = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
@@ -447,6 +468,13 @@ def time_shape(shape, rows, device, dtype, args, timer) -> tuple[dict, int, dict
             + "; ".join(f"{name}: {planned[name]} -> {after[name]}" for name in changed)
         )
     return times, repeats, planned
+
+
+def set_recompute_segments(models, steps: int) -> None:
+    """Models that recompute segments do so every quarter of the shape's steps."""
+    for model in models:
+        if getattr(model, "checkpoint_every", None):
+            model.checkpoint_every = max(1, steps // 4)
 
 
 def inference(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -792,6 +820,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--plain-loop-repeats", type=positive(int), default=3)
     p.add_argument("--split", action="store_true", help="per-step time split at depth 2")
+    p.add_argument("--regularisers", action="store_true", help="NLSTM-2 with each regulariser on")
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 3 repeats")
     p.add_argument(
         "--triton-configs",

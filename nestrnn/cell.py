@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,7 +12,9 @@ from nestrnn.arguments import check_bool, check_int
 from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
 from nestrnn.ops.common.levels import LevelWeights
+from nestrnn.ops.common.reference import zoneout_mix
 from nestrnn.ops.outer_lstm.naive import outer_step
+from nestrnn.regularisers import check_rate, level_rates, zoneout_weights
 from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
 
 
@@ -18,11 +22,15 @@ class NestedLSTMCell(nn.Module):
     """One step of a Nested LSTM; with ``depth=1`` exactly ``nn.LSTMCell``.
 
     Args: ``input_size, hidden_size, bias, device, dtype`` as in ``nn.LSTMCell``, in the same
-    positions; keyword-only ``depth``, ``memory``, ``forget_bias`` and ``recurrent_init`` as in
-    :class:`nestrnn.NestedLSTM`.
+    positions; keyword-only ``depth``, ``memory``, ``forget_bias``, ``recurrent_init``,
+    ``zoneout_cell`` and ``zoneout_hidden`` as in :class:`nestrnn.NestedLSTM` (zoneout works with
+    any memory function here: each of its states is a cell). Weight drop and locked dropout draw
+    one mask per sequence, which a single step cannot know: they are options of the layer.
 
     Inputs: ``input`` (N, H_in) or (H_in,), ``hx = (h, c)`` or None: h (N, H); c (N, H) when
-    ``depth == 1``, else (depth, N, H). Unbatched: drop N.
+    ``depth == 1``, else (depth, N, H). Unbatched: drop N. ``zoneout``: keep-previous weights
+    (depth + 1, N, H) to use instead of drawing them (rows 0..depth-1 for the cells, the last for
+    h), e.g. the masks a layer drew (``nestrnn.regularisers.zoneout_weights``).
     Outputs: ``(h', c')`` of the same shapes.
 
     Parameters ``weight_ih`` (4H, H_in), ``weight_hh`` (4H, H), ``bias_ih``, ``bias_hh`` (4H,);
@@ -47,6 +55,8 @@ class NestedLSTMCell(nn.Module):
         memory: MemorySpec | None = None,
         forget_bias: float | None = 1.0,
         recurrent_init: str = "orthogonal",
+        zoneout_cell: float | Sequence[float] = 0.0,
+        zoneout_hidden: float = 0.0,
     ) -> None:
         super().__init__()
         check_int(input_size, "input_size")
@@ -65,6 +75,8 @@ class NestedLSTMCell(nn.Module):
                 f"depth={depth} does not match the memory given, which has {self.num_cells} levels"
             )
         self.depth = self.num_cells
+        self.zoneout_cell = level_rates(zoneout_cell, self.depth, "zoneout_cell")
+        self.zoneout_hidden = check_rate(zoneout_hidden, "zoneout_hidden")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,7 +87,10 @@ class NestedLSTMCell(nn.Module):
         return LevelWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
     def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+        self,
+        input: Tensor,
+        hx: tuple[Tensor, Tensor] | None = None,
+        zoneout: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         check_input(input, (1, 2), self.input_size, self.weight_ih)
         batched = input.dim() == 2
@@ -103,6 +118,20 @@ class NestedLSTMCell(nn.Module):
             self.memory,
             self.memory.outer_candidate_activation,
         )
+        if zoneout is None:
+            drawn = zoneout_weights(
+                self.zoneout_cell,
+                self.zoneout_hidden,
+                1,
+                x.shape[0],
+                self.hidden_size,
+                self.training,
+                x,
+            )
+            zoneout = None if drawn is None else drawn[:, 0]
+        if zoneout is not None:
+            h = zoneout_mix(h0, h, zoneout[-1])
+            cells = tuple(zoneout_mix(c0[k], c, zoneout[k]) for k, c in enumerate(cells))
         c = torch.stack(cells)
         if self.num_cells == 1:
             c = c.squeeze(0)

@@ -59,7 +59,16 @@ MAX_RATE = 1000.0
 MAX_SEED = 2**63 - 1
 #: model settings a resumed run, ``eval``, ``sample`` and ``viz`` may change (every other
 #: ``model.*`` key is fixed by the checkpoint)
-MODEL_KEYS_FREE_AFTER_TRAINING = ("backend", "dropout", "lstm_impl")
+MODEL_KEYS_FREE_AFTER_TRAINING = (
+    "backend",
+    "dropout",
+    "lstm_impl",
+    "input_dropout",
+    "output_dropout",
+    "locked_dropout",
+    "weight_drop",
+    "checkpoint_every",
+)
 
 
 class ConfigError(UserError, ValueError):
@@ -83,6 +92,13 @@ class ModelConfig:
     recurrent_init: str = "orthogonal"  # orthogonal | uniform initialisation of recurrent weights
     backend: str = "auto"  # NestedLSTM backend (auto, generic, naive, an op implementation)
     lstm_impl: str = "torch"  # lstm/stacked_lstm: torch (nn.LSTM, cuDNN on GPU) | nestrnn (depth 1)
+    input_dropout: float | None = None  # dropout on the recurrent input (null: model.dropout)
+    output_dropout: float | None = None  # dropout on the recurrent output (null: model.dropout)
+    locked_dropout: bool = False  # one dropout mask per sequence (variational), not per step
+    weight_drop: Any = 0.0  # DropConnect on hidden-to-hidden weights: a rate, or one per level
+    zoneout_cell: Any = 0.0  # zoneout of the cells: a rate, or one per memory level
+    zoneout_hidden: float = 0.0  # zoneout of h
+    checkpoint_every: int = 0  # recompute the time loop in segments of N steps in the backward
 
 
 @dataclass
@@ -402,6 +418,7 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
         "train.early_stopping",
         "train.threads",
         "train.checkpoint_every",
+        "model.checkpoint_every",
         "optim.weight_decay",
         "optim.grad_clip",
         "optim.patience",
@@ -435,6 +452,7 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
             raise ConfigError(
                 f"config key '{key}' must be {expected}, got {OmegaConf.select(config, key)}"
             )
+    _check_rates(config.model)
     check_device(config.train.device, "config key 'train.device'")
     memory = config.model.memory
     if memory is not None and not isinstance(memory, (str, DictConfig)):
@@ -446,6 +464,38 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
         raise ConfigError(
             "config key 'model.memory' needs a 'name' key (e.g. {name: nested, depth: 3})"
         )
+
+
+def _check_rates(model: DictConfig) -> None:
+    """The regularisers' rates: probabilities in [0, 1); per-level ones a rate or a list with one
+    per memory level of an nlstm model."""
+    singles = ["input_dropout", "output_dropout", "zoneout_hidden"]
+    for key in singles:
+        value = model[key]
+        if value is not None and not _is_rate(value):
+            raise ConfigError(f"config key 'model.{key}' must be in [0, 1), got {value!r}")
+    for key in ("weight_drop", "zoneout_cell"):
+        value = model[key]
+        values = list(value) if isinstance(value, ListConfig) else [value]
+        if not values or not all(_is_rate(v) for v in values):
+            raise ConfigError(
+                f"config key 'model.{key}' must be a rate in [0, 1) or a list of one rate per "
+                f"memory level, got {_plain_value(value)!r}"
+            )
+        per_level = model.family == "nlstm" and model.memory is None
+        if len(values) > 1 and per_level and len(values) != model.depth:
+            raise ConfigError(
+                f"config key 'model.{key}' has {len(values)} rates for model.depth="
+                f"{model.depth} memory levels; give one per level or a single rate"
+            )
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _plain_value(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _check_finite(node: Any, prefix: str = "") -> None:

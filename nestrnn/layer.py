@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -21,6 +21,14 @@ from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.nested_lstm.projected import projected_nested_lstm
 from nestrnn.ops.outer_lstm import outer_lstm
 from nestrnn.ops.outer_lstm.naive import outer_lstm_naive
+from nestrnn.regularisers import (
+    check_rate,
+    drop_weight,
+    level_rates,
+    run_in_segments,
+    sequence_dropout,
+    zoneout_weights,
+)
 from nestrnn.state import check_input, check_state, initial_cells, memory_spec_for_depth
 
 #: "generic" runs any memory function step by step (fast outer LSTM), "naive" the references
@@ -148,6 +156,13 @@ class NestedLSTM(nn.Module):
         forget_bias: float | None = 1.0,
         recurrent_init: str = "orthogonal",
         backend: str = "auto",
+        weight_drop: float | Sequence[float] = 0.0,
+        locked_dropout: bool = False,
+        input_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        zoneout_cell: float | Sequence[float] = 0.0,
+        zoneout_hidden: float = 0.0,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__()
         _check_lstm_arguments(
@@ -206,7 +221,54 @@ class NestedLSTM(nn.Module):
                 f"memory chains without a projection; {type(self.memory_l0).__name__}"
                 f"{' with proj_size' if proj_size else ''} needs backend 'auto' or 'generic'"
             )
+        self._set_regularisers(
+            weight_drop,
+            locked_dropout,
+            input_dropout,
+            output_dropout,
+            zoneout_cell,
+            zoneout_hidden,
+            checkpoint_every,
+        )
         self._init_outer_parameters()
+
+    def _set_regularisers(
+        self,
+        weight_drop: float | Sequence[float],
+        locked_dropout: bool,
+        input_dropout: float,
+        output_dropout: float,
+        zoneout_cell: float | Sequence[float],
+        zoneout_hidden: float,
+        checkpoint_every: int | None,
+    ) -> None:
+        """Check and keep the regularisers' settings (see the class docstring)."""
+        check_bool(locked_dropout, "locked_dropout")
+        if checkpoint_every is not None:
+            check_int(checkpoint_every, "checkpoint_every")
+        self.weight_drop = level_rates(weight_drop, self.depth, "weight_drop")
+        self.locked_dropout = locked_dropout
+        self.input_dropout = check_rate(input_dropout, "input_dropout")
+        self.output_dropout = check_rate(output_dropout, "output_dropout")
+        self.zoneout_cell = level_rates(zoneout_cell, self.depth, "zoneout_cell")
+        self.zoneout_hidden = check_rate(zoneout_hidden, "zoneout_hidden")
+        self.checkpoint_every = checkpoint_every
+        fused = self.memory_l0.fused_levels() is not None and self.backend != "generic"
+        name = type(self.memory_l0).__name__
+        if any(self.weight_drop[1:]) and not fused:
+            raise ValueError(
+                f"weight_drop of the inner levels needs the whole-sequence op or the reference, "
+                f"which run additive and nested memory chains; {name} with backend="
+                f"{self.backend!r} takes one rate, for the outer weight_hh"
+            )
+        zoneout = any(self.zoneout_cell) or self.zoneout_hidden
+        if zoneout and (not fused or self.proj_size):
+            raise ValueError(
+                "zoneout runs inside the whole-sequence op, which covers additive and nested "
+                f"memory chains without a projection; {name}"
+                f"{' with proj_size' if self.proj_size else ''} with backend="
+                f"{self.backend!r} has no zoneout"
+            )
 
     # ------------------------------------------------------------------ structure
 
@@ -343,6 +405,8 @@ class NestedLSTM(nn.Module):
         return h0, torch.stack(per_direction, dim=1)
 
     def _layers(self, x, h0, c0, batch_sizes) -> tuple[Tensor, Tensor, Tensor]:
+        locked = self.locked_dropout
+        x = sequence_dropout(x, self.input_dropout, self.training, locked)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
@@ -355,8 +419,9 @@ class NestedLSTM(nn.Module):
                 h_n.append(h)
                 c_n.append(c)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
+            if layer < self.num_layers - 1:
+                x = sequence_dropout(x, self.dropout, self.training, locked)
+        x = sequence_dropout(x, self.output_dropout, self.training, locked)
         return x, torch.stack(h_n), torch.stack(c_n, dim=1)  # (T, B, .), (LD, B, P), (C, LD, B, H)
 
     def _run_direction(
@@ -368,22 +433,98 @@ class NestedLSTM(nn.Module):
         batch_sizes: Tensor | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the layer/direction ``name`` over x (T, B, I); returns (T, B, P), h_n, c_n."""
+        """Run the layer/direction ``name`` over x (T, B, I); returns (T, B, P), h_n, c_n.
+
+        Weight drop and the zoneout masks are drawn here, once per call, so that a segment
+        recomputed in the backward (``checkpoint_every``) sees the same ones."""
         memory: MemoryFunction = getattr(self, f"memory_{name}")
-        outer = self._outer_weights(name)
+        outer = self._dropped(self._outer_weights(name), 0)
+        levels = None if self.backend == "generic" else memory.fused_levels()
+        weights = None
+        if levels is not None:
+            weights = [outer, *(self._dropped(w, k) for k, (w, _) in enumerate(levels, 1))]
+        steps, batch = x.shape[0], x.shape[1]
+        zoneout = zoneout_weights(
+            self.zoneout_cell,
+            self.zoneout_hidden,
+            steps,
+            batch,
+            self.hidden_size,
+            self.training,
+            x,
+        )
+
+        def run(x, h0, c0, batch_sizes, zoneout) -> tuple[Tensor, Tensor, Tensor]:
+            return self._run_levels(
+                x, name, memory, outer, weights, h0, c0, batch_sizes, reverse, zoneout
+            )
+
+        every = self.checkpoint_every
+        if every and steps > every and self.training and torch.is_grad_enabled():
+            return run_in_segments(run, x, h0, c0, batch_sizes, zoneout, reverse, every)
+        return run(x, h0, c0, batch_sizes, zoneout)
+
+    def _regularisers(self) -> dict[str, Any]:
+        """The regularisers' settings that differ from their defaults (off)."""
+        settings = {
+            "weight_drop": self.weight_drop,
+            "locked_dropout": self.locked_dropout,
+            "input_dropout": self.input_dropout,
+            "output_dropout": self.output_dropout,
+            "zoneout_cell": self.zoneout_cell,
+            "zoneout_hidden": self.zoneout_hidden,
+            "checkpoint_every": self.checkpoint_every,
+        }
+        return {
+            name: value
+            for name, value in settings.items()
+            if value and (not isinstance(value, tuple) or any(value))
+        }
+
+    def _dropped(self, weights: LevelWeights, level: int) -> LevelWeights:
+        """``weights`` with level ``level``'s weight drop applied to ``weight_hh``."""
+        dropped = drop_weight(weights.weight_hh, self.weight_drop[level], self.training)
+        return weights._replace(weight_hh=dropped)
+
+    def _run_levels(
+        self,
+        x: Tensor,
+        name: str,
+        memory: MemoryFunction,
+        outer: LevelWeights,
+        weights: list[LevelWeights] | None,
+        h0: Tensor,
+        c0: Tensor,
+        batch_sizes: Tensor | None,
+        reverse: bool,
+        zoneout: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The recurrence of one layer/direction: the whole-sequence op (``weights``: every
+        level's, for additive and nested memory chains) or the generic path."""
         weight_hr = getattr(self, f"weight_hr_{name}", None)
         candidate = memory.outer_candidate_activation
-        levels = None if self.backend == "generic" else memory.fused_levels()
-        if levels is not None:
-            weights = [outer, *(w for w, _ in levels)]
+        if weights is not None:
+            levels = cast(list, memory.fused_levels())
             activations = (LevelActivations(candidate=candidate), *(a for _, a in levels))
             if weight_hr is not None:  # "naive" too: the projected path is the reference
                 return projected_nested_lstm(
                     x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations
                 )
             if self.backend == "naive":
-                return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, activations)
-            return nested_lstm(x, weights, h0, c0, batch_sizes, reverse, activations, self.backend)
+                return nested_lstm_naive(
+                    x, weights, h0, c0, batch_sizes, reverse, activations, zoneout=zoneout
+                )
+            return nested_lstm(
+                x,
+                weights,
+                h0,
+                c0,
+                batch_sizes,
+                reverse,
+                activations,
+                self.backend,
+                zoneout=zoneout,
+            )
         if torch.jit.is_tracing():
             raise RuntimeError(
                 f"torch.jit.trace cannot record {type(memory).__name__}'s time loop: the trace "
@@ -400,9 +541,13 @@ class NestedLSTM(nn.Module):
 
     def _is_torch_lstm(self) -> bool:
         """A projected depth-1 LSTM with the standard activations runs torch's own LSTM for the
-        whole stack, exactly as nn.LSTM does (the op has no projection)."""
+        whole stack, exactly as nn.LSTM does (the op has no projection). Its dropout is
+        nn.LSTM's: locked, input and output dropout and segment recomputation need the layers'
+        own loop."""
         return (
             self.proj_size > 0
+            and not (self.locked_dropout or self.input_dropout or self.output_dropout)
+            and self.checkpoint_every is None
             and self.backend not in ("generic", "naive")  # the step-by-step paths, when asked for
             and all(
                 m.fused_levels() == [] and m.outer_candidate_activation == "tanh"
@@ -415,7 +560,8 @@ class NestedLSTM(nn.Module):
         for layer in range(self.num_layers):
             for suffix in self._suffixes:
                 name = f"l{layer}{suffix}"
-                flat += [w for w in self._outer_weights(name) if w is not None]
+                outer = self._dropped(self._outer_weights(name), 0)
+                flat += [w for w in outer if w is not None]
                 flat.append(getattr(self, f"weight_hr_{name}"))
         hx = (h0, c0[0])
         common = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
@@ -440,6 +586,7 @@ class NestedLSTM(nn.Module):
         if self.proj_size:
             s += f", proj_size={self.proj_size}"
         s += f", depth={self.depth}"
+        s += "".join(f", {name}={value!r}" for name, value in self._regularisers().items())
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s

@@ -10,7 +10,10 @@ Families (``model.family``), all batch-first and all returning ``output, state``
 
 LSTM families use ``nn.LSTM`` (cuDNN on GPU) by default, initialised like the Nested LSTM
 (orthogonal recurrent weights, forget bias 1), or ``NestedLSTM(depth=1)`` with
-``model.lstm_impl=nestrnn``.
+``model.lstm_impl=nestrnn`` or with any recurrent regulariser (weight drop, zoneout, locked
+dropout between layers, segment recomputation: ``nn.LSTM`` has none of them). An LSTM family
+takes level 0's rate of a per-level ``model.weight_drop``/``model.zoneout_cell``: each of its
+layers is one level.
 
 Heads: :class:`TokenModel` (embedding, recurrent core, a linear read-out at every step: language
 models, copy memory) and :class:`SequenceModel` (feature vectors in, one read-out from the last
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from nestrnn.config import FAMILIES, ModelConfig
 from nestrnn.init import init_lstm_level
 from nestrnn.layer import NestedLSTM
+from nestrnn.regularisers import sequence_dropout
 
 State = Any  # (h, c) as returned by the recurrent core; None for zeros
 
@@ -42,6 +46,41 @@ def _memory_spec(memory: Any) -> Any:
     if isinstance(memory, DictConfig):
         return OmegaConf.to_container(memory, resolve=True)
     return dict(memory) if isinstance(memory, dict) else memory
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain Python (a ListConfig of rates becomes a list)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _level_zero(value: Any) -> Any:
+    """Level 0's rate of a per-level setting (a number applies to every level)."""
+    value = _plain(value)
+    return value[0] if isinstance(value, list) else value
+
+
+def recurrent_regularisers(cfg: ModelConfig, levels_of_one_layer: bool) -> dict[str, Any]:
+    """The ``NestedLSTM`` keyword arguments of ``cfg``'s recurrent regularisers (per level, or
+    level 0's rates for a layer of one level)."""
+    rates = _level_zero if levels_of_one_layer else _plain
+    return {
+        "weight_drop": rates(cfg.weight_drop),
+        "locked_dropout": cfg.locked_dropout,
+        "zoneout_cell": rates(cfg.zoneout_cell),
+        "zoneout_hidden": cfg.zoneout_hidden,
+        "checkpoint_every": cfg.checkpoint_every or None,
+    }
+
+
+def _needs_nestrnn_lstm(cfg: ModelConfig, layers: int) -> bool:
+    """Whether an LSTM family needs ``NestedLSTM(depth=1)``: a regulariser nn.LSTM lacks."""
+    return bool(
+        _level_zero(cfg.weight_drop)
+        or _level_zero(cfg.zoneout_cell)
+        or cfg.zoneout_hidden
+        or cfg.checkpoint_every
+        or (cfg.locked_dropout and layers > 1 and cfg.dropout)
+    )
 
 
 def build_recurrent(cfg: ModelConfig, input_size: int, hidden_size: int) -> nn.Module:
@@ -62,10 +101,11 @@ def build_recurrent(cfg: ModelConfig, input_size: int, hidden_size: int) -> nn.M
             forget_bias=cfg.forget_bias,
             recurrent_init=cfg.recurrent_init,
             backend=cfg.backend,
+            **recurrent_regularisers(cfg, levels_of_one_layer=False),
         )
     layers = cfg.num_layers * (cfg.depth if cfg.family == "stacked_lstm" else 1)
     layer_dropout = dropout if layers > 1 else 0.0
-    if cfg.lstm_impl == "nestrnn":
+    if cfg.lstm_impl == "nestrnn" or _needs_nestrnn_lstm(cfg, layers):
         return NestedLSTM(
             input_size,
             hidden_size,
@@ -76,6 +116,7 @@ def build_recurrent(cfg: ModelConfig, input_size: int, hidden_size: int) -> nn.M
             forget_bias=cfg.forget_bias,
             recurrent_init=cfg.recurrent_init,
             backend=cfg.backend,
+            **recurrent_regularisers(cfg, levels_of_one_layer=True),
         )
     lstm = nn.LSTM(
         input_size, hidden_size, num_layers=layers, batch_first=True, dropout=layer_dropout
@@ -102,6 +143,25 @@ def describe_family(cfg: ModelConfig) -> str:
     return f"{cfg.family} ({layers} layer{'s' * (layers > 1)})"
 
 
+class HeadDropout(nn.Module):
+    """Dropout of a head's (B, T, F) sequences: the recurrent core's input and its output, each
+    at its own rate (``model.input_dropout``/``output_dropout``, default ``model.dropout``), one
+    mask per sequence with ``model.locked_dropout``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_rate = cfg.dropout if cfg.input_dropout is None else cfg.input_dropout
+        self.output_rate = cfg.dropout if cfg.output_dropout is None else cfg.output_dropout
+        self.locked = cfg.locked_dropout
+
+    def input(self, x: Tensor) -> Tensor:
+        return sequence_dropout(x, self.input_rate, self.training, self.locked, time_dim=1)
+
+    def output(self, x: Tensor) -> Tensor:
+        time_dim = 1 if x.dim() == 3 else 0  # (B, F) outputs of one step: one mask anyway
+        return sequence_dropout(x, self.output_rate, self.training, self.locked, time_dim)
+
+
 class TokenModel(nn.Module):
     """Tokens in, a distribution over output tokens at every step.
 
@@ -113,13 +173,13 @@ class TokenModel(nn.Module):
         embedding_dim = cfg.embedding_dim or hidden_size
         self.embedding = nn.Embedding(vocab_in, embedding_dim)
         self.rnn = build_recurrent(cfg, embedding_dim, hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = HeadDropout(cfg)
         self.decoder = nn.Linear(hidden_size, n_out)
 
     def forward(self, tokens: Tensor, state: State = None) -> tuple[Tensor, State]:
-        x = self.dropout(self.embedding(tokens))
+        x = self.dropout.input(self.embedding(tokens))
         out, state = self.rnn(x, state)
-        return self.decoder(self.dropout(out)), state
+        return self.decoder(self.dropout.output(out)), state
 
 
 class SequenceModel(nn.Module):
@@ -136,14 +196,14 @@ class SequenceModel(nn.Module):
             raise ValueError(f"readout must be 'last' or 'all', got {readout!r}")
         self.readout = readout
         self.rnn = build_recurrent(cfg, input_size, hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = HeadDropout(cfg)
         self.decoder = nn.Linear(hidden_size, n_out)
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
         out, state = self.rnn(x, state)
         if self.readout == "last":
             out = out[:, -1]
-        return self.decoder(self.dropout(out)), state
+        return self.decoder(self.dropout.output(out)), state
 
 
 def count_parameters(module: nn.Module) -> int:
