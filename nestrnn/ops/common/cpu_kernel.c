@@ -123,6 +123,10 @@ const char *nlstm_args_layout(void) {
         {"d_gates", offsetof(nlstm_args, d_gates)},
         {"scratch", offsetof(nlstm_args, scratch)},
         {"dht", offsetof(nlstm_args, dht)},
+        {"zoneout", offsetof(nlstm_args, zoneout)},
+        {"zoneout_level_stride", offsetof(nlstm_args, zoneout_level_stride)},
+        {"zoneout_step_stride", offsetof(nlstm_args, zoneout_step_stride)},
+        {"zoneout_row_stride", offsetof(nlstm_args, zoneout_row_stride)},
     };
     size_t used = 0;
     for (size_t n = 0; n < sizeof fields / sizeof fields[0]; n++)

@@ -140,11 +140,25 @@ static void SFX(output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, co
 }
 
 
+/* Zoneout of one carried state over rows x H: next = keep * prev + (1 - keep) * next, keep's rows
+ * ld_keep apart (zero for rates shared by every row). */
+static void SFX(zoneout_mix)(int64_t rows, int64_t H, const REAL *keep, int64_t ld_keep,
+                             const REAL *prev, REAL *next) {
+    for (int64_t b = 0; b < rows; b++) {
+        const REAL *zr = keep + b * ld_keep, *pr = prev + b * H;
+        REAL *nr = next + b * H;
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++)
+            nr[u] = zr[u] * pr[u] + (1 - zr[u]) * nr[u];
+    }
+}
+
 /* From d(i*g) and d(f*c_prev) of one level at one step: its gate gradients (o's gradient by its
- * activated value is already in place) and the gradient of its previous cell. */
+ * activated value is already in place) and the gradient of its previous cell, added to what
+ * dc_prev holds when accumulate is set (zoneout's share), else written. */
 static void SFX(gate_backward)(int64_t rows, int64_t H, const int32_t *act, const REAL *z,
                                const REAL *cp, const REAL *d_ig, int64_t ld_ig, const REAL *d_fc,
-                               int64_t ld_fc, REAL *dz, REAL *dc_prev) {
+                               int64_t ld_fc, REAL *dz, REAL *dc_prev, int accumulate) {
     for (int64_t b = 0; b < rows; b++) {
         const REAL *zr = z + b * 4 * H, *cr = cp + b * H;
         const REAL *ig = d_ig + b * ld_ig, *fc = d_fc + b * ld_fc;
@@ -155,7 +169,7 @@ static void SFX(gate_backward)(int64_t rows, int64_t H, const int32_t *act, cons
             dr[u] = ig[u] * g;
             dr[H + u] = fc[u] * cr[u];
             dr[2 * H + u] = ig[u] * i;
-            dcr[u] = fc[u] * f;
+            dcr[u] = fc[u] * f + (accumulate ? dcr[u] : 0);
         }
         SFX(times_derivative)(act[0], zr, dr, 2 * H);                 /* i, f */
         SFX(times_derivative)(act[1], zr + 2 * H, dr + 2 * H, H);     /* g */

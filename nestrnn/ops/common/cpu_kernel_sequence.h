@@ -14,6 +14,9 @@ static int SFX(check_args)(const nlstm_args *a) {
 }
 
 #define AT(ptr, j, n) ((REAL *)(ptr) + (size_t)(j) * (size_t)(n))
+/* zoneout's keep weights of state k (level k's cell, or h at k = D) at step t, row 0 */
+#define ZONE(a, k, t)                                                                             \
+    ((const REAL *)(a)->zoneout + (k) * (a)->zoneout_level_stride + (t) * (a)->zoneout_step_stride)
 
 /* Forward over all steps. */
 int SFX(nlstm_forward)(const nlstm_args *a) {
@@ -95,6 +98,12 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
             REAL *up = k == 0 ? hn : AT(a->cells[k - 1], jn % cell_slots, BH);
             SFX(output)(rows, H, act[3 * k + 2], z, cn, ac, up); /* up = o_k act_k(c^k) */
         }
+        if (a->zoneout) /* mix what is carried past the step, after the ascent read it unzoned */
+            for (int64_t k = 0; k <= D; k++) {
+                const REAL *prev = k < D ? AT(a->cells[k], j % cell_slots, BH) : hp;
+                REAL *next = k < D ? AT(a->cells[k], jn % cell_slots, BH) : hn;
+                SFX(zoneout_mix)(rows, H, ZONE(a, k, t), a->zoneout_row_stride, prev, next);
+            }
     }
     SFX(operand_free)(&w0);
     for (int64_t k = 1; k < D; k++)
@@ -127,15 +136,27 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
         if (rows == 0)
             continue;
         const REAL *dout = AT(a->d_out, t, BH);
-        for (int64_t e = 0; e < rows * H; e++)
-            dht[e] = dout[e] + dh[e];
+        if (!a->zoneout) {
+            for (int64_t e = 0; e < rows * H; e++)
+                dht[e] = dout[e] + dh[e];
+        } else { /* h = z h_prev + (1 - z) h_new: dht for h_new, dh keeps h_prev's share */
+            for (int64_t b = 0; b < rows; b++) {
+                const REAL *zr = ZONE(a, D, t) + b * a->zoneout_row_stride;
+#pragma omp simd
+                for (int64_t u = 0; u < H; u++) {
+                    const REAL g = dout[b * H + u] + dh[b * H + u];
+                    dht[b * H + u] = (1 - zr[u]) * g;
+                    dh[b * H + u] = zr[u] * g;
+                }
+            }
+        }
         /* back through the ascent: level k's o gradient (by its activated value), and the
          * gradient of its new cell (into scratch, used as (rows, H)) */
         REAL *d_cell = scratch;
         for (int64_t k = 0; k < D; k++) {
             const REAL *z = AT(a->gates[k], t, B4H), *ac = AT(a->act_cells[k], t, BH);
             const REAL *grad = k == 0 ? dht : d_cell;
-            const REAL *d_carried = AT(a->dc, k, BH);
+            REAL *d_carried = AT(a->dc, k, BH);
             REAL *dz = AT(a->d_gates[k], t, B4H);
             for (int64_t b = 0; b < rows; b++) {
                 const REAL *zr = z + b * 4 * H;
@@ -148,23 +169,37 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
                 }
             }
             SFX(times_derivative)(act[3 * k + 2], ac, d_cell, rows * H);
+            if (!a->zoneout) {
 #pragma omp simd
-            for (int64_t e = 0; e < rows * H; e++)
-                d_cell[e] += d_carried[e]; /* plus the gradient carried from the next step */
+                for (int64_t e = 0; e < rows * H; e++)
+                    d_cell[e] += d_carried[e]; /* plus the gradient carried from the next step */
+            } else { /* the new cell's share; the previous cell's stays in dc for the descent */
+                for (int64_t b = 0; b < rows; b++) {
+                    const REAL *zr = ZONE(a, k, t) + b * a->zoneout_row_stride;
+                    REAL *dr = d_cell + b * H, *cr = d_carried + b * H;
+#pragma omp simd
+                    for (int64_t u = 0; u < H; u++) {
+                        dr[u] += (1 - zr[u]) * cr[u];
+                        cr[u] *= zr[u];
+                    }
+                }
+            }
         }
         /* innermost: c = i g + f c_prev, so d(i g) = d(f c_prev) = d_cell */
         const int64_t last = D - 1;
         SFX(gate_backward)(rows, H, act + 3 * last, AT(a->gates[last], t, B4H),
                            AT(a->cells[last], j, BH), d_cell, H, d_cell, H, AT(a->d_gates[last], t, B4H),
-                           AT(a->dc, last, BH));
+                           AT(a->dc, last, BH), a->zoneout != NULL);
         /* descent: [d x~ | d h~] of level k-1 = level k's gate gradients @ [W_ih | W_hh] */
         for (int64_t k = D - 1; k > 0; k--) {
             SFX(operand_mul)(&wk[k], (int)rows, AT(a->d_gates[k], t, B4H), 0, scratch);
             SFX(gate_backward)(rows, H, act + 3 * (k - 1), AT(a->gates[k - 1], t, B4H),
                                AT(a->cells[k - 1], j, BH), scratch, 2 * H, scratch + H, 2 * H,
-                               AT(a->d_gates[k - 1], t, B4H), AT(a->dc, k - 1, BH));
+                               AT(a->d_gates[k - 1], t, B4H), AT(a->dc, k - 1, BH),
+                               a->zoneout != NULL);
         }
-        SFX(operand_mul)(&w0, (int)rows, AT(a->d_gates[0], t, B4H), 0, dh);
+        /* with zoneout dh holds h_prev's share already */
+        SFX(operand_mul)(&w0, (int)rows, AT(a->d_gates[0], t, B4H), a->zoneout ? 1 : 0, dh);
     }
     SFX(operand_free)(&w0);
     for (int64_t k = 1; k < D; k++)
@@ -173,3 +208,4 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
 }
 
 #undef AT
+#undef ZONE

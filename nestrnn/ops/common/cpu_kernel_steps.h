@@ -136,7 +136,7 @@ int SFX(nlstm_outer_gates_backward)(int64_t rows, int64_t H, int32_t gate, int32
     if (d_o) /* else the o gradient (by value) is in dz already, from outer_transition_backward */
         for (int64_t b = 0; b < rows; b++)
             memcpy(dz + b * 4 * H + 3 * H, d_o + b * H, (size_t)H * sizeof(REAL));
-    SFX(gate_backward)(rows, H, act, z, c_prev, d_gi, H, d_gc, H, dz, dc_prev);
+    SFX(gate_backward)(rows, H, act, z, c_prev, d_gi, H, d_gc, H, dz, dc_prev, 0);
     SFX(bias_grad)(rows, H, dz, db);
     return SFX(input_grads)(w_hh, rows, H, in_size, dz, dh_prev, dx, wide);
 }
@@ -199,7 +199,7 @@ int SFX(nlstm_outer_transition_backward)(int64_t rows, int64_t H, int32_t gate, 
     if (!w_hh || rows < 1 || rows > INT32_MAX)
         return NLSTM_EINVAL;
     const int32_t act[2] = {gate, cand};
-    SFX(gate_backward)(rows, H, act, z_next, c, d_gi, H, d_gc, H, dz_next, d_cell);
+    SFX(gate_backward)(rows, H, act, z_next, c, d_gi, H, d_gc, H, dz_next, d_cell, 0);
     SFX(bias_grad)(rows, H, dz_next, db_next);
     const int bad = SFX(input_grads)(w_hh, rows, H, in_size, dz_next, scratch, dx_next, wide);
     if (bad)

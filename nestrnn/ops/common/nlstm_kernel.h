@@ -20,6 +20,10 @@
  * activation (enum nlstm_activation).
  * Time t reads slot t + lo and writes slot t + lo + step, (lo, step) = (0, 1) or (1, -1) reversed.
  * Packed batches: rows >= batch_sizes[t] are inactive at step t and carry their state.
+ * Zoneout (NULL: none): keep weights z (D + 1, T, B, H) at the given strides in elements, each row
+ * of H contiguous; z[k][t] (k < D) mixes the cell of level k carried past step t with its previous
+ * value, c = z c_prev + (1 - z) c_new, and z[D][t] likewise h (the output); the step itself reads
+ * the unzoned new cells, and cells[k] holds the carried ones.
  *
  * The Python side checks its mirror of nlstm_args against nlstm_args_layout() and the version
  * against nlstm_abi_version() before the first call; every entry point returns 0 or an NLSTM_E*.
@@ -33,7 +37,7 @@
 extern "C" {
 #endif
 
-#define NLSTM_ABI_VERSION 7
+#define NLSTM_ABI_VERSION 8
 #define NLSTM_EINVAL 1 /* an argument is out of range */
 
 /* The activations by code: the codes of nestrnn.activations.ACTIVATION_TABLE (checked by
@@ -73,6 +77,11 @@ typedef struct nlstm_args {
     void **d_gates;    /* [k] (T, B, 4H) pre-activation gate gradients; zero where inactive */
     void *scratch;     /* (B, 2H) */
     void *dht;         /* (B, H) */
+    /* zoneout, forward and backward */
+    const void *zoneout; /* (D + 1, T, B, H) keep weights, or NULL */
+    int64_t zoneout_level_stride;
+    int64_t zoneout_step_stride;
+    int64_t zoneout_row_stride;
 } nlstm_args;
 
 /* Set the BLAS entry points (Fortran sgemm_, dgemm_, MKL's packed sgemm); the packed ones may be

@@ -104,6 +104,13 @@ def nested_level_step(
     return level_step(projected, gated_cell, cell, weights, activations, update)
 
 
+def zoneout_mix(previous: Tensor, new: Tensor, keep: Tensor) -> Tensor:
+    """Zoneout of one carried state: ``keep * previous + (1 - keep) * new``, elementwise.
+    ``keep`` is 0/1 (a training mask: 1 keeps the previous value) or the rate itself (evaluation,
+    the expectation); at 0 the new value passes exactly, at 1 the previous one."""
+    return keep * previous + (1 - keep) * new
+
+
 def nested_cell_step(
     x_t: Tensor,
     h: Tensor,
@@ -111,9 +118,15 @@ def nested_cell_step(
     weights: Sequence[LevelWeights],
     activations: Sequence[LevelActivations],
     weight_hr: Tensor | None = None,
+    zoneout: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One step of the whole nested cell: level 0's gates from ``x_t`` and ``h``, each level
     k >= 1 the cell update of level k - 1, the innermost level additive (``additive``).
+
+    With ``zoneout`` (D + 1 keep weights, each shaped as the state it mixes: the D cells', then
+    h's), the step itself runs on the unzoned new values (each level's output reads its new cell
+    as computed), and what is returned (carried to the next step, and h the output) is each state
+    mixed with its previous value by :func:`zoneout_mix`.
 
     Args:
         x_t: (B, I).
@@ -122,6 +135,7 @@ def nested_cell_step(
         weights: D levels; level 0's ``weight_ih`` is (4H, I), the others' (4H, H).
         activations: D levels.
         weight_hr: (P, H), nn.LSTM's projection of h, or None.
+        zoneout: D + 1 keep weights or None (no zoneout).
     Returns:
         h_t (B, H) or (B, P), and the D new cells (B, H).
     """
@@ -139,4 +153,7 @@ def nested_cell_step(
     h_new, new_cells = level_step(projected, h, cells[0], outer, activations[0], update_of(1))
     if weight_hr is not None:
         h_new = F.linear(h_new, weight_hr)
-    return h_new, list(new_cells)
+    if zoneout is None:
+        return h_new, list(new_cells)
+    carried = [zoneout_mix(old, new, z) for old, new, z in zip(cells, new_cells, zoneout)]
+    return zoneout_mix(h, h_new, zoneout[len(weights)]), carried

@@ -61,6 +61,7 @@ def nested_lstm(
     reverse: bool = False,
     activations: tuple[LevelActivations, ...] | None = None,
     backend: str = "auto",
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one direction of a Nested LSTM layer over a whole sequence.
 
@@ -74,6 +75,12 @@ def nested_lstm(
         reverse: process the sequence from its end.
         activations: D ``LevelActivations`` (None: the paper's, ``standard_activations``).
         backend: "auto", "triton" or another implementation name (see ``plan``).
+        zoneout: (D + 1, T, B, H) keep weights in [0, 1], or None: ``zoneout[k, t]`` mixes the
+            cell of level k carried past step t with its previous value (``z * previous +
+            (1 - z) * new``), ``zoneout[D, t]`` likewise h, which is also the output; the step
+            itself reads the unzoned new cells. Training passes 0/1 masks, evaluation the rates
+            expanded along T and B (any strides there, the last dimension contiguous); any
+            floating dtype (read in the state's); no gradient flows to it.
 
     Returns:
         ``(output (T, B, H), h_n (B, H), c_n (D, B, H))`` in the dtype of ``x``; under
@@ -85,13 +92,13 @@ def nested_lstm(
         weights = [
             LevelWeights._make(w if w is None else w.to(dtype) for w in lw) for lw in weights
         ]
-    check_inputs(x, weights, h0, c0, batch_sizes, activations)
+    check_inputs(x, weights, h0, c0, batch_sizes, activations, zoneout)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     levels = activations or standard_activations(len(weights))
     acts = encode_activations(levels)
     flat = op.flat_weights(weights, x)
-    args = (batch_sizes, bool(reverse), acts, backend)
+    args = (batch_sizes, bool(reverse), acts, backend, zoneout)
     tensors = (x, h0, c0, *flat)
     # An exported graph holds the inference op, and so does a traced one: torch.jit.trace checks
     # its graph by tracing again without grad mode, and the graph must not depend on grad mode.
@@ -99,11 +106,11 @@ def nested_lstm(
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     if _differentiating_transform(tensors):
-        return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, levels)
+        return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, levels, zoneout=zoneout)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     vmapped = torch._C._are_functorch_transforms_active()  # torch's LSTM has no batching rule
-    if not (vmapped or torch.compiler.is_compiling()):
+    if zoneout is None and not (vmapped or torch.compiler.is_compiling()):
         chosen = plan(
             x, batch_sizes, reverse, levels, True, backend, eager=True, hidden=h0.shape[1]
         )

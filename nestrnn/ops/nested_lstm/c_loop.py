@@ -10,7 +10,8 @@ This module owns the buffers and the work outside the loops; the kernel runs the
   gradients follow in ``gradients.py``).
 
 Inputs: float32 or float64 CPU tensors (the op casts half precision to float32 first). Without
-``save`` the per-step buffers are rings of one step. Why C, and what was measured: docs/design.md.
+``save`` the per-step buffers are rings of one step. Zoneout's weights are read where they lie
+(in the state dtype, at their strides; the op makes their last dimension contiguous). Why C, and what was measured: docs/design.md.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def _pointers(tensors) -> ctypes.Array:
 class _Call:
     """The kernel's argument struct, with every array it points to kept alive."""
 
-    def __init__(self, steps, weights, buffers, h_slots, sizes, reverse, save, activations):
+    def __init__(
+        self, steps, weights, buffers, h_slots, sizes, reverse, save, activations, zoneout
+    ):
         gates, cells, act_cells, inputs = buffers  # in the order of layout.Saved
         batch, hidden = gates[0].shape[1], weights.w_hh0.shape[1]
         self.weights = weights
@@ -93,6 +96,12 @@ class _Call:
             w_hh0=weights.w_hh0.data_ptr(),
             **{name: ctypes.cast(arr, ctypes.c_void_p) for name, arr in self.arrays.items()},
         )
+        self.zoneout = zoneout  # kept alive with the struct that points to it
+        if zoneout is not None:
+            self.args.zoneout = zoneout.data_ptr()
+            strides = zoneout.stride()[:3]
+            self.args.zoneout_level_stride, self.args.zoneout_step_stride = strides[:2]
+            self.args.zoneout_row_stride = strides[2]
 
 
 def _h_slots(out: Tensor, h0: Tensor, packed: bool, reverse: bool) -> tuple[list[Tensor], Tensor]:
@@ -120,9 +129,11 @@ def forward(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     save: bool,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
     """The whole forward without autograd: output (T, B, H), h_n, c_n and, with ``save``, the
-    tensors of ``layout.Saved``."""
+    tensors of ``layout.Saved``. ``zoneout``: (D + 1, T, B, H) keep weights in x's dtype, its
+    last dimension contiguous, or None."""
     steps, batch, in_size = x.shape
     depth, hidden = c0.shape[0], h0.shape[1]
     packed = sizes is not None and min(sizes) < batch
@@ -152,9 +163,8 @@ def forward(
 
     out = torch.empty(steps, batch, hidden, dtype=dtype, device=device)
     h_slots, h_store = _h_slots(out, h0, packed, reverse)
-    call = _Call(
-        steps, w, (gates, cells, act_cells, inputs), h_slots, sizes, reverse, save, activations
-    )
+    buffers = (gates, cells, act_cells, inputs)
+    call = _Call(steps, w, buffers, h_slots, sizes, reverse, save, activations, zoneout)
     cast(native.Kernel, native.kernel()).forward(dtype, call.args)  # checked by the caller
 
     h_n = h_slots[last].clone()
@@ -177,8 +187,10 @@ def backward(
     d_out: Tensor,
     d_hn: Tensor,
     d_cn: Tensor,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) and the gradients of h0, c0."""
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) and the gradients of h0, c0
+    (``zoneout`` as the forward's)."""
     _, steps, batch, four_h = saved.gates.shape
     hidden = four_h // 4
     dtype, device = d_out.dtype, d_out.device
@@ -190,9 +202,8 @@ def backward(
     scratch = torch.empty(batch, 2 * hidden, dtype=dtype)
     dht = torch.empty(batch, hidden, dtype=dtype)
     buffers = tuple(list(t.unbind(0)) for t in saved)
-    call = _Call(
-        steps, _Weights(weights, with_bias=False), buffers, [], sizes, reverse, True, activations
-    )
+    w = _Weights(weights, with_bias=False)
+    call = _Call(steps, w, buffers, [], sizes, reverse, True, activations, zoneout)
     call.arrays["d_gates"] = _pointers(list(dz.unbind(0)))
     args = call.args
     args.d_out, args.dh, args.dc = d_out.data_ptr(), dh.data_ptr(), dc.data_ptr()

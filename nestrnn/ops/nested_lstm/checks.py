@@ -27,6 +27,7 @@ def check_inputs(
     c0: Tensor,
     batch_sizes: Tensor | None,
     activations: tuple[LevelActivations, ...] | None,
+    zoneout: Tensor | None = None,
 ) -> None:
     """Raise a clear error for anything the op cannot run (shapes as in ``naive.py``)."""
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
@@ -64,6 +65,8 @@ def check_inputs(
             )
     if batch_sizes is not None:
         _check_batch_sizes(batch_sizes, steps, batch)
+    if zoneout is not None:
+        _check_zoneout(zoneout, (depth + 1, steps, batch, hidden), x.device)
     if activations is not None:
         if len(activations) != depth:
             raise ValueError(f"activations must name {depth} levels, got {len(activations)}")
@@ -87,3 +90,13 @@ def _check_batch_sizes(batch_sizes: Tensor, steps: int, batch: int) -> None:
         raise ValueError(
             f"batch_sizes must be non-increasing counts of active rows in [0, {batch}], got {sizes}"
         )
+
+
+def _check_zoneout(zoneout: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    expected = f"a floating-point {shape} tensor (D + 1, T, B, H) on {device}"
+    if not isinstance(zoneout, Tensor):
+        raise ValueError(f"zoneout must be {expected} or None, got {type(zoneout).__name__}")
+    if tuple(zoneout.shape) != shape or not zoneout.is_floating_point():
+        raise ValueError(f"zoneout must be {expected}, got {zoneout.dtype} {tuple(zoneout.shape)}")
+    if zoneout.device != device:
+        raise ValueError(f"zoneout must be {expected}, got a tensor on {zoneout.device}")

@@ -51,10 +51,13 @@ def nested_lstm_decomposed(
     reverse: bool,
     activations: str,
     backend: str,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
     operator = torch.ops.nestrnn.nested_lstm.default
-    return _decomposed(operator, x, weights, None, h0, c0, batch_sizes, reverse, activations)
+    return _decomposed(
+        operator, x, weights, None, h0, c0, batch_sizes, reverse, activations, zoneout
+    )
 
 
 def projected_decomposed(
@@ -100,8 +103,10 @@ def _decomposed(
     batch_sizes: Tensor | None,
     reverse: bool,
     activations: str,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The scan of both ops; ``weight_hr`` (P, H) projects each step's h, as nn.LSTM's."""
+    """The scan of both ops; ``weight_hr`` (P, H) projects each step's h, as nn.LSTM's;
+    ``zoneout`` (D + 1, T, B, H) or None, scanned along T like x."""
     if _only_shapes_wanted(x):
         return op.fake_outputs(x, h0, c0)
     if not torch.compiler.is_exporting():
@@ -116,6 +121,8 @@ def _decomposed(
     h_init = h0.to(compute).clone(memory_format=torch.contiguous_format)
     c_init = c0.to(compute).clone(memory_format=torch.contiguous_format)
     xs = [x.to(compute)] if batch_sizes is None else [x.to(compute), batch_sizes]
+    if zoneout is not None:  # the scan's last scanned input, time first: step t gets (D + 1, B, H)
+        xs.append(zoneout.to(compute).transpose(0, 1))
     if reverse:
         xs = [t.flip(0) for t in xs]
 
@@ -124,14 +131,15 @@ def _decomposed(
         # tensors of the graph around it
         inputs, given = rest[: len(xs)], rest[len(xs) :]
         level_weights, w_hr = (given, None) if weight_hr is None else (given[:-1], given[-1])
+        keep = None if zoneout is None else inputs[-1].unbind(0)
         h_new, cells = nested_cell_step(
-            inputs[0], h, c.unbind(0), op.levels_of(level_weights), acts, w_hr
+            inputs[0], h, c.unbind(0), op.levels_of(level_weights), acts, w_hr, keep
         )
         c_new = torch.stack(cells)
         if batch_sizes is None:
             return h_new, c_new, h_new.clone()
         # a packed batch: rows past this step's active count keep their state and output zero
-        active = torch.arange(batch, device=x.device) < inputs[1].to(x.device)
+        active = torch.arange(batch, device=x.device) < inputs[1].to(x.device)  # batch_sizes
         keep = active.unsqueeze(1)
         return (
             torch.where(keep, h_new, h),

@@ -16,6 +16,9 @@ Shapes (T = steps, B = batch, I = input size, H = hidden size, D = memory levels
                  b < batch_sizes[t] are active (a packed batch sorted by length); inactive
                  rows keep their state and get zero output
     activations  D ``LevelActivations`` (None: the paper's, ``layout.standard_activations``)
+    zoneout      (D + 1, T, B, H) keep weights in [0, 1] or None: zoneout[k, t] mixes the cell of
+                 level k carried past step t with its previous value, zoneout[D, t] h
+                 (``reference.nested_cell_step``); any floating dtype, read in the state's
     returns      output (T, B, H), h_n (B, H), c_n (D, B, H)
 """
 
@@ -44,6 +47,7 @@ def nested_lstm_naive(
     reverse: bool = False,
     activations: tuple[LevelActivations, ...] | None = None,
     weight_hr: Tensor | None = None,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one direction of a Nested LSTM layer step by step (see the module docstring). With
     ``weight_hr`` (P, H), nn.LSTM's projection: ``h_t = W_hr (o_t * act(c_t))`` is P wide, and so
@@ -53,7 +57,8 @@ def nested_lstm_naive(
     h, cells = h0, list(c0.unbind(0))
     outputs: list[Tensor | None] = [None] * steps
     for t in time_order(steps, reverse):
-        h_new, cells_new = nested_cell_step(x[t], h, cells, weights, activations, weight_hr)
+        z_t = None if zoneout is None else zoneout[:, t].to(h.dtype).unbind(0)
+        h_new, cells_new = nested_cell_step(x[t], h, cells, weights, activations, weight_hr, z_t)
         active = None if batch_sizes is None else int(batch_sizes[t])
         if active is None or active == batch:
             h, cells = h_new, cells_new

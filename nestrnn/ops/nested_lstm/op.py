@@ -11,6 +11,10 @@ formulas (the inference op's recomputes the forward with saving, for graphs expo
 and then differentiated). A backward that records its own graph (``create_graph=True``: gradient
 penalties, second derivatives) differentiates the reference instead, which is exact at every order. Which implementation runs inside is decided by ``planning.plan``.
 
+``zoneout`` (last, optional): (D + 1, T, B, H) keep weights of the carried cells and h
+(``naive.py``, docs/design.md), any floating dtype and strides along its first three dimensions;
+it gets no gradient.
+
 Arguments the custom-op schema cannot express directly: ``weights`` is the flat list of every
 level's (weight_ih, weight_hh, bias_ih, bias_hh), a missing bias given as a tensor with no
 elements; ``activations`` is ``layout.encode_activations``'s string.
@@ -51,17 +55,20 @@ def flat_weights(weights: Sequence[LevelWeights], like: Tensor) -> list[Tensor]:
 
 
 def _run_forward(
-    implementation: str, x, levels, h0, c0, batch_sizes, reverse, activations, save
+    implementation: str, x, levels, h0, c0, batch_sizes, reverse, activations, save, zoneout
 ) -> ForwardResult:
-    if implementation == "torch_lstm":
+    if implementation == "torch_lstm":  # never planned with zoneout
         return (*torch_lstm.forward(x, levels[0], h0, c0, batch_sizes, reverse), None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
+    compute = state_dtype(x.dtype)  # half precision runs in float32 here
+    keep = _zoneout_in(zoneout, compute)
     if implementation == "triton":
         from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
 
-        return triton_loop.forward(x, levels, h0, c0, batch_sizes, reverse, activations, save)
+        return triton_loop.forward(
+            x, levels, h0, c0, batch_sizes, reverse, activations, save, zoneout=keep
+        )
     loop = c_loop if implementation == "c_loop" else torch_loop
-    compute = state_dtype(x.dtype)  # half precision runs in float32 here
     out, h_n, c_n, saved = loop.forward(
         x.to(compute),
         _cast(levels, compute),
@@ -71,6 +78,7 @@ def _run_forward(
         reverse,
         activations,
         save,
+        keep,
     )
     operand = operand_dtype(x.dtype, x.device)
     if saved is not None and saved.inputs.dtype != operand:
@@ -78,16 +86,30 @@ def _run_forward(
     return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype), saved
 
 
+def _zoneout_in(zoneout: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The zoneout weights as every loop reads them: in the state dtype, its last dimension
+    contiguous (the kernels take the strides of the other three, so an evaluation's rates
+    expanded with stride 0 along T and B stay unexpanded)."""
+    if zoneout is None:
+        return None
+    zoneout = zoneout.to(dtype)
+    return zoneout if zoneout.stride(3) == 1 else zoneout.contiguous()
+
+
 def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
     return [LevelWeights._make(None if w is None else w.to(dtype) for w in lw) for lw in levels]
 
 
-def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, backend):
+def _with_fallback(
+    run, x, hidden, batch_sizes, reverse, activations, training, backend, zoneout=False
+):
     """Run the planned implementation; a Triton failure is recorded and ``fallback_choice`` runs.
 
     Only what a compile or launch raises counts as a failure (``triton_loop.LAUNCH_ERRORS``); any
     other error is a bug and propagates."""
-    planned = plan(x, batch_sizes, reverse, activations, training, backend, hidden=hidden)
+    planned = plan(
+        x, batch_sizes, reverse, activations, training, backend, hidden=hidden, zoneout=zoneout
+    )
     if planned.implementation != "triton":
         return run(planned.implementation)
     from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
@@ -97,7 +119,7 @@ def _with_fallback(run, x, hidden, batch_sizes, reverse, activations, training, 
         return run("triton")
     except triton_loop.LAUNCH_ERRORS as err:  # a kernel that does not compile or launch here
         mark_broken("triton", f"{type(err).__name__}: {err}")
-        return run(fallback_choice(x, batch_sizes, reverse, activations, training))
+        return run(fallback_choice(x, batch_sizes, reverse, activations, training, zoneout))
 
 
 def forward(
@@ -110,6 +132,7 @@ def forward(
     activations: str,
     backend: str,
     save: bool,
+    zoneout: Tensor | None = None,
 ) -> ForwardResult:
     """The forward of the op on real tensors (no autograd)."""
     levels, acts = levels_of(weights), decode_activations(activations)
@@ -119,9 +142,12 @@ def forward(
         return x.new_zeros(steps, batch, hidden), h0.clone(), c0.clone(), saved
 
     def run(implementation: str) -> ForwardResult:
-        return _run_forward(implementation, x, levels, h0, c0, batch_sizes, reverse, acts, save)
+        return _run_forward(
+            implementation, x, levels, h0, c0, batch_sizes, reverse, acts, save, zoneout
+        )
 
-    return _with_fallback(run, x, hidden, batch_sizes, reverse, acts, save, backend)
+    zoned = zoneout is not None
+    return _with_fallback(run, x, hidden, batch_sizes, reverse, acts, save, backend, zoned)
 
 
 def backward(
@@ -138,29 +164,33 @@ def backward(
     d_hn: Tensor,
     d_cn: Tensor,
     needs: Sequence[bool],
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """The backward of the op on real tensors. ``needs``: x, h0, c0, then one per weight.
     Gradients that are not needed (or of a missing bias) are tensors with no elements."""
     levels, acts = levels_of(weights), decode_activations(activations)
     compute = state_dtype(x.dtype)
+    keep = _zoneout_in(zoneout, compute)
 
     def run(implementation: str) -> tuple[Tensor, Tensor, Tensor]:
         if implementation == "triton":
             from nestrnn.ops.nested_lstm import triton_loop
 
             return triton_loop.backward(
-                saved, levels, batch_sizes, reverse, acts, d_out, d_hn, d_cn
+                saved, levels, batch_sizes, reverse, acts, d_out, d_hn, d_cn, zoneout=keep
             )
         loop = c_loop if implementation == "c_loop" else torch_loop
         sizes = None if batch_sizes is None else batch_sizes.tolist()
         grads = (d_out.to(compute), d_hn.to(compute), d_cn.to(compute))
-        return loop.backward(saved, _cast(levels, compute), sizes, reverse, acts, *grads)
+        return loop.backward(saved, _cast(levels, compute), sizes, reverse, acts, *grads, keep)
 
     if x.shape[0] == 0 or x.shape[1] == 0:  # the forward passed the state through
         dz, dh0, dc0 = saved.gates.new_zeros(saved.gates.shape), d_hn, d_cn
     else:
         hidden = h0.shape[1]
-        dz, dh0, dc0 = _with_fallback(run, x, hidden, batch_sizes, reverse, acts, True, backend)
+        dz, dh0, dc0 = _with_fallback(
+            run, x, hidden, batch_sizes, reverse, acts, True, backend, zoneout is not None
+        )
     per_level = [tuple(needs[3 + 4 * k : 3 + 4 * k + 4]) for k in range(len(levels))]
     dx, level_grads = parameter_gradients(
         x,
@@ -205,11 +235,12 @@ def nested_lstm_op(
     reverse: bool,
     activations: str,
     backend: str,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of a Nested LSTM layer, inference: output (T, B, H), h_n, c_n (D, B, H)."""
     with _own_dtypes(x):
         out, h_n, c_n, _ = forward(
-            x, weights, h0, c0, batch_sizes, reverse, activations, backend, False
+            x, weights, h0, c0, batch_sizes, reverse, activations, backend, False, zoneout
         )
     return out, h_n, c_n
 
@@ -224,11 +255,12 @@ def nested_lstm_train_op(
     reverse: bool,
     activations: str,
     backend: str,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """As ``nested_lstm``, followed by the four ``layout.Saved`` tensors."""
     with _own_dtypes(x):
         out, h_n, c_n, saved = forward(
-            x, weights, h0, c0, batch_sizes, reverse, activations, backend, True
+            x, weights, h0, c0, batch_sizes, reverse, activations, backend, True, zoneout
         )
     return out, h_n, c_n, *cast(Saved, saved)  # saved, as asked
 
@@ -251,6 +283,7 @@ def nested_lstm_backward_op(
     d_hn: Tensor,
     d_cn: Tensor,
     needs: Sequence[bool],
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Gradients of x, h0, c0 and every weight (see ``backward``)."""
     saved = Saved(gates, cells, act_cells, inputs)
@@ -269,6 +302,7 @@ def nested_lstm_backward_op(
             d_hn,
             d_cn,
             needs,
+            zoneout,
         )
 
 
@@ -283,12 +317,12 @@ def fake_outputs(x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 @nested_lstm_op.register_fake
-def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
+def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend, zoneout=None):
     return fake_outputs(x, h0, c0)
 
 
 @nested_lstm_train_op.register_fake
-def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend):
+def _(x, weights, h0, c0, batch_sizes, reverse, activations, backend, zoneout=None):
     steps, batch, hidden, depth = x.shape[0], x.shape[1], h0.shape[1], c0.shape[0]
     shapes = saved_shapes(steps, batch, hidden, depth, x.dtype, x.device)
     saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values()]
@@ -313,6 +347,7 @@ def _(
     d_hn,
     d_cn,
     needs,
+    zoneout=None,
 ):
     def like(t: Tensor, need: bool) -> Tensor:
         return torch.empty_like(t) if need and t.numel() else x.new_empty(0)
@@ -329,19 +364,22 @@ def _(
 
 
 def _save(ctx, inputs, tensors: list[Tensor]) -> None:
-    x, weights, h0, _, batch_sizes, reverse, activations, backend = inputs
+    x, weights, h0, _, batch_sizes, reverse, activations, backend, *zoneout = inputs
     # outputs nobody used get None, not zeros: the saved tensors would be gigabytes of them
     ctx.set_materialize_grads(False)
     packed = [] if batch_sizes is None else [batch_sizes]
-    ctx.save_for_backward(x, h0, *weights, *packed, *tensors)
-    ctx.n_weights, ctx.packed = len(weights), batch_sizes is not None
+    zoned = [t for t in zoneout if t is not None]  # the argument is optional, and may be None
+    ctx.save_for_backward(x, h0, *weights, *packed, *zoned, *tensors)
+    ctx.n_weights, ctx.packed, ctx.zoned = len(weights), batch_sizes is not None, bool(zoned)
     ctx.reverse, ctx.activations, ctx.backend = reverse, activations, backend
 
 
 def _restore(ctx) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, list[Tensor]]:
+    """x, h0, the weights, batch_sizes, then the rest (the zoneout weights in ``ctx.zoneout``)."""
     x, h0, *rest = ctx.saved_tensors
     weights, rest = rest[: ctx.n_weights], rest[ctx.n_weights :]
     batch_sizes = rest.pop(0) if ctx.packed else None
+    ctx.zoneout = rest.pop(0) if ctx.zoned else None
     return x, h0, weights, batch_sizes, rest
 
 
@@ -367,6 +405,7 @@ def _gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads, needs):
         d_hn,
         d_cn,
         needs,
+        ctx.zoneout,
     )
     needs_x, needs_h0, needs_c0, *needs_w = needs
     d_weights = [
@@ -394,7 +433,7 @@ def _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, grads):
         grads,
         [needs[0], needs[2], needs[3], *needs[1]],
     )
-    return dx, dw, dh0, dc0, None, None, None, None
+    return dx, dw, dh0, dc0, *_no_gradients(ctx)
 
 
 def _differentiable_gradients(ctx, x, h0, c0, weights, batch_sizes, grads, needs):
@@ -406,7 +445,14 @@ def _differentiable_gradients(ctx, x, h0, c0, weights, batch_sizes, grads, needs
     levels = levels_of(weights)
     with torch.enable_grad():
         results = nested_lstm_naive(
-            x, levels, h0, c0, batch_sizes, ctx.reverse, decode_activations(ctx.activations)
+            x,
+            levels,
+            h0,
+            c0,
+            batch_sizes,
+            ctx.reverse,
+            decode_activations(ctx.activations),
+            zoneout=ctx.zoneout,
         )
     wanted = [
         (n, t)
@@ -464,7 +510,14 @@ def _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, grads):
     dx, dw, dh0, dc0 = _differentiable_gradients(
         ctx, x, h0, c0, weights, batch_sizes, grads, [needs[0], needs[2], needs[3], *needs[1]]
     )
-    return dx, dw, dh0, dc0, None, None, None, None
+    return dx, dw, dh0, dc0, *_no_gradients(ctx)
+
+
+def _no_gradients(ctx) -> list[None]:
+    """None for every argument after c0: batch_sizes, the flags, and zoneout (no gradient) where
+    it was given. A zoneout of None is its default, which the dispatcher drops from the arguments
+    whose structure the gradients must have (setup_context sees it filled in again)."""
+    return [None] * (4 + ctx.zoned)
 
 
 def _setup_inference(ctx, inputs, output) -> None:
@@ -476,7 +529,7 @@ def _backward_inference(ctx, d_out, d_hn, d_cn):
     if _through_reference((d_out, d_hn, d_cn)):
         return _recorded_op_gradients(ctx, x, h0, c0, weights, batch_sizes, (d_out, d_hn, d_cn))
     out, _, _, *saved = torch.ops.nestrnn.nested_lstm_train(
-        x, weights, h0, c0, batch_sizes, ctx.reverse, ctx.activations, ctx.backend
+        x, weights, h0, c0, batch_sizes, ctx.reverse, ctx.activations, ctx.backend, ctx.zoneout
     )
     return _op_gradients(ctx, x, h0, weights, batch_sizes, out, saved, (d_out, d_hn, d_cn))
 
@@ -508,10 +561,13 @@ def _forward_vmap(op):
     x and the state are vmapped (not the weights, and no packed batch, whose rows are sorted by
     length) the vmapped dimension joins the batch: one call on V * B rows instead of V calls."""
 
-    def rule(info, in_dims, x, weights, h0, c0, batch_sizes, reverse, activations, backend):
-        args = (x, weights, h0, c0, batch_sizes, reverse, activations, backend)
+    def rule(
+        info, in_dims, x, weights, h0, c0, batch_sizes, reverse, activations, backend, *zoneout
+    ):
+        args = (x, weights, h0, c0, batch_sizes, reverse, activations, backend, *zoneout)
         x_dim, w_dims, h_dim, c_dim = in_dims[:4]
-        if batch_sizes is not None or any(d is not None for d in w_dims):
+        zoned = any(t is not None for t in zoneout)  # its rows could join too; not worth it yet
+        if batch_sizes is not None or zoned or any(d is not None for d in w_dims):
             return _vmap_loop(op, info, in_dims, *args)
         v = info.batch_size
 

@@ -14,7 +14,7 @@ Backends a caller may ask for: "auto" (the fastest that can run: on CUDA chosen 
 see :func:`cuda_choice`; elsewhere :func:`fallback_choice`: torch_lstm for depth-1 inference, else
 the C loop on CPU, else the PyTorch loop), "triton" (falls back to :func:`fallback_choice`, with a
 warning once, where Triton cannot run), or an implementation's name, which pins it and is an error
-where it cannot run.
+where it cannot run. A call with zoneout never runs torch_lstm, which has none.
 
 An implementation that fails at run time (a Triton kernel that does not compile on this GPU, say)
 is recorded with :func:`mark_broken` and not planned again in this process.
@@ -105,11 +105,12 @@ def plan(
     backend: str = "auto",
     eager: bool = False,
     hidden: int | None = None,
+    zoneout: bool = False,
 ) -> Plan:
     """The implementation for this call (see the module docstring). ``eager``: the caller can run
     torch's LSTM with its own autograd (no compile, export, trace or torch.func transform).
     ``hidden``: the hidden size, which ``auto``'s choice on CUDA depends on (None: unknown, and
-    depth 1 keeps cuDNN)."""
+    depth 1 keeps cuDNN). ``zoneout``: the call has zoneout (torch's LSTM cannot run it)."""
     training = training and not eager  # torch's LSTM trains only outside the op
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -118,15 +119,17 @@ def plan(
         if backend == "auto" and not x.is_cuda:  # the interpreter runs only when asked for
             why_not = why_not or f"input on {x.device}"
         if backend == "auto" and x.is_cuda:
-            chosen = cuda_choice(x, batch_sizes, reverse, activations, training, why_not, hidden)
+            chosen = cuda_choice(
+                x, batch_sizes, reverse, activations, training, why_not, hidden, zoneout
+            )
             return Plan(chosen, "" if why_not is None else f"triton: {why_not}")
         if why_not is None:
             return Plan("triton")
-        chosen = fallback_choice(x, batch_sizes, reverse, activations, training)
+        chosen = fallback_choice(x, batch_sizes, reverse, activations, training, zoneout)
         if backend == "triton" and "triton" not in _broken:  # a failure was warned about
             warn_once(f"nestrnn: backend 'triton' cannot run here ({why_not}); using {chosen}")
         return Plan(chosen, f"triton: {why_not}")
-    why_not = _pinned_reason(backend, x, batch_sizes, reverse, activations, training)
+    why_not = _pinned_reason(backend, x, batch_sizes, reverse, activations, training, zoneout)
     if why_not is not None:
         raise RuntimeError(f"the {backend} implementation cannot run this call: {why_not}")
     return Plan(backend)
@@ -146,19 +149,20 @@ def cuda_choice(
     training: bool,
     triton_why_not: str | None,
     hidden: int | None = None,
+    zoneout: bool = False,
 ) -> str:
     """``auto``'s implementation for a CUDA input, from what was measured on an H200.
 
     - torch's LSTM (cuDNN) where it can run (``training`` here is training inside the op), except
       where the Triton loops measured faster at depth 1 (``DEPTH1_TRITON_MAX_BATCH_HIDDEN``;
-      ``hidden`` None: not applied);
+      ``hidden`` None: not applied), and without zoneout, which it lacks;
     - otherwise the Triton loops: at depth 2 faster than the PyTorch loop in every dtype and size
       measured; where they cannot run (``triton_why_not``), :func:`fallback_choice`.
     """
     if triton_why_not is not None:
-        return fallback_choice(x, batch_sizes, reverse, activations, training)
+        return fallback_choice(x, batch_sizes, reverse, activations, training, zoneout)
     cudnn = torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
-    if not training and cudnn and not _triton_beats_cudnn(x, hidden):
+    if not training and not zoneout and cudnn and not _triton_beats_cudnn(x, hidden):
         return "torch_lstm"
     return "triton"
 
@@ -176,18 +180,28 @@ def fallback_choice(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     training: bool,
+    zoneout: bool = False,
 ) -> str:
     """The implementation where Triton does not run (off CUDA, or after it failed): torch's LSTM for
-    depth-1 inference where it can, else the C loop where it can, else the PyTorch loop."""
-    if not training and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None:
+    depth-1 inference without zoneout where it can, else the C loop where it can, else the
+    PyTorch loop."""
+    if (
+        not training
+        and not zoneout
+        and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
+    ):
         return "torch_lstm"
     if c_loop.unavailable_reason(x.device, state_dtype(x.dtype)) is None:
         return "c_loop"
     return "torch_loop"
 
 
-def _pinned_reason(backend, x, batch_sizes, reverse, activations, training) -> str | None:
+def _pinned_reason(
+    backend, x, batch_sizes, reverse, activations, training, zoneout=False
+) -> str | None:
     if backend == "torch_lstm":
+        if zoneout:
+            return "torch's LSTM has no zoneout"
         if training:
             return "it trains only in eager mode, outside the op"
         return torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations)

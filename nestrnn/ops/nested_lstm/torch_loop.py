@@ -18,7 +18,7 @@ from torch import Tensor
 
 from nestrnn.activations import output_derivative
 from nestrnn.ops.common.levels import LevelActivations, LevelWeights, time_order
-from nestrnn.ops.common.reference import ACTIVATIONS_INPLACE
+from nestrnn.ops.common.reference import ACTIVATIONS_INPLACE, zoneout_mix
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
 
 
@@ -47,8 +47,10 @@ def forward(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     save: bool,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
-    """The whole forward without autograd (the contract of ``c_loop.forward``)."""
+    """The whole forward without autograd (the contract of ``c_loop.forward``). ``zoneout``:
+    (D + 1, T, B, H) keep weights in the state dtype, or None (``naive.py``)."""
     steps, batch, in_size = x.shape
     depth, hidden = c0.shape[0], h0.shape[1]
     packed = sizes is not None and min(sizes) < batch
@@ -90,11 +92,17 @@ def forward(
         i, f, g, _ = gates[depth - 1, t, :r].chunk(4, dim=1)
         c = f * cells[depth - 1, prev, :r] + i * g  # the innermost level adds
         for k in range(depth - 1, -1, -1):  # ascent: c^{k-1} = o_k act_k(c^k), h = o_0 act_0(c^0)
-            cells[k, new, :r] = c
             act_c = act_cells[k, t, :r]
             act_c.copy_(c)
             ACTIVATIONS_INPLACE[activations[k].cell](act_c)
+            # the ascent reads the unzoned new cell; only what is carried is mixed
+            carried = (
+                c if zoneout is None else zoneout_mix(cells[k, prev, :r], c, zoneout[k, t, :r])
+            )
+            cells[k, new, :r] = carried
             c = gates[k, t, :r, 3 * hidden :] * act_c
+        if zoneout is not None:
+            c = zoneout_mix(h[:r], c, zoneout[depth, t, :r])
         h[:r] = c
         out[t, :r] = c
     return out, h, cells[:, last].clone(), saved if save else None
@@ -125,8 +133,11 @@ def backward(
     d_out: Tensor,
     d_hn: Tensor,
     d_cn: Tensor,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H), and the gradients of h0, c0."""
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H), and the gradients of h0, c0.
+    With ``zoneout`` (as the forward's), a carried state's gradient splits between its new value
+    (weight 1 - z) and its previous one (weight z)."""
     gates, cells, act_cells, _ = saved
     depth, steps, batch, four_h = gates.shape
     hidden = four_h // 4
@@ -140,20 +151,29 @@ def backward(
         if r == 0:
             continue
         grad = d_out[t, :r] + dh[:r]
+        kept: list[Tensor] = []  # the gradients of the previous carried states through zoneout
+        if zoneout is not None:
+            z = zoneout[:, t, :r]
+            kept = [z[k] * dc[k, :r] for k in range(depth)] + [z[depth] * grad]
+            grad = (1 - z[depth]) * grad
         for k in range(depth):  # back through the ascent
             act_c = act_cells[k, t, :r]
             dz[k, t, :r, 3 * hidden :] = grad * act_c
             grad = (
                 grad * gates[k, t, :r, 3 * hidden :] * output_derivative(activations[k].cell, act_c)
             )
-            grad = grad + dc[k, :r]
+            grad = grad + (dc[k, :r] if zoneout is None else (1 - z[k]) * dc[k, :r])
         d_ig = d_fc = grad  # the innermost level: c = i*g + f*c_prev
         for k in range(depth - 1, -1, -1):  # descent
-            z = gates[k, t, :r]
             c_prev = cells[k, prev, :r]
-            dc[k, :r] = _gate_backward(z, c_prev, d_ig, d_fc, dz[k, t, :r], activations[k])
+            d_prev = _gate_backward(
+                gates[k, t, :r], c_prev, d_ig, d_fc, dz[k, t, :r], activations[k]
+            )
+            dc[k, :r] = d_prev if zoneout is None else d_prev + kept[k]
             if k > 0:
                 d_both = dz[k, t, :r] @ cast(tuple[Tensor, Tensor | None], nested[k])[0]
                 d_ig, d_fc = d_both[:, :hidden], d_both[:, hidden:]
         dh[:r] = dz[0, t, :r] @ w_hh0
+        if zoneout is not None:
+            dh[:r] += kept[depth]
     return dz, dh, dc
