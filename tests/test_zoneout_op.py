@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_no_python import _run_without_nestrnn, library  # noqa: F401 (a fixture)
 from test_op_nested_lstm import (
     assert_close_all,
     make_case,
@@ -129,9 +130,11 @@ def test_a_backward_that_records_its_graph_differentiates_zoneout_s_reference():
 def test_vmap_over_the_batch_runs_each_with_its_zoneout():
     x, weights, h0, c0 = make_case(STEPS, BATCH, INPUTS, HIDDEN, 2, requires_grad=False)
     xs, zs = torch.stack([x, x.flip(0)]), torch.stack([masks(2, seed=1), masks(2, seed=2)])
-    got = torch.func.vmap(
-        lambda x, z: nested_lstm(x, weights, h0, c0, zoneout=z), in_dims=(0, 2)
-    )(xs, zs.movedim(0, 2))
+
+    def run(x, zoneout):
+        return nested_lstm(x, weights, h0, c0, zoneout=zoneout)
+
+    got = torch.func.vmap(run, in_dims=(0, 2))(xs, zs.movedim(0, 2))  # zoneout's batch is dim 2
     for n in range(2):
         want = nested_lstm_naive(xs[n], weights, h0, c0, zoneout=zs[n])
         assert_close_all([t[n] for t in got], want, atol=1e-10)
@@ -205,3 +208,21 @@ def test_a_bad_zoneout_is_one_clear_error(bad, message):
     with pytest.raises(ValueError, match=message) as caught:
         nested_lstm(x, weights, h0, c0, zoneout=bad(masks(2)))
     assert "\n" not in str(caught.value)
+
+
+def test_an_exported_program_with_zoneout_runs_without_nestrnn(library, tmp_path):  # noqa: F811
+    """The library for processes without nestrnn has the same schema and computes zoneout."""
+    x, weights, h0, c0 = make_case(STEPS, BATCH, INPUTS, HIDDEN, 2, requires_grad=False)
+    zoneout = rates(2)
+    torch.export.save(torch.export.export(_Zoned(weights, h0, c0), (x, zoneout)), tmp_path / "p")
+    want = nested_lstm_naive(x, weights, h0, c0, zoneout=zoneout)
+    torch.save((x, zoneout, list(want)), tmp_path / "expected.pt")
+    script = """
+    from pathlib import Path
+    folder = Path(sys.argv[2])
+    x, zoneout, expected = torch.load(folder / "expected.pt")
+    got = torch.export.load(folder / "p").module()(x, zoneout)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    """
+    _run_without_nestrnn(script, str(library), str(tmp_path))

@@ -188,8 +188,8 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
         /* innermost: c = i g + f c_prev, so d(i g) = d(f c_prev) = d_cell */
         const int64_t last = D - 1;
         SFX(gate_backward)(rows, H, act + 3 * last, AT(a->gates[last], t, B4H),
-                           AT(a->cells[last], j, BH), d_cell, H, d_cell, H, AT(a->d_gates[last], t, B4H),
-                           AT(a->dc, last, BH), a->zoneout != NULL);
+                           AT(a->cells[last], j, BH), d_cell, H, d_cell, H,
+                           AT(a->d_gates[last], t, B4H), AT(a->dc, last, BH), a->zoneout != NULL);
         /* descent: [d x~ | d h~] of level k-1 = level k's gate gradients @ [W_ih | W_hh] */
         for (int64_t k = D - 1; k > 0; k--) {
             SFX(operand_mul)(&wk[k], (int)rows, AT(a->d_gates[k], t, B4H), 0, scratch);

@@ -66,7 +66,7 @@ def _run_forward(
         from nestrnn.ops.nested_lstm import triton_loop  # imports Triton
 
         return triton_loop.forward(
-            x, levels, h0, c0, batch_sizes, reverse, activations, save, zoneout=keep
+            x, levels, h0, c0, batch_sizes, reverse, activations, save, **_zoneout_kwarg(keep)
         )
     loop = c_loop if implementation == "c_loop" else torch_loop
     out, h_n, c_n, saved = loop.forward(
@@ -94,6 +94,12 @@ def _zoneout_in(zoneout: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         return None
     zoneout = zoneout.to(dtype)
     return zoneout if zoneout.stride(3) == 1 else zoneout.contiguous()
+
+
+def _zoneout_kwarg(zoneout: Tensor | None) -> dict[str, Tensor]:
+    """``zoneout=`` for the Triton loops only where there is zoneout, so that a call without it
+    passes them exactly what it always did."""
+    return {} if zoneout is None else {"zoneout": zoneout}
 
 
 def _cast(levels: list[LevelWeights], dtype: torch.dtype) -> list[LevelWeights]:
@@ -177,7 +183,7 @@ def backward(
             from nestrnn.ops.nested_lstm import triton_loop
 
             return triton_loop.backward(
-                saved, levels, batch_sizes, reverse, acts, d_out, d_hn, d_cn, zoneout=keep
+                saved, levels, batch_sizes, reverse, acts, d_out, d_hn, d_cn, **_zoneout_kwarg(keep)
             )
         loop = c_loop if implementation == "c_loop" else torch_loop
         sizes = None if batch_sizes is None else batch_sizes.tolist()

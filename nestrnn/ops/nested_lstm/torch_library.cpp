@@ -27,7 +27,8 @@ using at::Tensor;
 
 constexpr const char* kSchema =
     "nested_lstm(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? batch_sizes, "
-    "bool reverse, str activations, str backend) -> (Tensor, Tensor, Tensor)";
+    "bool reverse, str activations, str backend, Tensor? zoneout=None) -> "
+    "(Tensor, Tensor, Tensor)";
 // A layer with nn.LSTM's projection (proj_size > 0) above depth 1 records this one.
 constexpr const char* kProjectedSchema =
     "nested_lstm_projected(Tensor x, Tensor[] weights, Tensor weight_hr, Tensor h0, Tensor c0, "
@@ -69,12 +70,19 @@ std::optional<Tensor> bias(const Tensor& b, at::ScalarType dtype) {
   return b.to(dtype);
 }
 
-// The reference's time loop; ``weight_hr`` (P, H), when given, projects each step's h to P wide.
+// zoneout (reference.py's zoneout_mix): keep * previous + (1 - keep) * new
+Tensor zoneout_mix(const Tensor& previous, const Tensor& next, const Tensor& keep) {
+  return keep * previous + (1 - keep) * next;
+}
+
+// The reference's time loop; ``weight_hr`` (P, H), when given, projects each step's h to P wide;
+// ``zoneout`` (D + 1, T, B, H), when given, mixes each carried state with its previous value.
 std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weights,
                                        const std::optional<Tensor>& weight_hr,
                                        const Tensor& h0_in, const Tensor& c0_in,
                                        const std::optional<Tensor>& batch_sizes, bool reverse,
-                                       const std::string& activations) {
+                                       const std::string& activations,
+                                       const std::optional<Tensor>& zoneout_in) {
   const int64_t depth = c0_in.size(0);
   TORCH_CHECK(x_in.dim() == 3 && h0_in.dim() == 2 && c0_in.dim() == 3,
               "nestrnn::nested_lstm: expected x (T, B, I), h0 (B, H), c0 (D, B, H)");
@@ -101,6 +109,11 @@ std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weight
     b_ih.push_back(bias(weights[4 * k + 2], dtype));
     b_hh.push_back(bias(weights[4 * k + 3], dtype));
   }
+  TORCH_CHECK(!zoneout_in.has_value() ||
+                  zoneout_in->sizes() == at::IntArrayRef({depth + 1, steps, batch, hidden}),
+              "nestrnn::nested_lstm: expected zoneout (D + 1, T, B, H)");
+  const std::optional<Tensor> zoneout =
+      zoneout_in.has_value() ? std::optional<Tensor>(zoneout_in->to(dtype)) : std::nullopt;
   const std::optional<Tensor> projection =
       weight_hr.has_value() ? std::optional<Tensor>(weight_hr->to(dtype)) : std::nullopt;
   Tensor h = h0_in.to(dtype);
@@ -135,6 +148,13 @@ std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weight
     }
     Tensor h_new = out_gates[0] * activate(levels[0].cell, new_cells[0]);
     if (projection.has_value()) h_new = at::linear(h_new, *projection);
+    if (zoneout.has_value()) {  // the ascent read the unzoned cells; what is carried is mixed
+      const Tensor keep = zoneout->select(1, t);
+      for (int64_t k = 0; k < depth; ++k) {
+        new_cells[k] = zoneout_mix(cells[k], new_cells[k], keep[k]);
+      }
+      h_new = zoneout_mix(h, h_new, keep[depth]);
+    }
     const int64_t active = sizes.has_value() ? (*sizes)[t].item<int64_t>() : batch;
     if (active == batch) {
       h = h_new;
@@ -153,15 +173,16 @@ std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weight
 std::tuple<Tensor, Tensor, Tensor> nested_lstm(
     const Tensor& x, at::TensorList weights, const Tensor& h0, const Tensor& c0,
     const std::optional<Tensor>& batch_sizes, bool reverse, std::string activations,
-    std::string /*backend: this library has one implementation*/) {
-  return run(x, weights, std::nullopt, h0, c0, batch_sizes, reverse, activations);
+    std::string /*backend: this library has one implementation*/,
+    const std::optional<Tensor>& zoneout) {
+  return run(x, weights, std::nullopt, h0, c0, batch_sizes, reverse, activations, zoneout);
 }
 
 std::tuple<Tensor, Tensor, Tensor> nested_lstm_projected(
     const Tensor& x, at::TensorList weights, const Tensor& weight_hr, const Tensor& h0,
     const Tensor& c0, const std::optional<Tensor>& batch_sizes, bool reverse,
     std::string activations) {
-  return run(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations);
+  return run(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations, std::nullopt);
 }
 
 // Registered on loading, unless the op exists already (see the top of this file); kept until the
