@@ -92,6 +92,7 @@ class _Launch:
     cfg: TritonConfig
     dot_prec: str
     dtype: torch.dtype  # of the GEMM operands (the input's)
+    zoneout: bool = False  # the kernels read keep weights (ZONEOUT); without, today's kernels
 
     @property
     def depth(self) -> int:
@@ -123,6 +124,7 @@ class _Launch:
             BLOCK_K=self.cfg.block_k,
             DOT_PREC=self.dot_prec,
             CUBLAS=self.cublas,
+            ZONEOUT=self.zoneout,
             num_warps=self.cfg.num_warps,
             **stages,
         )
@@ -130,6 +132,13 @@ class _Launch:
     def slots(self, s: int) -> tuple[int, int]:
         """Time index of processing step ``s`` and the state slot before it (``_slots``)."""
         return (self.steps - 1 - s, self.steps - s) if self.reverse else (s, s)
+
+    def zoneout_strides(self, zoneout: Tensor) -> tuple[int, int, int]:
+        """Element strides of the keep weights along levels, time and rows (0 without zoneout:
+        the kernels then read none)."""
+        return (
+            (zoneout.stride(0), zoneout.stride(1), zoneout.stride(2)) if self.zoneout else (0,) * 3
+        )
 
     def codes(self, field: str) -> int:
         """Every level's activation code for ``field``, packed (``pack_codes``)."""
@@ -144,6 +153,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
     # the codes are computed once a call: the loop is bound by launch overhead
     gate, cand, cells = m.level_codes("gate"), m.level_codes("candidate"), m.codes("cell")
+    zo, zs = b["zoneout"], m.zoneout_strides(b["zoneout"])
     for s in range(T):
         t, prev = m.slots(s)
         if m.cublas:  # the kernels read the step's GEMM from b["g"]
@@ -158,6 +168,8 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             b["y"],
             b["bs"],
             b["g"],
+            zo,
+            *zs,
             s,
             T,
             B,
@@ -182,6 +194,8 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 b["y"],
                 b["bs"],
                 b["g"],
+                zo,
+                *zs,
                 s,
                 T,
                 B,
@@ -201,6 +215,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     gate, cand = m.level_codes("gate"), m.level_codes("candidate")
     gate_acts, cand_acts, cell_acts = m.codes("gate"), m.codes("candidate"), m.codes("cell")
     dA, op = b["dA"], b["dA_op"]
+    zo, zs = b["zoneout"], m.zoneout_strides(b["zoneout"])
     for s in range(T - 1, -1, -1):
         t, _prev = m.slots(s)
         if m.cublas and s + 1 < T:  # dh = dA^0 of the step processed before @ W_hh^0
@@ -218,6 +233,8 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             b["bs"],
             b["g_h"],
             op,
+            zo,
+            *zs,
             s,
             T,
             B,
@@ -241,6 +258,8 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 b["bs"],
                 b["g_x"],
                 op,
+                zo,
+                *zs,
                 s,
                 T,
                 B,
@@ -344,6 +363,7 @@ def _launches(
     batch_sizes: Tensor | None,
     reverse: bool,
     activations: tuple[LevelActivations, ...],
+    zoneout: Tensor | None = None,
 ) -> _Launches:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
@@ -359,6 +379,7 @@ def _launches(
         pick_config(batch, hidden, None, x.dtype),
         _dot_precision(x.dtype),
         x.dtype,
+        zoneout is not None,
     )
     graphed_cfg = pick_config(batch, hidden, None, x.dtype, graphed=True)
     return _Launches(direct, replace(direct, cfg=graphed_cfg))
@@ -370,6 +391,14 @@ def _batch_sizes(batch_sizes: Tensor | None, device: torch.device) -> Tensor:
     return batch_sizes.to(device=device, dtype=torch.int32)
 
 
+def _zoneout(zoneout: Tensor | None, device: torch.device) -> Tensor:
+    """The keep weights as the kernels read them (any float dtype, any strides but along units,
+    the expanded rate of evaluation included), or one element that no kernel reads."""
+    if zoneout is None:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    return zoneout if zoneout.stride(-1) == 1 else zoneout.contiguous()
+
+
 def forward(
     x: Tensor,
     levels: list[LevelWeights],
@@ -379,9 +408,13 @@ def forward(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     save: bool,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
-    """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``."""
-    launches = _launches(x, levels, batch_sizes, reverse, activations)
+    """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``.
+
+    ``zoneout``: keep-previous weights (D+1, T, B, H) of the cells and h, or None (no zoneout:
+    the kernels without it); ``Saved.cells`` then holds the carried (mixed) cells."""
+    launches = _launches(x, levels, batch_sizes, reverse, activations, zoneout)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
@@ -401,6 +434,7 @@ def forward(
         "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
         "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
         "bs": _batch_sizes(batch_sizes, x.device),
+        "zoneout": _zoneout(zoneout, x.device),
         **_weights(levels),
         **_biases(levels, m.has_bias),
         **_gemm_buffers(launches, x.device, {"g": (B, 4 * H)}),
@@ -427,9 +461,11 @@ def backward(
     d_out: Tensor,
     d_hn: Tensor,
     d_cn: Tensor,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0."""
-    launches = _launches(d_out, levels, batch_sizes, reverse, activations)
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0.
+    ``zoneout``: the forward's keep weights, or None."""
+    launches = _launches(d_out, levels, batch_sizes, reverse, activations, zoneout)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     bufs = {
@@ -439,6 +475,7 @@ def backward(
         "dc": torch.empty((D, B, H), dtype=torch.float32, device=d_out.device),
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
+        "zoneout": _zoneout(zoneout, d_out.device),
         **_weights(levels),  # the backward kernels read no bias
         **_gemm_buffers(launches, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
         "dA_op": torch.empty(
@@ -456,6 +493,8 @@ def backward(
     # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
     first = T - 1 if reverse else 0
     dh0 = dA[0, first].mm(levels[0].weight_hh.float())
+    if m.zoneout:  # the kept share of h's gradient, left in dh by the last launch
+        dh0 += dh
     if m.packed:
         active = torch.arange(B, device=dh.device) < bufs["bs"][first].long()
         dh0 = torch.where(active[:, None], dh0, dh)
