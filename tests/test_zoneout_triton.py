@@ -24,6 +24,7 @@ from nestrnn.ops.common.gradients import parameter_gradients
 from nestrnn.ops.common.levels import LevelWeights, standard_activations, time_order
 from nestrnn.ops.common.reference import nested_cell_step
 from nestrnn.ops.nested_lstm import triton_loop
+from nestrnn.ops.nested_lstm.triton_configs import TritonConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -137,12 +138,32 @@ def errors(got: dict, want: dict) -> list[str]:
     return bad
 
 
+#: the per-step GEMMs by cuBLAS (torch.mm on CPU) and, under the interpreter, two batch tiles
+CUBLAS = TritonConfig(cublas_gemms=True)
+if INTERPRET:
+    CUBLAS = TritonConfig(block_b=2, block_h=16, block_k=16, cublas_gemms=True)
+
+
 @pytest.mark.parametrize(
-    ("depth", "batch_sizes", "reverse"),
-    [(1, None, False), (2, PACKED, False), (2, None, True)],
-    ids=["depth 1", "depth 2 packed", "depth 2 reverse"],
+    ("depth", "batch_sizes", "reverse", "config"),
+    [
+        (1, None, False, None),
+        (2, PACKED, False, None),
+        (2, None, True, None),
+        (3, PACKED, True, CUBLAS),
+    ],
+    ids=["depth 1", "depth 2 packed", "depth 2 reverse", "depth 3 packed reverse cublas"],
 )
-def test_training_masks_match_the_formula(depth, batch_sizes, reverse):
+def test_training_masks_match_the_formula(depth, batch_sizes, reverse, config, monkeypatch):
+    if config is not None:
+        choose = triton_loop.pick_config
+        monkeypatch.setattr(
+            triton_loop,
+            "pick_config",
+            lambda batch, hidden, _=None, dtype=torch.float32, graphed=False: choose(
+                batch, hidden, config, dtype, graphed
+            ),
+        )
     case, zoneout = make_case(depth), masks(depth)
     want = reference_results(case, batch_sizes, reverse, zoneout)
     assert not errors(triton_results(case, batch_sizes, reverse, zoneout), want)
