@@ -1,5 +1,5 @@
 """Zoneout inside the Triton kernels: ``triton_loop.forward`` / ``backward`` with keep weights
-against a reference under autograd written from the formula (docs: the op's ``zoneout``).
+against a reference under autograd written from the formula of the op's ``zoneout`` argument.
 
 At step t the cell is computed as without zoneout from the carried state; what is carried (and
 output) is ``keep * previous + (1 - keep) * new`` per state (the D cells, then h). Like

@@ -12,6 +12,11 @@ backward
     ``bwd_inner_kernel``, then ``bwd_level_kernel`` for levels D-2..0. The parameter gradients are
     GEMMs after the loop (``gradients.py``).
 
+Zoneout (``zoneout=``, keep weights (D+1, T, B, H) of the cells and h): the kernels' constexpr
+ZONEOUT reads them through their strides (the expanded rate of evaluation too) and mixes what is
+carried and output; without it the kernels are exactly those without zoneout and no buffer is
+added. In a CUDA graph the weights are an input, copied into the graph's (contiguous) static twin.
+
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
 dtype as GEMM operands).
 
@@ -133,12 +138,13 @@ class _Launch:
         """Time index of processing step ``s`` and the state slot before it (``_slots``)."""
         return (self.steps - 1 - s, self.steps - s) if self.reverse else (s, s)
 
-    def zoneout_strides(self, zoneout: Tensor) -> tuple[int, int, int]:
-        """Element strides of the keep weights along levels, time and rows (0 without zoneout:
-        the kernels then read none)."""
-        return (
-            (zoneout.stride(0), zoneout.stride(1), zoneout.stride(2)) if self.zoneout else (0,) * 3
-        )
+    def zoneout_args(self, b: dict[str, Tensor]) -> tuple:
+        """The kernels' keep-weight arguments: the buffer and its element strides along levels,
+        time and rows. Without zoneout the kernels read none: any pointer, no new buffer."""
+        if not self.zoneout:
+            return (b["bs"], 0, 0, 0)
+        zoneout = b["zoneout"]
+        return (zoneout, zoneout.stride(0), zoneout.stride(1), zoneout.stride(2))
 
     def codes(self, field: str) -> int:
         """Every level's activation code for ``field``, packed (``pack_codes``)."""
@@ -153,7 +159,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
     # the codes are computed once a call: the loop is bound by launch overhead
     gate, cand, cells = m.level_codes("gate"), m.level_codes("candidate"), m.codes("cell")
-    zo, zs = b["zoneout"], m.zoneout_strides(b["zoneout"])
+    zo = m.zoneout_args(b)
     for s in range(T):
         t, prev = m.slots(s)
         if m.cublas:  # the kernels read the step's GEMM from b["g"]
@@ -172,8 +178,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             T,
             B,
             H,
-            zo,
-            *zs,
+            *zo,
             DEPTH=D,
             GATE_ACT=gate[0],
             CAND_ACT=cand[0],
@@ -198,8 +203,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 T,
                 B,
                 H,
-                zo,
-                *zs,
+                *zo,
                 LEVEL=k,
                 DEPTH=D,
                 GATE_ACT=gate[k],
@@ -215,7 +219,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     gate, cand = m.level_codes("gate"), m.level_codes("candidate")
     gate_acts, cand_acts, cell_acts = m.codes("gate"), m.codes("candidate"), m.codes("cell")
     dA, op = b["dA"], b["dA_op"]
-    zo, zs = b["zoneout"], m.zoneout_strides(b["zoneout"])
+    zo = m.zoneout_args(b)
     for s in range(T - 1, -1, -1):
         t, _prev = m.slots(s)
         if m.cublas and s + 1 < T:  # dh = dA^0 of the step processed before @ W_hh^0
@@ -237,8 +241,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             T,
             B,
             H,
-            zo,
-            *zs,
+            *zo,
             DEPTH=D,
             GATE_ACTS=gate_acts,
             CAND_ACTS=cand_acts,
@@ -262,8 +265,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 T,
                 B,
                 H,
-                zo,
-                *zs,
+                *zo,
                 LEVEL=k,
                 GATE_ACT=gate[k],
                 CAND_ACT=cand[k],
@@ -391,12 +393,12 @@ def _batch_sizes(batch_sizes: Tensor | None, device: torch.device) -> Tensor:
     return batch_sizes.to(device=device, dtype=torch.int32)
 
 
-def _zoneout(zoneout: Tensor | None, device: torch.device) -> Tensor:
+def _zoneout(zoneout: Tensor | None) -> dict[str, Tensor]:
     """The keep weights as the kernels read them (any float dtype, any strides but along units,
-    the expanded rate of evaluation included), or one element that no kernel reads."""
+    the expanded rate of evaluation included); no buffer without zoneout."""
     if zoneout is None:
-        return torch.zeros(1, dtype=torch.float32, device=device)
-    return zoneout if zoneout.stride(-1) == 1 else zoneout.contiguous()
+        return {}
+    return {"zoneout": zoneout if zoneout.stride(-1) == 1 else zoneout.contiguous()}
 
 
 def forward(
@@ -434,7 +436,7 @@ def forward(
         "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
         "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
         "bs": _batch_sizes(batch_sizes, x.device),
-        "zoneout": _zoneout(zoneout, x.device),
+        **_zoneout(zoneout),
         **_weights(levels),
         **_biases(levels, m.has_bias),
         **_gemm_buffers(launches, x.device, {"g": (B, 4 * H)}),
@@ -475,7 +477,7 @@ def backward(
         "dc": torch.empty((D, B, H), dtype=torch.float32, device=d_out.device),
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
-        "zoneout": _zoneout(zoneout, d_out.device),
+        **_zoneout(zoneout),
         **_weights(levels),  # the backward kernels read no bias
         **_gemm_buffers(launches, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
         "dA_op": torch.empty(
