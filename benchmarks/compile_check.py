@@ -9,7 +9,7 @@ Runs the real Triton compiler (Triton IR, LLVM, ptxas) on each kernel of
 bfloat16 operands; depths 1-3; dense and packed+reverse; the paper's activations and two variants
 that put every activation in every role; biased and bias-free nested levels; the launch configurations
 ``triton_loop.pick_config`` chooses at the shapes of ``gpu.sh``, for direct launches and CUDA
-graphs. This catches what the interpreter
+graphs; with and without zoneout (the cuBLAS variants). This catches what the interpreter
 lets through (dot sizes below 16, mismatched branch types, constexpr arithmetic a Triton version
 does not fold) without a GPU.
 
@@ -69,6 +69,7 @@ class Variant:
     activations: tuple[LevelActivations, ...]
     nested_bias: bool
     config: TritonConfig
+    zoneout: bool = False
 
     def common(self) -> dict:
         """Constexprs every kernel takes."""
@@ -80,6 +81,7 @@ class Variant:
             BLOCK_K=self.config.block_k,
             DOT_PREC="ieee" if self.dtype == "fp32" else "tf32",
             CUBLAS=bool(self.config.cublas_gemms),
+            ZONEOUT=self.zoneout,
         )
 
     def backward(self) -> dict:
@@ -171,6 +173,7 @@ def variants(quick: bool) -> list[Variant]:
         )
         for dtype in DTYPES
     ]
+    cublas += [replace(v, zoneout=True) for v in cublas]  # every kernel's zoneout branches
     if quick:
         return cublas + [
             Variant(dtype, depth, True, acts, bias, config_for(*SHAPES[0], dtype))

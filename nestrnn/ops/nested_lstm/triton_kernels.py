@@ -17,11 +17,15 @@ Buffers (contiguous; T steps, B rows, H units, D levels), ``layout.Saved`` plus 
     dh (B, H), dc (D, B, H)     fp32   gradients carried into h and the cells (backward)
     g (B, 4H); (B, H), (B, 2H)  fp32*  the step's GEMM by cuBLAS, forward; backward dh, [dx~|dh~]
     dA_op      (D, B, 4H)       dtype  the step's gate gradients again, the next GEMM's operand
+    zoneout    (D+1, T, B, H)   any float  keep-previous weights of the cells and h (read with
+                                       element strides ``zo_sk, zo_st, zo_sb``; units contiguous)
 
 With the constexpr CUBLAS the kernels add the step's GEMM from ``g`` (torch.mm wrote it just
 before the launch; * in the operands' dtype where torch cannot give a float32 result) instead of
 running their own ``tl.dot``; with OP_COPY (half precision) the backward kernels also write
-``dA_op``.
+``dA_op``. With the constexpr ZONEOUT the carried cells and h (and the output) are mixed with
+their previous values by the ``zoneout`` weights, and the backward splits their gradients
+accordingly; without it the kernels are exactly those of the op without zoneout.
 
 Matmul operands are in the weights' dtype with fp32 accumulation; state and gate math are fp32.
 ``s`` is the processing-order step and ``T`` the sequence length; neither is specialised on.
@@ -204,6 +208,27 @@ def _store_state(ptr_new, ptr_prev, val, tile, mask, act, HAS_BS: tl.constexpr):
 
 
 @triton.jit
+def _keep(zo_ptr, k, t, rows, units, zo_sk, zo_st, zo_sb, mask):
+    """Zoneout's keep-previous weight of state ``k`` (cell level k; D: h) at time ``t``, in fp32.
+
+    ``zo_ptr`` is (D+1, T, B, H) with element strides ``zo_sk, zo_st, zo_sb`` (any of them 0 for
+    the expanded rate of evaluation) and contiguous units; offsets in int64 (``t`` is).
+    """
+    offset = t * zo_st + (t * 0 + k) * zo_sk + rows[:, None].to(tl.int64) * zo_sb
+    return tl.load(zo_ptr + offset + units[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_zoned_state(ptr_new, ptr_prev, val, keep, tile, mask, act):
+    """Store the carried state ``keep * previous + (1 - keep) * val`` (zoneout) and return it;
+    rows inactive at this step (``act`` false) keep the previous value."""
+    old = tl.load(ptr_prev + tile, mask=mask, other=0.0).to(tl.float32)
+    val = tl.where(act, keep * old + (1.0 - keep) * val, old)
+    tl.store(ptr_new + tile, val.to(ptr_new.dtype.element_ty), mask=mask)
+    return val
+
+
+@triton.jit
 def _store_gates(gp, gtile, H, i, f, g, o, mask):
     tl.store(gp + gtile, i, mask=mask)
     tl.store(gp + gtile + H, f, mask=mask)
@@ -229,12 +254,18 @@ def _ascend(
     act_cells_ptr,
     h_ptr,
     y_ptr,
+    zo_ptr,
+    zo_sk,
+    zo_st,
+    zo_sb,
     t,
     prev,
     new,
     T,
     B,
     H,
+    rows,
+    units,
     tile,
     gtile,
     mask,
@@ -242,43 +273,79 @@ def _ascend(
     LEVEL: tl.constexpr,
     CELL_ACTS: tl.constexpr,
     HAS_BS: tl.constexpr,
+    ZONEOUT: tl.constexpr,
 ):
     """Innermost epilogue: store c^LEVEL, then c^{k-1} = o_k act_k(c^k) up to h = o_0 act_0(c^0).
 
     ``c_cur`` is the new innermost cell, ``o_cur`` that level's output gate (in registers); the
     output gates of the upper levels are read back from ``gates`` (written by earlier launches).
+    ZONEOUT: the ascent runs on the new values; what is stored (carried, and the output) is each
+    state mixed with its previous value by its keep weight (state LEVEL + 1 = D is h).
     """
     plane = B * H
-    _store_state(
-        cells_ptr + (LEVEL * (T + 1) + new) * plane,
-        cells_ptr + (LEVEL * (T + 1) + prev) * plane,
-        c_cur,
-        tile,
-        mask,
-        act,
-        HAS_BS,
-    )
+    if ZONEOUT:
+        _store_zoned_state(
+            cells_ptr + (LEVEL * (T + 1) + new) * plane,
+            cells_ptr + (LEVEL * (T + 1) + prev) * plane,
+            c_cur,
+            _keep(zo_ptr, LEVEL, t, rows, units, zo_sk, zo_st, zo_sb, mask),
+            tile,
+            mask,
+            act,
+        )
+    else:
+        _store_state(
+            cells_ptr + (LEVEL * (T + 1) + new) * plane,
+            cells_ptr + (LEVEL * (T + 1) + prev) * plane,
+            c_cur,
+            tile,
+            mask,
+            act,
+            HAS_BS,
+        )
     for j in tl.static_range(LEVEL + 1):
         k = LEVEL - j  # the level whose output is produced now
         a = _act(c_cur, (CELL_ACTS >> (4 * k)) & 15)
         tl.store(act_cells_ptr + (k * T + t) * plane + tile, a, mask=mask)
         up = o_cur * a
         if k > 0:
-            _store_state(
-                cells_ptr + ((k - 1) * (T + 1) + new) * plane,
-                cells_ptr + ((k - 1) * (T + 1) + prev) * plane,
-                up,
-                tile,
-                mask,
-                act,
-                HAS_BS,
-            )
+            if ZONEOUT:
+                _store_zoned_state(
+                    cells_ptr + ((k - 1) * (T + 1) + new) * plane,
+                    cells_ptr + ((k - 1) * (T + 1) + prev) * plane,
+                    up,
+                    _keep(zo_ptr, k - 1, t, rows, units, zo_sk, zo_st, zo_sb, mask),
+                    tile,
+                    mask,
+                    act,
+                )
+            else:
+                _store_state(
+                    cells_ptr + ((k - 1) * (T + 1) + new) * plane,
+                    cells_ptr + ((k - 1) * (T + 1) + prev) * plane,
+                    up,
+                    tile,
+                    mask,
+                    act,
+                    HAS_BS,
+                )
             o_cur = tl.load(
                 gates_ptr + ((k - 1) * T + t) * (4 * plane) + gtile + 3 * H, mask=mask, other=0.0
             )
             c_cur = up
         else:
-            _store_state(h_ptr + new * plane, h_ptr + prev * plane, up, tile, mask, act, HAS_BS)
+            if ZONEOUT:  # the output is the carried h
+                up = _store_zoned_state(
+                    h_ptr + new * plane,
+                    h_ptr + prev * plane,
+                    up,
+                    _keep(zo_ptr, LEVEL + 1, t, rows, units, zo_sk, zo_st, zo_sb, mask),
+                    tile,
+                    mask,
+                    act,
+                )
+            else:
+                _store_state(h_ptr + new * plane, h_ptr + prev * plane, up, tile, mask, act, HAS_BS)
             y = tl.where(act, up, 0.0)
             tl.store(y_ptr + t * plane + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -302,6 +369,10 @@ def fwd_outer_kernel(
     T,
     B,
     H,
+    zo_ptr,
+    zo_sk,
+    zo_st,
+    zo_sb,
     DEPTH: tl.constexpr,
     GATE_ACT: tl.constexpr,
     CAND_ACT: tl.constexpr,
@@ -313,6 +384,7 @@ def fwd_outer_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
+    ZONEOUT: tl.constexpr,
 ):
     """Level 0 of step ``s``: gates = (x W_ih^T + b, in ``gates`` already) + h_{t-1} W_hh^T.
 
@@ -368,12 +440,18 @@ def fwd_outer_kernel(
             act_cells_ptr,
             h_ptr,
             y_ptr,
+            zo_ptr,
+            zo_sk,
+            zo_st,
+            zo_sb,
             t,
             prev,
             new,
             T,
             B,
             H,
+            rows,
+            units,
             tile,
             gtile,
             mask,
@@ -381,6 +459,7 @@ def fwd_outer_kernel(
             0,
             CELL_ACTS,
             HAS_BS,
+            ZONEOUT,
         )
     else:
         _store_level_input(inputs_ptr + t * (2 * plane), rows, units, H, i, f, g, c_prev, mask, act)
@@ -402,6 +481,10 @@ def fwd_nested_kernel(
     T,
     B,
     H,
+    zo_ptr,
+    zo_sk,
+    zo_st,
+    zo_sb,
     LEVEL: tl.constexpr,
     DEPTH: tl.constexpr,
     GATE_ACT: tl.constexpr,
@@ -415,6 +498,7 @@ def fwd_nested_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
+    ZONEOUT: tl.constexpr,
 ):
     """Nested level LEVEL (1..D-1) of step ``s``: gates = b + [x~ | h~] [W_ih | W_hh]^T (CUBLAS:
     the product read from ``g_ptr``).
@@ -476,12 +560,18 @@ def fwd_nested_kernel(
             act_cells_ptr,
             h_ptr,
             y_ptr,
+            zo_ptr,
+            zo_sk,
+            zo_st,
+            zo_sb,
             t,
             prev,
             new,
             T,
             B,
             H,
+            rows,
+            units,
             tile,
             gtile,
             mask,
@@ -489,6 +579,7 @@ def fwd_nested_kernel(
             LEVEL,
             CELL_ACTS,
             HAS_BS,
+            ZONEOUT,
         )
 
 
@@ -544,6 +635,10 @@ def bwd_inner_kernel(
     T,
     B,
     H,
+    zo_ptr,
+    zo_sk,
+    zo_st,
+    zo_sb,
     DEPTH: tl.constexpr,
     GATE_ACTS: tl.constexpr,
     CAND_ACTS: tl.constexpr,
@@ -556,6 +651,7 @@ def bwd_inner_kernel(
     DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
     OP_COPY: tl.constexpr,
+    ZONEOUT: tl.constexpr,
 ):
     """First backward launch of step ``s``.
 
@@ -564,6 +660,11 @@ def bwd_inner_kernel(
     the output gradient, go back down through h = o_0 act_0(c^0) and c^{k-1} = o_k act_k(c^k) (the
     o-gate gradients of every level), then the innermost level's i/f/g gate gradients and its cell
     carry dc^{D-1} = d c * f. OP_COPY: the gate gradients also go to ``op_ptr`` (D, B, 4H).
+
+    ZONEOUT: a state carried to step t is keep * (its value at t-1) + (1 - keep) * (the new one).
+    ``dh`` then holds, between launches, keep^D_{t+1} * (the gradient of h_{t+1}) for rows active
+    at t+1, which the GEMM's result joins; the new h and cells get the (1 - keep) shares, and
+    keep^{D-1} * dc^{D-1} joins the cell carry.
     """
     rows, units, rmask, umask, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     t, prev, _new = _slots(s, T, REVERSE)
@@ -594,11 +695,17 @@ def bwd_inner_kernel(
                     other=0.0,
                 )
                 acc = tl.dot(da, w, acc, input_precision=DOT_PREC)
+        if ZONEOUT:  # h_t also passed straight to h_{t+1}
+            acc += dh
         dh = tl.where(_active(bs_ptr, t_next, rows, B, HAS_BS), acc, dh)
         tl.store(dh_ptr + tile, dh, mask=mask)
 
     act = _active(bs_ptr, t, rows, B, HAS_BS)
     grad = dh + tl.load(dy_ptr + t * plane + tile, mask=mask, other=0.0).to(tl.float32)
+    if ZONEOUT:  # the kept share goes to h_{t-1} directly; the new h gets the rest
+        keep = _keep(zo_ptr, DEPTH, t, rows, units, zo_sk, zo_st, zo_sb, mask)
+        tl.store(dh_ptr + tile, tl.where(act, keep * grad, dh), mask=mask)
+        grad = grad * (1.0 - keep)
     dc_old = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     for k in tl.static_range(DEPTH):  # grad: of the output of level k (h, then c^{k-1})
         o = tl.load(gates_ptr + (k * T + t) * (4 * plane) + gtile + 3 * H, mask=mask, other=0.0)
@@ -613,7 +720,12 @@ def bwd_inner_kernel(
             OP_COPY,
         )
         dc_old = tl.load(dc_ptr + k * plane + tile, mask=mask, other=0.0)
-        grad = dc_old + grad * o * _act_grad(a, (CELL_ACTS >> (4 * k)) & 15)
+        d_new = grad * o * _act_grad(a, (CELL_ACTS >> (4 * k)) & 15)
+        if ZONEOUT:  # the new cell gets the carried cell's gradient less the kept share
+            keep = _keep(zo_ptr, k, t, rows, units, zo_sk, zo_st, zo_sb, mask)
+            grad = (1.0 - keep) * dc_old + d_new
+        else:
+            grad = dc_old + d_new
 
     # the innermost level L adds: c^L = f_L c^L_{t-1} + i_L g_L, so d(i g) = d(f c_prev) = grad
     L = DEPTH - 1
@@ -633,7 +745,10 @@ def bwd_inner_kernel(
         (CAND_ACTS >> (4 * L)) & 15,
         OP_COPY,
     )
-    tl.store(dc_ptr + L * plane + tile, tl.where(act, grad * f, dc_old), mask=mask)
+    dc_prev = grad * f
+    if ZONEOUT:
+        dc_prev += _keep(zo_ptr, L, t, rows, units, zo_sk, zo_st, zo_sb, mask) * dc_old
+    tl.store(dc_ptr + L * plane + tile, tl.where(act, dc_prev, dc_old), mask=mask)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
@@ -650,6 +765,10 @@ def bwd_level_kernel(
     T,
     B,
     H,
+    zo_ptr,
+    zo_sk,
+    zo_st,
+    zo_sb,
     LEVEL: tl.constexpr,
     GATE_ACT: tl.constexpr,
     CAND_ACT: tl.constexpr,
@@ -661,13 +780,14 @@ def bwd_level_kernel(
     DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
     OP_COPY: tl.constexpr,
+    ZONEOUT: tl.constexpr,
 ):
     """Level LEVEL (D-2 .. 0) of backward step ``s`` (launched only when D >= 2).
 
     GEMM: [dx~ | dh~] = dA^{LEVEL+1} @ [W_ih | W_hh] of the level below (``w_ptr``, (4H, 2H);
     CUBLAS: read from ``g_ptr``, (B, 2H)). Epilogue: level LEVEL's i/f/g gate gradients (its o
     gradient was written by ``bwd_inner_kernel``; OP_COPY: also into ``op_ptr``) and its cell
-    carry dc^LEVEL = dh~ * f.
+    carry dc^LEVEL = dh~ * f (ZONEOUT: plus keep^LEVEL * dc^LEVEL, the kept share).
     """
     rows, units, rmask, umask, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     t, prev, _new = _slots(s, T, REVERSE)
@@ -723,4 +843,7 @@ def bwd_level_kernel(
         OP_COPY,
     )
     dc_old = tl.load(dc_ptr + LEVEL * plane + tile, mask=mask, other=0.0)
-    tl.store(dc_ptr + LEVEL * plane + tile, tl.where(act, d_h * f, dc_old), mask=mask)
+    dc_prev = d_h * f
+    if ZONEOUT:
+        dc_prev += _keep(zo_ptr, LEVEL, t, rows, units, zo_sk, zo_st, zo_sb, mask) * dc_old
+    tl.store(dc_ptr + LEVEL * plane + tile, tl.where(act, dc_prev, dc_old), mask=mask)

@@ -12,6 +12,11 @@ backward
     ``bwd_inner_kernel``, then ``bwd_level_kernel`` for levels D-2..0. The parameter gradients are
     GEMMs after the loop (``gradients.py``).
 
+Zoneout (``zoneout=``, keep weights (D+1, T, B, H) of the cells and h): the kernels' constexpr
+ZONEOUT reads them through their strides (the expanded rate of evaluation too) and mixes what is
+carried and output; without it the kernels are exactly those without zoneout and no buffer is
+added. In a CUDA graph the weights are an input, copied into the graph's (contiguous) static twin.
+
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
 dtype as GEMM operands).
 
@@ -92,6 +97,7 @@ class _Launch:
     cfg: TritonConfig
     dot_prec: str
     dtype: torch.dtype  # of the GEMM operands (the input's)
+    zoneout: bool = False  # the kernels read keep weights (ZONEOUT); without, today's kernels
 
     @property
     def depth(self) -> int:
@@ -123,6 +129,7 @@ class _Launch:
             BLOCK_K=self.cfg.block_k,
             DOT_PREC=self.dot_prec,
             CUBLAS=self.cublas,
+            ZONEOUT=self.zoneout,
             num_warps=self.cfg.num_warps,
             **stages,
         )
@@ -130,6 +137,14 @@ class _Launch:
     def slots(self, s: int) -> tuple[int, int]:
         """Time index of processing step ``s`` and the state slot before it (``_slots``)."""
         return (self.steps - 1 - s, self.steps - s) if self.reverse else (s, s)
+
+    def zoneout_args(self, b: dict[str, Tensor]) -> tuple:
+        """The kernels' keep-weight arguments: the buffer and its element strides along levels,
+        time and rows. Without zoneout the kernels read none: any pointer, no new buffer."""
+        if not self.zoneout:
+            return (b["bs"], 0, 0, 0)
+        zoneout = b["zoneout"]
+        return (zoneout, zoneout.stride(0), zoneout.stride(1), zoneout.stride(2))
 
     def codes(self, field: str) -> int:
         """Every level's activation code for ``field``, packed (``pack_codes``)."""
@@ -144,6 +159,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
     # the codes are computed once a call: the loop is bound by launch overhead
     gate, cand, cells = m.level_codes("gate"), m.level_codes("candidate"), m.codes("cell")
+    zo = m.zoneout_args(b)
     for s in range(T):
         t, prev = m.slots(s)
         if m.cublas:  # the kernels read the step's GEMM from b["g"]
@@ -162,6 +178,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             T,
             B,
             H,
+            *zo,
             DEPTH=D,
             GATE_ACT=gate[0],
             CAND_ACT=cand[0],
@@ -186,6 +203,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 T,
                 B,
                 H,
+                *zo,
                 LEVEL=k,
                 DEPTH=D,
                 GATE_ACT=gate[k],
@@ -201,6 +219,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     gate, cand = m.level_codes("gate"), m.level_codes("candidate")
     gate_acts, cand_acts, cell_acts = m.codes("gate"), m.codes("candidate"), m.codes("cell")
     dA, op = b["dA"], b["dA_op"]
+    zo = m.zoneout_args(b)
     for s in range(T - 1, -1, -1):
         t, _prev = m.slots(s)
         if m.cublas and s + 1 < T:  # dh = dA^0 of the step processed before @ W_hh^0
@@ -222,6 +241,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             T,
             B,
             H,
+            *zo,
             DEPTH=D,
             GATE_ACTS=gate_acts,
             CAND_ACTS=cand_acts,
@@ -245,6 +265,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 T,
                 B,
                 H,
+                *zo,
                 LEVEL=k,
                 GATE_ACT=gate[k],
                 CAND_ACT=cand[k],
@@ -344,6 +365,7 @@ def _launches(
     batch_sizes: Tensor | None,
     reverse: bool,
     activations: tuple[LevelActivations, ...],
+    zoneout: Tensor | None = None,
 ) -> _Launches:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
@@ -359,6 +381,7 @@ def _launches(
         pick_config(batch, hidden, None, x.dtype),
         _dot_precision(x.dtype),
         x.dtype,
+        zoneout is not None,
     )
     graphed_cfg = pick_config(batch, hidden, None, x.dtype, graphed=True)
     return _Launches(direct, replace(direct, cfg=graphed_cfg))
@@ -370,6 +393,14 @@ def _batch_sizes(batch_sizes: Tensor | None, device: torch.device) -> Tensor:
     return batch_sizes.to(device=device, dtype=torch.int32)
 
 
+def _zoneout(zoneout: Tensor | None) -> dict[str, Tensor]:
+    """The keep weights as the kernels read them (any float dtype, any strides but along units,
+    the expanded rate of evaluation included); no buffer without zoneout."""
+    if zoneout is None:
+        return {}
+    return {"zoneout": zoneout if zoneout.stride(-1) == 1 else zoneout.contiguous()}
+
+
 def forward(
     x: Tensor,
     levels: list[LevelWeights],
@@ -379,9 +410,13 @@ def forward(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     save: bool,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
-    """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``."""
-    launches = _launches(x, levels, batch_sizes, reverse, activations)
+    """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``.
+
+    ``zoneout``: keep-previous weights (D+1, T, B, H) of the cells and h, or None (no zoneout:
+    the kernels without it); ``Saved.cells`` then holds the carried (mixed) cells."""
+    launches = _launches(x, levels, batch_sizes, reverse, activations, zoneout)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
@@ -401,6 +436,7 @@ def forward(
         "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
         "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
         "bs": _batch_sizes(batch_sizes, x.device),
+        **_zoneout(zoneout),
         **_weights(levels),
         **_biases(levels, m.has_bias),
         **_gemm_buffers(launches, x.device, {"g": (B, 4 * H)}),
@@ -427,9 +463,11 @@ def backward(
     d_out: Tensor,
     d_hn: Tensor,
     d_cn: Tensor,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0."""
-    launches = _launches(d_out, levels, batch_sizes, reverse, activations)
+    """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0.
+    ``zoneout``: the forward's keep weights, or None."""
+    launches = _launches(d_out, levels, batch_sizes, reverse, activations, zoneout)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     bufs = {
@@ -439,6 +477,7 @@ def backward(
         "dc": torch.empty((D, B, H), dtype=torch.float32, device=d_out.device),
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
+        **_zoneout(zoneout),
         **_weights(levels),  # the backward kernels read no bias
         **_gemm_buffers(launches, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
         "dA_op": torch.empty(
@@ -456,6 +495,8 @@ def backward(
     # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
     first = T - 1 if reverse else 0
     dh0 = dA[0, first].mm(levels[0].weight_hh.float())
+    if m.zoneout:  # the kept share of h's gradient, left in dh by the last launch
+        dh0 += dh
     if m.packed:
         active = torch.arange(B, device=dh.device) < bufs["bs"][first].long()
         dh0 = torch.where(active[:, None], dh0, dh)
