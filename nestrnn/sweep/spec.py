@@ -4,7 +4,8 @@ dotted config keys. Everything is checked here, before anything runs: a mistake 
 
 Keys (all but ``space`` optional)::
 
-    base: configs/x.yaml | a bundled config name      # like ``nestrnn train -c``
+    base: configs/x.yaml | a bundled config name      # like ``nestrnn train -c``; a relative
+                                                       # path beside the spec file wins
     overrides: {KEY: VALUE, ...}                       # fixed for every trial
     space:
       optim.lr: {float: [1.0e-4, 1.0e-2], log: true}   # optional step: 0.1
@@ -156,6 +157,8 @@ def load_spec(path: str | Path, cli_overrides: list[str], trials: int | None = N
     base = raw.get("base")
     if base is not None and not isinstance(base, str):
         raise _fail(path, "base", f"must be a config file or bundled config name, got {base!r}")
+    if base is not None and (Path(path).parent / base).is_file() and not Path(base).is_absolute():
+        base = str((Path(path).parent / base).resolve())  # a file beside the spec
     fixed = raw.get("overrides") or {}
     if not isinstance(fixed, dict):
         raise _fail(path, "overrides", "must be a mapping of KEY: VALUE")
