@@ -269,3 +269,17 @@ def test_train_with_every_regulariser_from_the_cli(tmp_path, capsys) -> None:
     code, _, err = main_cli(["train", *TINY, "model.weight_drop=1.5"], capsys)
     assert_one_line_error(code, err, "train")
     assert "'model.weight_drop' must be a rate in [0, 1)" in err
+
+
+def test_compile_and_export_see_the_regularisers() -> None:
+    options = {**ALL_ON, "checkpoint_every": 3}
+    torch.manual_seed(0)
+    model = NestedLSTM(3, 5, depth=2, num_layers=2, **options).double()
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    eager_step = _train_step(model, x, seed=4)
+    _same(_train_step(compiled, x, seed=4), eager_step)  # the same masks from the same seed
+
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    _same(list(exported.module()(x)[0:1]), list(model(x)[0:1]))  # zoneout's expectation
