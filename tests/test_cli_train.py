@@ -91,10 +91,8 @@ def test_sample_from_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
         ],
         capsys,
     )
-    out = _ok(
-        run_cli(
-            ["sample", "lm", "--prime", "To be", "--length", "30", "--temperature", "0.5"], tmp_path
-        )
+    out = _ok_here(
+        ["sample", lm, "--prime", "To be", "--length", "30", "--temperature", "0.5"], capsys
     )
     assert out.startswith("To be") and len(out.rstrip("\n")) >= 5
     greedy = ["sample", lm, "--prime", "To", "--length", "10", "--temperature", "0"]
