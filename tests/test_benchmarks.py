@@ -68,10 +68,13 @@ def test_gpu_sh_dry_run_without_triton(tmp_path):
     assert rows["NLSTM-2"]["implementation"]["fwd+bwd"] in ("c_loop", "torch_loop")  # the CPU op
 
 
-def test_gpu_sh_dry_run(tmp_path):
+def test_gpu_sh_dry_run(tmp_path, monkeypatch):
+    """Every step, the tuning with --quick-tune (pick_config's candidates: the table's would add
+    tens of seconds of the interpreter and no other code; test_tuning_candidates checks that a
+    full tuning tries them)."""
     pytest.importorskip("triton")
     run = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run"],
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run", "--quick-tune"],
         cwd=REPO,
         env=script_env(OUT=str(tmp_path)),
         capture_output=True,
@@ -91,6 +94,9 @@ def test_gpu_sh_dry_run(tmp_path):
     assert [(r["dtype"], r["B"], r["H"]) for r in tuned] == [("fp32", 3, 17)]
     assert all("error" not in row for row in tuned[0]["rows"])  # every candidate checked and timed
     assert any(row["fields"][-1] for row in tuned[0]["rows"])  # cuBLAS GEMMs among them
+    tune = load("tune_triton", monkeypatch)
+    quick = [tune.fields(cfg) for cfg in tune.candidates("fp32", 3, 17, quick=True)]
+    assert [tuple(row["fields"]) for row in tuned[0]["rows"]] == quick  # --quick-tune reached it
     result = json.loads((tmp_path / "speed_cpu_float32.json").read_text())
     assert set(result["meta"]["triton_configs"]) == {"3x17"}  # the tuned one, timed
     rows = {r["row"]: r for r in result["rows"]}
@@ -99,6 +105,19 @@ def test_gpu_sh_dry_run(tmp_path):
     assert rows["NLSTM-2 torch_loop"]["implementation"]["fwd+bwd"] == "torch_loop"
     assert [s["T"] for s in result["split"]] == [4]
     assert (tmp_path / "gpu_run.log").read_text().rstrip().endswith("ALL STEPS PASSED")
+
+
+def test_tuning_candidates(monkeypatch):
+    """tune_triton.candidates: pick_config's choices first, once each, then (but for --quick) the
+    table's whose batch block the batch needs; cuBLAS GEMMs among the quick ones."""
+    pytest.importorskip("triton")
+    tune = load("tune_triton", monkeypatch)
+    full = [tune.fields(cfg) for cfg in tune.candidates("fp32", 3, 17)]
+    quick = [tune.fields(cfg) for cfg in tune.candidates("fp32", 3, 17, quick=True)]
+    assert full[: len(quick)] == quick and len(set(full)) == len(full)
+    assert any(fields[-1] for fields in quick)
+    table = {(*entry, False) for entry in tune.FP32_CANDIDATES if entry[0] <= 16}  # batch 3: 16
+    assert set(full) == set(quick) | table and len(full) > len(quick)
 
 
 def test_speed_issue_rows_on_cpu(tmp_path):

@@ -1,4 +1,7 @@
-"""The train / eval / sample / tasks commands, run as subprocesses (``python -m nestrnn.cli``)."""
+"""The train / eval / sample / tasks commands. Each command runs at least once as a subprocess
+(``python -m nestrnn.cli``, as a user runs it); the further calls of a test run in this process
+(``main_cli``: the same ``main``, its exit status and output), which spares the seconds a fresh
+interpreter spends importing torch."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
-from helpers_tasks import POEM_CHARS, TINY, run_cli, write_poems, write_text
+from helpers_tasks import POEM_CHARS, TINY, main_cli, run_cli, write_poems, write_text
 
 ADDING = [
     *TINY,
@@ -25,87 +28,103 @@ def _ok(result) -> str:
     return result.stdout
 
 
-def test_train_eval_and_resume(tmp_path: Path) -> None:
-    out = _ok(run_cli(["train", *ADDING, "--run-dir", "run"], tmp_path))
+def _ok_here(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``nestrnn ARGV`` in this process; its stdout, after checking that it succeeded."""
+    code, out, err = main_cli(argv, capsys)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def adding_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One adding-task run trained by ``nestrnn train`` in a subprocess, shared by the tests that
+    only read it: (its directory, what the command printed)."""
+    folder = tmp_path_factory.mktemp("adding")
+    out = _ok(run_cli(["train", *ADDING, "--run-dir", "run"], folder))
+    return folder / "run", out
+
+
+def test_train_eval_and_resume(
+    adding_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, out = adding_run
     assert "task adding" in out and "model nlstm (depth 2, 1 layer), hidden 8" in out
     assert "epoch 1/2 | train mse" in out and "epoch 2/2" in out
     assert "finished (completed)" in out and "test (best checkpoint): mse" in out
-    run = tmp_path / "run"
     assert {"config.yaml", "environment.json", "metrics.jsonl", "last.pt", "best.pt"} <= {
         p.name for p in run.iterdir()
     }
 
-    evaluated = json.loads(_ok(run_cli(["eval", "run", "--split", "test", "--json"], tmp_path)))
+    evaluated = json.loads(_ok(run_cli(["eval", "run", "--split", "test", "--json"], run.parent)))
     summary = json.loads((run / "summary.json").read_text())
     assert evaluated["metrics"]["mse"] == pytest.approx(summary["test"]["mse"])
-    assert "adding valid (best.pt" in _ok(run_cli(["eval", "run", "--split", "valid"], tmp_path))
+    assert "adding valid (best.pt" in _ok_here(["eval", str(run), "--split", "valid"], capsys)
 
-    # stop after 3 steps, resume, and get the same records as the run above
-    stopped = _ok(run_cli(["train", *ADDING, "train.max_steps=3", "--run-dir", "split"], tmp_path))
+    # stop after 3 steps, resume in a fresh process, and get the same records as the run above
+    split = tmp_path / "split"
+    stopped = _ok_here(["train", *ADDING, "train.max_steps=3", "--run-dir", str(split)], capsys)
     assert "finished (max steps)" in stopped and "--resume" in stopped
     _ok(run_cli(["train", "--resume", "split", "train.max_steps=0"], tmp_path))
 
-    def records(name: str) -> list[dict]:
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    def records(run_dir: Path) -> list[dict]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         return [r for r in map(json.loads, lines) if r["event"] in ("train", "epoch")]
 
-    assert records("split") == records("run")
+    assert records(split) == records(run)
 
 
-def test_sample_from_a_text_run(tmp_path: Path) -> None:
+def test_sample_from_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     corpus = write_text(tmp_path / "corpus.txt", repeats=10)
-    _ok(
-        run_cli(
-            [
-                "train",
-                *TINY,
-                "task.name=text_file",
-                f"task.path={corpus}",
-                "train.epochs=1",
-                "train.steps_per_epoch=3",
-                "train.batch_size=4",
-                "train.bptt=8",
-                "--run-dir",
-                "lm",
-            ],
-            tmp_path,
-        )
+    lm = str(tmp_path / "lm")
+    _ok_here(
+        [
+            "train",
+            *TINY,
+            "task.name=text_file",
+            f"task.path={corpus}",
+            "train.epochs=1",
+            "train.steps_per_epoch=3",
+            "train.batch_size=4",
+            "train.bptt=8",
+            "--run-dir",
+            lm,
+        ],
+        capsys,
     )
-    out = _ok(
-        run_cli(
-            ["sample", "lm", "--prime", "To be", "--length", "30", "--temperature", "0.5"], tmp_path
-        )
+    out = _ok_here(
+        ["sample", lm, "--prime", "To be", "--length", "30", "--temperature", "0.5"], capsys
     )
     assert out.startswith("To be") and len(out.rstrip("\n")) >= 5
-    greedy = ["sample", "lm", "--prime", "To", "--length", "10", "--temperature", "0"]
-    assert _ok(run_cli(greedy, tmp_path)) == _ok(run_cli(greedy, tmp_path))
-    bad = run_cli(["sample", "lm", "--prime", "Zebra"], tmp_path)
-    assert bad.returncode == 2 and "does not know" in bad.stderr
+    greedy = ["sample", lm, "--prime", "To", "--length", "10", "--temperature", "0"]
+    assert _ok(run_cli(greedy, tmp_path)) == _ok_here(greedy, capsys)  # here and in a fresh process
+    code, _, err = main_cli(["sample", lm, "--prime", "Zebra"], capsys)
+    assert code == 2 and "does not know" in err
 
 
 @pytest.mark.slow
-def test_sample_refuses_a_prime_a_vocabulary_with_unk_does_not_know(tmp_path: Path) -> None:
+def test_sample_refuses_a_prime_a_vocabulary_with_unk_does_not_know(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The poems' vocabulary has <unk>; a prime symbol outside it is still an error, not <unk>."""
     data = write_poems(tmp_path / "poems")
-    _ok(
-        run_cli(
-            [
-                "train",
-                *TINY,
-                "task.name=chinese_poems",
-                f"task.data_dir={data}",
-                "train.epochs=1",
-                "train.steps_per_epoch=2",
-                "train.batch_size=4",
-                "train.bptt=8",
-                "--run-dir",
-                "poems-run",
-            ],
-            tmp_path,
-        )
+    run = str(tmp_path / "poems-run")
+    _ok_here(
+        [
+            "train",
+            *TINY,
+            "task.name=chinese_poems",
+            f"task.data_dir={data}",
+            "train.epochs=1",
+            "train.steps_per_epoch=2",
+            "train.batch_size=4",
+            "train.bptt=8",
+            "--run-dir",
+            run,
+        ],
+        capsys,
     )
     known = POEM_CHARS[:3]
-    assert _ok(run_cli(["sample", "poems-run", "--prime", known, "--length", "5"], tmp_path))
+    assert _ok_here(["sample", run, "--prime", known, "--length", "5"], capsys)
     bad = run_cli(["sample", "poems-run", "--prime", known + "猫狗"], tmp_path)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == (
@@ -113,36 +132,42 @@ def test_sample_refuses_a_prime_a_vocabulary_with_unk_does_not_know(tmp_path: Pa
     )
 
 
-def test_config_errors_are_one_line(tmp_path: Path) -> None:
+def test_config_errors_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = run_cli(["train", "optim.lrr=0.1"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "nestrnn train: error: unknown config key 'optim.lrr' (in the command line); "
         "did you mean 'optim.lr'?"
     )
-    result = run_cli(["train", "train.epochs=many"], tmp_path)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "'train.epochs' must be an integer, got 'many'" in result.stderr
-    missing = run_cli(
+    monkeypatch.chdir(tmp_path)
+    code, _, err = main_cli(["train", "train.epochs=many"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'train.epochs' must be an integer, got 'many'" in err
+    code, _, err = main_cli(
         ["train", "task.name=ptb_char", "task.download=false", f"task.data_dir={tmp_path}"],
-        tmp_path,
+        capsys,
     )
-    assert missing.returncode == 2 and "ptb.char.train.txt is missing" in missing.stderr
+    assert code == 2 and "ptb.char.train.txt is missing" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_print_config_and_params(tmp_path: Path) -> None:
+def test_print_config_and_params(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = _ok(run_cli(["train", "--print-config", "model.family=lstm"], tmp_path))
     assert "family: lstm" in out and "# " in out
     (tmp_path / "printed.yaml").write_text(out)
-    again = _ok(run_cli(["train", "-c", "printed.yaml", "--print-config"], tmp_path))
+    monkeypatch.chdir(tmp_path)
+    again = _ok_here(["train", "-c", "printed.yaml", "--print-config"], capsys)
     assert again == out
-    table = _ok(run_cli(["train", "--print-params", "model.target_params=20000"], tmp_path))
+    table = _ok_here(["train", "--print-params", "model.target_params=20000"], capsys)
     assert "nlstm" in table and "stacked_lstm" in table and "<- this run" in table
     assert not (tmp_path / "runs").exists()
 
 
-def test_tasks_command(tmp_path: Path) -> None:
+def test_tasks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = _ok(run_cli(["tasks"], tmp_path))
     for name in (
         "ptb_char",
@@ -154,7 +179,7 @@ def test_tasks_command(tmp_path: Path) -> None:
         "adding",
     ):
         assert name in out
-    data = json.loads(_ok(run_cli(["tasks", "--json"], tmp_path)))
+    data = json.loads(_ok_here(["tasks", "--json"], capsys))
     mnist = next(t for t in data["tasks"] if t["name"] == "mnist_glimpses")
     assert mnist["primary_metric"] == "error"
     assert {"name": "glimpse_size", "default": 7}.items() <= next(
@@ -162,14 +187,11 @@ def test_tasks_command(tmp_path: Path) -> None:
     ).items()
 
 
-def test_sample_refuses_a_non_language_model(tmp_path: Path) -> None:
-    _ok(
-        run_cli(
-            ["train", *ADDING, "train.epochs=1", "train.test=false", "--run-dir", "run"], tmp_path
-        )
-    )
-    result = run_cli(["sample", "run"], tmp_path)
-    assert result.returncode == 2 and "not a language model" in result.stderr
+def test_sample_refuses_a_non_language_model(
+    adding_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = main_cli(["sample", str(adding_run[0])], capsys)
+    assert code == 2 and "not a language model" in err
 
 
 @pytest.fixture
@@ -200,15 +222,25 @@ SHIPPED_CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
-def test_print_params_needs_no_data(config: str, tmp_path: Path, counting_server) -> None:
-    """--print-params sizes the models without the data: no download, no file written."""
+def test_print_params_needs_no_data(
+    config: str,
+    tmp_path: Path,
+    counting_server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--print-params sizes the models without the data: no download, no file written (nestrnn
+    reads these variables when it needs them, so this process can run the command)."""
     url, requests = counting_server
     data, home = tmp_path / "data", tmp_path / "home"
     data.mkdir()
     home.mkdir()
     env = {"NESTRNN_DATA_DIR": str(data), "HOME": str(home), "NESTRNN_CACHE_DIR": str(home / "c")}
     env |= {f"NESTRNN_{name}_URL": url for name in ("PTB", "TEXT8", "MNIST")}
-    table = _ok(run_cli(["train", "-c", config, "--print-params"], tmp_path, env=env))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    table = _ok_here(["train", "-c", config, "--print-params"], capsys)
     assert "nlstm" in table and "stacked_lstm" in table and "<- this run" in table
     assert requests == []
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "home"]

@@ -1,5 +1,7 @@
 """``nestrnn sweep``: spec errors, an end-to-end sweep with two workers, a worker killed with
-SIGKILL and the sweep run again, a diverging trial, pruning. Tiny adding-task runs."""
+SIGKILL and the sweep run again, a diverging trial, pruning. Tiny adding-task runs. The command
+runs in this process where it is not the one killed: its second worker and every training run
+are subprocesses as always."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_tasks import main_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -36,14 +39,9 @@ def write_spec(path: Path, **spec: object) -> Path:
     return path
 
 
-def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nestrnn", "sweep", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def sweep(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``nestrnn sweep ARGS`` in this process: (exit status, stdout, stderr)."""
+    return main_cli(["sweep", *args], capsys)
 
 
 def trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
@@ -112,7 +110,7 @@ def test_memory_all_expands_to_every_memory_at_depths_2_and_3(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_two_trials_two_seeds(tmp_path):
+def test_two_workers_two_trials_two_seeds(tmp_path, capsys):
     spec = write_spec(
         tmp_path / "spec.yaml",
         space={"optim.lr": {"float": [1e-3, 1e-2], "log": True}},
@@ -121,9 +119,11 @@ def test_two_workers_two_trials_two_seeds(tmp_path):
         seeds=[0, 1],
     )
     out = tmp_path / "sw"
-    result = sweep(str(spec), "--dir", str(out), "--workers", "2", "train.log_every=1")
-    assert result.returncode == 0, result.stderr
-    assert "best: trial" in result.stdout and (out / "best.yaml").is_file()
+    code, stdout, stderr = sweep(
+        capsys, str(spec), "--dir", str(out), "--workers", "2", "train.log_every=1"
+    )
+    assert code == 0, stderr
+    assert "best: trial" in stdout and (out / "best.yaml").is_file()
     done = trials(out)
     assert [t.state for t in done] == [optuna.trial.TrialState.COMPLETE] * 2
     runs = sorted(p.name for p in (out / "trials").iterdir())
@@ -140,7 +140,7 @@ def test_two_workers_two_trials_two_seeds(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_directory(tmp_path):
+def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_directory(tmp_path, capsys):
     spec = write_spec(
         tmp_path / "spec.yaml",
         space={"optim.lr": {"choice": [0.005]}},
@@ -165,8 +165,8 @@ def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_directory(tmp_path
     while not any(r["event"] == "stopped" for r in records(run)):
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    result = sweep(str(spec), "--dir", str(out))
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = sweep(capsys, str(spec), "--dir", str(out))
+    assert code == 0, stderr
     states = [(t.state, t.user_attrs.get("runs")) for t in trials(out)]
     assert states == [(optuna.trial.TrialState.FAIL, 0), (optuna.trial.TrialState.COMPLETE, 0)]
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000-seed0"]
@@ -176,7 +176,7 @@ def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_directory(tmp_path
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_fails_with_its_reason_and_pruning_stops_a_run(tmp_path):
+def test_a_diverging_trial_fails_with_its_reason_and_pruning_stops_a_run(tmp_path, capsys):
     """lr=1000 (plain SGD, no clipping) overflows in epoch 1: failed with the reason, the sweep
     goes on; the other trial is pruned at its first validation record (mse > 0) and its run
     stops early."""
@@ -193,12 +193,12 @@ def test_a_diverging_trial_fails_with_its_reason_and_pruning_stops_a_run(tmp_pat
         },
     )
     out = tmp_path / "sw"
-    result = sweep(str(spec), "--dir", str(out))
-    assert result.returncode == 0, result.stderr
+    code, stdout, stderr = sweep(capsys, str(spec), "--dir", str(out))
+    assert code == 0, stderr
     done = {t.params["optim.lr"]: t for t in trials(out)}
     assert done[1000].state == optuna.trial.TrialState.FAIL
     assert "diverged: loss inf" in done[1000].user_attrs["fail_reason"]
-    assert "diverged" in result.stdout and "no trial completed" in result.stdout
+    assert "diverged" in stdout and "no trial completed" in stdout
     assert done[0.005].state == optuna.trial.TrialState.PRUNED
     run = out / "trials" / f"{done[0.005].number:04d}-seed0"
     events = [r["event"] for r in records(run)]

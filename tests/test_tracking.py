@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-from helpers_tasks import TINY, main_cli, run_cli
+from helpers_tasks import TINY, main_cli
 
 from nestrnn import registry
 from nestrnn.config import ConfigError, load_config
@@ -101,20 +102,20 @@ def test_a_resumed_run_appends_without_duplicated_points(tmp_path: Path) -> None
     assert tags["test/mse"] == [8] and tags["best/mse"] == [8]
 
 
-def test_tensorboard_missing_is_one_line_error_before_training(tmp_path: Path) -> None:
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(
-        "import sys\nsys.modules['tensorboard'] = None  # `import tensorboard` fails\n"
-    )
+def test_tensorboard_missing_is_one_line_error_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process as if TensorBoard were not installed: ``import tensorboard`` fails, and
+    torch's module that imports it is imported afresh."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
     run_dir = tmp_path / "run"
-    result = run_cli(
-        ["train", *SMALL, "log.tensorboard=true", "--run-dir", str(run_dir)],
-        tmp_path,
-        {"PYTHONPATH": str(hide)},
+    code, _, err = main_cli(
+        ["train", *SMALL, "log.tensorboard=true", "--run-dir", str(run_dir)], capsys
     )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
+    assert code == 2, err
+    assert err.strip().splitlines() == [
         "nestrnn train: error: log.tensorboard=true needs the tensorboard package: "
         "pip install 'nestrnn[tensorboard]'"
     ]
