@@ -110,6 +110,18 @@ def test_memory_all_expands_to_every_memory_at_depths_2_and_3(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_relative_base_is_found_beside_the_spec(tmp_path, monkeypatch):
+    from nestrnn.sweep.spec import load_spec
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "base.yaml").write_text("optim:\n  grad_clip: 0.3\n")
+    spec = write_spec(folder / "s.yaml", base="base.yaml", space={"optim.lr": {"choice": [0.01]}})
+    monkeypatch.chdir(tmp_path)  # not the spec's folder
+    loaded = load_spec(spec, [])
+    assert loaded.config({"optim.lr": 0.01}, seed=0, threads=1).optim.grad_clip == 0.3
+
+
 def test_two_workers_two_trials_two_seeds(tmp_path, capsys):
     spec = write_spec(
         tmp_path / "spec.yaml",
