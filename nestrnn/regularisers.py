@@ -33,7 +33,7 @@ SegmentRun = Callable[
 
 def check_rate(value: Any, name: str) -> float:
     """A dropout-like probability in [0, 1); returns it as a float."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= float(value) < 1:
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
     return float(value)
 
@@ -113,16 +113,16 @@ def run_in_segments(
     checkpointing: the forward keeps only each segment's output and final state, and the backward
     recomputes one segment at a time from the state it started from. Exactly ``run(x, ...)``'s
     results and gradients, as ``run`` draws no random numbers (masks arrive as arguments)."""
-    steps = x.shape[0]
-    starts = list(range(0, steps, every))
-    order = reversed(starts) if reverse else starts
-    outputs: dict[int, Tensor] = {}
+    pieces = len(range(0, x.shape[0], every))
+    # one split each (not a slice per segment): the backward gathers the segments' input
+    # gradients into one tensor once, instead of a full-size gradient per segment
+    inputs = x.split(every)
+    sizes = [None] * pieces if batch_sizes is None else batch_sizes.split(every)
+    masks = [None] * pieces if zoneout is None else zoneout.split(every, dim=1)
+    outputs: list[Tensor] = [x] * pieces
     h, c = h0, c0
-    for start in order:
-        end = min(start + every, steps)
-        sizes = None if batch_sizes is None else batch_sizes[start:end]
-        masks = None if zoneout is None else zoneout[:, start:end]
-        outputs[start], h, c = checkpoint(
-            run, x[start:end], h, c, sizes, masks, use_reentrant=False, preserve_rng_state=False
+    for n in reversed(range(pieces)) if reverse else range(pieces):
+        outputs[n], h, c = checkpoint(
+            run, inputs[n], h, c, sizes[n], masks[n], use_reentrant=False, preserve_rng_state=False
         )
-    return torch.cat([outputs[start] for start in starts]), h, c
+    return torch.cat(outputs), h, c

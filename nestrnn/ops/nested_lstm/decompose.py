@@ -140,11 +140,11 @@ def _decomposed(
             return h_new, c_new, h_new.clone()
         # a packed batch: rows past this step's active count keep their state and output zero
         active = torch.arange(batch, device=x.device) < inputs[1].to(x.device)  # batch_sizes
-        keep = active.unsqueeze(1)
+        rows = active.unsqueeze(1)
         return (
-            torch.where(keep, h_new, h),
-            torch.where(keep, c_new, c),
-            torch.where(keep, h_new, torch.zeros_like(h_new)),
+            torch.where(rows, h_new, h),
+            torch.where(rows, c_new, c),
+            torch.where(rows, h_new, torch.zeros_like(h_new)),
         )
 
     # scan_op, not torch._higher_order_ops.scan.scan: the latter runs the loop through
