@@ -132,6 +132,7 @@ def test_speed_issue_rows_on_cpu(tmp_path):
             "2",
             "--variants",
             "--memories",
+            "--regularisers",
             "--threads",
             "1",
             "--clock",
@@ -153,12 +154,39 @@ def test_speed_issue_rows_on_cpu(tmp_path):
         "bias-free level": "NLSTM-2",
         "LeakyMemory": "LSTM-1",
         "GRUMemory": "LSTM-1",
+        "+ weight drop": "NLSTM-2 layer",
+        "+ locked dropout": "NLSTM-2 layer",
+        "+ zoneout": "NLSTM-2 layer",
+        "+ recompute T/4": "NLSTM-2 layer",
     }
     if importlib.util.find_spec("nestrnn_gru") is None:
         del expected["GRUMemory"]
     for name, baseline in expected.items():
         assert rows[name]["vs"][baseline]["fwd+bwd_ratio"] > 0
     assert "LeakyMemory / LSTM-1: fwd" in run.stdout
+
+
+def test_long_sequences_measures_a_row_with_and_without_recomputation_per_length(tmp_path):
+    out = tmp_path / "long.json"
+    command = [sys.executable, str(BENCHMARKS / "long_sequences.py"), "--steps", "40,400"]
+    command += ["--every", "10", "--hidden", "8", "--batch", "2", "--limit-gib", "3"]
+    run = subprocess.run(
+        [*command, "--json", str(out)],
+        cwd=REPO,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["T"], r["checkpoint_every"]) for r in rows] == [
+        (40, None),
+        (40, 10),
+        (400, None),
+        (400, 10),
+    ]
+    assert all(r["fits"] and r["step_mib"] >= 0 for r in rows)
 
 
 HIDE_PLUGGY = (
