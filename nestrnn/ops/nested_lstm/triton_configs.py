@@ -106,7 +106,7 @@ def pick_config(
 
 
 #: with whole rows, at most this many elements in a program's (rows, units) tile on a GPU
-WHOLE_ROW_TILE = 4096
+WHOLE_ROW_TILE = 2048
 
 
 def whole_rows(cfg: TritonConfig, hidden: int) -> TritonConfig:

@@ -19,13 +19,24 @@ Buffers (contiguous; T steps, B rows, H units, D levels), ``layout.Saved`` plus 
     dA_op      (D, B, 4H)       dtype  the step's gate gradients again, the next GEMM's operand
     zoneout    (D+1, T, B, H)   any float  keep-previous weights of the cells and h (read with
                                        element strides ``zo_sk, zo_st, zo_sb``; units contiguous)
+    ln         (D, 10H)         fp32   LN parameters per level: gamma_gates, beta_gates (4H each),
+                                       gamma_cell, beta_cell (H each)
+    nz, nc     (D, T, B, 4H), (D, T, B, H)  fp32  the gates' pre-activations and the new cells
+                                       normalised (before gamma, beta); forward writes them
+    rs         (D, T, B, 5)     fp32   1/std of each row's i, f, g, o blocks and of its new cell
+    dnz, dnc   like nz, nc      fp32   gradients of LN's outputs (backward writes them; the loop
+                                       sums the parameters' gradients from them)
 
 With the constexpr CUBLAS the kernels add the step's GEMM from ``g`` (torch.mm wrote it just
 before the launch; * in the operands' dtype where torch cannot give a float32 result) instead of
 running their own ``tl.dot``; with OP_COPY (half precision) the backward kernels also write
 ``dA_op``. With the constexpr ZONEOUT the carried cells and h (and the output) are mixed with
 their previous values by the ``zoneout`` weights, and the backward splits their gradients
-accordingly; without it the kernels are exactly those of the op without zoneout.
+accordingly; without it the kernels are exactly those of the op without zoneout. With the
+constexpr NORMS (bit k: level k) each gate block of level k is layer-normalised before its
+activation and level k's output reads LN(c^k) (the carried cell stays unnormalised); the row
+statistics are reduced in registers, so a program must hold whole rows (BLOCK_H >= H, one program
+along H: ``triton_configs.whole_rows``). NORMS == 0 compiles to the kernels without LN.
 
 Matmul operands are in the weights' dtype with fp32 accumulation; state and gate math are fp32.
 ``s`` is the processing-order step and ``T`` the sequence length; neither is specialised on.
