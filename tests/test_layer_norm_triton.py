@@ -208,3 +208,34 @@ def test_layer_norm_matches_the_formula(normed, batch_sizes, reverse, zoneout, c
     want = reference_results(case, batch_sizes, reverse, keep)
     got = triton_results(case, batch_sizes, reverse, keep)
     assert not errors(got, want)
+
+
+def test_gpu_configuration_holds_whole_rows(monkeypatch):
+    """On a GPU a call with LN gets one program along H, cuBLAS's GEMMs (no tl.dot tile of a
+    whole row) and a tile of at most WHOLE_ROW_TILE elements."""
+    from nestrnn.ops.nested_lstm import triton_configs
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    for batch, hidden in ((32, 200), (128, 1024), (3, 17)):
+        cfg = triton_configs.whole_rows(triton_configs.pick_config(batch, hidden), hidden)
+        assert cfg.block_h >= hidden and cfg.cublas_gemms
+        assert cfg.block_b * cfg.block_h <= max(triton_configs.WHOLE_ROW_TILE, 2 * cfg.block_h)
+
+
+def test_misshapen_parameters_are_refused():
+    (x, weights, norms, h0, c0), _ = make_case(1, (True,))
+    gamma_gates, beta_gates, gamma_cell, beta_cell = (p.float() for p in norms[0])
+    weights = [LevelWeights(*[None if p is None else p.float() for p in lw]) for lw in weights]
+    swapped = [(gamma_cell, beta_gates, gamma_gates, beta_cell)]  # 10H elements all the same
+    with pytest.raises(ValueError, match="level 0's LN parameters"):
+        triton_loop.forward(
+            x.float(),
+            weights,
+            h0.float(),
+            c0.float(),
+            None,
+            False,
+            standard_activations(1),
+            True,
+            norms=swapped,
+        )

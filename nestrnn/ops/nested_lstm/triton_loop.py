@@ -470,6 +470,11 @@ def _norms(norms: list[Norm | None] | None, depth: int, hidden: int, device) -> 
         return {}
     if len(norms) != depth:
         raise ValueError(f"norms has {len(norms)} entries for {depth} levels")
+    sizes = (4 * hidden, 4 * hidden, hidden, hidden)
+    for k, norm in enumerate(norms):
+        if norm is not None and tuple(p.numel() for p in norm) != sizes:
+            got = [tuple(p.shape) for p in norm]
+            raise ValueError(f"level {k}'s LN parameters must have {sizes} elements, got {got}")
     rows = [
         torch.zeros(10 * hidden, device=device)
         if norm is None
