@@ -476,7 +476,7 @@ def _norms(norms: list[Norm | None] | None, depth: int, hidden: int, device) -> 
             got = [tuple(p.shape) for p in norm]
             raise ValueError(f"level {k}'s LN parameters must have {sizes} elements, got {got}")
     rows = [
-        torch.zeros(10 * hidden, device=device)
+        torch.zeros(10 * hidden, dtype=torch.float32, device=device)
         if norm is None
         else torch.cat([p.reshape(-1).float() for p in norm])
         for norm in norms
@@ -490,7 +490,10 @@ def _norm_saved(m: _Launch, device: torch.device) -> dict[str, Tensor]:
         return {}
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     shapes = {"norm_gates": (D, T, B, 4 * H), "norm_cells": (D, T, B, H), "norm_rstd": (D, T, B, 5)}
-    return {name: torch.empty(shape, device=device) for name, shape in shapes.items()}
+    return {
+        name: torch.empty(shape, dtype=torch.float32, device=device)
+        for name, shape in shapes.items()
+    }
 
 
 def forward(
@@ -652,4 +655,8 @@ def _norm_grad_buffers(m: _Launch, device: torch.device) -> dict[str, Tensor]:
     and beta), zeroed (levels without LN are never written); none without LN."""
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     shapes = {"d_norm_gates": (D, T, B, 4 * H), "d_norm_cells": (D, T, B, H)}
-    return {name: torch.zeros(shape, device=device) for name, shape in shapes.items() if m.norms}
+    return {
+        name: torch.zeros(shape, dtype=torch.float32, device=device)
+        for name, shape in shapes.items()
+        if m.norms
+    }
