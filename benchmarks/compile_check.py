@@ -9,7 +9,9 @@ Runs the real Triton compiler (Triton IR, LLVM, ptxas) on each kernel of
 bfloat16 operands; depths 1-3; dense and packed+reverse; the paper's activations and two variants
 that put every activation in every role; biased and bias-free nested levels; the launch configurations
 ``triton_loop.pick_config`` chooses at the shapes of ``gpu.sh``, for direct launches and CUDA
-graphs; with and without zoneout (the cuBLAS variants). This catches what the interpreter
+graphs; with and without zoneout (the cuBLAS variants); with layer normalisation at some levels
+(``NORMS``, in the whole-row configurations ``triton_configs.whole_rows`` makes of those). This
+catches what the interpreter
 lets through (dot sizes below 16, mismatched branch types, constexpr arithmetic a Triton version
 does not fold) without a GPU.
 
@@ -39,6 +41,7 @@ import_nestrnn()
 from nestrnn.activations import activation_code  # noqa: E402
 from nestrnn.ops.common.levels import LevelActivations, standard_activations  # noqa: E402
 from nestrnn.ops.nested_lstm import triton_kernels  # noqa: E402
+from nestrnn.ops.nested_lstm.triton_configs import whole_rows  # noqa: E402
 from nestrnn.ops.nested_lstm.triton_loop import TritonConfig, pack_codes, pick_config  # noqa: E402
 
 SETUP_FAILED = 3
@@ -54,7 +57,13 @@ FP32_BUFFERS = {
     "dc_ptr",
     "bias_ptr",
     "g_ptr",
-}  # g_ptr: the cuBLAS GEMM's result, where torch gives it in float32
+    "ln_ptr",
+    "nz_ptr",
+    "nc_ptr",
+    "rs_ptr",
+    "dnz_ptr",
+    "dnc_ptr",
+}  # g_ptr: the cuBLAS GEMM's result, where torch gives it in float32; the rest LN's
 #: (B, H) of the timed shapes of gpu.sh and of gpu_check.py's cases, for their block configurations
 SHAPES = ((32, 256), (128, 1024), (256, 1024), (16, 768), (3, 17), (20, 200))
 
@@ -70,6 +79,7 @@ class Variant:
     nested_bias: bool
     config: TritonConfig
     zoneout: bool = False
+    norms: int = 0  # bit k: level k layer-normalised
 
     def common(self) -> dict:
         """Constexprs every kernel takes."""
@@ -82,6 +92,7 @@ class Variant:
             DOT_PREC="ieee" if self.dtype == "fp32" else "tf32",
             CUBLAS=bool(self.config.cublas_gemms),
             ZONEOUT=self.zoneout,
+            NORMS=self.norms,
         )
 
     def backward(self) -> dict:
@@ -174,17 +185,34 @@ def variants(quick: bool) -> list[Variant]:
         for dtype in DTYPES
     ]
     cublas += [replace(v, zoneout=True) for v in cublas]  # every kernel's zoneout branches
+    # LN at levels 0 and 2 (every kernel with and without it), with zoneout, as a call with LN
+    # runs on a GPU: whole rows, here of H = 256 (the first shape)
+    normed = [
+        replace(v, norms=0b101, config=whole_rows(v.config, SHAPES[0][1]))
+        for v in cublas
+        if v.zoneout
+    ]
     if quick:
-        return cublas + [
-            Variant(dtype, depth, True, acts, bias, config_for(*SHAPES[0], dtype))
-            for dtype in DTYPES
-            for depth, acts, bias in (
-                (1, standard_activations(1), True),
-                (3, activation_variant(0, 3), False),
-                (3, activation_variant(1, 3), True),
-            )
+        return (
+            cublas
+            + normed
+            + [
+                Variant(dtype, depth, True, acts, bias, config_for(*SHAPES[0], dtype))
+                for dtype in DTYPES
+                for depth, acts, bias in (
+                    (1, standard_activations(1), True),
+                    (3, activation_variant(0, 3), False),
+                    (3, activation_variant(1, 3), True),
+                )
+            ]
+        )
+    result = cublas + normed
+    for dtype, (batch, hidden), graphed in itertools.product(DTYPES, SHAPES, (False, True)):
+        config = whole_rows(config_for(batch, hidden, dtype, graphed), hidden)
+        acts = activation_variant(1, 3)
+        result += [
+            Variant(dtype, 3, mode, acts, True, config, True, 0b101) for mode in (False, True)
         ]
-    result = cublas
     for dtype, depth, mode in itertools.product(DTYPES, (1, 2, 3), (False, True)):
         configs = {config_for(b, h, dtype, graphed) for b, h in SHAPES for graphed in (False, True)}
         for config in sorted(configs, key=str):

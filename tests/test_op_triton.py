@@ -679,7 +679,8 @@ def test_kernels_compile_for_sm90():
     Catches what the interpreter lets through (dot sizes < 16, branch type mismatches, ...).
     ``benchmarks/compile_check.py --quick``: each dtype, depths 1 and 3, the paper's activations
     and two variants that put every activation in every role, biased and bias-free levels, GEMMs
-    in the kernels and by cuBLAS (the latter with zoneout too).
+    in the kernels and by cuBLAS (the latter with zoneout too, and with zoneout and layer
+    normalisation in the whole-row configuration a call with LN runs).
     Skipped when this Triton build cannot compile for CUDA offline.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -697,8 +698,8 @@ def test_kernels_compile_for_sm90():
         pytest.skip(next(line for line in lines if line.startswith("SETUP")))
     failed = [line for line in lines if line.startswith("FAIL")]
     assert run.returncode == 0 and not failed, "\n".join(failed) or run.stderr[-3000:]
-    # (2 + 6 + 6 + 6 cuBLAS + 6 cuBLAS with zoneout) x 3 dtypes
-    assert sum(line.startswith("OK") for line in lines) == 78
+    # (2 + 6 + 6 + 6 cuBLAS + 6 cuBLAS with zoneout + 6 cuBLAS with zoneout and LN) x 3 dtypes
+    assert sum(line.startswith("OK") for line in lines) == 96
 
 
 # ----------------------------------------------------------------------------------- the layer

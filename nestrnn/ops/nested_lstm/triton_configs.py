@@ -20,13 +20,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-__all__ = ["TABLE_PATH", "TritonConfig", "cuda_graph_setting", "load_table", "pick_config"]
+__all__ = [
+    "TABLE_PATH",
+    "TritonConfig",
+    "cuda_graph_setting",
+    "load_table",
+    "pick_config",
+    "whole_rows",
+]
 
 TABLE_PATH = Path(__file__).with_name("triton_configs.json")
 #: the fields a table row's ``config`` gives, in TritonConfig's order
@@ -96,6 +103,28 @@ def pick_config(
             raise ValueError(f"TritonConfig.{name} must be a power of two, got {value}")
     cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else cuda_graph_setting()
     return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, num_stages, cublas)
+
+
+#: with whole rows, at most this many elements in a program's (rows, units) tile on a GPU
+WHOLE_ROW_TILE = 2048
+
+
+def whole_rows(cfg: TritonConfig, hidden: int) -> TritonConfig:
+    """The configuration of a call with layer normalisation, from ``pick_config``'s: each program
+    holds whole rows (``block_h`` covers H) so that the kernels reduce a row's mean and variance
+    in registers.
+
+    On a GPU the step GEMMs go to cuBLAS (a whole-row ``tl.dot`` tile would not fit), which frees
+    ``block_b`` from ``tl.dot``'s minimum of 16: rows a program are cut to keep the tile within
+    ``WHOLE_ROW_TILE`` elements, warps grow with the tile (not measured: no table row yet). Under
+    the interpreter only ``block_h`` changes.
+    """
+    block_h = max(16, pow2(hidden))
+    if interpreting():
+        return replace(cfg, block_h=block_h)
+    block_b = max(2, min(int(cfg.block_b or 16), WHOLE_ROW_TILE // block_h))
+    num_warps = max(4, min(16, block_b * block_h // 256))
+    return replace(cfg, block_b=block_b, block_h=block_h, num_warps=num_warps, cublas_gemms=True)
 
 
 def _batch_block(batch: int) -> int:

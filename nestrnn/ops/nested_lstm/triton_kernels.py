@@ -19,13 +19,24 @@ Buffers (contiguous; T steps, B rows, H units, D levels), ``layout.Saved`` plus 
     dA_op      (D, B, 4H)       dtype  the step's gate gradients again, the next GEMM's operand
     zoneout    (D+1, T, B, H)   any float  keep-previous weights of the cells and h (read with
                                        element strides ``zo_sk, zo_st, zo_sb``; units contiguous)
+    ln         (D, 10H)         fp32   LN parameters per level: gamma_gates, beta_gates (4H each),
+                                       gamma_cell, beta_cell (H each)
+    nz, nc     (D, T, B, 4H), (D, T, B, H)  fp32  the gates' pre-activations and the new cells
+                                       normalised (before gamma, beta); forward writes them
+    rs         (D, T, B, 5)     fp32   1/std of each row's i, f, g, o blocks and of its new cell
+    dnz, dnc   like nz, nc      fp32   gradients of LN's outputs (backward writes them; the loop
+                                       sums the parameters' gradients from them)
 
 With the constexpr CUBLAS the kernels add the step's GEMM from ``g`` (torch.mm wrote it just
 before the launch; * in the operands' dtype where torch cannot give a float32 result) instead of
 running their own ``tl.dot``; with OP_COPY (half precision) the backward kernels also write
 ``dA_op``. With the constexpr ZONEOUT the carried cells and h (and the output) are mixed with
 their previous values by the ``zoneout`` weights, and the backward splits their gradients
-accordingly; without it the kernels are exactly those of the op without zoneout.
+accordingly; without it the kernels are exactly those of the op without zoneout. With the
+constexpr NORMS (bit k: level k) each gate block of level k is layer-normalised before its
+activation and level k's output reads LN(c^k) (the carried cell stays unnormalised); the row
+statistics are reduced in registers, so a program must hold whole rows (BLOCK_H >= H, one program
+along H: ``triton_configs.whole_rows``). NORMS == 0 compiles to the kernels without LN.
 
 Matmul operands are in the weights' dtype with fp32 accumulation; state and gate math are fp32.
 ``s`` is the processing-order step and ``T`` the sequence length; neither is specialised on.
@@ -246,6 +257,96 @@ def _store_level_input(in_ptr, rows, units, H, i, f, g, c_prev, mask, act):
 
 
 @triton.jit
+def _norm(z, tile, stat, n_ptr, rs_ptr, gamma_ptr, beta_ptr, rows, units, rmask, umask, mask, H):
+    """Layer normalisation of ``z`` over each row's H units (the program holds whole rows):
+    stores the normalised value at ``n_ptr + tile`` and 1/std as column ``stat`` of ``rs_ptr``
+    ((B, 5), per row), and returns it scaled by gamma and shifted by beta (biased variance,
+    eps 1e-5, as torch's layer_norm)."""
+    mean = tl.sum(tl.where(umask[None, :], z, 0.0), axis=1) / H
+    centred = tl.where(umask[None, :], z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / H + 1e-5)
+    n = centred * rstd[:, None]
+    tl.store(n_ptr + tile, n, mask=mask)
+    tl.store(rs_ptr + rows * 5 + stat, rstd, mask=rmask)
+    gamma = tl.load(gamma_ptr + units, mask=umask, other=0.0)
+    beta = tl.load(beta_ptr + units, mask=umask, other=0.0)
+    return n * gamma[None, :] + beta[None, :]
+
+
+@triton.jit
+def _norm_grad(d, tile, stat, n_ptr, rs_ptr, dn_ptr, gamma_ptr, rows, units, rmask, umask, mask, H):
+    """The gradient of a layer normalisation's input from ``d``, that of its output (zero in
+    rows inactive at this step); ``d`` is also stored at ``dn_ptr + tile``, from which the loop
+    computes gamma's and beta's gradients. ``n_ptr``, ``rs_ptr``: what ``_norm`` stored."""
+    tl.store(dn_ptr + tile, d, mask=mask)
+    n = tl.load(n_ptr + tile, mask=mask, other=0.0)
+    rstd = tl.load(rs_ptr + rows * 5 + stat, mask=rmask, other=0.0)
+    dn = d * tl.load(gamma_ptr + units, mask=umask, other=0.0)[None, :]
+    mean_dn = tl.sum(dn, axis=1) / H
+    mean_dn_n = tl.sum(dn * n, axis=1) / H
+    return rstd[:, None] * (dn - mean_dn[:, None] - n * mean_dn_n[:, None])
+
+
+@triton.jit
+def _norm_gates(
+    acc_i, acc_f, acc_g, acc_o, ln_ptr, nz_ptr, rs_ptr, rows, units, rmask, umask, mask, gtile, H
+):
+    """Each gate block's pre-activations layer-normalised (``_norm``); ``ln_ptr``: the level's
+    parameters [gamma_gates | beta_gates | gamma_cell | beta_cell] (10H), ``nz_ptr``, ``rs_ptr``:
+    this level's and step's planes of the normalised gates (B, 4H) and of 1/std (B, 5)."""
+    H4 = 4 * H
+    acc_i = _norm(
+        acc_i, gtile, 0, nz_ptr, rs_ptr, ln_ptr, ln_ptr + H4, rows, units, rmask, umask, mask, H
+    )
+    acc_f = _norm(
+        acc_f,
+        gtile + H,
+        1,
+        nz_ptr,
+        rs_ptr,
+        ln_ptr + H,
+        ln_ptr + H4 + H,
+        rows,
+        units,
+        rmask,
+        umask,
+        mask,
+        H,
+    )
+    acc_g = _norm(
+        acc_g,
+        gtile + 2 * H,
+        2,
+        nz_ptr,
+        rs_ptr,
+        ln_ptr + 2 * H,
+        ln_ptr + H4 + 2 * H,
+        rows,
+        units,
+        rmask,
+        umask,
+        mask,
+        H,
+    )
+    acc_o = _norm(
+        acc_o,
+        gtile + 3 * H,
+        3,
+        nz_ptr,
+        rs_ptr,
+        ln_ptr + 3 * H,
+        ln_ptr + H4 + 3 * H,
+        rows,
+        units,
+        rmask,
+        umask,
+        mask,
+        H,
+    )
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def _ascend(
     c_cur,
     o_cur,
@@ -258,6 +359,9 @@ def _ascend(
     zo_sk,
     zo_st,
     zo_sb,
+    ln_ptr,
+    nc_ptr,
+    rs_ptr,
     t,
     prev,
     new,
@@ -266,6 +370,8 @@ def _ascend(
     H,
     rows,
     units,
+    rmask,
+    umask,
     tile,
     gtile,
     mask,
@@ -274,6 +380,7 @@ def _ascend(
     CELL_ACTS: tl.constexpr,
     HAS_BS: tl.constexpr,
     ZONEOUT: tl.constexpr,
+    NORMS: tl.constexpr,
 ):
     """Innermost epilogue: store c^LEVEL, then c^{k-1} = o_k act_k(c^k) up to h = o_0 act_0(c^0).
 
@@ -281,6 +388,7 @@ def _ascend(
     output gates of the upper levels are read back from ``gates`` (written by earlier launches).
     ZONEOUT: the ascent runs on the new values; what is stored (carried, and the output) is each
     state mixed with its previous value by its keep weight (state LEVEL + 1 = D is h).
+    NORMS (bit k: level k): level k's output is o_k act_k(LN(c^k)) of the new (unmixed) cell.
     """
     plane = B * H
     if ZONEOUT:
@@ -305,7 +413,26 @@ def _ascend(
         )
     for j in tl.static_range(LEVEL + 1):
         k = LEVEL - j  # the level whose output is produced now
-        a = _act(c_cur, (CELL_ACTS >> (4 * k)) & 15)
+        if (NORMS >> k) & 1:  # the cell carried on unnormalised; LN's statistics saved
+            ln_k = ln_ptr + k * (10 * H)
+            c_norm = _norm(
+                c_cur,
+                tile,
+                4,
+                nc_ptr + (k * T + t) * plane,
+                rs_ptr + (k * T + t) * (5 * B),
+                ln_k + 8 * H,
+                ln_k + 9 * H,
+                rows,
+                units,
+                rmask,
+                umask,
+                mask,
+                H,
+            )
+            a = _act(c_norm, (CELL_ACTS >> (4 * k)) & 15)
+        else:
+            a = _act(c_cur, (CELL_ACTS >> (4 * k)) & 15)
         tl.store(act_cells_ptr + (k * T + t) * plane + tile, a, mask=mask)
         up = o_cur * a
         if k > 0:
@@ -373,6 +500,10 @@ def fwd_outer_kernel(
     zo_sk,
     zo_st,
     zo_sb,
+    ln_ptr,
+    nz_ptr,
+    nc_ptr,
+    rs_ptr,
     DEPTH: tl.constexpr,
     GATE_ACT: tl.constexpr,
     CAND_ACT: tl.constexpr,
@@ -385,6 +516,7 @@ def fwd_outer_kernel(
     DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
     ZONEOUT: tl.constexpr,
+    NORMS: tl.constexpr,
 ):
     """Level 0 of step ``s``: gates = (x W_ih^T + b, in ``gates`` already) + h_{t-1} W_hh^T.
 
@@ -425,6 +557,23 @@ def fwd_outer_kernel(
             BLOCK_K=BLOCK_K,
             DOT_PREC=DOT_PREC,
         )
+    if NORMS & 1:
+        acc_i, acc_f, acc_g, acc_o = _norm_gates(
+            acc_i,
+            acc_f,
+            acc_g,
+            acc_o,
+            ln_ptr,
+            nz_ptr + t * (4 * plane),
+            rs_ptr + t * (5 * B),
+            rows,
+            units,
+            rmask,
+            umask,
+            mask,
+            gtile,
+            H,
+        )
     i = _act(acc_i, GATE_ACT)
     f = _act(acc_f, GATE_ACT)
     g = _act(acc_g, CAND_ACT)
@@ -444,6 +593,9 @@ def fwd_outer_kernel(
             zo_sk,
             zo_st,
             zo_sb,
+            ln_ptr,
+            nc_ptr,
+            rs_ptr,
             t,
             prev,
             new,
@@ -452,6 +604,8 @@ def fwd_outer_kernel(
             H,
             rows,
             units,
+            rmask,
+            umask,
             tile,
             gtile,
             mask,
@@ -460,6 +614,7 @@ def fwd_outer_kernel(
             CELL_ACTS,
             HAS_BS,
             ZONEOUT,
+            NORMS,
         )
     else:
         _store_level_input(inputs_ptr + t * (2 * plane), rows, units, H, i, f, g, c_prev, mask, act)
@@ -485,6 +640,10 @@ def fwd_nested_kernel(
     zo_sk,
     zo_st,
     zo_sb,
+    ln_ptr,
+    nz_ptr,
+    nc_ptr,
+    rs_ptr,
     LEVEL: tl.constexpr,
     DEPTH: tl.constexpr,
     GATE_ACT: tl.constexpr,
@@ -499,6 +658,7 @@ def fwd_nested_kernel(
     DOT_PREC: tl.constexpr,
     CUBLAS: tl.constexpr,
     ZONEOUT: tl.constexpr,
+    NORMS: tl.constexpr,
 ):
     """Nested level LEVEL (1..D-1) of step ``s``: gates = b + [x~ | h~] [W_ih | W_hh]^T (CUBLAS:
     the product read from ``g_ptr``).
@@ -542,6 +702,23 @@ def fwd_nested_kernel(
             BLOCK_K=BLOCK_K,
             DOT_PREC=DOT_PREC,
         )
+    if (NORMS >> LEVEL) & 1:
+        acc_i, acc_f, acc_g, acc_o = _norm_gates(
+            acc_i,
+            acc_f,
+            acc_g,
+            acc_o,
+            ln_ptr + LEVEL * (10 * H),
+            nz_ptr + (LEVEL * T + t) * (4 * plane),
+            rs_ptr + (LEVEL * T + t) * (5 * B),
+            rows,
+            units,
+            rmask,
+            umask,
+            mask,
+            gtile,
+            H,
+        )
     i = _act(acc_i, GATE_ACT)
     f = _act(acc_f, GATE_ACT)
     g = _act(acc_g, CAND_ACT)
@@ -564,6 +741,9 @@ def fwd_nested_kernel(
             zo_sk,
             zo_st,
             zo_sb,
+            ln_ptr,
+            nc_ptr,
+            rs_ptr,
             t,
             prev,
             new,
@@ -572,6 +752,8 @@ def fwd_nested_kernel(
             H,
             rows,
             units,
+            rmask,
+            umask,
             tile,
             gtile,
             mask,
@@ -580,6 +762,7 @@ def fwd_nested_kernel(
             CELL_ACTS,
             HAS_BS,
             ZONEOUT,
+            NORMS,
         )
 
 
@@ -599,22 +782,85 @@ def _gate_grads(
     c_prev,
     mask,
     act,
+    ln_ptr,
+    nz_ptr,
+    rs_ptr,
+    dnz_ptr,
+    rows,
+    units,
+    rmask,
+    umask,
     GATE_ACT: tl.constexpr,
     CAND_ACT: tl.constexpr,
     OP_COPY: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     """Gradients of one level's i, f, g pre-activations from d(i*g) and d(f*c_prev) (into ``dp``
-    and, with OP_COPY, ``op``); returns f."""
+    and, with OP_COPY, ``op``); returns f. NORM: the level's gates are layer-normalised
+    (``ln_ptr``: its parameters; ``nz_ptr``, ``rs_ptr``, ``dnz_ptr``: its planes at this step)."""
     i = tl.load(gp + gtile, mask=mask, other=0.0)
     f = tl.load(gp + gtile + H, mask=mask, other=0.0)
     g = tl.load(gp + gtile + 2 * H, mask=mask, other=0.0)
-    _store_grad(dp, op, gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask, OP_COPY)
-    _store_grad(
-        dp, op, gtile + H, tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0), mask, OP_COPY
-    )
-    _store_grad(
-        dp, op, gtile + 2 * H, tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0), mask, OP_COPY
-    )
+    if NORM:  # these are the gradients of LN's outputs; dA gets those of its inputs
+        d_i = tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0)
+        d_f = tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0)
+        d_g = tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0)
+        d_i = _norm_grad(
+            d_i, gtile, 0, nz_ptr, rs_ptr, dnz_ptr, ln_ptr, rows, units, rmask, umask, mask, H
+        )
+        d_f = _norm_grad(
+            d_f,
+            gtile + H,
+            1,
+            nz_ptr,
+            rs_ptr,
+            dnz_ptr,
+            ln_ptr + H,
+            rows,
+            units,
+            rmask,
+            umask,
+            mask,
+            H,
+        )
+        d_g = _norm_grad(
+            d_g,
+            gtile + 2 * H,
+            2,
+            nz_ptr,
+            rs_ptr,
+            dnz_ptr,
+            ln_ptr + 2 * H,
+            rows,
+            units,
+            rmask,
+            umask,
+            mask,
+            H,
+        )
+        _store_grad(dp, op, gtile, d_i, mask, OP_COPY)
+        _store_grad(dp, op, gtile + H, d_f, mask, OP_COPY)
+        _store_grad(dp, op, gtile + 2 * H, d_g, mask, OP_COPY)
+    else:
+        _store_grad(
+            dp, op, gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask, OP_COPY
+        )
+        _store_grad(
+            dp,
+            op,
+            gtile + H,
+            tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0),
+            mask,
+            OP_COPY,
+        )
+        _store_grad(
+            dp,
+            op,
+            gtile + 2 * H,
+            tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0),
+            mask,
+            OP_COPY,
+        )
     return f
 
 
@@ -639,6 +885,12 @@ def bwd_inner_kernel(
     zo_sk,
     zo_st,
     zo_sb,
+    ln_ptr,
+    nz_ptr,
+    nc_ptr,
+    rs_ptr,
+    dnz_ptr,
+    dnc_ptr,
     DEPTH: tl.constexpr,
     GATE_ACTS: tl.constexpr,
     CAND_ACTS: tl.constexpr,
@@ -652,6 +904,7 @@ def bwd_inner_kernel(
     CUBLAS: tl.constexpr,
     OP_COPY: tl.constexpr,
     ZONEOUT: tl.constexpr,
+    NORMS: tl.constexpr,
 ):
     """First backward launch of step ``s``.
 
@@ -711,6 +964,22 @@ def bwd_inner_kernel(
         o = tl.load(gates_ptr + (k * T + t) * (4 * plane) + gtile + 3 * H, mask=mask, other=0.0)
         a = tl.load(act_cells_ptr + (k * T + t) * plane + tile, mask=mask, other=0.0)
         d_o = grad * a * _act_grad(o, (GATE_ACTS >> (4 * k)) & 15)
+        if (NORMS >> k) & 1:  # through the o block's LN
+            d_o = _norm_grad(
+                tl.where(act, d_o, 0.0),
+                gtile + 3 * H,
+                3,
+                nz_ptr + (k * T + t) * (4 * plane),
+                rs_ptr + (k * T + t) * (5 * B),
+                dnz_ptr + (k * T + t) * (4 * plane),
+                ln_ptr + k * (10 * H) + 3 * H,
+                rows,
+                units,
+                rmask,
+                umask,
+                mask,
+                H,
+            )
         _store_grad(
             dA_ptr + (k * T + t) * (4 * plane),
             op_ptr + k * (4 * plane),
@@ -721,6 +990,22 @@ def bwd_inner_kernel(
         )
         dc_old = tl.load(dc_ptr + k * plane + tile, mask=mask, other=0.0)
         d_new = grad * o * _act_grad(a, (CELL_ACTS >> (4 * k)) & 15)
+        if (NORMS >> k) & 1:  # through the cell's LN
+            d_new = _norm_grad(
+                tl.where(act, d_new, 0.0),
+                tile,
+                4,
+                nc_ptr + (k * T + t) * plane,
+                rs_ptr + (k * T + t) * (5 * B),
+                dnc_ptr + (k * T + t) * plane,
+                ln_ptr + k * (10 * H) + 8 * H,
+                rows,
+                units,
+                rmask,
+                umask,
+                mask,
+                H,
+            )
         if ZONEOUT:  # the new cell gets the carried cell's gradient less the kept share
             keep = _keep(zo_ptr, k, t, rows, units, zo_sk, zo_st, zo_sb, mask)
             grad = (1.0 - keep) * dc_old + d_new
@@ -741,9 +1026,18 @@ def bwd_inner_kernel(
         c_prev,
         mask,
         act,
+        ln_ptr + L * (10 * H),
+        nz_ptr + (L * T + t) * (4 * plane),
+        rs_ptr + (L * T + t) * (5 * B),
+        dnz_ptr + (L * T + t) * (4 * plane),
+        rows,
+        units,
+        rmask,
+        umask,
         (GATE_ACTS >> (4 * L)) & 15,
         (CAND_ACTS >> (4 * L)) & 15,
         OP_COPY,
+        (NORMS >> L) & 1,
     )
     dc_prev = grad * f
     if ZONEOUT:
@@ -769,6 +1063,12 @@ def bwd_level_kernel(
     zo_sk,
     zo_st,
     zo_sb,
+    ln_ptr,
+    nz_ptr,
+    nc_ptr,
+    rs_ptr,
+    dnz_ptr,
+    dnc_ptr,
     LEVEL: tl.constexpr,
     GATE_ACT: tl.constexpr,
     CAND_ACT: tl.constexpr,
@@ -781,6 +1081,7 @@ def bwd_level_kernel(
     CUBLAS: tl.constexpr,
     OP_COPY: tl.constexpr,
     ZONEOUT: tl.constexpr,
+    NORMS: tl.constexpr,
 ):
     """Level LEVEL (D-2 .. 0) of backward step ``s`` (launched only when D >= 2).
 
@@ -838,9 +1139,18 @@ def bwd_level_kernel(
         c_prev,
         mask,
         act,
+        ln_ptr + LEVEL * (10 * H),
+        nz_ptr + (LEVEL * T + t) * (4 * plane),
+        rs_ptr + (LEVEL * T + t) * (5 * B),
+        dnz_ptr + (LEVEL * T + t) * (4 * plane),
+        rows,
+        units,
+        rmask,
+        umask,
         GATE_ACT,
         CAND_ACT,
         OP_COPY,
+        (NORMS >> LEVEL) & 1,
     )
     dc_old = tl.load(dc_ptr + LEVEL * plane + tile, mask=mask, other=0.0)
     dc_prev = d_h * f

@@ -17,6 +17,14 @@ ZONEOUT reads them through their strides (the expanded rate of evaluation too) a
 carried and output; without it the kernels are exactly those without zoneout and no buffer is
 added. In a CUDA graph the weights are an input, copied into the graph's (contiguous) static twin.
 
+Layer normalisation (``norms=``, per level None or (gamma_gates, beta_gates, gamma_cell,
+beta_cell), docs/design.md): the kernels' constexpr NORMS (bit k: level k) normalises each gate
+block of level k and the cell it outputs; without it the kernels are exactly those without LN
+and no buffer is added. A program then holds whole rows (``triton_configs.whole_rows``) and
+reduces them in registers. The forward saves the normalised values and 1/std (``NormedSaved``),
+the backward the gradients of LN's outputs, from which the parameters' gradients are summed after
+the loop.
+
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
 dtype as GEMM operands).
 
@@ -44,7 +52,12 @@ from torch import Tensor
 from nestrnn.activations import activation_code
 from nestrnn.ops.common.levels import LevelActivations, LevelWeights
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
-from nestrnn.ops.nested_lstm.triton_configs import TritonConfig, cuda_graph_setting, pick_config
+from nestrnn.ops.nested_lstm.triton_configs import (
+    TritonConfig,
+    cuda_graph_setting,
+    pick_config,
+    whole_rows,
+)
 from nestrnn.ops.nested_lstm.triton_graphs import clear_cuda_graphs, cuda_graph_count
 from nestrnn.ops.nested_lstm.triton_graphs import run as _run
 from nestrnn.ops.nested_lstm.triton_kernels import (
@@ -57,6 +70,8 @@ from nestrnn.ops.nested_lstm.triton_kernels import (
 
 __all__ = [
     "LAUNCH_ERRORS",
+    "SUPPORTS_NORMS",
+    "NormedSaved",
     "TritonConfig",
     "backward",
     "clear_cuda_graphs",
@@ -65,6 +80,35 @@ __all__ = [
     "forward",
     "pick_config",
 ]
+
+
+#: the loops take ``norms=`` (layer normalisation inside the kernels)
+SUPPORTS_NORMS = True
+
+#: the parameters of one level's layer normalisation: gamma_gates (4H,), beta_gates (4H,),
+#: gamma_cell (H,), beta_cell (H,)
+Norm = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class NormedSaved(NamedTuple):
+    """What ``forward`` saves with layer normalisation: ``Saved``'s fields, then
+
+    norm_gates  (D, T, B, 4H)  fp32  each gate block's pre-activations normalised (before gamma,
+                                     beta)
+    norm_cells  (D, T, B, H)   fp32  each new cell normalised likewise
+    norm_rstd   (D, T, B, 5)   fp32  1/std of the row's i, f, g, o blocks and of its new cell
+
+    Planes of levels without LN hold anything (nothing reads them); so do rows inactive at a step
+    of a packed batch (their gradients are zero).
+    """
+
+    gates: Tensor
+    cells: Tensor
+    act_cells: Tensor
+    inputs: Tensor
+    norm_gates: Tensor
+    norm_cells: Tensor
+    norm_rstd: Tensor
 
 
 def pack_codes(names: list[str]) -> int:
@@ -98,6 +142,7 @@ class _Launch:
     dot_prec: str
     dtype: torch.dtype  # of the GEMM operands (the input's)
     zoneout: bool = False  # the kernels read keep weights (ZONEOUT); without, today's kernels
+    norms: int = 0  # bit k: level k is layer-normalised (NORMS); 0: today's kernels
 
     @property
     def depth(self) -> int:
@@ -130,6 +175,7 @@ class _Launch:
             DOT_PREC=self.dot_prec,
             CUBLAS=self.cublas,
             ZONEOUT=self.zoneout,
+            NORMS=self.norms,
             num_warps=self.cfg.num_warps,
             **stages,
         )
@@ -146,6 +192,13 @@ class _Launch:
         zoneout = b["zoneout"]
         return (zoneout, zoneout.stride(0), zoneout.stride(1), zoneout.stride(2))
 
+    def norm_args(self, b: dict[str, Tensor], backward: bool) -> tuple:
+        """The kernels' layer-normalisation buffers: the parameters, the normalised gates and
+        cells, 1/std and, backward, the gradients of LN's outputs. Without LN any pointer."""
+        names = ("norms", "norm_gates", "norm_cells", "norm_rstd")
+        names += ("d_norm_gates", "d_norm_cells") if backward else ()
+        return tuple(b[name] if self.norms else b["bs"] for name in names)
+
     def codes(self, field: str) -> int:
         """Every level's activation code for ``field``, packed (``pack_codes``)."""
         return pack_codes([getattr(level, field) for level in self.activations])
@@ -159,7 +212,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     grid, kw, T, B, H, D = m.grid(), m.consts(), m.steps, m.batch, m.hidden, m.depth
     # the codes are computed once a call: the loop is bound by launch overhead
     gate, cand, cells = m.level_codes("gate"), m.level_codes("candidate"), m.codes("cell")
-    zo = m.zoneout_args(b)
+    zo, ln = m.zoneout_args(b), m.norm_args(b, backward=False)
     for s in range(T):
         t, prev = m.slots(s)
         if m.cublas:  # the kernels read the step's GEMM from b["g"]
@@ -179,6 +232,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             B,
             H,
             *zo,
+            *ln,
             DEPTH=D,
             GATE_ACT=gate[0],
             CAND_ACT=cand[0],
@@ -204,6 +258,7 @@ def _forward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 B,
                 H,
                 *zo,
+                *ln,
                 LEVEL=k,
                 DEPTH=D,
                 GATE_ACT=gate[k],
@@ -219,7 +274,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
     gate, cand = m.level_codes("gate"), m.level_codes("candidate")
     gate_acts, cand_acts, cell_acts = m.codes("gate"), m.codes("candidate"), m.codes("cell")
     dA, op = b["dA"], b["dA_op"]
-    zo = m.zoneout_args(b)
+    zo, ln = m.zoneout_args(b), m.norm_args(b, backward=True)
     for s in range(T - 1, -1, -1):
         t, _prev = m.slots(s)
         if m.cublas and s + 1 < T:  # dh = dA^0 of the step processed before @ W_hh^0
@@ -242,6 +297,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
             B,
             H,
             *zo,
+            *ln,
             DEPTH=D,
             GATE_ACTS=gate_acts,
             CAND_ACTS=cand_acts,
@@ -266,6 +322,7 @@ def _backward_loop(m: _Launch, b: dict[str, Tensor]) -> None:
                 B,
                 H,
                 *zo,
+                *ln,
                 LEVEL=k,
                 GATE_ACT=gate[k],
                 CAND_ACT=cand[k],
@@ -366,6 +423,7 @@ def _launches(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     zoneout: Tensor | None = None,
+    norms: list[Norm | None] | None = None,
 ) -> _Launches:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
@@ -382,8 +440,12 @@ def _launches(
         _dot_precision(x.dtype),
         x.dtype,
         zoneout is not None,
+        sum(1 << k for k, norm in enumerate(norms or ()) if norm is not None),
     )
     graphed_cfg = pick_config(batch, hidden, None, x.dtype, graphed=True)
+    if direct.norms:  # the kernels reduce whole rows
+        direct = replace(direct, cfg=whole_rows(direct.cfg, hidden))
+        graphed_cfg = whole_rows(graphed_cfg, hidden)
     return _Launches(direct, replace(direct, cfg=graphed_cfg))
 
 
@@ -401,6 +463,39 @@ def _zoneout(zoneout: Tensor | None) -> dict[str, Tensor]:
     return {"zoneout": zoneout if zoneout.stride(-1) == 1 else zoneout.contiguous()}
 
 
+def _norms(norms: list[Norm | None] | None, depth: int, hidden: int, device) -> dict[str, Tensor]:
+    """The LN parameters as the kernels read them, (D, 10H) fp32: per level [gamma_gates |
+    beta_gates | gamma_cell | beta_cell] (zeros for a level without); no buffer without LN."""
+    if norms is None or all(norm is None for norm in norms):
+        return {}
+    if len(norms) != depth:
+        raise ValueError(f"norms has {len(norms)} entries for {depth} levels")
+    sizes = (4 * hidden, 4 * hidden, hidden, hidden)
+    for k, norm in enumerate(norms):
+        if norm is not None and tuple(p.numel() for p in norm) != sizes:
+            got = [tuple(p.shape) for p in norm]
+            raise ValueError(f"level {k}'s LN parameters must have {sizes} elements, got {got}")
+    rows = [
+        torch.zeros(10 * hidden, dtype=torch.float32, device=device)
+        if norm is None
+        else torch.cat([p.reshape(-1).float() for p in norm])
+        for norm in norms
+    ]
+    return {"norms": torch.stack(rows)}
+
+
+def _norm_saved(m: _Launch, device: torch.device) -> dict[str, Tensor]:
+    """The forward's LN buffers (``NormedSaved``'s extra fields); none without LN."""
+    if not m.norms:
+        return {}
+    T, B, H, D = m.steps, m.batch, m.hidden, m.depth
+    shapes = {"norm_gates": (D, T, B, 4 * H), "norm_cells": (D, T, B, H), "norm_rstd": (D, T, B, 5)}
+    return {
+        name: torch.empty(shape, dtype=torch.float32, device=device)
+        for name, shape in shapes.items()
+    }
+
+
 def forward(
     x: Tensor,
     levels: list[LevelWeights],
@@ -411,12 +506,16 @@ def forward(
     activations: tuple[LevelActivations, ...],
     save: bool,
     zoneout: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
+    norms: list[Norm | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Saved | NormedSaved | None]:
     """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``.
 
     ``zoneout``: keep-previous weights (D+1, T, B, H) of the cells and h, or None (no zoneout:
-    the kernels without it); ``Saved.cells`` then holds the carried (mixed) cells."""
-    launches = _launches(x, levels, batch_sizes, reverse, activations, zoneout)
+    the kernels without it); ``Saved.cells`` then holds the carried (mixed) cells.
+    ``norms``: per level None or its LN parameters (gamma_gates, beta_gates, gamma_cell,
+    beta_cell), or None; with LN at some level what is saved is a ``NormedSaved``, which
+    ``backward`` needs whole (a caller that keeps the tensors itself rebuilds it from them)."""
+    launches = _launches(x, levels, batch_sizes, reverse, activations, zoneout, norms)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
@@ -437,6 +536,8 @@ def forward(
         "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
         "bs": _batch_sizes(batch_sizes, x.device),
         **_zoneout(zoneout),
+        **_norms(norms, D, H, x.device),
+        **_norm_saved(m, x.device),
         **_weights(levels),
         **_biases(levels, m.has_bias),
         **_gemm_buffers(launches, x.device, {"g": (B, 4 * H)}),
@@ -446,12 +547,41 @@ def forward(
         b["h"][first] = h0
         b["cells"][:, first] = c0
 
-    written = ("cells", "act_cells", "inputs", "h", "y")
+    written = ("cells", "act_cells", "inputs", "h", "y", *_norm_saved_names(m))
     bufs = _run(_forward_loop, launches, bufs, ("gates", *written), fill, (*written, "g"))
     h_n = bufs["h"][last].clone()
     c_n = bufs["cells"][:, last].to(x.dtype, copy=True)
     saved = Saved(bufs["gates"], bufs["cells"], bufs["act_cells"], bufs["inputs"])
+    if m.norms:
+        saved = NormedSaved(*saved, *(bufs[name] for name in _norm_saved_names(m)))
     return bufs["y"], h_n, c_n, saved if save else None
+
+
+def _norm_saved_names(m: _Launch) -> tuple[str, ...]:
+    return NormedSaved._fields[len(Saved._fields) :] if m.norms else ()
+
+
+def _norm_grads(
+    bufs: dict[str, Tensor], norms: list[Norm | None] | None
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+    """Per level the gradients of (gamma_gates, beta_gates, gamma_cell, beta_cell), fp32, or
+    None: sums over steps and rows of what the backward kernels stored (the gradients of LN's
+    outputs, zero in inactive rows) times the saved normalised values."""
+    grads: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
+    for k, norm in enumerate(norms or ()):
+        if norm is None:
+            grads.append(None)
+            continue
+        d_gates, d_cells = bufs["d_norm_gates"][k], bufs["d_norm_cells"][k]
+        grads.append(
+            (
+                (d_gates * bufs["norm_gates"][k]).sum((0, 1)),
+                d_gates.sum((0, 1)),
+                (d_cells * bufs["norm_cells"][k]).sum((0, 1)),
+                d_cells.sum((0, 1)),
+            )
+        )
+    return grads
 
 
 def backward(
@@ -464,10 +594,17 @@ def backward(
     d_hn: Tensor,
     d_cn: Tensor,
     zoneout: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    norms: list[Norm | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, list]:
     """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0.
-    ``zoneout``: the forward's keep weights, or None."""
-    launches = _launches(d_out, levels, batch_sizes, reverse, activations, zoneout)
+    ``zoneout``: the forward's keep weights, or None.
+
+    ``norms``: the forward's LN parameters, or None. With LN at some level ``saved`` must be the
+    forward's ``NormedSaved``, ``dz`` is the gradient of the gate pre-activations before LN (what
+    the weight GEMMs need), and a fourth result follows: per level None or the fp32 gradients of
+    (gamma_gates, beta_gates, gamma_cell, beta_cell), summed after the loop. Without LN the
+    result is the three tensors, as before."""
+    launches = _launches(d_out, levels, batch_sizes, reverse, activations, zoneout, norms)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     bufs = {
@@ -478,6 +615,8 @@ def backward(
         "dy": d_out.contiguous(),
         "bs": _batch_sizes(batch_sizes, d_out.device),
         **_zoneout(zoneout),
+        **_norms(norms, D, H, d_out.device),
+        **_norm_grad_buffers(m, d_out.device),
         **_weights(levels),  # the backward kernels read no bias
         **_gemm_buffers(launches, d_out.device, {"g_h": (B, H), "g_x": (B, 2 * H)}),
         "dA_op": torch.empty(
@@ -489,7 +628,9 @@ def backward(
         b["dh"].copy_(d_hn)
         b["dc"].copy_(d_cn)
 
-    written = ("dA", "dh", "dc")
+    if m.norms and not isinstance(saved, NormedSaved):
+        raise ValueError("a backward with layer normalisation needs the forward's NormedSaved")
+    written = ("dA", "dh", "dc", *_norm_grad_names(m))
     bufs = _run(_backward_loop, launches, bufs, written, fill, (*written, "g_h", "g_x", "dA_op"))
     dA, dh = bufs["dA"], bufs["dh"]
     # h0 feeds the first step processed: the loop stops before multiplying that step's gates back
@@ -500,4 +641,22 @@ def backward(
     if m.packed:
         active = torch.arange(B, device=dh.device) < bufs["bs"][first].long()
         dh0 = torch.where(active[:, None], dh0, dh)
+    if m.norms:
+        return dA, dh0, bufs["dc"], _norm_grads(bufs, norms)
     return dA, dh0, bufs["dc"]
+
+
+def _norm_grad_names(m: _Launch) -> tuple[str, ...]:
+    return ("d_norm_gates", "d_norm_cells") if m.norms else ()
+
+
+def _norm_grad_buffers(m: _Launch, device: torch.device) -> dict[str, Tensor]:
+    """The backward's LN buffers: the gradients of the normalised gates and cells (after gamma
+    and beta), zeroed (levels without LN are never written); none without LN."""
+    T, B, H, D = m.steps, m.batch, m.hidden, m.depth
+    shapes = {"d_norm_gates": (D, T, B, 4 * H), "d_norm_cells": (D, T, B, H)}
+    return {
+        name: torch.zeros(shape, dtype=torch.float32, device=device)
+        for name, shape in shapes.items()
+        if m.norms
+    }
