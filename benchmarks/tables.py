@@ -93,6 +93,18 @@ def other_rows(name: str) -> str:
     return table(["(B, H, T)", "row", "against", "ratio"], body)
 
 
+def long_sequences(name: str) -> str:
+    """long_sequences.py's rows: the training step's own peak memory by T, with and without
+    segment recomputation."""
+    body = []
+    for r in rows(name):
+        every = str(r["checkpoint_every"] or "off")
+        memory = f"{r['step_mib']:,.0f}" if r["fits"] else "did not fit"
+        seconds = f"{r['seconds']:.0f}" if r["fits"] else "-"
+        body.append([f"{r['T']:,}", every, memory, seconds])
+    return table(["T", "checkpoint_every", "step memory (MiB)", "seconds"], body)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cpu-before-after": lambda: depth_table(
         {
@@ -107,6 +119,8 @@ TABLES: dict[str, Callable[[], str]] = {
     ),
     "cuda-dtypes": cuda_dtypes,
     "cpu-variants-memories": lambda: other_rows("speed_cpu_variants_memories"),
+    "cpu-regularisers": lambda: other_rows("speed_cpu_regularisers"),
+    "long-sequences": lambda: long_sequences("long_sequences_cpu"),
 }
 
 

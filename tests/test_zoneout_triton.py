@@ -188,3 +188,25 @@ def test_all_zero_masks_equal_no_zoneout():
     zero = triton_results(case, PACKED, False, torch.zeros(depth + 1, T, B, H))
     for name, want in plain.items():
         torch.testing.assert_close(zero[name], want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_the_layer_on_triton_matches_the_reference_given_the_same_masks() -> None:
+    """NestedLSTM(backend="triton") with weight drop and zoneout against backend "naive", both
+    drawing their masks from one seed: the path users take, through the op."""
+    from nestrnn import NestedLSTM
+
+    options = {"weight_drop": 0.3, "zoneout_cell": [0.3, 0.5], "zoneout_hidden": 0.2}
+    torch.manual_seed(0)
+    fast = NestedLSTM(IN, H, depth=2, backend="triton", **options).to(DEVICE)
+    ref = NestedLSTM(IN, H, depth=2, backend="naive", **options).to(DEVICE)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(T, B, IN, device=DEVICE)
+    results = []
+    for model in (fast, ref):
+        torch.manual_seed(3)
+        xi = x.clone().requires_grad_()
+        out, (h, c) = model(xi)
+        (out.sum() + h.pow(2).sum() + c.sin().sum()).backward()
+        results.append([out, h, c, xi.grad, *(p.grad for p in model.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
