@@ -141,7 +141,7 @@ def forward(
     new = WORKSPACE.empty
     if save:
         saved = empty_saved(steps, batch, hidden, depth, dtype, device, packed, new)
-        gates, cells, act_cells, inputs = (list(t.unbind(0)) for t in saved)
+        gates, cells, act_cells, inputs = (list(t.unbind(0)) for t in saved[:4])
     else:  # rings: level 0's gates still hold the input projection of every step
         saved = None
         gates = [
@@ -201,7 +201,7 @@ def backward(
     d_out = d_out.contiguous()
     scratch = torch.empty(batch, 2 * hidden, dtype=dtype)
     dht = torch.empty(batch, hidden, dtype=dtype)
-    buffers = tuple(list(t.unbind(0)) for t in saved)
+    buffers = tuple(list(t.unbind(0)) for t in saved[:4])  # no layer normalisation here
     w = _Weights(weights, with_bias=False)
     call = _Call(steps, w, buffers, [], sizes, reverse, True, activations, zoneout)
     call.arrays["d_gates"] = _pointers(list(dz.unbind(0)))

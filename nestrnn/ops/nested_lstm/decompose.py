@@ -52,11 +52,12 @@ def nested_lstm_decomposed(
     activations: str,
     backend: str,
     zoneout: Tensor | None = None,
+    norms: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
     operator = torch.ops.nestrnn.nested_lstm.default
     return _decomposed(
-        operator, x, weights, None, h0, c0, batch_sizes, reverse, activations, zoneout
+        operator, x, weights, None, h0, c0, batch_sizes, reverse, activations, zoneout, norms
     )
 
 
@@ -104,15 +105,20 @@ def _decomposed(
     reverse: bool,
     activations: str,
     zoneout: Tensor | None = None,
+    norms: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The scan of both ops; ``weight_hr`` (P, H) projects each step's h, as nn.LSTM's;
-    ``zoneout`` (D + 1, T, B, H) or None, scanned along T like x."""
+    ``zoneout`` (D + 1, T, B, H) or None, scanned along T like x; ``norms`` the op's flat layer
+    normalisation parameters or None, passed to the body after the weights."""
     if _only_shapes_wanted(x):
         return op.fake_outputs(x, h0, c0)
     if not torch.compiler.is_exporting():
         return _kept_whole(operator)
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
     flat = [w.to(compute) for w in weights]
+    n_weights = len(flat)
+    if norms is not None:
+        flat.extend(n.to(compute) for n in norms)
     if weight_hr is not None:  # the scan's last input
         flat.append(weight_hr.to(compute))
     acts = decode_activations(activations)
@@ -131,9 +137,17 @@ def _decomposed(
         # tensors of the graph around it
         inputs, given = rest[: len(xs)], rest[len(xs) :]
         level_weights, w_hr = (given, None) if weight_hr is None else (given[:-1], given[-1])
+        level_weights, level_norms = level_weights[:n_weights], level_weights[n_weights:]
         keep = None if zoneout is None else inputs[-1].unbind(0)
         h_new, cells = nested_cell_step(
-            inputs[0], h, c.unbind(0), op.levels_of(level_weights), acts, w_hr, keep
+            inputs[0],
+            h,
+            c.unbind(0),
+            op.levels_of(level_weights),
+            acts,
+            w_hr,
+            keep,
+            op.norms_of(level_norms) if norms is not None else None,
         )
         c_new = torch.stack(cells)
         if batch_sizes is None:
