@@ -26,7 +26,7 @@ from torch._higher_order_ops.scan import scan_op
 from torch._library.utils import get_layout_constraint_tag
 from torch._subclasses.fake_tensor import FakeTensor
 
-from nestrnn.ops.common.levels import decode_activations, state_dtype
+from nestrnn.ops.common.levels import LevelNorms, decode_activations, state_dtype
 from nestrnn.ops.common.reference import nested_cell_step
 from nestrnn.ops.nested_lstm import op, projected  # noqa: F401 (defines the second op registered below)
 
@@ -117,8 +117,11 @@ def _decomposed(
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
     flat = [w.to(compute) for w in weights]
     n_weights = len(flat)
-    if norms is not None:
-        flat.extend(n.to(compute) for n in norms)
+    # only the levels that normalise: the scan refuses one tensor given twice (empty placeholders)
+    normed_levels = (
+        [] if norms is None else [k for k in range(len(norms) // 4) if norms[4 * k].numel()]
+    )
+    flat.extend(norms[4 * k + n].to(compute) for k in normed_levels for n in range(4))
     if weight_hr is not None:  # the scan's last input
         flat.append(weight_hr.to(compute))
     acts = decode_activations(activations)
@@ -137,7 +140,10 @@ def _decomposed(
         # tensors of the graph around it
         inputs, given = rest[: len(xs)], rest[len(xs) :]
         level_weights, w_hr = (given, None) if weight_hr is None else (given[:-1], given[-1])
-        level_weights, level_norms = level_weights[:n_weights], level_weights[n_weights:]
+        level_weights, given_norms = level_weights[:n_weights], level_weights[n_weights:]
+        level_norms: list[LevelNorms | None] = [None] * (n_weights // 4)
+        for n, k in enumerate(normed_levels):
+            level_norms[k] = LevelNorms._make(given_norms[4 * n : 4 * n + 4])
         keep = None if zoneout is None else inputs[-1].unbind(0)
         h_new, cells = nested_cell_step(
             inputs[0],
@@ -147,7 +153,7 @@ def _decomposed(
             acts,
             w_hr,
             keep,
-            op.norms_of(level_norms) if norms is not None else None,
+            level_norms if normed_levels else None,
         )
         c_new = torch.stack(cells)
         if batch_sizes is None:

@@ -75,7 +75,9 @@ def norms_of(flat: Sequence[Tensor] | None) -> list[LevelNorms | None] | None:
 
 def flat_norms(norms: Sequence[LevelNorms | None], like: Tensor) -> list[Tensor]:
     """Inverse of :func:`norms_of`."""
-    return [t for n in norms for t in (n if n is not None else [like.new_empty(0)] * 4)]
+    return [
+        t for n in norms for t in (n if n is not None else [like.new_empty(0) for _ in range(4)])
+    ]
 
 
 def _complete(saved: Saved, x: Tensor) -> Saved:
