@@ -7,13 +7,21 @@ torch.export, the library for processes without nestrnn); the modules and the co
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_memories import Leaky
+from helpers_tasks import TINY, assert_one_line_error, main_cli
 from test_no_python import _run_without_nestrnn, library  # noqa: F401 (a fixture)
 from test_op_nested_lstm import assert_close_all, make_case
+from test_regularisers import _pair, _same, _train_step
 from test_zoneout_op import masks
 
+from nestrnn import NestedLSTM, NestedLSTMCell
+from nestrnn.config import ModelConfig
+from nestrnn.models import build_recurrent
 from nestrnn.ops.common.levels import LevelNorms, encode_activations, standard_activations
 from nestrnn.ops.nested_lstm import nested_lstm, nested_lstm_naive, plan
 from nestrnn.ops.nested_lstm.op import flat_norms
@@ -209,3 +217,87 @@ def test_bad_norms_are_one_clear_error(bad, message):
     with pytest.raises(ValueError, match=message) as caught:
         nested_lstm(x, weights, h0, c0, norms=bad(norms))
     assert "\n" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------- the modules and configs
+
+
+@pytest.mark.parametrize(
+    "depth, layer_norm", [(1, True), (2, True), (3, [True, False, True])], ids=["1", "2", "3mixed"]
+)
+def test_the_layer_s_fast_path_trains_like_its_reference(depth, layer_norm):
+    """auto (the op) against naive (the reference), bidirectional, two layers, zoneout on, every
+    gradient, the normalisation's parameters included."""
+    options = {"layer_norm": layer_norm, "zoneout_cell": 0.3, "zoneout_hidden": 0.2}
+    shape = {"depth": depth, "num_layers": 2, "bidirectional": True}
+    fast, ref = _pair(options, "auto", **shape)
+    names = [n for n, _ in fast.named_parameters() if "layer_norm" in n]
+    assert len(names) == 4 * 2 * 2 * sum(layernorm_levels(layer_norm, depth))
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    _same(_train_step(fast, x, seed=5), _train_step(ref, x, seed=5))
+    lengths = [6, 4, 2]
+    _same(_train_step(fast, x, 5, lengths), _train_step(ref, x, 5, lengths))
+
+
+def layernorm_levels(layer_norm, depth: int) -> list[bool]:
+    return list(layer_norm) if isinstance(layer_norm, list) else [layer_norm] * depth
+
+
+def test_the_cell_steps_like_the_layer_and_the_init_is_the_identity():
+    torch.manual_seed(0)
+    layer = NestedLSTM(3, 4, depth=3, layer_norm=[True, True, False], forget_bias=2.0).double()
+    with torch.no_grad():  # away from the init, where every parameter matters
+        for name, p in layer.named_parameters():
+            if "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    cell = NestedLSTMCell(3, 4, depth=3, layer_norm=[True, True, False], forget_bias=2.0).double()
+    state = {
+        k.replace("_l0", "").replace("memory_", "memory."): v for k, v in layer.state_dict().items()
+    }
+    cell.load_state_dict(state)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    _, (h, c) = layer(x)
+    hx = None
+    for t in range(4):
+        hx = cell(x[t], hx)
+    torch.testing.assert_close(hx[0], h[0])
+    torch.testing.assert_close(hx[1], c[:, 0])
+    fresh = NestedLSTM(3, 4, depth=2, layer_norm=True, forget_bias=2.0)
+    forget = torch.tensor([0.0] * 4 + [2.0] * 4 + [0.0] * 8)
+    assert torch.equal(fresh.layer_norm_gates_bias_l0, forget)
+    assert torch.equal(fresh.memory_l0.layer_norm_gates_bias, forget)
+    assert torch.equal(fresh.memory_l0.layer_norm_cell_weight, torch.ones(4))
+    assert "layer_norm=True" in repr(fresh) and "layer_norm=[True, True, False]" in repr(cell)
+    assert set(NestedLSTM(3, 4, depth=1).state_dict()) == set(torch.nn.LSTM(3, 4).state_dict())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"layer_norm": [True]}, "layer_norm needs one bool per memory level (2), got 1"),
+        ({"layer_norm": True, "proj_size": 2}, "NestedMemory with proj_size with backend='auto'"),
+        ({"layer_norm": True, "backend": "generic"}, "has no layer normalisation"),
+        ({"layer_norm": True, "memory": Leaky(5)}, "layer_norm runs inside the whole-sequence op"),
+    ],
+    ids=["levels", "proj_size", "generic", "own memory"],
+)
+def test_layer_norm_where_it_cannot_run_is_refused(options, message):
+    depth = {} if "memory" in options else {"depth": 2}
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        NestedLSTM(3, 5, **depth, **options)
+    assert "\n" not in str(caught.value)
+
+
+def test_layer_norm_from_the_config(tmp_path, capsys):
+    cfg = ModelConfig(family="lstm", layer_norm=[True, False])
+    rnn = build_recurrent(cfg, 4, 6)
+    assert isinstance(rnn, NestedLSTM) and rnn.depth == 1 and rnn.layer_norm == (True,)
+    adding = ["task.length=6", "task.valid_size=16", "task.test_size=16", "train.batch_size=8"]
+    steps = ["train.epochs=1", "train.steps_per_epoch=2", "--run-dir", str(tmp_path / "run")]
+    settings = ["model.layer_norm=[false,true]"]
+    code, out, err = main_cli(["train", *TINY, *adding, *settings, *steps], capsys)
+    assert code == 0, err
+    assert "finished (completed)" in out
+    code, _, err = main_cli(["train", *TINY, "model.layer_norm=[true,true,true]"], capsys)
+    assert_one_line_error(code, err, "train")
+    assert "'model.layer_norm' has 3 values for model.depth=2" in err
