@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers_memories import Leaky
 from helpers_tasks import TINY, assert_one_line_error, main_cli
 from test_no_python import _run_without_nestrnn, library  # noqa: F401 (a fixture)
-from test_op_nested_lstm import assert_close_all, make_case
+from test_op_nested_lstm import assert_close_all, make_case, require_implementation
 from test_regularisers import _pair, _same, _train_step
 from test_zoneout_op import masks
 
@@ -27,6 +27,7 @@ from nestrnn.ops.nested_lstm import nested_lstm, nested_lstm_naive, plan
 from nestrnn.ops.nested_lstm.op import flat_norms
 
 STEPS, BATCH, INPUTS, HIDDEN = 5, 3, 2, 4
+BACKENDS = ("torch_loop", "c_loop")
 
 
 def make_norms(on: list[bool], seed: int = 3, requires_grad: bool = True) -> list:
@@ -63,6 +64,7 @@ def pinned(backend: str):
 
 
 def assert_like_reference(backend, on, zoneout=None, batch_sizes=None, reverse=False):
+    require_implementation(backend)
     case = make_case(STEPS, BATCH, INPUTS, HIDDEN, len(on), seed=len(on))
     norms = make_norms(on)
     kwargs = {"zoneout": zoneout, "batch_sizes": batch_sizes, "reverse": reverse}
@@ -76,11 +78,12 @@ LEVELS = [[True], [True, True], [True, True, True], [False, True, False], [True,
 
 
 @pytest.mark.parametrize("on", LEVELS, ids=lambda on: "".join("LN"[k] for k in on))
-def test_the_pytorch_loop_computes_the_reference(on):
-    assert_like_reference("torch_loop", on)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_loop_computes_the_reference(backend, on):
+    assert_like_reference(backend, on)
 
 
-@pytest.mark.parametrize("backend", ["torch_loop", "auto"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_with_zoneout_and_a_packed_reversed_batch(backend):
     assert_like_reference(
         backend, [True, True], masks(2), batch_sizes=torch.tensor([3, 3, 2, 1, 1]), reverse=True
@@ -105,12 +108,26 @@ def test_the_reference_is_torch_s_layer_norm_at_one_level():
     assert_close_all(got[1], want[1], atol=1e-12)
 
 
-def test_neither_torch_s_lstm_nor_the_c_loop_runs_layer_norm():
+def test_torch_s_lstm_never_runs_layer_norm():
     x = torch.zeros(2, 1, 2)
     acts = standard_activations(1)
-    assert plan(x, None, False, acts, False, norms=True).implementation == "torch_loop"
+    assert plan(x, None, False, acts, False).implementation == "torch_lstm"
+    assert plan(x, None, False, acts, False, norms=True).implementation != "torch_lstm"
     with pytest.raises(RuntimeError, match="no layer normalisation"):
-        plan(x, None, False, acts, True, "c_loop", norms=True)
+        plan(x, None, False, acts, False, "torch_lstm", norms=True)
+
+
+def test_triton_loops_without_layer_norm_fall_back(monkeypatch):
+    pytest.importorskip("triton")
+    from nestrnn.ops.nested_lstm import triton_loop
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delattr(triton_loop, "SUPPORTS_NORMS", raising=False)
+    x, acts = torch.zeros(2, 1, 2), standard_activations(2)
+    assert plan(x, None, False, acts, True, "triton").implementation == "triton"
+    with pytest.warns(RuntimeWarning, match="no layer normalisation"):
+        chosen = plan(x, None, False, acts, True, "triton", norms=True)
+    assert chosen.implementation != "triton"
 
 
 def test_a_backward_that_records_its_graph_differentiates_the_reference():

@@ -118,7 +118,7 @@ def _run_forward(
         )
         return out, h_n, c_n, None if saved is None else _complete(saved, x)
     loop = c_loop if implementation == "c_loop" else torch_loop
-    extra = () if norms is None else (norms,)  # the C loop is never planned with norms
+    extra = () if norms is None else (norms,)
     out, h_n, c_n, saved = loop.forward(
         x.to(compute),
         _cast(levels, compute),

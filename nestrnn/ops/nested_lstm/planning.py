@@ -15,8 +15,8 @@ see :func:`cuda_choice`; elsewhere :func:`fallback_choice`: torch_lstm for depth
 the C loop on CPU, else the PyTorch loop), "triton" (falls back to :func:`fallback_choice`, with a
 warning once, where Triton cannot run), or an implementation's name, which pins it and is an error
 where it cannot run. A call with zoneout never runs torch_lstm, which has none; a call with layer
-normalisation (``norms``) runs neither torch_lstm nor the C loop, which have none, and the Triton
-loops only where they have it (``triton_loop.SUPPORTS_NORMS``), else the PyTorch loop.
+normalisation (``norms``) never runs torch_lstm either, and runs the Triton loops only where they
+have it (``triton_loop.SUPPORTS_NORMS``), else what :func:`fallback_choice` gives.
 
 An implementation that fails at run time (a Triton kernel that does not compile on this GPU, say)
 is recorded with :func:`mark_broken` and not planned again in this process.
@@ -201,14 +201,14 @@ def fallback_choice(
 ) -> str:
     """The implementation where Triton does not run (off CUDA, or after it failed): torch's LSTM for
     depth-1 inference without zoneout or layer normalisation where it can, else the C loop where
-    it can (no layer normalisation), else the PyTorch loop."""
+    it can, else the PyTorch loop."""
     if (
         not training
         and not (zoneout or norms)
         and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
     ):
         return "torch_lstm"
-    if not norms and c_loop.unavailable_reason(x.device, state_dtype(x.dtype)) is None:
+    if c_loop.unavailable_reason(x.device, state_dtype(x.dtype)) is None:
         return "c_loop"
     return "torch_loop"
 
@@ -225,7 +225,5 @@ def _pinned_reason(
             return "it trains only in eager mode, outside the op"
         return torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations)
     if backend == "c_loop":
-        if norms:
-            return "the C loop has no layer normalisation"
         return c_loop.unavailable_reason(x.device, state_dtype(x.dtype))
     return None
