@@ -265,26 +265,31 @@ class NestedLSTM(nn.Module):
         self._init_outer_parameters()
 
     def _check_layer_norm(self, layer_norm: Any) -> tuple[bool, ...]:
-        """The flag of every level, checked against the memories built."""
-        flags = layer_norm_flags(layer_norm, self.depth)
+        """The flag of every level, checked against the memories built. With the default
+        (False) the nested levels are as the memory has them (a ``NestedMemory`` given with its
+        own ``layer_norm``); asked for, they must have it."""
+        requested = layer_norm_flags(layer_norm, self.depth)
+        norms = self.memory_l0.fused_norms()
+        found = None if norms is None else tuple(n is not None for n in norms)
+        flags = (False, *found) if layer_norm is False and found is not None else requested
+        for memory in self.memories() if found is not None else []:
+            have = tuple(n is not None for n in cast(list, memory.fused_norms()))
+            if have != flags[1:]:
+                raise ValueError(
+                    f"layer_norm={list(flags)!r} but the memory's nested levels have layer "
+                    f"normalisation {list(have)!r}; make them agree"
+                )
         if not any(flags):
             return flags
-        memory = self.memory_l0
-        name = type(memory).__name__
-        if memory.fused_levels() is None or self.backend == "generic" or self.proj_size:
+        name = type(self.memory_l0).__name__
+        fused = found is not None and self.backend != "generic"
+        if self.proj_size or found is None or (flags[0] and not fused):
             raise ValueError(
                 "layer_norm runs inside the whole-sequence op, which covers additive and nested "
                 f"memory chains without a projection; {name}"
                 f"{' with proj_size' if self.proj_size else ''} with backend="
                 f"{self.backend!r} has no layer normalisation"
             )
-        for each in self.memories():
-            found = tuple(n is not None for n in cast(list, each.fused_norms()))
-            if found != flags[1:]:
-                raise ValueError(
-                    f"layer_norm={list(flags)!r} but the memory's nested levels have layer "
-                    f"normalisation {list(found)!r}; make them agree"
-                )
         return flags
 
     def _set_regularisers(

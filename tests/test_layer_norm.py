@@ -318,3 +318,20 @@ def test_layer_norm_from_the_config(tmp_path, capsys):
     code, _, err = main_cli(["train", *TINY, "model.layer_norm=[true,true,true]"], capsys)
     assert_one_line_error(code, err, "train")
     assert "'model.layer_norm' has 3 values for model.depth=2" in err
+
+
+def test_a_memory_given_with_its_own_layer_norm_runs_it_on_every_path():
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    outputs = []
+    for backend in ("auto", "naive", "generic"):
+        torch.manual_seed(0)
+        spec = {"name": "nested", "layer_norm": True}
+        rnn = NestedLSTM(3, 4, memory=spec, backend=backend).double()
+        with torch.no_grad():  # away from the init, which is the identity
+            rnn.memory_l0.layer_norm_cell_bias.add_(0.5)
+        assert rnn.layer_norm == (False, True)
+        outputs.append(rnn(x)[0])
+    assert_close_all(outputs[1:], outputs[:1] * 2, atol=1e-12)
+    message = re.escape("layer_norm=[False, False] but the memory's nested levels have layer")
+    with pytest.raises(ValueError, match=message):
+        NestedLSTM(3, 4, memory={"name": "nested", "layer_norm": True}, layer_norm=[False, False])
