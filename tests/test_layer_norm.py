@@ -30,7 +30,9 @@ STEPS, BATCH, INPUTS, HIDDEN = 5, 3, 2, 4
 BACKENDS = ("torch_loop", "c_loop")
 
 
-def make_norms(on: list[bool], seed: int = 3, requires_grad: bool = True) -> list:
+def make_norms(
+    on: list[bool], seed: int = 3, requires_grad: bool = True, hidden: int = HIDDEN
+) -> list:
     """Random LevelNorms where ``on`` says (None elsewhere), away from their init so that every
     parameter matters."""
     gen = torch.Generator().manual_seed(seed)
@@ -39,7 +41,7 @@ def make_norms(on: list[bool], seed: int = 3, requires_grad: bool = True) -> lis
         t = centre + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
         return t.requires_grad_(requires_grad)
 
-    sizes = (4 * HIDDEN, 4 * HIDDEN, HIDDEN, HIDDEN)
+    sizes = (4 * hidden, 4 * hidden, hidden, hidden)
     return [
         LevelNorms(*(rand(n, c) for n, c in zip(sizes, (1, 0, 1, 0)))) if k else None for k in on
     ]
@@ -158,12 +160,7 @@ def test_vmap_over_the_batch_with_layer_norm():
 def test_opcheck_every_op_with_norms():
     x, weights, h0, c0 = make_case(3, 2, 2, 3, 2)
     flat = [w for lw in weights for w in lw]
-    global HIDDEN
-    hidden, HIDDEN = HIDDEN, 3
-    try:
-        norms = flat_norms(make_norms([True, False]), x)
-    finally:
-        HIDDEN = hidden
+    norms = flat_norms(make_norms([True, False], hidden=3), x)
     bs = torch.tensor([2, 1, 1])
     args = (x, flat, h0, c0, bs, True, encode_activations(standard_activations(2)), "auto")
     for name in ("nested_lstm", "nested_lstm_train"):

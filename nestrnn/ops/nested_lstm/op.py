@@ -80,7 +80,7 @@ def flat_norms(norms: Sequence[LevelNorms | None], like: Tensor) -> list[Tensor]
     ]
 
 
-def _complete(saved: Saved, x: Tensor) -> Saved:
+def _complete(saved: Saved) -> Saved:
     """``saved`` with empty layer-normalisation fields where a loop left them out."""
     if saved.inv_std is not None:
         return saved
@@ -116,7 +116,7 @@ def _run_forward(
             **_zoneout_kwarg(keep),
             **_norms_kwarg(norms),
         )
-        return out, h_n, c_n, None if saved is None else _complete(saved, x)
+        return out, h_n, c_n, None if saved is None else _complete(saved)
     loop = c_loop if implementation == "c_loop" else torch_loop
     extra = () if norms is None else (norms,)
     out, h_n, c_n, saved = loop.forward(
@@ -134,7 +134,7 @@ def _run_forward(
     operand = operand_dtype(x.dtype, x.device)
     if saved is not None and saved.inputs.dtype != operand:
         saved = saved._replace(inputs=saved.inputs.to(operand))
-    saved = None if saved is None else _complete(saved, x)
+    saved = None if saved is None else _complete(saved)
     return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype), saved
 
 
@@ -156,7 +156,10 @@ def _zoneout_kwarg(zoneout: Tensor | None) -> dict[str, Tensor]:
 
 def _norms_kwarg(norms: list[LevelNorms | None] | None) -> dict:
     """``norms=`` for the Triton loops only where there is layer normalisation (planning runs
-    them with it only where they have it, ``triton_loop.SUPPORTS_NORMS``)."""
+    them with it only where they have it, ``triton_loop.SUPPORTS_NORMS``). Every loop takes the
+    norms in the state dtype, fills ``Saved``'s normalisation fields, and its backward returns
+    the norms' gradients (one ``LevelNorms`` or None a level) after dz, dh0, dc0, as
+    ``torch_loop.backward`` does."""
     return {} if norms is None else {"norms": norms}
 
 
