@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nestrnn.arguments import check_bool, check_int
-from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
+from nestrnn.init import (
+    add_layer_norm_parameters,
+    add_lstm_parameters,
+    check_init_options,
+    init_layer_norm,
+    init_lstm_level,
+    layer_norm_flags,
+    layer_norm_parameters,
+    split_layer_norm,
+)
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
 from nestrnn.ops.common.levels import LevelWeights
 from nestrnn.ops.common.reference import zoneout_mix
@@ -23,8 +32,9 @@ class NestedLSTMCell(nn.Module):
 
     Args: ``input_size, hidden_size, bias, device, dtype`` as in ``nn.LSTMCell``, in the same
     positions; keyword-only ``depth``, ``memory``, ``forget_bias``, ``recurrent_init``,
-    ``zoneout_cell`` and ``zoneout_hidden`` as in :class:`nestrnn.NestedLSTM` (zoneout works with
-    any memory function here: each of its states is a cell). Weight drop and locked dropout draw
+    ``zoneout_cell``, ``zoneout_hidden`` and ``layer_norm`` as in :class:`nestrnn.NestedLSTM`
+    (zoneout works with any memory function here: each of its states is a cell; layer
+    normalisation needs nested levels that have it, ``NestedMemory``). Weight drop and locked dropout draw
     one mask per sequence, which a single step cannot know: they are options of the layer.
 
     Inputs: ``input`` (N, H_in) or (H_in,), ``hx = (h, c)`` or None: h (N, H); c (N, H) when
@@ -33,8 +43,10 @@ class NestedLSTMCell(nn.Module):
     h), e.g. the masks a layer drew (``nestrnn.regularisers.zoneout_weights``).
     Outputs: ``(h', c')`` of the same shapes.
 
-    Parameters ``weight_ih`` (4H, H_in), ``weight_hh`` (4H, H), ``bias_ih``, ``bias_hh`` (4H,);
-    the memory function is the submodule ``memory``.
+    Parameters ``weight_ih`` (4H, H_in), ``weight_hh`` (4H, H), ``bias_ih``, ``bias_hh`` (4H,),
+    with ``layer_norm`` on the outer level ``layer_norm_gates_weight``, ``layer_norm_gates_bias``
+    (4H,), ``layer_norm_cell_weight``, ``layer_norm_cell_bias`` (H,); the memory function is the
+    submodule ``memory``.
     """
 
     # registered by add_lstm_parameters; declared for the type checker
@@ -57,6 +69,7 @@ class NestedLSTMCell(nn.Module):
         recurrent_init: str = "orthogonal",
         zoneout_cell: float | Sequence[float] = 0.0,
         zoneout_hidden: float = 0.0,
+        layer_norm: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__()
         check_int(input_size, "input_size")
@@ -68,7 +81,14 @@ class NestedLSTMCell(nn.Module):
         add_lstm_parameters(self, "", input_size, hidden_size, bias, device=device, dtype=dtype)
         spec = memory_spec_for_depth(depth) if memory is None else memory
         inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
+        if memory is None:  # the depth is known: say so before the memory would
+            layer_norm_flags(layer_norm, 2 if depth is None else depth)
+        outer_norm, below_norm = split_layer_norm(layer_norm)
+        if below_norm:  # for the memories that take it (the nested levels)
+            inherited["layer_norm"] = below_norm
         self.memory = place_memory(build_memory(spec, hidden_size, inherited), device, dtype)
+        if outer_norm:
+            add_layer_norm_parameters(self, "", hidden_size, device, dtype)
         self.num_cells = 1 + self.memory.num_states
         if depth is not None and memory is not None and depth != self.num_cells:
             raise ValueError(
@@ -77,10 +97,28 @@ class NestedLSTMCell(nn.Module):
         self.depth = self.num_cells
         self.zoneout_cell = level_rates(zoneout_cell, self.depth, "zoneout_cell")
         self.zoneout_hidden = check_rate(zoneout_hidden, "zoneout_hidden")
+        self.layer_norm = layer_norm_flags(layer_norm, self.depth)
+        self._check_layer_norm()
         self.reset_parameters()
+
+    def _check_layer_norm(self) -> None:
+        """The memory's levels must have the normalisation asked for."""
+        if not any(self.layer_norm[1:]):
+            return
+        norms = self.memory.fused_norms()
+        found = None if norms is None else tuple(n is not None for n in norms)
+        if found != self.layer_norm[1:]:
+            raise ValueError(
+                f"layer_norm={list(self.layer_norm)!r} but {type(self.memory).__name__}'s levels "
+                f"have layer normalisation {found if found is None else list(found)!r}; make "
+                "them agree"
+            )
 
     def reset_parameters(self) -> None:
         init_lstm_level(*self._weights(), self.forget_bias, self.recurrent_init)
+        norms = layer_norm_parameters(self, "")
+        if norms is not None:
+            init_layer_norm(norms, self.forget_bias)
         self.memory.reset_parameters()
 
     def _weights(self) -> LevelWeights:
@@ -117,6 +155,7 @@ class NestedLSTMCell(nn.Module):
             self._weights(),
             self.memory,
             self.memory.outer_candidate_activation,
+            norms=layer_norm_parameters(self, ""),
         )
         if zoneout is None:
             drawn = zoneout_weights(
@@ -140,4 +179,8 @@ class NestedLSTMCell(nn.Module):
         return h, c
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, depth={self.depth}"
+        s = f"{self.input_size}, {self.hidden_size}, bias={self.bias}, depth={self.depth}"
+        if any(self.layer_norm):
+            flags = self.layer_norm
+            s += f", layer_norm={True if all(flags) else list(flags)!r}"
+        return s

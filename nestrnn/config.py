@@ -99,6 +99,7 @@ class ModelConfig:
     zoneout_cell: Any = 0.0  # zoneout of the cells: a rate, or one per memory level
     zoneout_hidden: float = 0.0  # zoneout of h
     checkpoint_every: int = 0  # recompute the time loop in segments of N steps in the backward
+    layer_norm: Any = False  # layer normalisation inside the cell: a bool, or one per memory level
 
 
 @dataclass
@@ -453,6 +454,7 @@ def check_values(config: DictConfig, schema_cls: type | None = None) -> None:
                 f"config key '{key}' must be {expected}, got {OmegaConf.select(config, key)}"
             )
     _check_rates(config.model)
+    _check_layer_norm(config.model)
     check_device(config.train.device, "config key 'train.device'")
     memory = config.model.memory
     if memory is not None and not isinstance(memory, (str, DictConfig)):
@@ -488,6 +490,23 @@ def _check_rates(model: DictConfig) -> None:
                 f"config key 'model.{key}' has {len(values)} rates for model.depth="
                 f"{model.depth} memory levels; give one per level or a single rate"
             )
+
+
+def _check_layer_norm(model: DictConfig) -> None:
+    """``model.layer_norm``: a bool, or a list of one bool per memory level of an nlstm model."""
+    value = model.layer_norm
+    values = list(value) if isinstance(value, ListConfig) else [value]
+    if not values or not all(isinstance(v, bool) for v in values):
+        raise ConfigError(
+            "config key 'model.layer_norm' must be true, false or a list of one of them per "
+            f"memory level, got {_plain_value(value)!r}"
+        )
+    per_level = model.family == "nlstm" and model.memory is None
+    if isinstance(value, ListConfig) and per_level and len(values) != model.depth:
+        raise ConfigError(
+            f"config key 'model.layer_norm' has {len(values)} values for model.depth="
+            f"{model.depth} memory levels; give one per level or a single bool"
+        )
 
 
 def _is_rate(value: Any) -> bool:

@@ -13,10 +13,25 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from nestrnn.arguments import check_bool, check_int
-from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
+from nestrnn.init import (
+    add_layer_norm_parameters,
+    add_lstm_parameters,
+    check_init_options,
+    init_layer_norm,
+    init_lstm_level,
+    layer_norm_flags,
+    layer_norm_parameters,
+    split_layer_norm,
+)
 from nestrnn.memory.base import MemoryFunction
 from nestrnn.memory.build import MemorySpec, build_memory, inherited_options, place_memory
-from nestrnn.ops.nested_lstm import BACKENDS, LevelActivations, LevelWeights, nested_lstm
+from nestrnn.ops.nested_lstm import (
+    BACKENDS,
+    LevelActivations,
+    LevelNorms,
+    LevelWeights,
+    nested_lstm,
+)
 from nestrnn.ops.nested_lstm.naive import nested_lstm_naive
 from nestrnn.ops.nested_lstm.projected import projected_nested_lstm
 from nestrnn.ops.outer_lstm import outer_lstm
@@ -96,6 +111,14 @@ class NestedLSTM(nn.Module):
             memory function. ``"generic"`` and ``"naive"`` (the
             step-by-step references) force a path; ``"triton"`` or another implementation
             name of :mod:`nestrnn.ops.nested_lstm.planning` choose the op's implementation.
+        layer_norm: layer normalisation inside the cell (Ba et al. 2016), a bool for every memory
+            level or one per level: each of a level's gate blocks is normalised before its
+            activation, and the new cell before the level's cell activation (it is carried
+            unnormalised). Needs an additive or nested memory chain without a projection; the
+            outer level's parameters are ``layer_norm_gates_weight_l{k}``,
+            ``layer_norm_gates_bias_l{k}`` (4H,), ``layer_norm_cell_weight_l{k}`` and
+            ``layer_norm_cell_bias_l{k}`` (H,), a nested level's are on its memory
+            (``NestedMemory``); off, the state dict is ``nn.LSTM``'s.
 
     Inputs: ``input, (h_0, c_0)`` (the state may be omitted or None: zeros, and each memory
     function's ``init_state``)
@@ -163,6 +186,7 @@ class NestedLSTM(nn.Module):
         zoneout_cell: float | Sequence[float] = 0.0,
         zoneout_hidden: float = 0.0,
         checkpoint_every: int | None = None,
+        layer_norm: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__()
         _check_lstm_arguments(
@@ -193,6 +217,11 @@ class NestedLSTM(nn.Module):
 
         spec = memory_spec_for_depth(depth) if memory is None else memory
         inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
+        if memory is None:  # the depth is known: say so before the memory would
+            layer_norm_flags(layer_norm, 2 if depth is None else depth)
+        outer_norm, below_norm = split_layer_norm(layer_norm)
+        if below_norm:  # for the memories that take it (the nested levels)
+            inherited["layer_norm"] = below_norm
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else self._output_size * len(self._suffixes)
             for suffix in self._suffixes:
@@ -206,6 +235,8 @@ class NestedLSTM(nn.Module):
                 else:
                     layer_memory = build_memory(spec, hidden_size, inherited)
                 self.add_module(f"memory_{name}", place_memory(layer_memory, device, dtype))
+                if outer_norm:
+                    add_layer_norm_parameters(self, f"_{name}", hidden_size, device, dtype)
 
         self.num_cells = 1 + self.memory_l0.num_states
         if depth is not None and memory is not None and depth != self.num_cells:
@@ -214,6 +245,7 @@ class NestedLSTM(nn.Module):
                 "memory levels; leave depth out or make them agree"
             )
         self.depth = self.num_cells
+        self.layer_norm = self._check_layer_norm(layer_norm)
         op_backend = backend not in ("auto", "generic", "naive")
         if op_backend and (self.memory_l0.fused_levels() is None or proj_size):
             raise ValueError(
@@ -231,6 +263,34 @@ class NestedLSTM(nn.Module):
             checkpoint_every,
         )
         self._init_outer_parameters()
+
+    def _check_layer_norm(self, layer_norm: Any) -> tuple[bool, ...]:
+        """The flag of every level, checked against the memories built. With the default
+        (False) the nested levels are as the memory has them (a ``NestedMemory`` given with its
+        own ``layer_norm``); asked for, they must have it."""
+        requested = layer_norm_flags(layer_norm, self.depth)
+        norms = self.memory_l0.fused_norms()
+        found = None if norms is None else tuple(n is not None for n in norms)
+        flags = (False, *found) if layer_norm is False and found is not None else requested
+        for memory in self.memories() if found is not None else []:
+            have = tuple(n is not None for n in cast(list, memory.fused_norms()))
+            if have != flags[1:]:
+                raise ValueError(
+                    f"layer_norm={list(flags)!r} but the memory's nested levels have layer "
+                    f"normalisation {list(have)!r}; make them agree"
+                )
+        if not any(flags):
+            return flags
+        name = type(self.memory_l0).__name__
+        fused = found is not None and self.backend != "generic"
+        if self.proj_size or found is None or (flags[0] and not fused):
+            raise ValueError(
+                "layer_norm runs inside the whole-sequence op, which covers additive and nested "
+                f"memory chains without a projection; {name}"
+                f"{' with proj_size' if self.proj_size else ''} with backend="
+                f"{self.backend!r} has no layer normalisation"
+            )
+        return flags
 
     def _set_regularisers(
         self,
@@ -303,6 +363,9 @@ class NestedLSTM(nn.Module):
                     self.recurrent_init,
                     getattr(self, f"weight_hr_{name}", None),
                 )
+                norms = layer_norm_parameters(self, f"_{name}")
+                if norms is not None:
+                    init_layer_norm(norms, self.forget_bias)
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter, memory functions included."""
@@ -510,9 +573,18 @@ class NestedLSTM(nn.Module):
                 return projected_nested_lstm(
                     x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations
                 )
+            norms = self._norms(name, memory)
             if self.backend == "naive":
                 return nested_lstm_naive(
-                    x, weights, h0, c0, batch_sizes, reverse, activations, zoneout=zoneout
+                    x,
+                    weights,
+                    h0,
+                    c0,
+                    batch_sizes,
+                    reverse,
+                    activations,
+                    zoneout=zoneout,
+                    norms=norms,
                 )
             return nested_lstm(
                 x,
@@ -524,6 +596,7 @@ class NestedLSTM(nn.Module):
                 activations,
                 self.backend,
                 zoneout=zoneout,
+                norms=norms,
             )
         if torch.jit.is_tracing():
             raise RuntimeError(
@@ -536,6 +609,12 @@ class NestedLSTM(nn.Module):
                 x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr
             )
         return outer_lstm(x, outer, memory, h0, c0, batch_sizes, reverse, candidate, weight_hr)
+
+    def _norms(self, name: str, memory: MemoryFunction) -> list[LevelNorms | None] | None:
+        """Every level's layer normalisation for the op, or None where no level has it."""
+        if not any(self.layer_norm):
+            return None
+        return [layer_norm_parameters(self, f"_{name}"), *cast(list, memory.fused_norms())]
 
     # ------------------------------------------------------------------ depth 1 with a projection
 
@@ -587,6 +666,9 @@ class NestedLSTM(nn.Module):
             s += f", proj_size={self.proj_size}"
         s += f", depth={self.depth}"
         s += "".join(f", {name}={value!r}" for name, value in self._regularisers().items())
+        if any(self.layer_norm):
+            flags = self.layer_norm
+            s += f", layer_norm={True if all(flags) else list(flags)!r}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s

@@ -11,9 +11,9 @@ Families (``model.family``), all batch-first and all returning ``output, state``
 LSTM families use ``nn.LSTM`` (cuDNN on GPU) by default, initialised like the Nested LSTM
 (orthogonal recurrent weights, forget bias 1), or ``NestedLSTM(depth=1)`` with
 ``model.lstm_impl=nestrnn`` or with any recurrent regulariser (weight drop, zoneout, locked
-dropout between layers, segment recomputation: ``nn.LSTM`` has none of them). An LSTM family
-takes level 0's rate of a per-level ``model.weight_drop``/``model.zoneout_cell``: each of its
-layers is one level.
+dropout between layers, segment recomputation, layer normalisation: ``nn.LSTM`` has none of
+them). An LSTM family takes level 0's value of a per-level ``model.weight_drop``/
+``model.zoneout_cell``/``model.layer_norm``: each of its layers is one level.
 
 Heads: :class:`TokenModel` (embedding, recurrent core, a linear read-out at every step: language
 models, copy memory) and :class:`SequenceModel` (feature vectors in, one read-out from the last
@@ -79,6 +79,7 @@ def _needs_nestrnn_lstm(cfg: ModelConfig, layers: int) -> bool:
         or _level_zero(cfg.zoneout_cell)
         or cfg.zoneout_hidden
         or cfg.checkpoint_every
+        or _level_zero(cfg.layer_norm)
         or (cfg.locked_dropout and layers > 1 and cfg.dropout)
     )
 
@@ -101,6 +102,7 @@ def build_recurrent(cfg: ModelConfig, input_size: int, hidden_size: int) -> nn.M
             forget_bias=cfg.forget_bias,
             recurrent_init=cfg.recurrent_init,
             backend=cfg.backend,
+            layer_norm=_plain(cfg.layer_norm),
             **recurrent_regularisers(cfg, levels_of_one_layer=False),
         )
     layers = cfg.num_layers * (cfg.depth if cfg.family == "stacked_lstm" else 1)
@@ -116,6 +118,7 @@ def build_recurrent(cfg: ModelConfig, input_size: int, hidden_size: int) -> nn.M
             forget_bias=cfg.forget_bias,
             recurrent_init=cfg.recurrent_init,
             backend=cfg.backend,
+            layer_norm=bool(_level_zero(cfg.layer_norm)),
             **recurrent_regularisers(cfg, levels_of_one_layer=True),
         )
     lstm = nn.LSTM(

@@ -147,7 +147,7 @@ def triton_results(case, batch_sizes, reverse, zoneout) -> dict[str, torch.Tenso
     out, h_n, c_n, saved = triton_loop.forward(
         x, weights, h0, c0, batch_sizes, reverse, acts, True, **kw
     )
-    assert isinstance(saved, triton_loop.NormedSaved)
+    assert saved.normalised()
     dz, dh0, dc0, norm_grads = triton_loop.backward(
         saved, weights, batch_sizes, reverse, acts, d_out, d_hn, d_cn, **kw
     )
@@ -239,3 +239,86 @@ def test_misshapen_parameters_are_refused():
             True,
             norms=swapped,
         )
+
+
+# --------------------------------------------------------------- through the op and the layer
+
+
+@pytest.mark.parametrize(
+    "normed, zoneout, packed, reverse",
+    [((True,), False, False, False), ((True, False, True), True, True, True)],
+    ids=["depth1", "depth3-mixed-zoneout-packed-reversed"],
+)
+def test_the_op_on_triton_matches_the_reference(normed, zoneout, packed, reverse):
+    """``nested_lstm(..., backend="triton", norms=...)``: the op's LN contract (``Saved``'s
+    normalisation fields, the norms' gradients from the backward) against ``nested_lstm_naive``
+    for every output and every gradient, the LN parameters' included."""
+    from nestrnn.ops.common.levels import LevelNorms
+    from nestrnn.ops.nested_lstm import nested_lstm, nested_lstm_naive, plan
+
+    (x, weights, norms, h0, c0), _ = make_case(len(normed), normed)
+    leaves = [x.float(), h0.float(), c0.float()]
+    leaves += [None if p is None else p.float() for lw in weights for p in lw]
+    leaves += [p.float() for n in norms if n is not None for p in n]
+    batch_sizes = PACKED if packed else None
+    keep = None
+    if zoneout:
+        g = torch.Generator().manual_seed(1)
+        keep = torch.bernoulli(torch.full((len(normed) + 1, T, B, H), 0.5), generator=g)
+    acts = standard_activations(len(normed))
+    chosen = plan(leaves[0], batch_sizes, reverse, acts, True, "triton", norms=True)
+    assert chosen.implementation == "triton", chosen
+
+    def run(fn, **backend):
+        tensors = [None if t is None else t.detach().to(DEVICE).requires_grad_() for t in leaves]
+        x_, h0_, c0_ = tensors[:3]
+        ws = [LevelWeights(*tensors[3 + 4 * k : 7 + 4 * k]) for k in range(len(normed))]
+        rest = iter(tensors[3 + 4 * len(normed) :])
+        ns = [LevelNorms(*(next(rest) for _ in range(4))) if on else None for on in normed]
+        z = None if keep is None else keep.to(DEVICE)
+        outs = fn(x_, ws, h0_, c0_, batch_sizes, reverse, zoneout=z, norms=ns, **backend)
+        g = torch.Generator().manual_seed(2)
+        loss = sum((o * torch.randn(o.shape, generator=g).to(DEVICE)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [t for t in tensors if t is not None])
+        return [*outs, *grads]
+
+    got = run(nested_lstm, backend="triton")
+    want = run(nested_lstm_naive)
+    assert len(got) == len(want)
+    for n, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL, msg=f"result {n}")
+    assert_triton_ran()
+
+
+def assert_triton_ran() -> None:
+    """No launch failed (a failure would have run the fallback instead, with a warning)."""
+    from nestrnn.ops.nested_lstm import planning
+
+    assert "triton" not in planning.failures(), planning.failures()
+
+
+def test_the_layer_on_triton_matches_the_reference_given_the_same_masks() -> None:
+    """NestedLSTM(backend="triton", layer_norm=...) with zoneout and weight drop against backend
+    "naive", both drawing their masks from one seed: the path users take."""
+    from nestrnn import NestedLSTM
+
+    options = {"layer_norm": [True, False], "zoneout_cell": 0.3, "weight_drop": 0.2}
+    torch.manual_seed(0)
+    fast = NestedLSTM(IN, H, depth=2, backend="triton", **options).to(DEVICE)
+    ref = NestedLSTM(IN, H, depth=2, backend="naive", **options).to(DEVICE)
+    with torch.no_grad():  # away from the identity init, so that every LN parameter matters
+        for name, p in fast.named_parameters():
+            if "layer_norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(T, B, IN, device=DEVICE)
+    results = []
+    for model in (fast, ref):
+        torch.manual_seed(3)
+        xi = x.clone().requires_grad_()
+        out, (h, c) = model(xi)
+        (out.sum() + h.pow(2).sum() + c.sin().sum()).backward()
+        results.append([out, h, c, xi.grad, *(p.grad for p in model.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
+    assert_triton_ran()

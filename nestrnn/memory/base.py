@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from nestrnn.arguments import check_int
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelNorms, LevelWeights
 
 State = tuple[Tensor, ...]
 FusedLevel = tuple[LevelWeights, LevelActivations]
@@ -91,3 +91,9 @@ class MemoryFunction(nn.Module, ABC):
         function returns None and runs step by step through its ``forward``.
         """
         return None
+
+    def fused_norms(self) -> list[LevelNorms | None] | None:
+        """The layer normalisation of each level of :meth:`fused_levels` (None for a level
+        without), or None where ``fused_levels`` is None. The default: no level normalises."""
+        levels = self.fused_levels()
+        return None if levels is None else [None] * len(levels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,10 +10,17 @@ from torch import Tensor
 
 from nestrnn.activations import check_activation
 from nestrnn.arguments import check_bool, check_int
-from nestrnn.init import add_lstm_parameters, check_init_options, init_lstm_level
+from nestrnn.init import (
+    add_layer_norm_parameters,
+    add_lstm_parameters,
+    check_init_options,
+    init_layer_norm,
+    init_lstm_level,
+    layer_norm_parameters,
+)
 from nestrnn.memory.base import FusedLevel, MemoryFunction, State
 from nestrnn.memory.build import build_memory, inherited_options
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelNorms, LevelWeights
 from nestrnn.ops.common.reference import nested_level_step
 
 DEFAULT_ACTIVATIONS = {
@@ -35,6 +43,9 @@ class NestedMemory(MemoryFunction):
         c_inner = inner(f * c_inner_prev, i * g)
         cell    = o * cell_activation(c_inner)        # the new cell of the level above
 
+    With ``layer_norm`` the gate blocks are layer-normalised before their activations and
+    ``c_inner`` before ``cell_activation`` (it is carried unnormalised).
+
     (``nested_level_step`` of ``nestrnn/ops/common/reference.py``, the one definition of a level.)
 
     Parameters are named like ``nn.LSTMCell``: ``weight_ih`` (4H, H), ``weight_hh`` (4H, H),
@@ -55,6 +66,10 @@ class NestedMemory(MemoryFunction):
             from ``nestrnn.activations``); levels built from ``depth`` share them.
         outer_candidate_activation: what the level above applies to its candidate g (the paper: the
             identity when nested).
+        layer_norm: layer normalisation of this level (a bool, which levels built from ``depth``
+            share) or of this level and each built below it (``depth - 1`` bools). Its parameters
+            ``layer_norm_gates_weight``, ``layer_norm_gates_bias`` (4H,),
+            ``layer_norm_cell_weight``, ``layer_norm_cell_bias`` (H,) exist only where it is on.
         device, dtype: of the parameters.
     """
 
@@ -78,9 +93,11 @@ class NestedMemory(MemoryFunction):
         outer_candidate_activation: str = "identity",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        layer_norm: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__(hidden_size)
         check_int(depth, "depth of a nested memory", minimum=2)
+        own, below_norm = _split_layer_norm(layer_norm, depth, inner is None)
         check_bool(bias, "bias")
         check_init_options(forget_bias, recurrent_init)
         self.activations = {
@@ -98,6 +115,8 @@ class NestedMemory(MemoryFunction):
 
         inherited = inherited_options(bias, forget_bias, recurrent_init, device, dtype)
         below: dict[str, Any] = {"outer_candidate_activation": candidate_activation}
+        if below_norm:  # only a level that can normalise is asked to
+            below["layer_norm"] = below_norm
         if inner is None and depth > 2:
             levels: dict[str, Any] = {
                 k: v for k, v in self.activations.items() if k != "outer_candidate_activation"
@@ -114,10 +133,16 @@ class NestedMemory(MemoryFunction):
             )
         self.num_states = 1 + self.inner.num_states
         add_lstm_parameters(self, "", hidden_size, hidden_size, bias, device=device, dtype=dtype)
+        self.layer_norm = own
+        if own:
+            add_layer_norm_parameters(self, "", hidden_size, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_lstm_level(*self.level_weights(), self.forget_bias, self.recurrent_init)
+        norms = self.level_norms()
+        if norms is not None:
+            init_layer_norm(norms, self.forget_bias)
         self.inner.reset_parameters()
 
     def forward(
@@ -129,10 +154,16 @@ class NestedMemory(MemoryFunction):
             return self.inner(cell, input, inner_state)
 
         weights, activations = self.level_weights(), self.level_activations()
-        return nested_level_step(gated_cell, gated_input, state[0], weights, activations, update)
+        return nested_level_step(
+            gated_cell, gated_input, state[0], weights, activations, update, self.level_norms()
+        )
 
     def level_weights(self) -> LevelWeights:
         return LevelWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+    def level_norms(self) -> LevelNorms | None:
+        """This level's layer normalisation, or None without."""
+        return layer_norm_parameters(self, "")
 
     def level_activations(self) -> LevelActivations:
         a = self.activations
@@ -149,7 +180,34 @@ class NestedMemory(MemoryFunction):
             return None
         return [(self.level_weights(), self.level_activations()), *inner_levels]
 
+    def fused_norms(self) -> list[LevelNorms | None] | None:
+        inner_norms = self.inner.fused_norms()
+        if inner_norms is None or self.fused_levels() is None:
+            return None
+        return [self.level_norms(), *inner_norms]
+
     def extra_repr(self) -> str:
         changed = {k: v for k, v in self.activations.items() if v != DEFAULT_ACTIVATIONS[k]}
         options = "".join(f", {k}={v!r}" for k, v in changed.items())
-        return f"hidden_size={self.hidden_size}, bias={self.bias}{options}"
+        norm = ", layer_norm=True" if self.layer_norm else ""
+        return f"hidden_size={self.hidden_size}, bias={self.bias}{options}{norm}"
+
+
+def _split_layer_norm(
+    layer_norm: Any, depth: int, builds_inner: bool
+) -> tuple[bool, bool | tuple[bool, ...]]:
+    """This level's flag and what the level below is given (False: nothing)."""
+    if isinstance(layer_norm, Sequence) and not isinstance(layer_norm, str):
+        flags = tuple(layer_norm)
+        levels = depth - 1 if builds_inner else len(flags)
+        if not flags or len(flags) != levels:
+            raise ValueError(
+                f"layer_norm of a nested memory needs one bool per nested level ({levels}), "
+                f"got {list(flags)!r}"
+            )
+        for k, flag in enumerate(flags):
+            check_bool(flag, f"layer_norm[{k}]")
+        rest = flags[1:]
+        return flags[0], rest if any(rest) else False
+    check_bool(layer_norm, "layer_norm")
+    return layer_norm, layer_norm

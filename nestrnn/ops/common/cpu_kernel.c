@@ -127,6 +127,11 @@ const char *nlstm_args_layout(void) {
         {"zoneout_level_stride", offsetof(nlstm_args, zoneout_level_stride)},
         {"zoneout_step_stride", offsetof(nlstm_args, zoneout_step_stride)},
         {"zoneout_row_stride", offsetof(nlstm_args, zoneout_row_stride)},
+        {"norms", offsetof(nlstm_args, norms)},
+        {"norm_gates", offsetof(nlstm_args, norm_gates)},
+        {"norm_cells", offsetof(nlstm_args, norm_cells)},
+        {"inv_std", offsetof(nlstm_args, inv_std)},
+        {"d_norms", offsetof(nlstm_args, d_norms)},
     };
     size_t used = 0;
     for (size_t n = 0; n < sizeof fields / sizeof fields[0]; n++)
@@ -164,6 +169,7 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #define SIGMOID sigmoid_f32
 #define TANH tanh_f32
 #define ABS fabsf
+#define SQRT sqrtf
 #define GEMM sgemm_ptr
 #define HAS_PACKED 1
 #include "cpu_kernel_parts.h"
@@ -174,6 +180,7 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #undef SIGMOID
 #undef TANH
 #undef ABS
+#undef SQRT
 #undef GEMM
 #undef HAS_PACKED
 
@@ -182,6 +189,7 @@ static inline double tanh_f64(double x) { return tanh(x); }
 #define SIGMOID sigmoid_f64
 #define TANH tanh_f64
 #define ABS fabs
+#define SQRT sqrt
 #define GEMM dgemm_ptr
 #define HAS_PACKED 0
 #include "cpu_kernel_parts.h"

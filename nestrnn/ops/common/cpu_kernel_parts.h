@@ -140,6 +140,62 @@ static void SFX(output)(int64_t rows, int64_t H, int32_t cell, const REAL *z, co
 }
 
 
+/* Layer normalisation of one row of ``blocks`` parts of H (eps 1e-5, levels.LAYER_NORM_EPS):
+ * xhat = (v - mean) / sigma of each part into normed, 1/sigma into istd[part], and
+ * out = xhat * weight + bias (out may be v). */
+static void SFX(normalise_row)(int64_t blocks, int64_t H, const REAL *v, REAL *normed, REAL *istd,
+                               const REAL *weight, const REAL *bias, REAL *out) {
+    for (int64_t p = 0; p < blocks; p++) {
+        const REAL *vp = v + p * H;
+        REAL *np = normed + p * H;
+        REAL mean = 0, var = 0;
+        for (int64_t u = 0; u < H; u++)
+            mean += vp[u];
+        mean /= (REAL)H;
+        for (int64_t u = 0; u < H; u++) {
+            const REAL d = vp[u] - mean;
+            var += d * d;
+        }
+        const REAL rstd = 1 / SQRT(var / (REAL)H + (REAL)1e-5);
+        istd[p] = rstd;
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++)
+            np[u] = (vp[u] - mean) * rstd;
+    }
+    const int64_t n = blocks * H;
+#pragma omp simd
+    for (int64_t u = 0; u < n; u++)
+        out[u] = normed[u] * weight[u] + bias[u];
+}
+
+/* Backward of normalise_row in place: g (blocks * H), the gradient of its output, becomes that of
+ * its input; d_weight and d_bias get the row's share added. */
+static void SFX(normalise_row_backward)(int64_t blocks, int64_t H, REAL *g, const REAL *normed,
+                                        const REAL *istd, const REAL *weight, REAL *d_weight,
+                                        REAL *d_bias) {
+    const int64_t n = blocks * H;
+#pragma omp simd
+    for (int64_t u = 0; u < n; u++) {
+        d_weight[u] += g[u] * normed[u];
+        d_bias[u] += g[u];
+        g[u] *= weight[u];
+    }
+    for (int64_t p = 0; p < blocks; p++) {
+        REAL *gp = g + p * H;
+        const REAL *np = normed + p * H;
+        REAL mean_g = 0, mean_gx = 0;
+        for (int64_t u = 0; u < H; u++) {
+            mean_g += gp[u];
+            mean_gx += gp[u] * np[u];
+        }
+        mean_g /= (REAL)H;
+        mean_gx /= (REAL)H;
+#pragma omp simd
+        for (int64_t u = 0; u < H; u++)
+            gp[u] = istd[p] * (gp[u] - mean_g - np[u] * mean_gx);
+    }
+}
+
 /* Zoneout of one carried state over rows x H: next = keep * prev + (1 - keep) * next, keep's rows
  * ld_keep apart (zero for rates shared by every row). */
 static void SFX(zoneout_mix)(int64_t rows, int64_t H, const REAL *keep, int64_t ld_keep,

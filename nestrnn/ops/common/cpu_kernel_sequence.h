@@ -18,6 +18,28 @@ static int SFX(check_args)(const nlstm_args *a) {
 #define ZONE(a, k, t)                                                                             \
     ((const REAL *)(a)->zoneout + (k) * (a)->zoneout_level_stride + (t) * (a)->zoneout_step_stride)
 
+/* Level k's layer-normalisation parameters (gates weight, gates bias, cell weight, cell bias), or
+ * NULL at a level without. */
+static const REAL *const *SFX(level_norms)(const nlstm_args *a, int64_t k) {
+    if (!a->norms || !a->norms[4 * k])
+        return NULL;
+    return (const REAL *const *)a->norms + 4 * k;
+}
+
+/* The backward of level k's gate normalisation at slot ts, in place on its gate gradients dz. */
+static void SFX(gates_norm_backward)(const nlstm_args *a, int64_t k, int64_t ts, int64_t rows,
+                                     REAL *dz) {
+    const REAL *const *n = SFX(level_norms)(a, k);
+    if (!n)
+        return;
+    const int64_t H = a->hidden, B = a->batch;
+    const REAL *normed = AT(a->norm_gates[k], ts, B * 4 * H), *istd = AT(a->inv_std[k], ts, B * 5);
+    REAL *const *d = (REAL *const *)a->d_norms + 4 * k;
+    for (int64_t b = 0; b < rows; b++)
+        SFX(normalise_row_backward)(4, H, dz + b * 4 * H, normed + b * 4 * H, istd + b * 5, n[0],
+                                    d[0], d[1]);
+}
+
 /* Forward over all steps. */
 int SFX(nlstm_forward)(const nlstm_args *a) {
     const int bad = SFX(check_args)(a);
@@ -64,8 +86,13 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
             }
             const REAL *cp = AT(a->cells[k], j % cell_slots, BH);
             REAL *x = k == D - 1 ? NULL : AT(a->inputs[k], ts, B2H);
+            const REAL *const *norms = SFX(level_norms)(a, k);
             for (int64_t b = 0; b < rows; b++) {
                 REAL *zr = z + b * 4 * H;
+                if (norms) /* each gate block normalised before its activation */
+                    SFX(normalise_row)(4, H, zr, AT(a->norm_gates[k], ts, B4H) + b * 4 * H,
+                                       AT(a->inv_std[k], ts, B * 5) + b * 5, norms[0], norms[1],
+                                       zr);
                 SFX(activate_gates)(act[3 * k], act[3 * k + 1], zr, H);
                 if (x) {
                     const REAL *cr = cp + b * H;
@@ -96,7 +123,23 @@ int SFX(nlstm_forward)(const nlstm_args *a) {
             const REAL *cn = AT(a->cells[k], jn % cell_slots, BH);
             REAL *ac = AT(a->act_cells[k], ts, BH);
             REAL *up = k == 0 ? hn : AT(a->cells[k - 1], jn % cell_slots, BH);
-            SFX(output)(rows, H, act[3 * k + 2], z, cn, ac, up); /* up = o_k act_k(c^k) */
+            const REAL *const *norms = SFX(level_norms)(a, k);
+            if (!norms) {
+                SFX(output)(rows, H, act[3 * k + 2], z, cn, ac, up); /* up = o_k act_k(c^k) */
+                continue;
+            }
+            /* up = o_k act_k(LN(c^k)); the cell carried stays unnormalised */
+            for (int64_t b = 0; b < rows; b++)
+                SFX(normalise_row)(1, H, cn + b * H, AT(a->norm_cells[k], ts, BH) + b * H,
+                                   AT(a->inv_std[k], ts, B * 5) + b * 5 + 4, norms[2], norms[3],
+                                   ac + b * H);
+            SFX(activate)(act[3 * k + 2], ac, rows * H);
+            for (int64_t b = 0; b < rows; b++) {
+                const REAL *o = z + b * 4 * H + 3 * H;
+#pragma omp simd
+                for (int64_t u = 0; u < H; u++)
+                    up[b * H + u] = o[u] * ac[b * H + u];
+            }
         }
         if (a->zoneout) /* mix what is carried past the step, after the ascent read it unzoned */
             for (int64_t k = 0; k <= D; k++) {
@@ -169,6 +212,15 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
                 }
             }
             SFX(times_derivative)(act[3 * k + 2], ac, d_cell, rows * H);
+            const REAL *const *norms = SFX(level_norms)(a, k);
+            if (norms) { /* back through the cell's normalisation */
+                const REAL *normed = AT(a->norm_cells[k], t, BH);
+                const REAL *istd = AT(a->inv_std[k], t, B * 5);
+                REAL *const *d = (REAL *const *)a->d_norms + 4 * k;
+                for (int64_t b = 0; b < rows; b++)
+                    SFX(normalise_row_backward)(1, H, d_cell + b * H, normed + b * H,
+                                                istd + b * 5 + 4, norms[2], d[2], d[3]);
+            }
             if (!a->zoneout) {
 #pragma omp simd
                 for (int64_t e = 0; e < rows * H; e++)
@@ -190,6 +242,7 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
         SFX(gate_backward)(rows, H, act + 3 * last, AT(a->gates[last], t, B4H),
                            AT(a->cells[last], j, BH), d_cell, H, d_cell, H,
                            AT(a->d_gates[last], t, B4H), AT(a->dc, last, BH), a->zoneout != NULL);
+        SFX(gates_norm_backward)(a, last, t, rows, AT(a->d_gates[last], t, B4H));
         /* descent: [d x~ | d h~] of level k-1 = level k's gate gradients @ [W_ih | W_hh] */
         for (int64_t k = D - 1; k > 0; k--) {
             SFX(operand_mul)(&wk[k], (int)rows, AT(a->d_gates[k], t, B4H), 0, scratch);
@@ -197,6 +250,7 @@ int SFX(nlstm_backward)(const nlstm_args *a) {
                                AT(a->cells[k - 1], j, BH), scratch, 2 * H, scratch + H, 2 * H,
                                AT(a->d_gates[k - 1], t, B4H), AT(a->dc, k - 1, BH),
                                a->zoneout != NULL);
+            SFX(gates_norm_backward)(a, k - 1, t, rows, AT(a->d_gates[k - 1], t, B4H));
         }
         /* with zoneout dh holds h_prev's share already */
         SFX(operand_mul)(&w0, (int)rows, AT(a->d_gates[0], t, B4H), a->zoneout ? 1 : 0, dh);

@@ -32,6 +32,38 @@ class LevelWeights(NamedTuple):
         return None if not present else present[0] if len(present) == 1 else present[0] + present[1]
 
 
+#: epsilon of every layer normalisation inside the cell, as ``torch.nn.functional.layer_norm``'s
+LAYER_NORM_EPS = 1e-5
+
+
+class LevelNorms(NamedTuple):
+    """The layer-normalisation parameters of one level (docs/design.md): ``gates_weight`` and
+    ``gates_bias`` (4H,) scale and shift each normalised gate block i, f, g, o (each normalised
+    over its own H units); ``cell_weight`` and ``cell_bias`` (H,) the normalised new cell before
+    the level's cell activation. A level without layer normalisation has None for its norms."""
+
+    gates_weight: Tensor
+    gates_bias: Tensor
+    cell_weight: Tensor
+    cell_bias: Tensor
+
+
+def normalise_gates(z: Tensor, norms: LevelNorms) -> Tensor:
+    """Layer normalisation of each of the four H-wide gate blocks of ``z`` (B, 4H)."""
+    blocks = z.unflatten(-1, (4, -1))
+    mean = blocks.mean(-1, keepdim=True)
+    var = blocks.var(-1, unbiased=False, keepdim=True)
+    normed = ((blocks - mean) * torch.rsqrt(var + LAYER_NORM_EPS)).flatten(-2)
+    return normed * norms.gates_weight + norms.gates_bias
+
+
+def normalise_cell(c: Tensor, norms: LevelNorms) -> Tensor:
+    """Layer normalisation of a new cell (B, H) before the level's cell activation."""
+    mean = c.mean(-1, keepdim=True)
+    var = c.var(-1, unbiased=False, keepdim=True)
+    return (c - mean) * torch.rsqrt(var + LAYER_NORM_EPS) * norms.cell_weight + norms.cell_bias
+
+
 class LevelActivations(NamedTuple):
     """The activations of one level: ``gate`` for i, f and o, ``candidate`` for g, and ``cell``
     for the level's output ``o * cell(c)`` (h at level 0, the cell of level k-1 below that)."""

@@ -53,7 +53,7 @@ __all__ = [
     "status",
 ]
 
-ABI_VERSION = 8  # NLSTM_ABI_VERSION in nlstm_kernel.h (tests/test_native_header.py checks it)
+ABI_VERSION = 9  # NLSTM_ABI_VERSION in nlstm_kernel.h (tests/test_native_header.py checks it)
 #: the kernel's interface: what this module mirrors in ctypes (tests/test_native_header.py checks
 #: the mirror against it)
 HEADER = Path(__file__).parent / "nlstm_kernel.h"
@@ -101,6 +101,11 @@ class Args(ctypes.Structure):
         ("zoneout_level_stride", ctypes.c_int64),
         ("zoneout_step_stride", ctypes.c_int64),
         ("zoneout_row_stride", ctypes.c_int64),
+        ("norms", ctypes.c_void_p),
+        ("norm_gates", ctypes.c_void_p),
+        ("norm_cells", ctypes.c_void_p),
+        ("inv_std", ctypes.c_void_p),
+        ("d_norms", ctypes.c_void_p),
     ]
 
 

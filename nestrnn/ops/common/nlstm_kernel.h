@@ -24,6 +24,14 @@
  * of H contiguous; z[k][t] (k < D) mixes the cell of level k carried past step t with its previous
  * value, c = z c_prev + (1 - z) c_new, and z[D][t] likewise h (the output); the step itself reads
  * the unzoned new cells, and cells[k] holds the carried ones.
+ * Layer normalisation (norms NULL: none): norms[4k..4k+3] = level k's gates weight, gates bias
+ * (4H,), cell weight, cell bias (H,), all NULL at a level without. Such a level normalises each
+ * gate block of z (over its H units, eps 1e-5) before the activations, and the new cell into
+ * act_cells before the cell activation (the cell carried is not normalised); it saves
+ *   norm_gates[k] (T or 1, B, 4H) the normalised blocks before their scale and shift
+ *   norm_cells[k] (T or 1, B, H)  the normalised new cell likewise
+ *   inv_std[k]    (T or 1, B, 5)  1/sigma of the blocks i, f, g, o and of the cell
+ * and the backward adds the gradients of the four parameters to d_norms[4k..4k+3].
  *
  * The Python side checks its mirror of nlstm_args against nlstm_args_layout() and the version
  * against nlstm_abi_version() before the first call; every entry point returns 0 or an NLSTM_E*.
@@ -37,7 +45,7 @@
 extern "C" {
 #endif
 
-#define NLSTM_ABI_VERSION 8
+#define NLSTM_ABI_VERSION 9
 #define NLSTM_EINVAL 1 /* an argument is out of range */
 
 /* The activations by code: the codes of nestrnn.activations.ACTIVATION_TABLE (checked by
@@ -82,6 +90,12 @@ typedef struct nlstm_args {
     int64_t zoneout_level_stride;
     int64_t zoneout_step_stride;
     int64_t zoneout_row_stride;
+    /* layer normalisation, forward and backward (see above) */
+    const void **norms;
+    void **norm_gates;
+    void **norm_cells;
+    void **inv_std;
+    void **d_norms;
 } nlstm_args;
 
 /* Set the BLAS entry points (Fortran sgemm_, dgemm_, MKL's packed sgemm); the packed ones may be

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestrnn.activations import ACTIVATIONS
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import (
+    LevelActivations,
+    LevelNorms,
+    LevelWeights,
+    normalise_cell,
+    normalise_gates,
+)
 
 #: a level's cell update: (f * c_{t-1}, i * g), each (B, H) -> (the level's new cell (B, H), the
 #: state of the levels below it, each (B, H))
@@ -62,13 +68,16 @@ def level_step(
     weights: LevelWeights,
     activations: LevelActivations,
     update: CellUpdate,
+    norms: LevelNorms | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One step of one LSTM level whose cell update is ``update``::
 
-        i, f, g, o = split(projected_input + W_hh hidden + b_hh)
+        z = projected_input + W_hh hidden + b_hh
+        z = LN_gates(z)                        with norms: each gate block normalised on its own
+        i, f, g, o = split(z)
         i, f, o = gate(.);  g = candidate(g)
         c, below = update(f * cell, i * g)
-        return o * cell_activation(c), (c, *below)
+        return o * cell_activation(c or LN_cell(c)), (c, *below)
 
     Args:
         projected_input: ``W_ih x + b_ih`` (B, 4H) of the level's input x.
@@ -76,16 +85,20 @@ def level_step(
             (then ``weights.weight_hh`` is (4H, P)).
         cell: the level's previous cell (B, H).
         weights: only ``weight_hh`` and ``bias_hh`` are read here.
+        norms: the level's layer normalisation, or None (none).
     Returns:
         the level's output (B, H) and its new state: its cell, then ``update``'s state.
     """
     gates = projected_input + F.linear(hidden, weights.weight_hh, weights.bias_hh)
+    if norms is not None:
+        gates = normalise_gates(gates, norms)
     i, f, g, o = gates.chunk(4, dim=1)
     gate = ACTIVATIONS[activations.gate]
     i, f, o = gate(i), gate(f), gate(o)
     g = ACTIVATIONS[activations.candidate](g)
     new_cell, below = update(f * cell, i * g)
-    return o * ACTIVATIONS[activations.cell](new_cell), (new_cell, *below)
+    shown = new_cell if norms is None else normalise_cell(new_cell, norms)  # carried unnormalised
+    return o * ACTIVATIONS[activations.cell](shown), (new_cell, *below)
 
 
 def nested_level_step(
@@ -95,13 +108,14 @@ def nested_level_step(
     weights: LevelWeights,
     activations: LevelActivations,
     update: CellUpdate,
+    norms: LevelNorms | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One step of a nested level, the cell update of the level above: its input is
     ``x~ = i * g`` and its previous hidden state ``h~ = f * c_{t-1}`` of the level above (each
     (B, H)); ``weights.weight_ih`` is (4H, H). Returns the level above's new cell (B, H), then
     this level's cell and ``update``'s state."""
     projected = F.linear(gated_input, weights.weight_ih, weights.bias_ih)
-    return level_step(projected, gated_cell, cell, weights, activations, update)
+    return level_step(projected, gated_cell, cell, weights, activations, update, norms)
 
 
 def zoneout_mix(previous: Tensor, new: Tensor, keep: Tensor) -> Tensor:
@@ -119,6 +133,7 @@ def nested_cell_step(
     activations: Sequence[LevelActivations],
     weight_hr: Tensor | None = None,
     zoneout: Sequence[Tensor] | None = None,
+    norms: Sequence[LevelNorms | None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One step of the whole nested cell: level 0's gates from ``x_t`` and ``h``, each level
     k >= 1 the cell update of level k - 1, the innermost level additive (``additive``).
@@ -136,21 +151,32 @@ def nested_cell_step(
         activations: D levels.
         weight_hr: (P, H), nn.LSTM's projection of h, or None.
         zoneout: D + 1 keep weights or None (no zoneout).
+        norms: D levels' layer normalisation (None for a level without), or None (none at all).
     Returns:
         h_t (B, H) or (B, P), and the D new cells (B, H).
     """
+
+    level_norms = list(norms) if norms is not None else [None] * len(weights)
 
     def update_of(k: int) -> CellUpdate:
         """Level k as the cell update of level k - 1."""
         if k == len(weights):
             return additive
         return lambda gated_cell, gated_input: nested_level_step(
-            gated_cell, gated_input, cells[k], weights[k], activations[k], update_of(k + 1)
+            gated_cell,
+            gated_input,
+            cells[k],
+            weights[k],
+            activations[k],
+            update_of(k + 1),
+            level_norms[k],
         )
 
     outer = weights[0]
     projected = F.linear(x_t, outer.weight_ih, outer.bias_ih)
-    h_new, new_cells = level_step(projected, h, cells[0], outer, activations[0], update_of(1))
+    h_new, new_cells = level_step(
+        projected, h, cells[0], outer, activations[0], update_of(1), level_norms[0]
+    )
     if weight_hr is not None:
         h_new = F.linear(h_new, weight_hr)
     if zoneout is None:

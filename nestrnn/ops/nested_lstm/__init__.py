@@ -21,12 +21,15 @@ Design and measurements: docs/design.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from nestrnn.ops.common.levels import (
     LevelActivations,
+    LevelNorms,
     LevelWeights,
     autocast_dtype,
     encode_activations,
@@ -43,6 +46,7 @@ __all__ = [
     "BACKENDS",
     "IMPLEMENTATIONS",
     "LevelActivations",
+    "LevelNorms",
     "LevelWeights",
     "Plan",
     "clear_workspace",
@@ -62,6 +66,7 @@ def nested_lstm(
     activations: tuple[LevelActivations, ...] | None = None,
     backend: str = "auto",
     zoneout: Tensor | None = None,
+    norms: Sequence[LevelNorms | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one direction of a Nested LSTM layer over a whole sequence.
 
@@ -81,6 +86,9 @@ def nested_lstm(
             itself reads the unzoned new cells. Training passes 0/1 masks, evaluation the rates
             expanded along T and B (any strides there, the last dimension contiguous); any
             floating dtype (read in the state's); no gradient flows to it.
+        norms: D ``LevelNorms`` (layer normalisation of the level's gate blocks and new cell,
+            docs/design.md) or None for a level without, or None: none at all. Each tensor has
+            the input's dtype and device; they get gradients.
 
     Returns:
         ``(output (T, B, H), h_n (B, H), c_n (D, B, H))`` in the dtype of ``x``; under
@@ -92,25 +100,32 @@ def nested_lstm(
         weights = [
             LevelWeights._make(w if w is None else w.to(dtype) for w in lw) for lw in weights
         ]
-    check_inputs(x, weights, h0, c0, batch_sizes, activations, zoneout)
+    if dtype is not None and norms is not None:
+        norms = [None if n is None else LevelNorms._make(t.to(dtype) for t in n) for n in norms]
+    check_inputs(x, weights, h0, c0, batch_sizes, activations, zoneout, norms)
+    if norms is not None and all(n is None for n in norms):
+        norms = None
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     levels = activations or standard_activations(len(weights))
     acts = encode_activations(levels)
     flat = op.flat_weights(weights, x)
-    args = (batch_sizes, bool(reverse), acts, backend, zoneout)
-    tensors = (x, h0, c0, *flat)
+    flat_n = None if norms is None else op.flat_norms(norms, x)
+    args = (batch_sizes, bool(reverse), acts, backend, zoneout, flat_n)
+    tensors = (x, h0, c0, *flat, *(flat_n or []))
     # An exported graph holds the inference op, and so does a traced one: torch.jit.trace checks
     # its graph by tracing again without grad mode, and the graph must not depend on grad mode.
     # The inference op is differentiable too (its backward recomputes the forward).
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     if _differentiating_transform(tensors):
-        return nested_lstm_naive(x, weights, h0, c0, batch_sizes, reverse, levels, zoneout=zoneout)
+        return nested_lstm_naive(
+            x, weights, h0, c0, batch_sizes, reverse, levels, zoneout=zoneout, norms=norms
+        )
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return torch.ops.nestrnn.nested_lstm(x, flat, h0, c0, *args)
     vmapped = torch._C._are_functorch_transforms_active()  # torch's LSTM has no batching rule
-    if zoneout is None and not (vmapped or torch.compiler.is_compiling()):
+    if zoneout is None and norms is None and not (vmapped or torch.compiler.is_compiling()):
         chosen = plan(
             x, batch_sizes, reverse, levels, True, backend, eager=True, hidden=h0.shape[1]
         )

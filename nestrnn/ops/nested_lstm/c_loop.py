@@ -11,7 +11,9 @@ This module owns the buffers and the work outside the loops; the kernel runs the
 
 Inputs: float32 or float64 CPU tensors (the op casts half precision to float32 first). Without
 ``save`` the per-step buffers are rings of one step. Zoneout's weights are read where they lie
-(in the state dtype, at their strides; the op makes their last dimension contiguous). Why C, and what was measured: docs/design.md.
+(in the state dtype, at their strides; the op makes their last dimension contiguous). Layer
+normalisation (``norms``) runs in the kernel too; the backward kernel adds the gradients of its
+parameters into buffers this module gives it. Why C, and what was measured: docs/design.md.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from nestrnn.activations import activation_code
 from nestrnn.ops.common import native
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelNorms, LevelWeights
 from nestrnn.ops.common.workspace import WORKSPACE
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
 
@@ -67,7 +69,18 @@ class _Call:
     """The kernel's argument struct, with every array it points to kept alive."""
 
     def __init__(
-        self, steps, weights, buffers, h_slots, sizes, reverse, save, activations, zoneout
+        self,
+        steps,
+        weights,
+        buffers,
+        h_slots,
+        sizes,
+        reverse,
+        save,
+        activations,
+        zoneout,
+        norms=None,
+        norm_buffers=None,
     ):
         gates, cells, act_cells, inputs = buffers  # in the order of layout.Saved
         batch, hidden = gates[0].shape[1], weights.w_hh0.shape[1]
@@ -102,6 +115,14 @@ class _Call:
             strides = zoneout.stride()[:3]
             self.args.zoneout_level_stride, self.args.zoneout_step_stride = strides[:2]
             self.args.zoneout_row_stride = strides[2]
+        if norms is not None:  # kept alive with the struct, as the arrays
+            self.norms = [None if n is None else [t.contiguous() for t in n] for n in norms]
+            flat = [t for n in self.norms for t in (n if n is not None else [None] * 4)]
+            self.arrays["norms"] = _pointers(flat)
+            for name, tensors in zip(("norm_gates", "norm_cells", "inv_std"), norm_buffers):
+                self.arrays[name] = _pointers(tensors)
+            for name in ("norms", "norm_gates", "norm_cells", "inv_std"):
+                setattr(self.args, name, ctypes.cast(self.arrays[name], ctypes.c_void_p))
 
 
 def _h_slots(out: Tensor, h0: Tensor, packed: bool, reverse: bool) -> tuple[list[Tensor], Tensor]:
@@ -130,18 +151,26 @@ def forward(
     activations: tuple[LevelActivations, ...],
     save: bool,
     zoneout: Tensor | None = None,
+    norms: list[LevelNorms | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
     """The whole forward without autograd: output (T, B, H), h_n, c_n and, with ``save``, the
     tensors of ``layout.Saved``. ``zoneout``: (D + 1, T, B, H) keep weights in x's dtype, its
-    last dimension contiguous, or None."""
+    last dimension contiguous, or None; ``norms``: each level's layer normalisation in x's dtype
+    (None at a level without), or None."""
     steps, batch, in_size = x.shape
     depth, hidden = c0.shape[0], h0.shape[1]
     packed = sizes is not None and min(sizes) < batch
     dtype, device = x.dtype, x.device
     new = WORKSPACE.empty
+    normalised = norms is not None
+    norm_buffers = None
     if save:
-        saved = empty_saved(steps, batch, hidden, depth, dtype, device, packed, new)
-        gates, cells, act_cells, inputs = (list(t.unbind(0)) for t in saved)
+        saved = empty_saved(
+            steps, batch, hidden, depth, dtype, device, packed, new, normalised=normalised
+        )
+        gates, cells, act_cells, inputs = (list(t.unbind(0)) for t in saved[:4])
+        if normalised:
+            norm_buffers = [list(t.unbind(0)) for t in saved[4:]]
     else:  # rings: level 0's gates still hold the input projection of every step
         saved = None
         gates = [
@@ -150,6 +179,11 @@ def forward(
         inputs = [new((1, batch, 2 * hidden), dtype, device) for _ in range(depth - 1)]
         cells = [new((2, batch, hidden), dtype, device) for _ in range(depth)]
         act_cells = [new((1, batch, hidden), dtype, device) for _ in range(depth)]
+        if normalised:
+            norm_buffers = [
+                [new((1, batch, width), dtype, device) for _ in range(depth)]
+                for width in (4 * hidden, hidden, 5)
+            ]
     first, last = state_slots(steps, reverse)
     for cell, c in zip(cells, c0):
         cell[first % cell.shape[0]].copy_(c)
@@ -164,7 +198,9 @@ def forward(
     out = torch.empty(steps, batch, hidden, dtype=dtype, device=device)
     h_slots, h_store = _h_slots(out, h0, packed, reverse)
     buffers = (gates, cells, act_cells, inputs)
-    call = _Call(steps, w, buffers, h_slots, sizes, reverse, save, activations, zoneout)
+    call = _Call(
+        steps, w, buffers, h_slots, sizes, reverse, save, activations, zoneout, norms, norm_buffers
+    )
     cast(native.Kernel, native.kernel()).forward(dtype, call.args)  # checked by the caller
 
     h_n = h_slots[last].clone()
@@ -188,9 +224,11 @@ def backward(
     d_hn: Tensor,
     d_cn: Tensor,
     zoneout: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    norms: list[LevelNorms | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, list[LevelNorms | None]]:
     """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) and the gradients of h0, c0
-    (``zoneout`` as the forward's)."""
+    (``zoneout`` and ``norms`` as the forward's; with ``norms``, the gradients of each level's
+    ``LevelNorms`` follow, as ``torch_loop.backward``'s)."""
     _, steps, batch, four_h = saved.gates.shape
     hidden = four_h // 4
     dtype, device = d_out.dtype, d_out.device
@@ -201,13 +239,24 @@ def backward(
     d_out = d_out.contiguous()
     scratch = torch.empty(batch, 2 * hidden, dtype=dtype)
     dht = torch.empty(batch, hidden, dtype=dtype)
-    buffers = tuple(list(t.unbind(0)) for t in saved)
+    buffers = tuple(list(t.unbind(0)) for t in saved[:4])
     w = _Weights(weights, with_bias=False)
-    call = _Call(steps, w, buffers, [], sizes, reverse, True, activations, zoneout)
+    norm_buffers = None if norms is None else [list(t.unbind(0)) for t in saved[4:]]
+    call = _Call(
+        steps, w, buffers, [], sizes, reverse, True, activations, zoneout, norms, norm_buffers
+    )
+    d_norms: list[LevelNorms | None] = []
+    if norms is not None:
+        d_norms = [None if n is None else LevelNorms._make(map(torch.zeros_like, n)) for n in norms]
+        flat = [t for n in d_norms for t in (n if n is not None else [None] * 4)]
+        call.arrays["d_norms"] = _pointers(flat)
+        call.args.d_norms = ctypes.cast(call.arrays["d_norms"], ctypes.c_void_p)
     call.arrays["d_gates"] = _pointers(list(dz.unbind(0)))
     args = call.args
     args.d_out, args.dh, args.dc = d_out.data_ptr(), dh.data_ptr(), dc.data_ptr()
     args.d_gates = ctypes.cast(call.arrays["d_gates"], ctypes.c_void_p)
     args.scratch, args.dht = scratch.data_ptr(), dht.data_ptr()
     cast(native.Kernel, native.kernel()).backward(dtype, args)
+    if norms is not None:
+        return dz, dh, dc, d_norms
     return dz, dh, dc

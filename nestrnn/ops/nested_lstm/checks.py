@@ -7,12 +7,13 @@ from inside a kernel (the C and Triton kernels read raw memory and would misread
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from nestrnn.activations import check_activation
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights
+from nestrnn.ops.common.levels import LevelActivations, LevelNorms, LevelWeights
 
 
 def _tracing() -> bool:
@@ -28,6 +29,7 @@ def check_inputs(
     batch_sizes: Tensor | None,
     activations: tuple[LevelActivations, ...] | None,
     zoneout: Tensor | None = None,
+    norms: Sequence[LevelNorms | None] | None = None,
 ) -> None:
     """Raise a clear error for anything the op cannot run (shapes as in ``naive.py``)."""
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
@@ -53,6 +55,19 @@ def check_inputs(
             if tensor is None and field.startswith("bias"):
                 continue
             named.append((f"level {k} {field}", tensor, expected[field]))
+    if norms is not None:
+        if len(norms) != depth:
+            raise ValueError(
+                f"norms must hold {depth} levels (None for a level without), got {len(norms)}"
+            )
+        for k, level_norms in enumerate(norms):
+            if level_norms is None:
+                continue
+            if not isinstance(level_norms, tuple) or len(level_norms) != 4:
+                raise ValueError(f"level {k} norms must be a LevelNorms of 4 tensors or None")
+            for field, tensor in zip(LevelNorms._fields, level_norms):
+                size = 4 * hidden if field.startswith("gates") else hidden
+                named.append((f"level {k} norms {field}", tensor, (size,)))
     for name, tensor, shape in named:
         if not isinstance(tensor, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")

@@ -26,7 +26,7 @@ from torch._higher_order_ops.scan import scan_op
 from torch._library.utils import get_layout_constraint_tag
 from torch._subclasses.fake_tensor import FakeTensor
 
-from nestrnn.ops.common.levels import decode_activations, state_dtype
+from nestrnn.ops.common.levels import LevelNorms, decode_activations, state_dtype
 from nestrnn.ops.common.reference import nested_cell_step
 from nestrnn.ops.nested_lstm import op, projected  # noqa: F401 (defines the second op registered below)
 
@@ -52,11 +52,12 @@ def nested_lstm_decomposed(
     activations: str,
     backend: str,
     zoneout: Tensor | None = None,
+    norms: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``nestrnn::nested_lstm`` (arguments as in ``op.py``) in core ATen ops and one scan."""
     operator = torch.ops.nestrnn.nested_lstm.default
     return _decomposed(
-        operator, x, weights, None, h0, c0, batch_sizes, reverse, activations, zoneout
+        operator, x, weights, None, h0, c0, batch_sizes, reverse, activations, zoneout, norms
     )
 
 
@@ -104,15 +105,22 @@ def _decomposed(
     reverse: bool,
     activations: str,
     zoneout: Tensor | None = None,
+    norms: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The scan of both ops; ``weight_hr`` (P, H) projects each step's h, as nn.LSTM's;
-    ``zoneout`` (D + 1, T, B, H) or None, scanned along T like x."""
+    ``zoneout`` (D + 1, T, B, H) or None, scanned along T like x; ``norms`` the op's flat layer
+    normalisation parameters or None, passed to the body after the weights."""
     if _only_shapes_wanted(x):
         return op.fake_outputs(x, h0, c0)
     if not torch.compiler.is_exporting():
         return _kept_whole(operator)
     dtype, compute = x.dtype, state_dtype(x.dtype)  # half precision runs in float32, as the op
     flat = [w.to(compute) for w in weights]
+    n_weights = len(flat)
+    # only the levels that normalise: the scan refuses one tensor given twice (empty placeholders)
+    flat_norms = list(norms or [])
+    normed_levels = [k for k in range(len(flat_norms) // 4) if flat_norms[4 * k].numel()]
+    flat.extend(flat_norms[4 * k + n].to(compute) for k in normed_levels for n in range(4))
     if weight_hr is not None:  # the scan's last input
         flat.append(weight_hr.to(compute))
     acts = decode_activations(activations)
@@ -131,9 +139,20 @@ def _decomposed(
         # tensors of the graph around it
         inputs, given = rest[: len(xs)], rest[len(xs) :]
         level_weights, w_hr = (given, None) if weight_hr is None else (given[:-1], given[-1])
+        level_weights, given_norms = level_weights[:n_weights], level_weights[n_weights:]
+        level_norms: list[LevelNorms | None] = [None] * (n_weights // 4)
+        for n, k in enumerate(normed_levels):
+            level_norms[k] = LevelNorms._make(given_norms[4 * n : 4 * n + 4])
         keep = None if zoneout is None else inputs[-1].unbind(0)
         h_new, cells = nested_cell_step(
-            inputs[0], h, c.unbind(0), op.levels_of(level_weights), acts, w_hr, keep
+            inputs[0],
+            h,
+            c.unbind(0),
+            op.levels_of(level_weights),
+            acts,
+            w_hr,
+            keep,
+            level_norms if normed_levels else None,
         )
         c_new = torch.stack(cells)
         if batch_sizes is None:

@@ -19,11 +19,14 @@ Shapes (T = steps, B = batch, I = input size, H = hidden size, D = memory levels
     zoneout      (D + 1, T, B, H) keep weights in [0, 1] or None: zoneout[k, t] mixes the cell of
                  level k carried past step t with its previous value, zoneout[D, t] h
                  (``reference.nested_cell_step``); any floating dtype, read in the state's
+    norms        D ``LevelNorms`` or None per level (None: no layer normalisation at that level),
+                 or None for none at all (``reference.level_step``)
     returns      output (T, B, H), h_n (B, H), c_n (D, B, H)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -31,6 +34,7 @@ from torch import Tensor
 
 from nestrnn.ops.common.levels import (
     LevelActivations,
+    LevelNorms,
     LevelWeights,
     standard_activations,
     time_order,
@@ -48,6 +52,7 @@ def nested_lstm_naive(
     activations: tuple[LevelActivations, ...] | None = None,
     weight_hr: Tensor | None = None,
     zoneout: Tensor | None = None,
+    norms: Sequence[LevelNorms | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one direction of a Nested LSTM layer step by step (see the module docstring). With
     ``weight_hr`` (P, H), nn.LSTM's projection: ``h_t = W_hr (o_t * act(c_t))`` is P wide, and so
@@ -58,7 +63,9 @@ def nested_lstm_naive(
     outputs: list[Tensor | None] = [None] * steps
     for t in time_order(steps, reverse):
         z_t = None if zoneout is None else zoneout[:, t].to(h.dtype).unbind(0)
-        h_new, cells_new = nested_cell_step(x[t], h, cells, weights, activations, weight_hr, z_t)
+        h_new, cells_new = nested_cell_step(
+            x[t], h, cells, weights, activations, weight_hr, z_t, norms
+        )
         active = None if batch_sizes is None else int(batch_sizes[t])
         if active is None or active == batch:
             h, cells = h_new, cells_new

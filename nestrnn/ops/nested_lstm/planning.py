@@ -14,7 +14,9 @@ Backends a caller may ask for: "auto" (the fastest that can run: on CUDA chosen 
 see :func:`cuda_choice`; elsewhere :func:`fallback_choice`: torch_lstm for depth-1 inference, else
 the C loop on CPU, else the PyTorch loop), "triton" (falls back to :func:`fallback_choice`, with a
 warning once, where Triton cannot run), or an implementation's name, which pins it and is an error
-where it cannot run. A call with zoneout never runs torch_lstm, which has none.
+where it cannot run. A call with zoneout never runs torch_lstm, which has none; a call with layer
+normalisation (``norms``) never runs torch_lstm either, and runs the Triton loops only where they
+have it (``triton_loop.SUPPORTS_NORMS``), else what :func:`fallback_choice` gives.
 
 An implementation that fails at run time (a Triton kernel that does not compile on this GPU, say)
 is recorded with :func:`mark_broken` and not planned again in this process.
@@ -74,8 +76,9 @@ def warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def triton_unavailable_reason(x: Tensor, depth: int) -> str | None:
-    """Why the Triton kernels cannot run ``x`` at ``depth`` (None when they can)."""
+def triton_unavailable_reason(x: Tensor, depth: int, norms: bool = False) -> str | None:
+    """Why the Triton kernels cannot run ``x`` at ``depth`` (None when they can); ``norms``: with
+    layer normalisation."""
     if "triton" in _broken:
         return f"it failed earlier: {_broken['triton']}"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
@@ -87,7 +90,15 @@ def triton_unavailable_reason(x: Tensor, depth: int) -> str | None:
         return f"depth {depth} > {TRITON_MAX_DEPTH}"
     if not _triton_installed():
         return "Triton is not installed"
+    if norms and not _triton_norms():
+        return "the Triton loops have no layer normalisation"
     return None
+
+
+def _triton_norms() -> bool:
+    from nestrnn.ops.nested_lstm import triton_loop  # imports Triton, which is installed here
+
+    return bool(getattr(triton_loop, "SUPPORTS_NORMS", False))
 
 
 @functools.cache
@@ -106,30 +117,34 @@ def plan(
     eager: bool = False,
     hidden: int | None = None,
     zoneout: bool = False,
+    norms: bool = False,
 ) -> Plan:
     """The implementation for this call (see the module docstring). ``eager``: the caller can run
     torch's LSTM with its own autograd (no compile, export, trace or torch.func transform).
     ``hidden``: the hidden size, which ``auto``'s choice on CUDA depends on (None: unknown, and
-    depth 1 keeps cuDNN). ``zoneout``: the call has zoneout (torch's LSTM cannot run it)."""
+    depth 1 keeps cuDNN). ``zoneout``: the call has zoneout (torch's LSTM cannot run it);
+    ``norms``: it has layer normalisation."""
     training = training and not eager  # torch's LSTM trains only outside the op
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("auto", "triton"):
-        why_not = triton_unavailable_reason(x, len(activations))
+        why_not = triton_unavailable_reason(x, len(activations), norms)
         if backend == "auto" and not x.is_cuda:  # the interpreter runs only when asked for
             why_not = why_not or f"input on {x.device}"
         if backend == "auto" and x.is_cuda:
             chosen = cuda_choice(
-                x, batch_sizes, reverse, activations, training, why_not, hidden, zoneout
+                x, batch_sizes, reverse, activations, training, why_not, hidden, zoneout, norms
             )
             return Plan(chosen, "" if why_not is None else f"triton: {why_not}")
         if why_not is None:
             return Plan("triton")
-        chosen = fallback_choice(x, batch_sizes, reverse, activations, training, zoneout)
+        chosen = fallback_choice(x, batch_sizes, reverse, activations, training, zoneout, norms)
         if backend == "triton" and "triton" not in _broken:  # a failure was warned about
             warn_once(f"nestrnn: backend 'triton' cannot run here ({why_not}); using {chosen}")
         return Plan(chosen, f"triton: {why_not}")
-    why_not = _pinned_reason(backend, x, batch_sizes, reverse, activations, training, zoneout)
+    why_not = _pinned_reason(
+        backend, x, batch_sizes, reverse, activations, training, zoneout, norms
+    )
     if why_not is not None:
         raise RuntimeError(f"the {backend} implementation cannot run this call: {why_not}")
     return Plan(backend)
@@ -150,6 +165,7 @@ def cuda_choice(
     triton_why_not: str | None,
     hidden: int | None = None,
     zoneout: bool = False,
+    norms: bool = False,
 ) -> str:
     """``auto``'s implementation for a CUDA input, from what was measured on an H200.
 
@@ -160,9 +176,9 @@ def cuda_choice(
       measured; where they cannot run (``triton_why_not``), :func:`fallback_choice`.
     """
     if triton_why_not is not None:
-        return fallback_choice(x, batch_sizes, reverse, activations, training, zoneout)
+        return fallback_choice(x, batch_sizes, reverse, activations, training, zoneout, norms)
     cudnn = torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
-    if not training and not zoneout and cudnn and not _triton_beats_cudnn(x, hidden):
+    if not training and not (zoneout or norms) and cudnn and not _triton_beats_cudnn(x, hidden):
         return "torch_lstm"
     return "triton"
 
@@ -181,13 +197,14 @@ def fallback_choice(
     activations: tuple[LevelActivations, ...],
     training: bool,
     zoneout: bool = False,
+    norms: bool = False,
 ) -> str:
     """The implementation where Triton does not run (off CUDA, or after it failed): torch's LSTM for
-    depth-1 inference without zoneout where it can, else the C loop where it can, else the
-    PyTorch loop."""
+    depth-1 inference without zoneout or layer normalisation where it can, else the C loop where
+    it can, else the PyTorch loop."""
     if (
         not training
-        and not zoneout
+        and not (zoneout or norms)
         and torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations) is None
     ):
         return "torch_lstm"
@@ -197,11 +214,13 @@ def fallback_choice(
 
 
 def _pinned_reason(
-    backend, x, batch_sizes, reverse, activations, training, zoneout=False
+    backend, x, batch_sizes, reverse, activations, training, zoneout=False, norms=False
 ) -> str | None:
     if backend == "torch_lstm":
         if zoneout:
             return "torch's LSTM has no zoneout"
+        if norms:
+            return "torch's LSTM has no layer normalisation"
         if training:
             return "it trains only in eager mode, outside the op"
         return torch_lstm.unavailable_reason(x, batch_sizes, reverse, activations)

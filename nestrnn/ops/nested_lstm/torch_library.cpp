@@ -27,7 +27,7 @@ using at::Tensor;
 
 constexpr const char* kSchema =
     "nested_lstm(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? batch_sizes, "
-    "bool reverse, str activations, str backend, Tensor? zoneout=None) -> "
+    "bool reverse, str activations, str backend, Tensor? zoneout=None, Tensor[]? norms=None) -> "
     "(Tensor, Tensor, Tensor)";
 // A layer with nn.LSTM's projection (proj_size > 0) above depth 1 records this one.
 constexpr const char* kProjectedSchema =
@@ -75,14 +75,25 @@ Tensor zoneout_mix(const Tensor& previous, const Tensor& next, const Tensor& kee
   return keep * previous + (1 - keep) * next;
 }
 
+// layer normalisation over the last dimension in ``blocks`` equal parts (levels.py's
+// normalise_gates with 4, normalise_cell with 1), eps 1e-5 as levels.LAYER_NORM_EPS
+Tensor layer_norm(const Tensor& z, int64_t blocks, const Tensor& weight, const Tensor& bias) {
+  const Tensor parts = z.unflatten(-1, {blocks, -1});
+  auto [var, mean] = at::var_mean(parts, {-1}, /*correction=*/0, /*keepdim=*/true);
+  return ((parts - mean) * at::rsqrt(var + 1e-5)).flatten(-2) * weight + bias;
+}
+
 // The reference's time loop; ``weight_hr`` (P, H), when given, projects each step's h to P wide;
-// ``zoneout`` (D + 1, T, B, H), when given, mixes each carried state with its previous value.
+// ``zoneout`` (D + 1, T, B, H), when given, mixes each carried state with its previous value;
+// ``norms`` (4 a level, empty for a level without), when given, layer-normalises a level's gate
+// blocks and the cell its output reads.
 std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weights,
                                        const std::optional<Tensor>& weight_hr,
                                        const Tensor& h0_in, const Tensor& c0_in,
                                        const std::optional<Tensor>& batch_sizes, bool reverse,
                                        const std::string& activations,
-                                       const std::optional<Tensor>& zoneout_in) {
+                                       const std::optional<Tensor>& zoneout_in,
+                                       const std::optional<at::TensorList>& norms_in) {
   const int64_t depth = c0_in.size(0);
   TORCH_CHECK(x_in.dim() == 3 && h0_in.dim() == 2 && c0_in.dim() == 3,
               "nestrnn::nested_lstm: expected x (T, B, I), h0 (B, H), c0 (D, B, H)");
@@ -114,6 +125,15 @@ std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weight
               "nestrnn::nested_lstm: expected zoneout (D + 1, T, B, H)");
   const std::optional<Tensor> zoneout =
       zoneout_in.has_value() ? std::optional<Tensor>(zoneout_in->to(dtype)) : std::nullopt;
+  TORCH_CHECK(!norms_in.has_value() || static_cast<int64_t>(norms_in->size()) == 4 * depth,
+              "nestrnn::nested_lstm: expected 4 norms per level");
+  std::vector<std::optional<std::vector<Tensor>>> norms(depth);
+  for (int64_t k = 0; norms_in.has_value() && k < depth; ++k) {
+    if ((*norms_in)[4 * k].numel() == 0) continue;  // no normalisation at this level
+    std::vector<Tensor> level;
+    for (int64_t n = 0; n < 4; ++n) level.push_back((*norms_in)[4 * k + n].to(dtype));
+    norms[k] = level;
+  }
   const std::optional<Tensor> projection =
       weight_hr.has_value() ? std::optional<Tensor>(weight_hr->to(dtype)) : std::nullopt;
   Tensor h = h0_in.to(dtype);
@@ -131,6 +151,7 @@ std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weight
       const auto& act = levels[k];
       Tensor gates = at::linear(level_input, w_ih[k], b_ih[k]) +
                      at::linear(level_hidden, w_hh[k], b_hh[k]);
+      if (norms[k].has_value()) gates = layer_norm(gates, 4, (*norms[k])[0], (*norms[k])[1]);
       auto parts = gates.chunk(4, 1);
       Tensor i = activate(act.gate, parts[0]), f = activate(act.gate, parts[1]);
       Tensor g = activate(act.candidate, parts[2]), o = activate(act.gate, parts[3]);
@@ -143,10 +164,15 @@ std::tuple<Tensor, Tensor, Tensor> run(const Tensor& x_in, at::TensorList weight
     // The innermost level adds; ascend: c^{k-1} = o_k * act_k(c^k); h = o_0 * act_0(c^0).
     std::vector<Tensor> new_cells(depth);
     new_cells[depth - 1] = gated_cells.back() + gated_inputs.back();
+    // With normalisation a level's output reads its normalised cell; the cell carried is not.
+    auto shown = [&](int64_t k) {
+      return norms[k].has_value() ? layer_norm(new_cells[k], 1, (*norms[k])[2], (*norms[k])[3])
+                                  : new_cells[k];
+    };
     for (int64_t k = depth - 1; k > 0; --k) {
-      new_cells[k - 1] = out_gates[k] * activate(levels[k].cell, new_cells[k]);
+      new_cells[k - 1] = out_gates[k] * activate(levels[k].cell, shown(k));
     }
-    Tensor h_new = out_gates[0] * activate(levels[0].cell, new_cells[0]);
+    Tensor h_new = out_gates[0] * activate(levels[0].cell, shown(0));
     if (projection.has_value()) h_new = at::linear(h_new, *projection);
     if (zoneout.has_value()) {  // the ascent read the unzoned cells; what is carried is mixed
       const Tensor keep = zoneout->select(1, t);
@@ -174,15 +200,16 @@ std::tuple<Tensor, Tensor, Tensor> nested_lstm(
     const Tensor& x, at::TensorList weights, const Tensor& h0, const Tensor& c0,
     const std::optional<Tensor>& batch_sizes, bool reverse, std::string activations,
     std::string /*backend: this library has one implementation*/,
-    const std::optional<Tensor>& zoneout) {
-  return run(x, weights, std::nullopt, h0, c0, batch_sizes, reverse, activations, zoneout);
+    const std::optional<Tensor>& zoneout, const std::optional<at::TensorList> norms) {
+  return run(x, weights, std::nullopt, h0, c0, batch_sizes, reverse, activations, zoneout, norms);
 }
 
 std::tuple<Tensor, Tensor, Tensor> nested_lstm_projected(
     const Tensor& x, at::TensorList weights, const Tensor& weight_hr, const Tensor& h0,
     const Tensor& c0, const std::optional<Tensor>& batch_sizes, bool reverse,
     std::string activations) {
-  return run(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations, std::nullopt);
+  return run(x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations, std::nullopt,
+             std::nullopt);
 }
 
 // Registered on loading, unless the op exists already (see the top of this file); kept until the

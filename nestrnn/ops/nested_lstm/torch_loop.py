@@ -7,6 +7,11 @@ loop computes gate and state gradients only (``gradients.py`` does the rest). In
 the state dtype (the op casts half precision to float32 first). It computes what the reference
 cell (``ops/common/reference.py``) computes, with its activations applied in place
 (``ACTIVATIONS_INPLACE``) into saved buffers, and a backward written by hand.
+
+Layer normalisation (``norms``: per level ``LevelNorms`` or None) normalises a level's gate blocks
+where they lie, before their activation, and each new cell into ``act_cells`` before its
+activation, saving what its backward reads (``layout.Saved``); the backward then also returns
+the gradients of every level's ``LevelNorms``, summed over the steps as it goes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ import torch
 from torch import Tensor
 
 from nestrnn.activations import output_derivative
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights, time_order
+from nestrnn.ops.common.levels import (
+    LAYER_NORM_EPS,
+    LevelActivations,
+    LevelNorms,
+    LevelWeights,
+    time_order,
+)
 from nestrnn.ops.common.reference import ACTIVATIONS_INPLACE, zoneout_mix
 from nestrnn.ops.nested_lstm.layout import Saved, empty_saved, state_slots
 
@@ -28,6 +39,45 @@ def _activate_gates_(z: Tensor, act: LevelActivations) -> None:
     ACTIVATIONS_INPLACE[act.gate](i_f)
     ACTIVATIONS_INPLACE[act.candidate](g)
     ACTIVATIONS_INPLACE[act.gate](o)
+
+
+def _normalise_(
+    rows: Tensor, normed: Tensor, inv_std: Tensor, weight: Tensor, bias: Tensor, blocks: int
+) -> None:
+    """Layer normalisation of each of the ``blocks`` equal parts of ``rows`` (R, blocks * H) in
+    place; the normalised values before scale and shift go to ``normed`` (like ``rows``), each
+    part's ``1 / sigma`` to ``inv_std`` (R, blocks)."""
+    parts = rows.view(rows.shape[0], blocks, -1)
+    var, mean = torch.var_mean(parts, dim=2, correction=0, keepdim=True)
+    rstd = var.add_(LAYER_NORM_EPS).rsqrt_()
+    centred = normed.view(parts.shape)
+    torch.sub(parts, mean, out=centred)
+    centred.mul_(rstd)
+    inv_std.copy_(rstd.squeeze(2))
+    torch.addcmul(bias, normed, weight, out=rows)
+
+
+def _normalise_backward_(
+    grad: Tensor,
+    normed: Tensor,
+    inv_std: Tensor,
+    weight: Tensor,
+    d_weight: Tensor,
+    d_bias: Tensor,
+    blocks: int,
+) -> None:
+    """The backward of :func:`_normalise_` in place: ``grad`` (R, blocks * H), the gradient of the
+    normalisation's output, becomes that of its input; the scale's and shift's gradients are
+    added to ``d_weight`` and ``d_bias``."""
+    d_weight.add_((grad * normed).sum(0))
+    d_bias.add_(grad.sum(0))
+    shape = (grad.shape[0], blocks, -1)
+    g = (grad * weight).view(shape)
+    xhat = normed.view(shape)
+    mean_g = g.mean(2, keepdim=True)
+    mean_gx = (g * xhat).mean(2, keepdim=True)
+    g.sub_(mean_g).sub_(xhat * mean_gx).mul_(inv_std.unsqueeze(2))
+    grad.copy_(g.view(grad.shape))
 
 
 def _nested_weights(weights: list[LevelWeights]) -> list[tuple[Tensor, Tensor | None] | None]:
@@ -48,14 +98,29 @@ def forward(
     activations: tuple[LevelActivations, ...],
     save: bool,
     zoneout: Tensor | None = None,
+    norms: list[LevelNorms | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
     """The whole forward without autograd (the contract of ``c_loop.forward``). ``zoneout``:
-    (D + 1, T, B, H) keep weights in the state dtype, or None (``naive.py``)."""
+    (D + 1, T, B, H) keep weights in the state dtype, or None (``naive.py``); ``norms``: D levels'
+    layer normalisation (None for a level without) in the state dtype, or None."""
     steps, batch, in_size = x.shape
     depth, hidden = c0.shape[0], h0.shape[1]
     packed = sizes is not None and min(sizes) < batch
-    saved = empty_saved(steps, batch, hidden, depth, x.dtype, x.device, packed)
-    gates, cells, act_cells, inputs = saved
+    level_norms = norms if norms is not None else [None] * depth
+    normalised = any(n is not None for n in level_norms)
+    saved = empty_saved(
+        steps, batch, hidden, depth, x.dtype, x.device, packed, normalised=normalised
+    )
+    gates, cells, act_cells, inputs, norm_gates, norm_cells, inv_std = saved
+
+    def activate_(k: int, t: int, r: int) -> None:
+        """Normalise (where level k does) and activate level k's gates at step t in place."""
+        z, ln = gates[k, t, :r], level_norms[k]
+        if ln is not None:
+            stds = inv_std[k, t, :r, :4]
+            _normalise_(z, norm_gates[k, t, :r], stds, ln.gates_weight, ln.gates_bias, 4)
+        _activate_gates_(z, activations[k])
+
     first, last = state_slots(steps, reverse)
     cells[:, first] = c0
     w_ih0, w_hh0 = weights[0].weight_ih, weights[0].weight_hh
@@ -73,9 +138,8 @@ def forward(
         cells[:, new] = cells[:, prev]  # inactive rows carry their state
         if r == 0:
             continue
-        z = gates[0, t, :r]
-        z.addmm_(h[:r], w_hh0.t())
-        _activate_gates_(z, activations[0])
+        gates[0, t, :r].addmm_(h[:r], w_hh0.t())
+        activate_(0, t, r)
         for k in range(1, depth):
             below = gates[k - 1, t, :r]
             i, f, g, _ = below.chunk(4, dim=1)
@@ -88,12 +152,15 @@ def forward(
                 torch.mm(level_input, w_cat.t(), out=z)
             else:
                 torch.addmm(bias, level_input, w_cat.t(), out=z)
-            _activate_gates_(z, activations[k])
+            activate_(k, t, r)
         i, f, g, _ = gates[depth - 1, t, :r].chunk(4, dim=1)
         c = f * cells[depth - 1, prev, :r] + i * g  # the innermost level adds
         for k in range(depth - 1, -1, -1):  # ascent: c^{k-1} = o_k act_k(c^k), h = o_0 act_0(c^0)
-            act_c = act_cells[k, t, :r]
+            act_c, ln = act_cells[k, t, :r], level_norms[k]
             act_c.copy_(c)
+            if ln is not None:  # the output reads the normalised cell; the carried one is not
+                stds = inv_std[k, t, :r, 4:]
+                _normalise_(act_c, norm_cells[k, t, :r], stds, ln.cell_weight, ln.cell_bias, 1)
             ACTIVATIONS_INPLACE[activations[k].cell](act_c)
             # the ascent reads the unzoned new cell; only what is carried is mixed
             carried = (
@@ -134,17 +201,24 @@ def backward(
     d_hn: Tensor,
     d_cn: Tensor,
     zoneout: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    norms: list[LevelNorms | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, list[LevelNorms | None]]:
     """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H), and the gradients of h0, c0.
     With ``zoneout`` (as the forward's), a carried state's gradient splits between its new value
-    (weight 1 - z) and its previous one (weight z)."""
-    gates, cells, act_cells, _ = saved
+    (weight 1 - z) and its previous one (weight z). With ``norms`` (as the forward's), ``dz`` is
+    the gradient of the gates before their normalisation, and a fourth result follows: the
+    gradients of each level's ``LevelNorms`` (None for a level without)."""
+    gates, cells, act_cells, _, norm_gates, norm_cells, inv_std = saved
     depth, steps, batch, four_h = gates.shape
     hidden = four_h // 4
     dz = gates.new_zeros(gates.shape)
     dh, dc = d_hn.clone(), d_cn.clone()
     nested = _nested_weights(weights)
     w_hh0 = weights[0].weight_hh
+    level_norms = norms if norms is not None else [None] * depth
+    d_norms = [
+        None if n is None else LevelNorms._make(map(torch.zeros_like, n)) for n in level_norms
+    ]
     for t in time_order(steps, not reverse):
         prev = t + 1 if reverse else t
         r = batch if sizes is None else sizes[t]
@@ -162,6 +236,13 @@ def backward(
             grad = (
                 grad * gates[k, t, :r, 3 * hidden :] * output_derivative(activations[k].cell, act_c)
             )
+            ln, d_ln = level_norms[k], d_norms[k]
+            if ln is not None and d_ln is not None:
+                stds = inv_std[k, t, :r, 4:]
+                normed = norm_cells[k, t, :r]
+                _normalise_backward_(
+                    grad, normed, stds, ln.cell_weight, d_ln.cell_weight, d_ln.cell_bias, 1
+                )
             grad = grad + (dc[k, :r] if zoneout is None else (1 - z[k]) * dc[k, :r])
         d_ig = d_fc = grad  # the innermost level: c = i*g + f*c_prev
         for k in range(depth - 1, -1, -1):  # descent
@@ -169,6 +250,18 @@ def backward(
             d_prev = _gate_backward(
                 gates[k, t, :r], c_prev, d_ig, d_fc, dz[k, t, :r], activations[k]
             )
+            ln, d_ln = level_norms[k], d_norms[k]
+            if ln is not None and d_ln is not None:
+                stds, normed = inv_std[k, t, :r, :4], norm_gates[k, t, :r]
+                _normalise_backward_(
+                    dz[k, t, :r],
+                    normed,
+                    stds,
+                    ln.gates_weight,
+                    d_ln.gates_weight,
+                    d_ln.gates_bias,
+                    4,
+                )
             dc[k, :r] = d_prev if zoneout is None else d_prev + kept[k]
             if k > 0:
                 d_both = dz[k, t, :r] @ cast(tuple[Tensor, Tensor | None], nested[k])[0]
@@ -176,4 +269,6 @@ def backward(
         dh[:r] = dz[0, t, :r] @ w_hh0
         if zoneout is not None:
             dh[:r] += kept[depth]
-    return dz, dh, dc
+    if norms is None:
+        return dz, dh, dc
+    return dz, dh, dc, d_norms

@@ -21,8 +21,8 @@ Layer normalisation (``norms=``, per level None or (gamma_gates, beta_gates, gam
 beta_cell), docs/design.md): the kernels' constexpr NORMS (bit k: level k) normalises each gate
 block of level k and the cell it outputs; without it the kernels are exactly those without LN
 and no buffer is added. A program then holds whole rows (``triton_configs.whole_rows``) and
-reduces them in registers. The forward saves the normalised values and 1/std (``NormedSaved``),
-the backward the gradients of LN's outputs, from which the parameters' gradients are summed after
+reduces them in registers. The forward saves the normalised values and 1/std (``Saved``'s LN
+fields), the backward the gradients of LN's outputs, from which the parameters' gradients are summed after
 the loop.
 
 Inputs: float32, float16 or bfloat16 (the saved state is fp32, the level inputs stay in the input
@@ -42,6 +42,7 @@ dtype (``dA_op``), the next GEMM's operand. Each call has two launch configurati
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -71,7 +72,6 @@ from nestrnn.ops.nested_lstm.triton_kernels import (
 __all__ = [
     "LAUNCH_ERRORS",
     "SUPPORTS_NORMS",
-    "NormedSaved",
     "TritonConfig",
     "backward",
     "clear_cuda_graphs",
@@ -90,25 +90,8 @@ SUPPORTS_NORMS = True
 Norm = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-class NormedSaved(NamedTuple):
-    """What ``forward`` saves with layer normalisation: ``Saved``'s fields, then
-
-    norm_gates  (D, T, B, 4H)  fp32  each gate block's pre-activations normalised (before gamma,
-                                     beta)
-    norm_cells  (D, T, B, H)   fp32  each new cell normalised likewise
-    norm_rstd   (D, T, B, 5)   fp32  1/std of the row's i, f, g, o blocks and of its new cell
-
-    Planes of levels without LN hold anything (nothing reads them); so do rows inactive at a step
-    of a packed batch (their gradients are zero).
-    """
-
-    gates: Tensor
-    cells: Tensor
-    act_cells: Tensor
-    inputs: Tensor
-    norm_gates: Tensor
-    norm_cells: Tensor
-    norm_rstd: Tensor
+#: ``Saved``'s layer-normalisation fields, buffers of the loops only with LN
+NORM_FIELDS = ("norm_gates", "norm_cells", "inv_std")
 
 
 def pack_codes(names: list[str]) -> int:
@@ -195,7 +178,7 @@ class _Launch:
     def norm_args(self, b: dict[str, Tensor], backward: bool) -> tuple:
         """The kernels' layer-normalisation buffers: the parameters, the normalised gates and
         cells, 1/std and, backward, the gradients of LN's outputs. Without LN any pointer."""
-        names = ("norms", "norm_gates", "norm_cells", "norm_rstd")
+        names: tuple[str, ...] = ("norms", *NORM_FIELDS)
         names += ("d_norm_gates", "d_norm_cells") if backward else ()
         return tuple(b[name] if self.norms else b["bs"] for name in names)
 
@@ -423,7 +406,7 @@ def _launches(
     reverse: bool,
     activations: tuple[LevelActivations, ...],
     zoneout: Tensor | None = None,
-    norms: list[Norm | None] | None = None,
+    norms: Sequence[Norm | None] | None = None,
 ) -> _Launches:
     steps, batch = x.shape[0], x.shape[1]
     hidden = levels[0].weight_hh.shape[1]
@@ -463,7 +446,9 @@ def _zoneout(zoneout: Tensor | None) -> dict[str, Tensor]:
     return {"zoneout": zoneout if zoneout.stride(-1) == 1 else zoneout.contiguous()}
 
 
-def _norms(norms: list[Norm | None] | None, depth: int, hidden: int, device) -> dict[str, Tensor]:
+def _norms(
+    norms: Sequence[Norm | None] | None, depth: int, hidden: int, device
+) -> dict[str, Tensor]:
     """The LN parameters as the kernels read them, (D, 10H) fp32: per level [gamma_gates |
     beta_gates | gamma_cell | beta_cell] (zeros for a level without); no buffer without LN."""
     if norms is None or all(norm is None for norm in norms):
@@ -484,16 +469,13 @@ def _norms(norms: list[Norm | None] | None, depth: int, hidden: int, device) -> 
     return {"norms": torch.stack(rows)}
 
 
-def _norm_saved(m: _Launch, device: torch.device) -> dict[str, Tensor]:
-    """The forward's LN buffers (``NormedSaved``'s extra fields); none without LN."""
-    if not m.norms:
-        return {}
-    T, B, H, D = m.steps, m.batch, m.hidden, m.depth
-    shapes = {"norm_gates": (D, T, B, 4 * H), "norm_cells": (D, T, B, H), "norm_rstd": (D, T, B, 5)}
-    return {
-        name: torch.empty(shape, dtype=torch.float32, device=device)
-        for name, shape in shapes.items()
-    }
+def _saved_buffers(saved: Saved, m: _Launch) -> dict[str, Tensor]:
+    """``saved``'s fields as the loops' buffers (those of LN only with LN)."""
+    return {k: v for k, v in saved._asdict().items() if m.norms or k not in NORM_FIELDS}
+
+
+def _norm_fields(m: _Launch) -> tuple[str, ...]:
+    return NORM_FIELDS if m.norms else ()
 
 
 def forward(
@@ -506,20 +488,20 @@ def forward(
     activations: tuple[LevelActivations, ...],
     save: bool,
     zoneout: Tensor | None = None,
-    norms: list[Norm | None] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Saved | NormedSaved | None]:
+    norms: Sequence[Norm | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Saved | None]:
     """The whole forward: output (T, B, H), h_n, c_n in x's dtype and, with ``save``, ``Saved``.
 
     ``zoneout``: keep-previous weights (D+1, T, B, H) of the cells and h, or None (no zoneout:
     the kernels without it); ``Saved.cells`` then holds the carried (mixed) cells.
     ``norms``: per level None or its LN parameters (gamma_gates, beta_gates, gamma_cell,
-    beta_cell), or None; with LN at some level what is saved is a ``NormedSaved``, which
-    ``backward`` needs whole (a caller that keeps the tensors itself rebuilds it from them)."""
+    beta_cell), or None; with LN at some level ``Saved``'s normalisation fields are filled (fp32),
+    which ``backward`` needs."""
     launches = _launches(x, levels, batch_sizes, reverse, activations, zoneout, norms)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     first, last = state_slots(T, reverse)
-    saved = empty_saved(T, B, H, D, x.dtype, x.device, m.packed)
+    saved = empty_saved(T, B, H, D, x.dtype, x.device, m.packed, normalised=bool(m.norms))
     # the input projection, computed in x's dtype, straight into level 0's fp32 gates
     projection = saved.gates[0].view(T * B, 4 * H)
     x2, w_ih0 = x.reshape(T * B, -1), levels[0].weight_ih.t()
@@ -531,13 +513,12 @@ def forward(
     if bias0 is not None:
         projection.add_(bias0)
     bufs = {
-        **saved._asdict(),
+        **_saved_buffers(saved, m),
         "h": torch.empty((T + 1, B, H), dtype=x.dtype, device=x.device),
         "y": torch.empty((T, B, H), dtype=x.dtype, device=x.device),
         "bs": _batch_sizes(batch_sizes, x.device),
         **_zoneout(zoneout),
         **_norms(norms, D, H, x.device),
-        **_norm_saved(m, x.device),
         **_weights(levels),
         **_biases(levels, m.has_bias),
         **_gemm_buffers(launches, x.device, {"g": (B, 4 * H)}),
@@ -547,22 +528,16 @@ def forward(
         b["h"][first] = h0
         b["cells"][:, first] = c0
 
-    written = ("cells", "act_cells", "inputs", "h", "y", *_norm_saved_names(m))
+    written = ("cells", "act_cells", "inputs", "h", "y", *_norm_fields(m))
     bufs = _run(_forward_loop, launches, bufs, ("gates", *written), fill, (*written, "g"))
     h_n = bufs["h"][last].clone()
     c_n = bufs["cells"][:, last].to(x.dtype, copy=True)
-    saved = Saved(bufs["gates"], bufs["cells"], bufs["act_cells"], bufs["inputs"])
-    if m.norms:
-        saved = NormedSaved(*saved, *(bufs[name] for name in _norm_saved_names(m)))
+    saved = Saved(**{name: bufs.get(name, getattr(saved, name)) for name in Saved._fields})
     return bufs["y"], h_n, c_n, saved if save else None
 
 
-def _norm_saved_names(m: _Launch) -> tuple[str, ...]:
-    return NormedSaved._fields[len(Saved._fields) :] if m.norms else ()
-
-
 def _norm_grads(
-    bufs: dict[str, Tensor], norms: list[Norm | None] | None
+    bufs: dict[str, Tensor], norms: Sequence[Norm | None] | None
 ) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
     """Per level the gradients of (gamma_gates, beta_gates, gamma_cell, beta_cell), fp32, or
     None: sums over steps and rows of what the backward kernels stored (the gradients of LN's
@@ -594,21 +569,21 @@ def backward(
     d_hn: Tensor,
     d_cn: Tensor,
     zoneout: Tensor | None = None,
-    norms: list[Norm | None] | None = None,
+    norms: Sequence[Norm | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, list]:
     """The reverse time loop: gate gradients ``dz`` (D, T, B, 4H) fp32, and those of h0, c0.
     ``zoneout``: the forward's keep weights, or None.
 
     ``norms``: the forward's LN parameters, or None. With LN at some level ``saved`` must be the
-    forward's ``NormedSaved``, ``dz`` is the gradient of the gate pre-activations before LN (what
-    the weight GEMMs need), and a fourth result follows: per level None or the fp32 gradients of
+    forward's ``Saved`` with its normalisation fields, ``dz`` is the gradient of the gate
+    pre-activations before LN (what the weight GEMMs need), and a fourth result follows: per level None or the fp32 gradients of
     (gamma_gates, beta_gates, gamma_cell, beta_cell), summed after the loop. Without LN the
     result is the three tensors, as before."""
     launches = _launches(d_out, levels, batch_sizes, reverse, activations, zoneout, norms)
     m = launches.direct
     T, B, H, D = m.steps, m.batch, m.hidden, m.depth
     bufs = {
-        **saved._asdict(),
+        **_saved_buffers(saved, m),
         "dA": torch.empty((D, T, B, 4 * H), dtype=torch.float32, device=d_out.device),
         "dh": torch.empty((B, H), dtype=torch.float32, device=d_out.device),
         "dc": torch.empty((D, B, H), dtype=torch.float32, device=d_out.device),
@@ -628,8 +603,8 @@ def backward(
         b["dh"].copy_(d_hn)
         b["dc"].copy_(d_cn)
 
-    if m.norms and not isinstance(saved, NormedSaved):
-        raise ValueError("a backward with layer normalisation needs the forward's NormedSaved")
+    if m.norms and not saved.normalised():
+        raise ValueError("a backward with layer normalisation needs the forward's normalised Saved")
     written = ("dA", "dh", "dc", *_norm_grad_names(m))
     bufs = _run(_backward_loop, launches, bufs, written, fill, (*written, "g_h", "g_x", "dA_op"))
     dA, dh = bufs["dA"], bufs["dh"]

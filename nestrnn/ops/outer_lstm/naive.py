@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestrnn.ops.common.levels import LevelActivations, LevelWeights, time_order
+from nestrnn.ops.common.levels import LevelActivations, LevelNorms, LevelWeights, time_order
 from nestrnn.ops.common.reference import level_step
 
 if TYPE_CHECKING:
@@ -39,9 +39,11 @@ def outer_step(
     memory: MemoryFunction,
     candidate_activation: str,
     weight_hr: Tensor | None = None,
+    norms: LevelNorms | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One step of the outer LSTM around ``memory``: the reference level step
-    (``ops/common/reference.py``) with the memory function as its cell update.
+    (``ops/common/reference.py``) with the memory function as its cell update (and ``norms``,
+    the outer level's layer normalisation, or None).
 
     Args:
         projected_input: ``W_ih x_t + b_ih``, (B, 4H).
@@ -57,7 +59,7 @@ def outer_step(
 
     # the gates and the cell activation are an LSTM's; the candidate's is the memory's choice
     activations = LevelActivations(candidate=candidate_activation)
-    h_new, state = level_step(projected_input, h, cells[0], weights, activations, update)
+    h_new, state = level_step(projected_input, h, cells[0], weights, activations, update, norms)
     if weight_hr is not None:
         h_new = F.linear(h_new, weight_hr)
     return h_new, state
