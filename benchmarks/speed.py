@@ -281,6 +281,7 @@ REGULARISERS = {
     "+ weight drop": {"weight_drop": 0.5},
     "+ locked dropout": {"locked_dropout": True, "input_dropout": 0.1, "output_dropout": 0.1},
     "+ zoneout": {"zoneout_cell": 0.5, "zoneout_hidden": 0.05},
+    "+ layer norm": {"layer_norm": True},
     "+ recompute T/4": {"checkpoint_every": 1},
 }
 
