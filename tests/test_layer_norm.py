@@ -119,19 +119,6 @@ def test_torch_s_lstm_never_runs_layer_norm():
         plan(x, None, False, acts, False, "torch_lstm", norms=True)
 
 
-def test_triton_loops_without_layer_norm_fall_back(monkeypatch):
-    pytest.importorskip("triton")
-    from nestrnn.ops.nested_lstm import triton_loop
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delattr(triton_loop, "SUPPORTS_NORMS", raising=False)
-    x, acts = torch.zeros(2, 1, 2), standard_activations(2)
-    assert plan(x, None, False, acts, True, "triton").implementation == "triton"
-    with pytest.warns(RuntimeWarning, match="no layer normalisation"):
-        chosen = plan(x, None, False, acts, True, "triton", norms=True)
-    assert chosen.implementation != "triton"
-
-
 def test_a_backward_that_records_its_graph_differentiates_the_reference():
     case = make_case(STEPS, BATCH, INPUTS, HIDDEN, 2)
     norms = make_norms([True, True])

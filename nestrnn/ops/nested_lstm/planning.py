@@ -14,9 +14,8 @@ Backends a caller may ask for: "auto" (the fastest that can run: on CUDA chosen 
 see :func:`cuda_choice`; elsewhere :func:`fallback_choice`: torch_lstm for depth-1 inference, else
 the C loop on CPU, else the PyTorch loop), "triton" (falls back to :func:`fallback_choice`, with a
 warning once, where Triton cannot run), or an implementation's name, which pins it and is an error
-where it cannot run. A call with zoneout never runs torch_lstm, which has none; a call with layer
-normalisation (``norms``) never runs torch_lstm either, and runs the Triton loops only where they
-have it (``triton_loop.SUPPORTS_NORMS``), else what :func:`fallback_choice` gives.
+where it cannot run. A call with zoneout or layer normalisation (``norms``) never runs torch_lstm,
+which has neither.
 
 An implementation that fails at run time (a Triton kernel that does not compile on this GPU, say)
 is recorded with :func:`mark_broken` and not planned again in this process.
@@ -76,9 +75,8 @@ def warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def triton_unavailable_reason(x: Tensor, depth: int, norms: bool = False) -> str | None:
-    """Why the Triton kernels cannot run ``x`` at ``depth`` (None when they can); ``norms``: with
-    layer normalisation."""
+def triton_unavailable_reason(x: Tensor, depth: int) -> str | None:
+    """Why the Triton kernels cannot run ``x`` at ``depth`` (None when they can)."""
     if "triton" in _broken:
         return f"it failed earlier: {_broken['triton']}"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
@@ -90,15 +88,7 @@ def triton_unavailable_reason(x: Tensor, depth: int, norms: bool = False) -> str
         return f"depth {depth} > {TRITON_MAX_DEPTH}"
     if not _triton_installed():
         return "Triton is not installed"
-    if norms and not _triton_norms():
-        return "the Triton loops have no layer normalisation"
     return None
-
-
-def _triton_norms() -> bool:
-    from nestrnn.ops.nested_lstm import triton_loop  # imports Triton, which is installed here
-
-    return bool(getattr(triton_loop, "SUPPORTS_NORMS", False))
 
 
 @functools.cache
@@ -128,7 +118,7 @@ def plan(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("auto", "triton"):
-        why_not = triton_unavailable_reason(x, len(activations), norms)
+        why_not = triton_unavailable_reason(x, len(activations))
         if backend == "auto" and not x.is_cuda:  # the interpreter runs only when asked for
             why_not = why_not or f"input on {x.device}"
         if backend == "auto" and x.is_cuda:

@@ -71,7 +71,6 @@ from nestrnn.ops.nested_lstm.triton_kernels import (
 
 __all__ = [
     "LAUNCH_ERRORS",
-    "SUPPORTS_NORMS",
     "TritonConfig",
     "backward",
     "clear_cuda_graphs",
@@ -81,9 +80,6 @@ __all__ = [
     "pick_config",
 ]
 
-
-#: the loops take ``norms=`` (layer normalisation inside the kernels)
-SUPPORTS_NORMS = True
 
 #: the parameters of one level's layer normalisation: gamma_gates (4H,), beta_gates (4H,),
 #: gamma_cell (H,), beta_cell (H,)
