@@ -574,30 +574,10 @@ class NestedLSTM(nn.Module):
                     x, weights, weight_hr, h0, c0, batch_sizes, reverse, activations
                 )
             norms = self._norms(name, memory)
+            args = (x, weights, h0, c0, batch_sizes, reverse, activations)
             if self.backend == "naive":
-                return nested_lstm_naive(
-                    x,
-                    weights,
-                    h0,
-                    c0,
-                    batch_sizes,
-                    reverse,
-                    activations,
-                    zoneout=zoneout,
-                    norms=norms,
-                )
-            return nested_lstm(
-                x,
-                weights,
-                h0,
-                c0,
-                batch_sizes,
-                reverse,
-                activations,
-                self.backend,
-                zoneout=zoneout,
-                norms=norms,
-            )
+                return nested_lstm_naive(*args, zoneout=zoneout, norms=norms)
+            return nested_lstm(*args, self.backend, zoneout=zoneout, norms=norms)
         if torch.jit.is_tracing():
             raise RuntimeError(
                 f"torch.jit.trace cannot record {type(memory).__name__}'s time loop: the trace "
