@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu.sh               the whole run, ended by 540 s at the latest
 #   bash benchmarks/gpu.sh --quick       a shorter run (fewer cases and repeats, no step 3), by 300 s
 #   bash benchmarks/gpu.sh --quick-tune  step 3 with tune_triton.py --quick (also with --quick)
+#   bash benchmarks/gpu.sh --regularisers  only zoneout and layer normalisation: step 2's "regular"
+#                                        cases, and step 4 as speed.py --regularisers at depth 2
+#                                        (float32, bfloat16; two shapes), by 300 s
 #   bash benchmarks/gpu.sh --dry-run     its Python steps on CPU at a tiny size, float32, Triton's
 #                                        interpreter (results in $OUT, else a temporary directory);
 #                                        without Triton installed, steps 2 and 3 are skipped and
@@ -26,7 +29,8 @@
 # 5. memory_graphs.py (on CUDA, where nestrnn's dependencies import): the README's LeakyMemory with
 #    the whole layer in CUDA graphs, checked against eager and timed against nn.LSTM.
 #
-# Results: benchmarks/results/speed_cuda_<dtype>.{json,md}, tune_triton_cuda.{json,md},
+# Results: benchmarks/results/speed_cuda_<dtype>.{json,md} (--regularisers:
+# speed_regularisers_cuda_<dtype>.{json,md}), tune_triton_cuda.{json,md},
 # memory_graphs_cuda.{json,md} and gpu_run.log (the whole output). With $OUT set (a directory), the
 # log is written there and each result file is copied there as soon as it exists. Each step gets a
 # timeout within the run's deadline (GPU_SH_SECONDS overrides it); a failing step does not stop the
@@ -41,7 +45,11 @@ for arg in "$@"; do
         --quick-tune) quick_tune=yes ;;
         --quick) mode=quick ;;
         --dry-run) mode=dry-run ;;
-        *) echo "usage: bash benchmarks/gpu.sh [--quick | --dry-run] [--quick-tune]" >&2; exit 2 ;;
+        --regularisers) mode=regularisers ;;
+        *)
+            echo "usage: bash benchmarks/gpu.sh [--quick | --regularisers | --dry-run] [--quick-tune]" >&2
+            exit 2
+            ;;
     esac
 done
 
@@ -56,13 +64,25 @@ tune=yes
 tune_shapes=32x256x50,128x512x50,128x1024x50,256x1024x50,16x768x50
 tune_args=(--dtypes bf16,fp16,fp32)
 check_args=()
-speed_args=(--repeats 11 --budget 15 --plain-loop-repeats 2)
+speed_args=(--repeats 11 --budget 15 --plain-loop torch_loop --plain-loop-repeats 2 --split)
+speed_name=speed
 speed_backend=triton
 seconds=540
+memory_graphs=yes
 if [ "$mode" = quick ]; then
     check_args=(--quick)
-    speed_args=(--repeats 5 --budget 6 --plain-loop-repeats 1)
+    speed_args=(--repeats 5 --budget 6 --plain-loop torch_loop --plain-loop-repeats 1 --split)
     tune=no
+    seconds=300
+elif [ "$mode" = regularisers ]; then
+    check_args=(--groups regular)
+    compile_check=no
+    tune=no
+    memory_graphs=no
+    shapes=32x256x100,128x512x100
+    dtypes="float32 bfloat16"
+    speed_args=(--regularisers --depths 2 --repeats 7 --budget 10)
+    speed_name=speed_regularisers
     seconds=300
 elif [ "$mode" = dry-run ]; then
     export TRITON_INTERPRET=1
@@ -75,7 +95,7 @@ elif [ "$mode" = dry-run ]; then
     tune_shapes=3x17x4
     tune_args=(--interpret --repeats 1)
     check_args=(--interpret)
-    speed_args=(--repeats 1 --plain-loop-repeats 1 --max-interference 1)
+    speed_args=(--repeats 1 --plain-loop torch_loop --plain-loop-repeats 1 --split --max-interference 1)
 fi
 if [ "$quick_tune" = yes ]; then
     tune=yes
@@ -175,16 +195,16 @@ fi
 
 echo "== 4. timing, one dtype at a time"
 for dtype in $dtypes; do
-    json="$results/speed_${device}_$dtype.json"
-    markdown="$results/speed_${device}_$dtype.md"
+    json="$results/${speed_name}_${device}_$dtype.json"
+    markdown="$results/${speed_name}_${device}_$dtype.md"
     limited 200 "$python" benchmarks/speed.py --device "$device" --backend "$speed_backend" \
-        --dtype "$dtype" --shapes "$shapes" --plain-loop torch_loop --split "${speed_args[@]}" \
+        --dtype "$dtype" --shapes "$shapes" "${speed_args[@]}" \
         --json "$json" --markdown "$markdown" || failed+=("speed_$dtype")
     if [ -f "$json" ]; then keep "$json" "$markdown"; fi
     echo "== $dtype done after $SECONDS s"
 done
 
-if [ "$device" = cuda ]; then
+if [ "$device" = cuda ] && [ "$memory_graphs" = yes ]; then
     echo "== 5. a user's memory function in CUDA graphs"
     limited 90 "$python" benchmarks/memory_graphs.py --json "$results/memory_graphs_cuda.json" \
         --markdown "$results/memory_graphs_cuda.md" || failed+=(memory_graphs)

@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                  # from the repository root; needs CUDA
     python benchmarks/gpu_check.py --quick          # fewer cases
     python benchmarks/gpu_check.py --dtypes bf16    # a subset (gpu.sh runs one process per dtype)
+    python benchmarks/gpu_check.py --groups regular # only some groups of cases (see below)
     python benchmarks/gpu_check.py --interpret      # dry run on CPU under TRITON_INTERPRET=1
 
 Runs ``nested_lstm(..., backend="triton")`` on the real Triton compiler against the naive reference
@@ -18,6 +19,9 @@ final states and every gradient (x, h0, c0, every weight and bias). For each dty
               in fp16/bf16 also with smooth stand-ins for relu and hardtanh (see below)
     graph     CUDA-graph mode (NESTRNN_TRITON_CUDA_GRAPH=1): a capture, then replays with new inputs;
               and the default (auto): a direct run, a capture when the shapes repeat, a replay
+    regular   zoneout (training's 0/1 masks, evaluation's rates expanded with stride 0) and layer
+              normalisation at some or all levels (its parameters' gradients judged too), alone
+              and together, dense / packed / reverse, whole rows up to H = 1024, in a CUDA graph
 
 A case fails when an error exceeds the tolerance or when the Triton kernels did not run (the op
 falls back to another implementation when they fail; the reason is printed). In fp16 and bf16 the
@@ -55,7 +59,7 @@ import_nestrnn()
 
 # the module (the package's ``plan`` is the function): a failed kernel is recorded there, and this
 # diagnostic forgets it after reporting so that every case gets its own try
-from nestrnn.ops.common.levels import standard_activations  # noqa: E402
+from nestrnn.ops.common.levels import LevelNorms, standard_activations  # noqa: E402
 from nestrnn.ops.nested_lstm import (  # noqa: E402
     LevelWeights,
     nested_lstm,
@@ -77,6 +81,7 @@ TIMED_BATCHES = (16, 32, 128, 4096)
 MODES = ((False, False), (True, False), (False, True), (True, True))  # (packed, reverse)
 #: which of a level's two biases exist
 BIASES = {"both": (True, True), "none": (False, False), "ih": (True, False), "hh": (False, True)}
+GROUPS = ("timed", "modes", "variant", "graph", "cublas", "regular")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class Case:
     seeds: tuple[int, ...] = (0,)
     smooth: bool = False  # the variant's relu and hardtanh replaced by SMOOTH
     cublas: bool = False  # the per-step GEMMs by cuBLAS (TritonConfig.cublas_gemms)
+    zoneout: str | None = None  # "masks" (training's 0/1 draws) or "rates" (evaluation's)
+    norms: tuple[bool, ...] | None = None  # the levels with layer normalisation
 
     def label(self) -> str:
         T, B, I, H = self.size
@@ -105,6 +112,9 @@ class Case:
         extra += ["reverse"] * self.reverse
         extra += {"0": [], "1": ["CUDA graph"], "auto": ["CUDA graph auto"]}[self.cuda_graph]
         extra += ["cuBLAS GEMMs"] * self.cublas
+        extra += [f"zoneout {self.zoneout}"] if self.zoneout else []
+        if self.norms:
+            extra.append("LN at " + ",".join(str(k) for k, on in enumerate(self.norms) if on))
         return f"{self.group} {self.dtype} D={self.depth} T={T} B={B} I={I} H={H} " + " ".join(
             [mode, *extra]
         )
@@ -175,17 +185,40 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
             "cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1), cublas=True
         ),
     ]
+    regular = [
+        Case("regular", dtype, TINY, 2, True, True, zoneout="masks"),
+        Case("regular", dtype, TINY, 3, False, True, zoneout="rates"),
+        Case("regular", dtype, TINY, 3, True, True, norms=(True, True, True)),
+        Case("regular", dtype, TINY, 2, True, False, zoneout="masks", norms=(False, True)),
+        Case("regular", dtype, TILED, 2, zoneout="masks", norms=(True, False)),
+        Case("regular", dtype, (4, 16, 64, 1024), 2, norms=(True, True), zoneout="rates"),
+        Case(
+            "regular",
+            dtype,
+            (6, 4, 5, 24),
+            2,
+            True,
+            True,
+            cuda_graph="1",
+            seeds=(0, 1),
+            zoneout="masks",
+            norms=(True, True),
+        ),
+    ]
     if not cuda:  # the interpreter takes tens of seconds a tiled case at depths 2 and 3 (their
         # GEMMs by torch.mm are checked at every depth, tiles forced small, by test_op_triton.py)
-        return modes + variants + [c for c in cublas[:-1] if c.size != TILED or c.depth == 1]
-    return timed + modes + variants + graphs + cublas
+        cublas = [c for c in cublas[:-1] if c.size != TILED or c.depth == 1]
+        return modes + variants + cublas + [c for c in regular[:4] if c.cuda_graph == "0"]
+    return timed + modes + variants + graphs + cublas + regular
 
 
 # ------------------------------------------------------------------------------- one case
 
 
 def make_inputs(case: Case, seed: int, device: str):
-    """fp64 x, LevelWeights, h0, c0 (scaled like nn.LSTM's init) and batch_sizes."""
+    """fp64 x, LevelWeights, h0, c0 (scaled like nn.LSTM's init), batch_sizes, the zoneout keep
+    weights (D+1, T, B, H) or None and the layer-normalisation parameters (one LevelNorms or None
+    a level) or None."""
     T, B, I, H = case.size
     g = torch.Generator().manual_seed(seed)
 
@@ -208,17 +241,48 @@ def make_inputs(case: Case, seed: int, device: str):
     if case.packed:  # non-increasing, first step full, last step one row
         lengths = torch.linspace(T, 1, B).round().long()
         batch_sizes = torch.tensor([(lengths > t).sum().item() for t in range(T)])
-    return rnd(T, B, I), weights, rnd(B, H), rnd(case.depth, B, H), batch_sizes
+    zoneout = None
+    if case.zoneout == "masks":
+        zoneout = torch.bernoulli(torch.full((case.depth + 1, T, B, H), 0.5), generator=g)
+    elif case.zoneout == "rates":  # per state and unit, expanded along T and B with stride 0
+        rates = torch.rand(case.depth + 1, 1, 1, H, generator=g, dtype=torch.float64)
+        zoneout = rates.expand(case.depth + 1, T, B, H)
+    norms = None
+    if case.norms is not None:  # away from the identity init, so that every parameter matters
+        sizes, centres = (4 * H, 4 * H, H, H), (1, 0, 1, 0)
+        norms = [
+            LevelNorms(*(c + rnd(n, scale=0.3) for n, c in zip(sizes, centres))) if on else None
+            for on in case.norms
+        ]
+    zoneout = None if zoneout is None else zoneout.to(device)
+    return rnd(T, B, I), weights, rnd(B, H), rnd(case.depth, B, H), batch_sizes, zoneout, norms
 
 
-def run(fn, x, weights, h0, c0, batch_sizes, reverse, activations, dtype, seed=99) -> dict:
+def run(
+    fn, x, weights, h0, c0, batch_sizes, reverse, activations, dtype, zoneout, norms, seed=99
+) -> dict:
     """Outputs and every gradient of ``fn`` in ``dtype`` (fp64 copies), by name."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
-    wts = [
-        LevelWeights(*[None if p is None else p.detach().to(dtype).requires_grad_() for p in lw])
-        for lw in weights
-    ]
-    out = fn(leaves[0], wts, leaves[1], leaves[2], batch_sizes, reverse, activations)
+
+    def leaf(t):
+        return None if t is None else t.detach().to(dtype).requires_grad_()
+
+    leaves = [leaf(t) for t in (x, h0, c0)]
+    wts = [LevelWeights(*map(leaf, lw)) for lw in weights]
+    lns = (
+        None if norms is None else [None if n is None else LevelNorms(*map(leaf, n)) for n in norms]
+    )
+    keep = None if zoneout is None else zoneout.to(dtype)
+    out = fn(
+        leaves[0],
+        wts,
+        leaves[1],
+        leaves[2],
+        batch_sizes,
+        reverse,
+        activations,
+        zoneout=keep,
+        norms=lns,
+    )
     g = torch.Generator().manual_seed(seed)
     loss = sum(
         (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
@@ -231,11 +295,16 @@ def run(fn, x, weights, h0, c0, batch_sizes, reverse, activations, dtype, seed=9
         for name, p in zip(LevelWeights._fields, lw):
             if p is not None:
                 res[f"l{k}.{name}"] = p.grad.double()
+    for k, ln in enumerate(lns or ()):
+        for name, p in zip(LevelNorms._fields, ln or ()):
+            res[f"l{k}.ln.{name}"] = p.grad.double()
     return res
 
 
-def triton_op(x, weights, h0, c0, batch_sizes, reverse, activations):
-    return nested_lstm(x, weights, h0, c0, batch_sizes, reverse, activations, backend="triton")
+def triton_op(x, weights, h0, c0, batch_sizes, reverse, activations, **regularisers):
+    return nested_lstm(
+        x, weights, h0, c0, batch_sizes, reverse, activations, backend="triton", **regularisers
+    )
 
 
 def scaled_errors(ref: dict, got: dict) -> dict[str, float]:
@@ -265,22 +334,27 @@ def cublas_gemms(on: bool):
 def check_seed(case: Case, seed: int, device: str) -> bool:
     """Print one PASS/FAIL line for ``case`` with inputs from ``seed``; True when it passed."""
     dtype, acts = DTYPES[case.dtype], case.activations()
-    x, weights, h0, c0, bs = make_inputs(case, seed, device)
-    # the reference gets exactly the op's (rounded) inputs, computed in float64
-    x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
-    weights = [
-        LevelWeights(*[None if p is None else p.to(dtype).double() for p in lw]) for lw in weights
-    ]
+    x, weights, h0, c0, bs, zoneout, norms = make_inputs(case, seed, device)
+
+    def rounded(t):  # the reference gets exactly the op's (rounded) inputs, computed in float64
+        return None if t is None else t.to(dtype).double()
+
+    x, h0, c0, zoneout = map(rounded, (x, h0, c0, zoneout))
+    weights = [LevelWeights(*map(rounded, lw)) for lw in weights]
+    if norms is not None:
+        norms = [None if n is None else LevelNorms(*map(rounded, n)) for n in norms]
     label = f"{case.label()} seed={seed}"
-    planned = plan(x.to(dtype), bs, case.reverse, acts, True, "triton")
+    regularised = {"zoneout": zoneout is not None, "norms": norms is not None}
+    planned = plan(x.to(dtype), bs, case.reverse, acts, True, "triton", **regularised)
     if planned.implementation != "triton":
         print(f"FAIL {label}: Triton cannot run here ({planned.note})")
         return False
-    ref = run(nested_lstm_naive, x, weights, h0, c0, bs, case.reverse, acts, torch.float64)
+    inputs = (x, weights, h0, c0, bs, case.reverse, acts)
+    ref = run(nested_lstm_naive, *inputs, torch.float64, zoneout, norms)
     start = time.perf_counter()
     try:
         with environment("NESTRNN_TRITON_CUDA_GRAPH", case.cuda_graph), cublas_gemms(case.cublas):
-            got = run(triton_op, x, weights, h0, c0, bs, case.reverse, acts, dtype)
+            got = run(triton_op, *inputs, dtype, zoneout, norms)
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # report and go on with the other cases
@@ -314,14 +388,19 @@ def check_seed(case: Case, seed: int, device: str) -> bool:
 # ------------------------------------------------------------------------------- main
 
 
-def parse_dtypes(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in DTYPES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown dtype {unknown[0]!r}; choose from {list(DTYPES)}"
-        )
-    return names
+def subset_of(choices, what: str):
+    """An argparse type: a comma-separated subset of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",")]
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown[0]!r}; choose from {list(choices)}"
+            )
+        return names
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer modes, variants and graphs")
     parser.add_argument(
         "--dtypes",
-        type=parse_dtypes,
+        type=subset_of(DTYPES, "dtype"),
         default=list(DTYPES),
         help=f"comma-separated subset of {','.join(DTYPES)} (default: all)",
     )
@@ -338,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="dry run on CPU under TRITON_INTERPRET=1: the quick cases but the timed and CUDA-graph "
         "ones and the tiled cuBLAS ones deeper than 1, no bf16",
+    )
+    parser.add_argument(
+        "--groups",
+        type=subset_of(GROUPS, "group"),
+        default=list(GROUPS),
+        help=f"comma-separated subset of {','.join(GROUPS)} (default: all)",
     )
     parser.add_argument("--json", default=None, help="write every check's outcome to this file")
     args = parser.parse_args(argv)
@@ -364,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             print("SKIP bf16: computed wrongly by the interpreter")
             continue
         for case in cases(dtype, args.quick or args.interpret, cuda=device == "cuda"):
+            if case.group not in args.groups:
+                continue
             triton_loop.clear_cuda_graphs()
             for seed in case.seeds:
                 total += 1

@@ -317,7 +317,24 @@ def implementation_of(model: torch.nn.Module, x: torch.Tensor, training: bool) -
         return model.implementation(x, training)
     if isinstance(model, torch.nn.LSTM):
         return "cuDNN" if x.is_cuda else "torch"
-    return f"NestedLSTM backend {model.backend}"
+    levels = model.memory_l0.fused_levels()
+    if levels is None or model.backend in ("generic", "naive") or model.proj_size:
+        return f"NestedLSTM backend {model.backend}"
+    # the layer's call of the op (NestedLSTM._run_levels): what the op plans for it
+    candidate = model.memory_l0.outer_candidate_activation
+    activations = (LevelActivations(candidate=candidate), *(a for _, a in levels))
+    zoneout = any(model.zoneout_cell) or bool(model.zoneout_hidden)
+    return plan(
+        x,
+        None,
+        False,
+        activations,
+        training,
+        model.backend,
+        hidden=model.hidden_size,
+        zoneout=zoneout,
+        norms=any(model.layer_norm),
+    ).implementation
 
 
 @dataclass(frozen=True)
