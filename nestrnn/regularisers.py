@@ -92,10 +92,13 @@ def zoneout_weights(
     if not any(rates):
         return None
     dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
-    values = torch.tensor(rates, dtype=dtype, device=like.device).view(-1, 1, 1, 1)
-    if training:
-        uniform = torch.rand(len(rates), steps, batch, hidden, dtype=dtype, device=like.device)
+    if training:  # drawn in float32 whatever the dtype: the same masks for a model in any dtype
+        # (from one seed), and no coarse half-precision uniforms
+        shape, device = (len(rates), steps, batch, hidden), like.device
+        uniform = torch.rand(shape, dtype=torch.float32, device=device)
+        values = torch.tensor(rates, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         return (uniform < values).to(dtype)
+    values = torch.tensor(rates, dtype=dtype, device=like.device).view(-1, 1, 1, 1)
     return values.expand(-1, 1, 1, hidden).contiguous().expand(-1, steps, batch, hidden)
 
 

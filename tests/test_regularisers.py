@@ -168,6 +168,18 @@ def test_zoneout_masks_are_fresh_bernoulli_draws_in_training_and_the_rates_in_ev
     assert zoneout_weights((0.0, 0.0), 0.0, 4, 2, 3, True, like) is None
 
 
+def test_zoneout_masks_are_the_same_in_every_dtype():
+    """From one seed a model in float64, float32 or bfloat16 draws the same masks (in its own
+    dtype), so that runs in different precisions can be compared mask for mask."""
+    drawn = []
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        torch.manual_seed(4)
+        masks = zoneout_weights((0.3, 0.05), 0.5, 6, 3, 7, True, torch.zeros(1, dtype=dtype))
+        assert masks is not None and masks.dtype == dtype
+        drawn.append(masks.double())
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])
+
+
 def test_segment_recomputation_keeps_results_and_saves_far_less() -> None:
     def saved_bytes(model: torch.nn.Module, x: Tensor) -> int:
         total = 0
