@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -51,27 +50,35 @@ def level_rates(value: Any, depth: int, name: str) -> tuple[float, ...]:
     return (check_rate(value, name),) * depth
 
 
+def keep_mask(shape: Sequence[int], rate: float, like: Tensor) -> Tensor:
+    """A 0/1 mask of ``shape`` in ``like``'s dtype and device, 0 with probability ``rate``.
+
+    Every mask here is drawn from float32 uniforms whatever the dtype, so that from one seed a
+    model in any precision draws the same masks (torch's own dropout draws differently per dtype
+    on CUDA), and half precision gets no coarse uniforms."""
+    uniform = torch.rand(tuple(shape), dtype=torch.float32, device=like.device)
+    return (uniform >= rate).to(like.dtype)
+
+
 def drop_weight(weight: Tensor, rate: float, training: bool) -> Tensor:
     """DropConnect: ``weight`` with each element zeroed with probability ``rate`` and the rest
     scaled by ``1 / (1 - rate)`` in training; ``weight`` itself otherwise."""
     if not training or rate == 0:
         return weight
-    return F.dropout(weight, rate, training=True)
+    return weight * keep_mask(weight.shape, rate, weight) / (1 - rate)
 
 
 def sequence_dropout(
     x: Tensor, rate: float, training: bool, locked: bool, time_dim: int = 0
 ) -> Tensor:
     """Dropout of ``x`` (time along ``time_dim``): one mask per sequence, shared by every step,
-    when ``locked``; a fresh mask per element (``F.dropout``) otherwise."""
+    when ``locked``; a fresh mask per element otherwise."""
     if not training or rate == 0:
         return x
-    if not locked:
-        return F.dropout(x, rate, training=True)
     shape = list(x.shape)
-    shape[time_dim] = 1
-    mask = x.new_empty(shape).bernoulli_(1 - rate).div_(1 - rate)
-    return x * mask
+    if locked:
+        shape[time_dim] = 1
+    return x * keep_mask(shape, rate, x) / (1 - rate)
 
 
 def zoneout_weights(
@@ -92,8 +99,7 @@ def zoneout_weights(
     if not any(rates):
         return None
     dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
-    if training:  # drawn in float32 whatever the dtype: the same masks for a model in any dtype
-        # (from one seed), and no coarse half-precision uniforms
+    if training:  # from float32 uniforms, as keep_mask's
         shape, device = (len(rates), steps, batch, hidden), like.device
         uniform = torch.rand(shape, dtype=torch.float32, device=device)
         values = torch.tensor(rates, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
