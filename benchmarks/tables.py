@@ -93,6 +93,20 @@ def other_rows(name: str) -> str:
     return table(["(B, H, T)", "row", "against", "ratio"], body)
 
 
+def regularisers_by_dtype(names: dict[str, str]) -> str:
+    """speed.py --regularisers rows against the same layer, one column per file (dtype)."""
+    files = {title: rows(name) for title, name in names.items()}
+    first = next(iter(files.values()))
+    body = []
+    for r in first:
+        if r.get("group") != "regulariser" or not r["vs"]:
+            continue
+        shape, vs = (r["B"], r["H"], r["T"]), next(iter(r["vs"]))
+        cells = [", ".join(map(str, shape)), r["row"]]
+        body.append(cells + [ratio(rs, shape, r["row"], vs) for rs in files.values()])
+    return table(["(B, H, T)", "row", *files], body)
+
+
 def long_sequences(name: str) -> str:
     """long_sequences.py's rows: the training step's own peak memory by T, with and without
     segment recomputation."""
@@ -121,6 +135,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "cpu-variants-memories": lambda: other_rows("speed_cpu_variants_memories"),
     "cpu-regularisers": lambda: other_rows("speed_cpu_regularisers"),
     "long-sequences": lambda: long_sequences("long_sequences_cpu"),
+    "cuda-regularisers": lambda: regularisers_by_dtype(
+        {
+            "float32": "speed_regularisers_cuda_float32",
+            "bfloat16": "speed_regularisers_cuda_bfloat16",
+        }
+    ),
 }
 
 
