@@ -58,15 +58,26 @@ def test_layer_norm_matches_the_formula(normed, batch_sizes, reverse, zoneout, c
 
 
 def test_gpu_configuration_holds_whole_rows(monkeypatch):
-    """On a GPU a call with LN gets one program along H, cuBLAS's GEMMs (no tl.dot tile of a
-    whole row) and a tile of at most WHOLE_ROW_TILE elements."""
+    """On a GPU a call with LN gets one row a program covering all H units, cuBLAS's GEMMs (no
+    tl.dot tile of a whole row) and a warp per 64 units (4 to 16)."""
     from nestrnn.ops.nested_lstm import triton_configs
 
     monkeypatch.delenv("TRITON_INTERPRET")
-    for batch, hidden in ((32, 200), (128, 1024), (3, 17)):
+    for batch, hidden, warps in ((32, 200, 4), (128, 1024, 16), (3, 17, 4), (64, 512, 8)):
         cfg = triton_configs.whole_rows(triton_configs.pick_config(batch, hidden), hidden)
         assert cfg.block_h >= hidden and cfg.cublas_gemms
-        assert cfg.block_b * cfg.block_h <= max(triton_configs.WHOLE_ROW_TILE, 2 * cfg.block_h)
+        assert (cfg.block_b, cfg.num_warps) == (1, warps)
+
+
+def test_one_row_a_program_matches_the_formula(monkeypatch):
+    """The GPU's whole-row configuration (one row a program, GEMMs by cuBLAS) under the
+    interpreter: LN at both levels with zoneout, packed and reversed."""
+    from nestrnn.ops.nested_lstm.triton_configs import TritonConfig
+
+    pin_config(monkeypatch, TritonConfig(block_b=1, block_h=16, block_k=16, cublas_gemms=True))
+    case = make_case(2, (True, True), seed=4)
+    want = reference_results(case, PACKED, True, masks(2))
+    assert not errors(triton_results(case, PACKED, True, masks(2)), want, TOL)
 
 
 def test_misshapen_parameters_are_refused():

@@ -105,26 +105,22 @@ def pick_config(
     return TritonConfig(block_b, block_h, block_k, num_warps, cuda_graph, num_stages, cublas)
 
 
-#: with whole rows, at most this many elements in a program's (rows, units) tile on a GPU
-WHOLE_ROW_TILE = 2048
-
-
 def whole_rows(cfg: TritonConfig, hidden: int) -> TritonConfig:
     """The configuration of a call with layer normalisation, from ``pick_config``'s: each program
     holds whole rows (``block_h`` covers H) so that the kernels reduce a row's mean and variance
     in registers.
 
     On a GPU the step GEMMs go to cuBLAS (a whole-row ``tl.dot`` tile would not fit), which frees
-    ``block_b`` from ``tl.dot``'s minimum of 16: rows a program are cut to keep the tile within
-    ``WHOLE_ROW_TILE`` elements, warps grow with the tile (not measured: no table row yet). Under
-    the interpreter only ``block_h`` changes.
+    ``block_b`` from ``tl.dot``'s minimum of 16: a program takes one row, with a warp per 64 units
+    (4 to 16). Of 1, 2, 4 and 8 rows a program with 4 or 8 warps, that was the fastest training
+    step on an H200 at (B, H) = (32, 256) and (128, 512), float32 and bfloat16
+    (benchmarks/README.md). Under the interpreter only ``block_h`` changes.
     """
     block_h = max(16, pow2(hidden))
     if interpreting():
         return replace(cfg, block_h=block_h)
-    block_b = max(2, min(int(cfg.block_b or 16), WHOLE_ROW_TILE // block_h))
-    num_warps = max(4, min(16, block_b * block_h // 256))
-    return replace(cfg, block_b=block_b, block_h=block_h, num_warps=num_warps, cublas_gemms=True)
+    num_warps = max(4, min(16, block_h // 64))
+    return replace(cfg, block_b=1, block_h=block_h, num_warps=num_warps, cublas_gemms=True)
 
 
 def _batch_block(batch: int) -> int:
