@@ -288,7 +288,8 @@ def test_gpu_sh_rejects_an_unknown_option():
     )
     assert run.returncode == 2
     assert (
-        run.stderr.strip() == "usage: bash benchmarks/gpu.sh [--quick | --dry-run] [--quick-tune]"
+        run.stderr.strip()
+        == "usage: bash benchmarks/gpu.sh [--quick | --regularisers | --dry-run] [--quick-tune]"
     )
 
 
