@@ -801,10 +801,10 @@ def _gate_grads(
     i = tl.load(gp + gtile, mask=mask, other=0.0)
     f = tl.load(gp + gtile + H, mask=mask, other=0.0)
     g = tl.load(gp + gtile + 2 * H, mask=mask, other=0.0)
+    d_i = tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0)
+    d_f = tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0)
+    d_g = tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0)
     if NORM:  # these are the gradients of LN's outputs; dA gets those of its inputs
-        d_i = tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0)
-        d_f = tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0)
-        d_g = tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0)
         d_i = _norm_grad(
             d_i, gtile, 0, nz_ptr, rs_ptr, dnz_ptr, ln_ptr, rows, units, rmask, umask, mask, H
         )
@@ -838,29 +838,9 @@ def _gate_grads(
             mask,
             H,
         )
-        _store_grad(dp, op, gtile, d_i, mask, OP_COPY)
-        _store_grad(dp, op, gtile + H, d_f, mask, OP_COPY)
-        _store_grad(dp, op, gtile + 2 * H, d_g, mask, OP_COPY)
-    else:
-        _store_grad(
-            dp, op, gtile, tl.where(act, d_ig * g * _act_grad(i, GATE_ACT), 0.0), mask, OP_COPY
-        )
-        _store_grad(
-            dp,
-            op,
-            gtile + H,
-            tl.where(act, d_fc * c_prev * _act_grad(f, GATE_ACT), 0.0),
-            mask,
-            OP_COPY,
-        )
-        _store_grad(
-            dp,
-            op,
-            gtile + 2 * H,
-            tl.where(act, d_ig * i * _act_grad(g, CAND_ACT), 0.0),
-            mask,
-            OP_COPY,
-        )
+    _store_grad(dp, op, gtile, d_i, mask, OP_COPY)
+    _store_grad(dp, op, gtile + H, d_f, mask, OP_COPY)
+    _store_grad(dp, op, gtile + 2 * H, d_g, mask, OP_COPY)
     return f
 
 
