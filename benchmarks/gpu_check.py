@@ -190,6 +190,18 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
             "cublas", dtype, (6, 4, 5, 24), 2, True, True, cuda_graph="1", seeds=(0, 1), cublas=True
         ),
     ]
+    # the graph case's inputs also run directly: the same errors there mean the same numerics
+    direct = Case(
+        "regular",
+        dtype,
+        (6, 4, 5, 24),
+        2,
+        True,
+        True,
+        seeds=(0, 1),
+        zoneout="masks",
+        norms=(True, True),
+    )
     regular = [
         Case("regular", dtype, TINY, 2, True, True, zoneout="masks"),
         Case("regular", dtype, TINY, 3, False, True, zoneout="rates"),
@@ -197,30 +209,8 @@ def cases(dtype: str, quick: bool, cuda: bool) -> list[Case]:
         Case("regular", dtype, TINY, 2, True, False, zoneout="masks", norms=(False, True)),
         Case("regular", dtype, TILED, 2, zoneout="masks", norms=(True, False)),
         Case("regular", dtype, (4, 16, 64, 1024), 2, norms=(True, True), zoneout="rates"),
-        # the graph case's inputs run directly: the same errors there mean the same numerics
-        Case(
-            "regular",
-            dtype,
-            (6, 4, 5, 24),
-            2,
-            True,
-            True,
-            seeds=(0, 1),
-            zoneout="masks",
-            norms=(True, True),
-        ),
-        Case(
-            "regular",
-            dtype,
-            (6, 4, 5, 24),
-            2,
-            True,
-            True,
-            cuda_graph="1",
-            seeds=(0, 1),
-            zoneout="masks",
-            norms=(True, True),
-        ),
+        direct,
+        replace(direct, cuda_graph="1"),
     ]
     if not cuda:  # the interpreter takes tens of seconds a tiled case at depths 2 and 3 (their
         # GEMMs by torch.mm are checked at every depth, tiles forced small, by test_op_triton.py)
