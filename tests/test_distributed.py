@@ -510,3 +510,27 @@ def test_torchrun_as_pid_1_trains(corpus, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / rd.SUMMARY).read_text())["steps"] == 2
+
+
+def test_a_signal_inside_torch_s_bookkeeping_is_the_same_quiet_stop(monkeypatch):
+    """A SIGTERM that lands in torchrun's metrics wrapper comes out as an UnboundLocalError raised
+    while handling the SignalException; the launcher still exits 143 without a traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from nestrnn.engine import torchrun
+
+    def stopped_in_bookkeeping(argv):
+        try:
+            raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+        except SignalException:
+            raise UnboundLocalError("cannot access local variable 'start'") from None
+
+    monkeypatch.setattr(torchrun, "torchrun_main", stopped_in_bookkeeping)
+    assert torchrun.main([]) == 128 + signal.SIGTERM
+
+    def broken(argv):
+        raise ValueError("not a signal")
+
+    monkeypatch.setattr(torchrun, "torchrun_main", broken)
+    with pytest.raises(ValueError, match="not a signal"):
+        torchrun.main([])
